@@ -1,0 +1,151 @@
+"""Orbax checkpoints of a run: `latest/` (for resuming) and `best/` (by test accuracy).
+
+Each checkpoint holds three items: `state` (plain nested dicts of arrays: params, optimizer
+state, step, running epoch totals), `config` (JSON) and `summary` (JSON: epoch, test metrics and
+the per-epoch history). Orbax writes to a temporary folder and renames it, so a checkpoint on disk
+is always complete. Plain orbax restores one with `ocp.CheckpointManager(path).restore(step)`.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from digitjax.config import Config, UserError
+
+LATEST, BEST = "latest", "best"
+METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
+RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
+DEFAULT_ROOT = Path("checkpoints")
+
+
+class RunCheckpointer:
+    """Writes the latest and best checkpoints of one training run."""
+
+    def __init__(self, run_dir: Path):
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        self.managers = {kind: ocp.CheckpointManager((run_dir / kind).absolute(), options=options)
+                         for kind in (LATEST, BEST)}
+
+    def save(self, kind: str, state: dict[str, Any], config: Config, summary: dict) -> None:
+        manager = self.managers[kind]
+        step = int(state["step"])
+        if manager.latest_step() == step:
+            return
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config.to_dict()),
+            summary=ocp.args.JsonSave(summary)))
+
+    def close(self) -> None:
+        for manager in self.managers.values():
+            manager.wait_until_finished()
+            manager.close()
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / item).exists() for item in RUN_ITEMS)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Removes a previous run's items, and nothing else the folder may hold."""
+    for item in RUN_ITEMS:
+        path = run_dir / item
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
+    runs = [p for p in root.glob("*") if (p / BEST).is_dir() or (p / LATEST).is_dir()]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def _step_dir(path: Path, kind: str) -> Path:
+    """Accepts a run dir, a `latest`/`best` dir, or one step's dir."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}")
+    if (path / "_CHECKPOINT_METADATA").exists():
+        return path
+    if (path / kind).is_dir():
+        path = path / kind
+    elif kind == BEST and (path / LATEST).is_dir():
+        path = path / LATEST
+    steps = [p for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
+    if not steps:
+        raise UserError(f"no digitjax checkpoint in {path}")
+    return max(steps, key=lambda p: int(p.name))
+
+
+def _restore_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
+    manager = ocp.CheckpointManager(step_dir.parent.absolute())
+    state_args = (ocp.args.StandardRestore(state_target) if state_target is not None
+                  else ocp.args.StandardRestore())
+    if not (step_dir / "config").exists() or not (step_dir / "summary").exists():
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (no config or summary item)")
+    try:
+        restored = manager.restore(int(step_dir.name), args=ocp.args.Composite(
+            state=state_args, config=ocp.args.JsonRestore(), summary=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for damaged files; all mean the same here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"corrupt checkpoint {step_dir}: {reason[:200]}") from None
+    finally:
+        manager.close()
+    return dict(restored)
+
+
+def _match_tree(restored: Any, expected: Any, what: str, where: Path) -> Any:
+    """`restored` arranged as `expected`, after checking every path and shape ourselves:
+    orbax can restore a partial tree silently, and it saves integer keys as strings."""
+    def by_path(tree: Any) -> dict[str, Any]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+                for path, leaf in leaves}
+
+    got, want = by_path(restored), by_path(expected)
+    got_shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
+    want_shapes = {k: tuple(v.shape) for k, v in want.items()}
+    if got_shapes != want_shapes:
+        differing = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:3]
+        raise UserError(f"checkpoint {where} does not match its config's {what}: "
+                        f"differs at {', '.join(f'{k} {s}' for k, s in differing)}")
+    return jax.tree.unflatten(jax.tree.structure(expected), [got[k] for k in want])
+
+
+def read_config(path: Path, kind: str = BEST) -> tuple[Config, dict]:
+    step_dir = _step_dir(path, kind)
+    items = _restore_items(step_dir)
+    return Config.from_dict(items["config"]), items["summary"]
+
+
+def restore_params(path: Path, kind: str = BEST) -> tuple[Config, dict[str, Any], dict, Path]:
+    """Params for evaluation or prediction, checked against the saved config's model."""
+    from digitjax.model import create_model
+
+    step_dir = _step_dir(path, kind)
+    items = _restore_items(step_dir)
+    try:
+        config = Config.from_dict(items["config"])
+    except (TypeError, UserError) as e:
+        raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
+    num_classes = items["summary"].get("num_classes", 10)
+    expected = jax.eval_shape(lambda: create_model(config, num_classes)[1])
+    params = items["state"].get("params") if isinstance(items["state"], dict) else None
+    if params is None:
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (no params)")
+    params = _match_tree(params, expected, "model", step_dir)
+    return config, params, items["summary"], step_dir
+
+
+def restore_state(path: Path, abstract_state: Any, kind: str = LATEST) -> tuple[Any, dict]:
+    """The full training state for resuming, placed as `abstract_state`'s shardings say."""
+    step_dir = _step_dir(path, kind)
+    _match_tree(_restore_items(step_dir)["state"]["params"], abstract_state["params"],
+                "model", step_dir)
+    items = _restore_items(step_dir, abstract_state)
+    return items["state"], items["summary"]

@@ -1,0 +1,244 @@
+"""The `digitjax` command: parses flags, calls the modules, renders their results."""
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from digitjax.config import Config, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate and use handwritten-digit CNNs with JAX.")
+out = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def user_errors(command: Callable) -> Callable:
+    """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from digitjax.train import Interrupted
+
+        try:
+            return command(*args, **kwargs)
+        except Interrupted as e:
+            err.print(f"[yellow]{e}[/yellow]", highlight=False)
+            raise typer.Exit(130) from None
+        except (UserError, OSError) as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _default(name: str) -> str:
+    value = getattr(Config, name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _opt(name: str, help_text: str) -> Any:
+    return typer.Option(help=f"{help_text} [default: {_default(name)}]", show_default=False)
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: Annotated[str | None, _opt("dataset", "Dataset: mnist or fashion_mnist.")] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="Folder with the four MNIST-format IDX .gz files to train on instead.")] = None,
+    epochs: Annotated[int | None, _opt("epochs", "Training epochs.")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size", "Images per step.")] = None,
+    learning_rate: Annotated[float | None, _opt("learning_rate", "Peak AdamW learning rate.")] = None,
+    warmup_epochs: Annotated[float | None, _opt("warmup_epochs", "Linear warmup, in epochs.")] = None,
+    weight_decay: Annotated[float | None, _opt("weight_decay", "AdamW weight decay.")] = None,
+    label_smoothing: Annotated[float | None, _opt("label_smoothing", "Label smoothing.")] = None,
+    augment_shift: Annotated[int | None, _opt(
+        "augment_shift", "Random translation in pixels (0: no augmentation).")] = None,
+    channels: Annotated[str | None, _opt("channels", "Conv widths, comma-separated.")] = None,
+    dense: Annotated[int | None, _opt("dense", "Width of the hidden dense layer.")] = None,
+    seed: Annotated[int | None, _opt("seed", "Random seed (same seed, same metrics).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Run folder. [default: checkpoints/<dataset>-<time>]",
+        show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out (default: the newest in checkpoints/).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Train the CNN; writes latest and best Orbax checkpoints, metrics.jsonl and curves.png."""
+    from digitjax import checkpoint
+    from digitjax.train import resolve_config
+    from digitjax.train import train as run_training
+
+    flags = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
+             "learning_rate": learning_rate, "warmup_epochs": warmup_epochs,
+             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
+             "augment_shift": augment_shift, "dense": dense, "seed": seed,
+             "channels": _parse_channels(channels) if channels is not None else None}
+    given = {name: value for name, value in flags.items() if value is not None}
+    requested = Config(**given)
+    if out_dir is None:
+        out_dir = checkpoint.newest_run() if resume else None
+        if resume and out_dir is None:
+            raise UserError(f"nothing to resume in {checkpoint.DEFAULT_ROOT}/; pass --out DIR")
+        out_dir = out_dir or checkpoint.DEFAULT_ROOT / f"{requested.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = resolve_config(out_dir, requested, resume, set(given))
+
+    err.print(f"Training on {config.dataset} → {out_dir}", highlight=False)
+    with TrainingProgress(quiet=as_json) as progress:
+        summary = run_training(config, out_dir, resume=resume, overwrite=overwrite,
+                               callbacks=progress.callbacks())
+    best = summary["best"]
+    if as_json:
+        print_json({"run_dir": str(out_dir), "config": config.to_dict(), **summary})
+    else:
+        err.print(f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
+                  f"(epoch {best['epoch']}); checkpoints in {out_dir}", highlight=False)
+
+
+def _parse_channels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--channels takes comma-separated integers, got '{text}'") from None
+
+
+class TrainingProgress:
+    """A rich progress bar per chunk of steps and a line per epoch, on stderr."""
+
+    def __init__(self, quiet: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=err, disable=quiet)
+        self.task = None
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> "TrainingProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def callbacks(self) -> Any:
+        from digitjax.train import Callbacks
+
+        return Callbacks(on_start=self.on_start, on_chunk=self.on_chunk, on_epoch=self.on_epoch)
+
+    def on_start(self, done_steps: int, total_steps: int) -> None:
+        self.task = self.progress.add_task("train", total=total_steps, completed=done_steps)
+
+    def on_chunk(self, done_steps: int) -> None:
+        self.progress.update(self.task, completed=done_steps)
+
+    def on_epoch(self, record: dict) -> None:
+        if not self.quiet:
+            self.progress.console.print(
+                f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
+                f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
+                f"acc {100 * record['test_accuracy']:.2f}%  "
+                f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]", highlight=False)
+
+
+def resolve_checkpoint(path: Path | None) -> Path:
+    from digitjax import checkpoint
+
+    if path is not None:
+        return path
+    newest = checkpoint.newest_run()
+    if newest is None:
+        raise UserError(f"no runs in {checkpoint.DEFAULT_ROOT}/: train one first or pass a "
+                        "checkpoint path")
+    return newest
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint_path: Annotated[Path | None, typer.Argument(
+        metavar="[CHECKPOINT]", help="Run folder (its best step) or a step folder. "
+        "[default: newest run in checkpoints/]", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="train or test.")] = "test",
+    dataset: Annotated[str | None, typer.Option(
+        help="Evaluate on another dataset. [default: the run's]", show_default=False)] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="Folder with the four IDX files to evaluate on.")] = None,
+    latest: Annotated[bool, typer.Option(help="Use the latest step, not the best.")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        help="Write a PNG: confusion matrix and misclassified digits.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
+    from digitjax import checkpoint
+    from digitjax.data import load_dataset
+    from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
+    from digitjax.model import create_model
+
+    path = resolve_checkpoint(checkpoint_path)
+    kind = checkpoint.LATEST if latest else checkpoint.BEST
+    config, params, summary, step_dir = checkpoint.restore_params(path, kind)
+    if dataset is None and data_dir is None:
+        dataset, data_dir = config.dataset, config.data_dir
+    data = load_dataset(dataset or config.dataset, data_dir)
+    if len(data.class_names) != summary["num_classes"]:
+        raise UserError(f"{data.name} has {len(data.class_names)} classes, the model "
+                        f"{summary['num_classes']}")
+    images, labels = data.split(split)
+    graphdef, _ = create_model(config, summary["num_classes"])
+    logits = compute_logits(make_logits_fn(graphdef), params, images)
+    metrics = compute_metrics(logits, labels, data.class_names)
+    if plot is not None:
+        from digitjax.plots import plot_evaluation
+        plot_evaluation(metrics, images, labels, plot)
+    if as_json:
+        print_json({"checkpoint": str(step_dir), "dataset": data.name, "split": split,
+                    **metrics.to_dict()})
+        return
+    out.print(f"[bold]{step_dir}[/bold] on {data.name} {split}: accuracy "
+              f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
+              f"({len(labels)} images)", highlight=False)
+    per_class = Table("class", "precision", "recall", "F1", "support", title="Per class")
+    for name, values in metrics.to_dict()["per_class"].items():
+        per_class.add_row(name, *(f"{100 * values[k]:.2f}" for k in ("precision", "recall", "f1")),
+                          str(values["support"]))
+    out.print(per_class)
+    confusion = Table("true \\ pred", *metrics.class_names, title="Confusion matrix")
+    for i, (name, row) in enumerate(zip(metrics.class_names, metrics.confusion)):
+        confusion.add_row(name, *(f"[bold]{n}[/bold]" if i == j else (str(n) if n else "·")
+                                  for j, n in enumerate(row)))
+    out.print(confusion)
+    if plot is not None:
+        out.print(f"plot written to {plot}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

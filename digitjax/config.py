@@ -1,0 +1,57 @@
+"""The one configuration of a run, saved with every checkpoint."""
+
+import dataclasses
+import json
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem with the user's input: the CLI prints it as one line and exits non-zero."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    warmup_epochs: float = 0.5
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    augment_shift: int = 2
+    channels: tuple[int, ...] = (16, 32, 64)
+    dense: int = 128
+    seed: int = 0
+    chunks_per_epoch: int = 10
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "learning_rate", "dense", "chunks_per_epoch")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        non_negative = ("warmup_epochs", "weight_decay", "augment_shift")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 1 <= len(self.channels) <= 4 or min(self.channels) <= 0:
+            raise UserError(f"--channels needs 1 to 4 positive widths, got {self.channels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UserError(f"checkpoint config has unknown fields {unknown}: not a digitjax checkpoint")
+        values = dict(raw)
+        if "channels" in values:
+            values["channels"] = tuple(values["channels"])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

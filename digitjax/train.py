@@ -1,0 +1,252 @@
+"""Training: a pure train step, run on device in chunks of steps, and the loop around it.
+
+The whole dataset lives on the device as uint8. One compiled program shuffles with `jax.random`
+and runs any number of steps with `fori_loop`, so the host only starts a chunk and reads back
+its running totals; the same program serves every chunk length, so it compiles once.
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from digitjax import checkpoint
+from digitjax.config import Config, UserError
+from digitjax.data import Dataset, load_dataset
+from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
+from digitjax.model import apply, conv_impl_for, create_model, normalize
+
+TrainState = dict[str, Any]
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training, after the latest checkpoint was saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    num_train: int
+    batch_size: int
+    epochs: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_train // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransformation:
+    warmup = int(config.warmup_epochs * schedule.steps_per_epoch)
+    learning_rate = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(warmup, schedule.total_steps - 1),
+        decay_steps=schedule.total_steps, end_value=config.learning_rate / 100)
+    return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+
+
+def init_state(config: Config, tx: optax.GradientTransformation, num_classes: int) -> TrainState:
+    _, params = create_model(config, num_classes)
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        # Running sums over the current epoch, kept in the state so a resumed epoch reports
+        # the same figures as an uninterrupted one.
+        "epoch_totals": {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())},
+    }
+
+
+def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
+    """Translates each image by up to `max_shift` pixels in each direction, filling with 0."""
+    size = images.shape[1:]
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
+    return jax.vmap(lambda image, offset: jax.lax.dynamic_slice(image, offset, size))(
+        padded, offsets)
+
+
+def make_train_chunk(config: Config, schedule: Schedule, graphdef: Any,
+                     tx: optax.GradientTransformation) -> Callable:
+    """A jitted fn(state, images, labels, num_steps) -> state running `num_steps` steps."""
+    conv_impl = conv_impl_for(jax.default_backend(), training=True)
+    batch_size, steps_per_epoch = schedule.batch_size, schedule.steps_per_epoch
+
+    def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = apply(graphdef, params, images, conv_impl)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
+                                      config.label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+    def train_step(state: TrainState, images: jax.Array, labels: jax.Array) -> TrainState:
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], images, labels)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        totals = state["epoch_totals"]
+        return {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "epoch_totals": {
+                "loss": totals["loss"] + loss * batch_size,
+                "correct": totals["correct"] + (logits.argmax(-1) == labels).sum(),
+                "count": totals["count"] + batch_size,
+            },
+        }
+
+    def train_chunk(state: TrainState, images: jax.Array, labels: jax.Array,
+                    num_steps: jax.Array) -> TrainState:
+        # A chunk never crosses an epoch boundary, so one permutation serves all its steps.
+        epoch_key = jax.random.fold_in(jax.random.key(config.seed), state["step"] // steps_per_epoch)
+        order = jax.random.permutation(epoch_key, images.shape[0])
+
+        def body(_, state: TrainState) -> TrainState:
+            position = state["step"] % steps_per_epoch
+            batch = jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
+            batch_images = normalize(images[batch])
+            if config.augment_shift:
+                batch_images = random_shift(jax.random.fold_in(epoch_key, position),
+                                            batch_images, config.augment_shift)
+            return train_step(state, batch_images, labels[batch])
+
+        return jax.lax.fori_loop(0, num_steps, body, state)
+
+    return jax.jit(train_chunk, donate_argnums=0)
+
+
+def chunk_lengths(start_step: int, schedule: Schedule, chunks_per_epoch: int) -> list[int]:
+    """Step counts of the chunks that finish the epoch containing `start_step`."""
+    steps_per_epoch = schedule.steps_per_epoch
+    chunk = math.ceil(steps_per_epoch / min(chunks_per_epoch, steps_per_epoch))
+    position, lengths = start_step % steps_per_epoch, []
+    while position < steps_per_epoch:
+        lengths.append(min(chunk, steps_per_epoch - position))
+        position += lengths[-1]
+    return lengths
+
+
+@dataclasses.dataclass
+class Callbacks:
+    """How the loop reports progress; the CLI renders these."""
+    on_start: Callable[[int, int], None] = lambda done_steps, total_steps: None
+    on_chunk: Callable[[int], None] = lambda done_steps: None
+    on_epoch: Callable[[dict], None] = lambda record: None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if resume and not (run_dir / checkpoint.LATEST).is_dir():
+        raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
+    if not resume and checkpoint.holds_run(run_dir):
+        if not overwrite:
+            raise UserError(f"{run_dir} already holds a run: pass --resume to continue it "
+                            "or --overwrite to replace it")
+        checkpoint.clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_config(run_dir: Path, requested: Config, resume: bool, given: set[str]) -> Config:
+    """On resume the saved config rules; flags that contradict it are an error, not ignored."""
+    if not resume:
+        return requested
+    saved, _ = checkpoint.read_config(run_dir, checkpoint.LATEST)
+    clashes = [name for name in sorted(given) if getattr(saved, name) != getattr(requested, name)]
+    if clashes:
+        raise UserError(f"cannot resume with different settings ({', '.join(clashes)}); "
+                        "the run's saved config is used on resume")
+    return saved
+
+
+def train(config: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+          callbacks: Callbacks | None = None, dataset: Dataset | None = None) -> dict:
+    """Trains (or resumes) a run in `run_dir`; returns the final summary."""
+    prepare_run_dir(run_dir, resume, overwrite)
+    callbacks = callbacks or Callbacks()
+    dataset = dataset or load_dataset(config.dataset, config.data_dir)
+    num_classes = len(dataset.class_names)
+    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
+    if schedule.steps_per_epoch == 0:
+        raise UserError(f"--batch-size {config.batch_size} exceeds the {schedule.num_train} "
+                        "training images")
+    graphdef, _ = create_model(config, num_classes)
+    tx = make_optimizer(config, schedule)
+    state = init_state(config, tx, num_classes)
+    history: list[dict] = []
+    if resume:
+        state, summary = checkpoint.restore_state(run_dir, jax.eval_shape(lambda: state))
+        history = summary["history"]
+    write_metrics_file(run_dir, history)
+
+    train_chunk = make_train_chunk(config, schedule, graphdef, tx)
+    logits_fn = make_logits_fn(graphdef)
+    train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+    checkpointer = checkpoint.RunCheckpointer(run_dir)
+    step = int(state["step"])
+    callbacks.on_start(step, schedule.total_steps)
+    try:
+        while step < schedule.total_steps:
+            for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
+                state = train_chunk(state, train_images, train_labels, length)
+                step += length
+                if not np.isfinite(float(state["epoch_totals"]["loss"])):
+                    raise UserError(
+                        f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
+                        f"is kept in {run_dir / checkpoint.LATEST} (try a lower --learning-rate)")
+                callbacks.on_chunk(step)
+            metrics = compute_metrics(compute_logits(logits_fn, state["params"], dataset.test_images),
+                                      dataset.test_labels, dataset.class_names)
+            record = epoch_record(step // schedule.steps_per_epoch, step, state["epoch_totals"], metrics)
+            history.append(record)
+            state = {**state, "epoch_totals": jax.tree.map(jnp.zeros_like, state["epoch_totals"])}
+            summary = run_summary(history, num_classes)
+            checkpointer.save(checkpoint.LATEST, state, config, summary)
+            if record["test_accuracy"] >= max(r["test_accuracy"] for r in history):
+                checkpointer.save(checkpoint.BEST, state, config, summary)
+            write_metrics_file(run_dir, history)
+            callbacks.on_epoch(record)
+    except KeyboardInterrupt:
+        jax.block_until_ready(state)
+        checkpointer.save(checkpoint.LATEST, state, config, run_summary(history, num_classes))
+        checkpointer.close()
+        raise Interrupted(f"interrupted at step {int(state['step'])}; saved to "
+                          f"{run_dir / checkpoint.LATEST}; continue with --resume") from None
+    checkpointer.close()
+    if history:
+        from digitjax.plots import plot_curves
+        plot_curves(history, run_dir / checkpoint.CURVES_FILE)
+    return run_summary(history, num_classes)
+
+
+def epoch_record(epoch: int, step: int, totals: dict, metrics: Any) -> dict:
+    count = float(totals["count"])
+    return {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(totals["loss"]) / count,
+        "train_accuracy": float(totals["correct"]) / count,
+        "test_loss": metrics.loss,
+        "test_accuracy": metrics.accuracy,
+    }
+
+
+def run_summary(history: list[dict], num_classes: int) -> dict:
+    best = max(history, key=lambda r: r["test_accuracy"], default=None)
+    return {"num_classes": num_classes, "history": history,
+            "last": history[-1] if history else None, "best": best}
+
+
+def write_metrics_file(run_dir: Path, history: list[dict]) -> None:
+    """Rewritten whole from the history, so it always agrees with the checkpoints."""
+    path = run_dir / checkpoint.METRICS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    tmp.replace(path)
