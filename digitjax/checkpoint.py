@@ -27,18 +27,24 @@ class RunCheckpointer:
 
     def __init__(self, run_dir: Path):
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.managers = {kind: ocp.CheckpointManager((run_dir / kind).absolute(), options=options)
-                         for kind in (LATEST, BEST)}
+        self.managers = {
+            kind: ocp.CheckpointManager((run_dir / kind).absolute(), options=options)
+            for kind in (LATEST, BEST)
+        }
 
     def save(self, kind: str, state: dict[str, Any], config: Config, summary: dict) -> None:
         manager = self.managers[kind]
         step = int(state["step"])
         if manager.latest_step() == step:
             return
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(config.to_dict()),
-            summary=ocp.args.JsonSave(summary)))
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(config.to_dict()),
+                summary=ocp.args.JsonSave(summary),
+            ),
+        )
 
     def close(self) -> None:
         for manager in self.managers.values():
@@ -84,13 +90,20 @@ def _step_dir(path: Path, kind: str) -> Path:
 
 def _restore_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
     manager = ocp.CheckpointManager(step_dir.parent.absolute())
-    state_args = (ocp.args.StandardRestore(state_target) if state_target is not None
-                  else ocp.args.StandardRestore())
+    state_args = (
+        ocp.args.StandardRestore(state_target)
+        if state_target is not None
+        else ocp.args.StandardRestore()
+    )
     if not (step_dir / "config").exists() or not (step_dir / "summary").exists():
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no config or summary item)")
     try:
-        restored = manager.restore(int(step_dir.name), args=ocp.args.Composite(
-            state=state_args, config=ocp.args.JsonRestore(), summary=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            int(step_dir.name),
+            args=ocp.args.Composite(
+                state=state_args, config=ocp.args.JsonRestore(), summary=ocp.args.JsonRestore()
+            ),
+        )
     except Exception as e:  # orbax raises many types for damaged files; all mean the same here
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"corrupt checkpoint {step_dir}: {reason[:200]}") from None
@@ -102,18 +115,23 @@ def _restore_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
 def _match_tree(restored: Any, expected: Any, what: str, where: Path) -> Any:
     """`restored` arranged as `expected`, after checking every path and shape ourselves:
     orbax can restore a partial tree silently, and it saves integer keys as strings."""
+
     def by_path(tree: Any) -> dict[str, Any]:
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-                for path, leaf in leaves}
+        return {
+            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in leaves
+        }
 
     got, want = by_path(restored), by_path(expected)
     got_shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
     want_shapes = {k: tuple(v.shape) for k, v in want.items()}
     if got_shapes != want_shapes:
         differing = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:3]
-        raise UserError(f"checkpoint {where} does not match its config's {what}: "
-                        f"differs at {', '.join(f'{k} {s}' for k, s in differing)}")
+        raise UserError(
+            f"checkpoint {where} does not match its config's {what}: "
+            f"differs at {', '.join(f'{k} {s}' for k, s in differing)}"
+        )
     return jax.tree.unflatten(jax.tree.structure(expected), [got[k] for k in want])
 
 
@@ -145,7 +163,8 @@ def restore_params(path: Path, kind: str = BEST) -> tuple[Config, dict[str, Any]
 def restore_state(path: Path, abstract_state: Any, kind: str = LATEST) -> tuple[Any, dict]:
     """The full training state for resuming, placed as `abstract_state`'s shardings say."""
     step_dir = _step_dir(path, kind)
-    _match_tree(_restore_items(step_dir)["state"]["params"], abstract_state["params"],
-                "model", step_dir)
+    _match_tree(
+        _restore_items(step_dir)["state"]["params"], abstract_state["params"], "model", step_dir
+    )
     items = _restore_items(step_dir, abstract_state)
     return items["state"], items["summary"]

@@ -14,8 +14,12 @@ from rich.table import Table
 
 from digitjax.config import Config, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train, evaluate and use handwritten-digit CNNs with JAX.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, evaluate and use handwritten-digit CNNs with JAX.",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -24,6 +28,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document 
 
 def user_errors(command: Callable) -> Callable:
     """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from digitjax.train import Interrupted
@@ -39,6 +44,7 @@ def user_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
+
     return wrapper
 
 
@@ -59,24 +65,35 @@ def _opt(name: str, help_text: str) -> Any:
 @user_errors
 def train(
     dataset: Annotated[str | None, _opt("dataset", "Dataset: mnist or fashion_mnist.")] = None,
-    data_dir: Annotated[str | None, typer.Option(
-        help="Folder with the four MNIST-format IDX .gz files to train on instead.")] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(help="Folder with the four MNIST-format IDX .gz files to train on instead."),
+    ] = None,
     epochs: Annotated[int | None, _opt("epochs", "Training epochs.")] = None,
     batch_size: Annotated[int | None, _opt("batch_size", "Images per step.")] = None,
-    learning_rate: Annotated[float | None, _opt("learning_rate", "Peak AdamW learning rate.")] = None,
-    warmup_epochs: Annotated[float | None, _opt("warmup_epochs", "Linear warmup, in epochs.")] = None,
+    learning_rate: Annotated[
+        float | None, _opt("learning_rate", "Peak AdamW learning rate.")
+    ] = None,
+    warmup_epochs: Annotated[
+        float | None, _opt("warmup_epochs", "Linear warmup, in epochs.")
+    ] = None,
     weight_decay: Annotated[float | None, _opt("weight_decay", "AdamW weight decay.")] = None,
     label_smoothing: Annotated[float | None, _opt("label_smoothing", "Label smoothing.")] = None,
-    augment_shift: Annotated[int | None, _opt(
-        "augment_shift", "Random translation in pixels (0: no augmentation).")] = None,
+    augment_shift: Annotated[
+        int | None, _opt("augment_shift", "Random translation in pixels (0: no augmentation).")
+    ] = None,
     channels: Annotated[str | None, _opt("channels", "Conv widths, comma-separated.")] = None,
     dense: Annotated[int | None, _opt("dense", "Width of the hidden dense layer.")] = None,
     seed: Annotated[int | None, _opt("seed", "Random seed (same seed, same metrics).")] = None,
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Run folder. [default: checkpoints/<dataset>-<time>]",
-        show_default=False)] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Continue the run in --out (default: the newest in checkpoints/).")] = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Run folder. [default: checkpoints/<dataset>-<time>]", show_default=False
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out (default: the newest in checkpoints/).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -85,30 +102,46 @@ def train(
     from digitjax.train import resolve_config
     from digitjax.train import train as run_training
 
-    flags = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size,
-             "learning_rate": learning_rate, "warmup_epochs": warmup_epochs,
-             "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-             "augment_shift": augment_shift, "dense": dense, "seed": seed,
-             "channels": _parse_channels(channels) if channels is not None else None}
+    flags = {
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "warmup_epochs": warmup_epochs,
+        "weight_decay": weight_decay,
+        "label_smoothing": label_smoothing,
+        "augment_shift": augment_shift,
+        "dense": dense,
+        "seed": seed,
+        "channels": _parse_channels(channels) if channels is not None else None,
+    }
     given = {name: value for name, value in flags.items() if value is not None}
     requested = Config(**given)
     if out_dir is None:
         out_dir = checkpoint.newest_run() if resume else None
         if resume and out_dir is None:
             raise UserError(f"nothing to resume in {checkpoint.DEFAULT_ROOT}/; pass --out DIR")
-        out_dir = out_dir or checkpoint.DEFAULT_ROOT / f"{requested.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = (
+            out_dir
+            or checkpoint.DEFAULT_ROOT / f"{requested.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
     config = resolve_config(out_dir, requested, resume, set(given))
 
     err.print(f"Training on {config.dataset} → {out_dir}", highlight=False)
     with TrainingProgress(quiet=as_json) as progress:
-        summary = run_training(config, out_dir, resume=resume, overwrite=overwrite,
-                               callbacks=progress.callbacks())
+        summary = run_training(
+            config, out_dir, resume=resume, overwrite=overwrite, callbacks=progress.callbacks()
+        )
     best = summary["best"]
     if as_json:
         print_json({"run_dir": str(out_dir), "config": config.to_dict(), **summary})
     else:
-        err.print(f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
-                  f"(epoch {best['epoch']}); checkpoints in {out_dir}", highlight=False)
+        err.print(
+            f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
+            f"(epoch {best['epoch']}); checkpoints in {out_dir}",
+            highlight=False,
+        )
 
 
 def _parse_channels(text: str) -> tuple[int, ...]:
@@ -132,9 +165,16 @@ class TrainingProgress:
         )
 
         self.quiet = quiet
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), console=err, disable=quiet)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet,
+        )
         self.task = None
         self.started = time.perf_counter()
 
@@ -162,7 +202,9 @@ class TrainingProgress:
                 f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
                 f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
                 f"acc {100 * record['test_accuracy']:.2f}%  "
-                f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]", highlight=False)
+                f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]",
+                highlight=False,
+            )
 
 
 def resolve_checkpoint(path: Path | None) -> Path:
@@ -172,25 +214,36 @@ def resolve_checkpoint(path: Path | None) -> Path:
         return path
     newest = checkpoint.newest_run()
     if newest is None:
-        raise UserError(f"no runs in {checkpoint.DEFAULT_ROOT}/: train one first or pass a "
-                        "checkpoint path")
+        raise UserError(
+            f"no runs in {checkpoint.DEFAULT_ROOT}/: train one first or pass a checkpoint path"
+        )
     return newest
 
 
 @app.command()
 @user_errors
 def evaluate(
-    checkpoint_path: Annotated[Path | None, typer.Argument(
-        metavar="[CHECKPOINT]", help="Run folder (its best step) or a step folder. "
-        "[default: newest run in checkpoints/]", show_default=False)] = None,
+    checkpoint_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CHECKPOINT]",
+            help="Run folder (its best step) or a step folder. "
+            "[default: newest run in checkpoints/]",
+            show_default=False,
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="train or test.")] = "test",
-    dataset: Annotated[str | None, typer.Option(
-        help="Evaluate on another dataset. [default: the run's]", show_default=False)] = None,
-    data_dir: Annotated[str | None, typer.Option(
-        help="Folder with the four IDX files to evaluate on.")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Evaluate on another dataset. [default: the run's]", show_default=False),
+    ] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Folder with the four IDX files to evaluate on.")
+    ] = None,
     latest: Annotated[bool, typer.Option(help="Use the latest step, not the best.")] = False,
-    plot: Annotated[Path | None, typer.Option(
-        help="Write a PNG: confusion matrix and misclassified digits.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG: confusion matrix and misclassified digits.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
@@ -206,31 +259,42 @@ def evaluate(
         dataset, data_dir = config.dataset, config.data_dir
     data = load_dataset(dataset or config.dataset, data_dir)
     if len(data.class_names) != summary["num_classes"]:
-        raise UserError(f"{data.name} has {len(data.class_names)} classes, the model "
-                        f"{summary['num_classes']}")
+        raise UserError(
+            f"{data.name} has {len(data.class_names)} classes, the model {summary['num_classes']}"
+        )
     images, labels = data.split(split)
     graphdef, _ = create_model(config, summary["num_classes"])
     logits = compute_logits(make_logits_fn(graphdef), params, images)
     metrics = compute_metrics(logits, labels, data.class_names)
     if plot is not None:
         from digitjax.plots import plot_evaluation
+
         plot_evaluation(metrics, images, labels, plot)
     if as_json:
-        print_json({"checkpoint": str(step_dir), "dataset": data.name, "split": split,
-                    **metrics.to_dict()})
+        print_json(
+            {"checkpoint": str(step_dir), "dataset": data.name, "split": split, **metrics.to_dict()}
+        )
         return
-    out.print(f"[bold]{step_dir}[/bold] on {data.name} {split}: accuracy "
-              f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
-              f"({len(labels)} images)", highlight=False)
+    out.print(
+        f"[bold]{step_dir}[/bold] on {data.name} {split}: accuracy "
+        f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
+        f"({len(labels)} images)",
+        highlight=False,
+    )
     per_class = Table("class", "precision", "recall", "F1", "support", title="Per class")
     for name, values in metrics.to_dict()["per_class"].items():
-        per_class.add_row(name, *(f"{100 * values[k]:.2f}" for k in ("precision", "recall", "f1")),
-                          str(values["support"]))
+        per_class.add_row(
+            name,
+            *(f"{100 * values[k]:.2f}" for k in ("precision", "recall", "f1")),
+            str(values["support"]),
+        )
     out.print(per_class)
     confusion = Table("true \\ pred", *metrics.class_names, title="Confusion matrix")
     for i, (name, row) in enumerate(zip(metrics.class_names, metrics.confusion)):
-        confusion.add_row(name, *(f"[bold]{n}[/bold]" if i == j else (str(n) if n else "·")
-                                  for j, n in enumerate(row)))
+        confusion.add_row(
+            name,
+            *(f"[bold]{n}[/bold]" if i == j else (str(n) if n else "·") for j, n in enumerate(row)),
+        )
     out.print(confusion)
     if plot is not None:
         out.print(f"plot written to {plot}")

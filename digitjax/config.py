@@ -29,11 +29,15 @@ class Config:
         positive = ("epochs", "batch_size", "learning_rate", "dense", "chunks_per_epoch")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
+                )
         non_negative = ("warmup_epochs", "weight_decay", "augment_shift")
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 1 <= len(self.channels) <= 4 or min(self.channels) <= 0:
@@ -47,7 +51,9 @@ class Config:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise UserError(f"checkpoint config has unknown fields {unknown}: not a digitjax checkpoint")
+            raise UserError(
+                f"checkpoint config has unknown fields {unknown}: not a digitjax checkpoint"
+            )
         values = dict(raw)
         if "channels" in values:
             values["channels"] = tuple(values["channels"])

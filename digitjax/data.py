@@ -74,8 +74,10 @@ def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = (Path(folder) / name for name in IDX_FILES[split])
     images, labels = read_idx(images_file), read_idx(labels_file)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-        raise UserError(f"{folder}: expected 28x28 images with one label each, "
-                        f"got images {images.shape} and labels {labels.shape}")
+        raise UserError(
+            f"{folder}: expected 28x28 images with one label each, "
+            f"got images {images.shape} and labels {labels.shape}"
+        )
     return images, labels.astype(np.int32)
 
 
@@ -83,20 +85,25 @@ def has_idx_files(folder: Path) -> bool:
     return all((Path(folder) / name).is_file() for pair in IDX_FILES.values() for name in pair)
 
 
-def load_dataset(name: str = "mnist", data_dir: str | Path | None = None,
-                 cache_dir: Path | None = None) -> Dataset:
+def load_dataset(
+    name: str = "mnist", data_dir: str | Path | None = None, cache_dir: Path | None = None
+) -> Dataset:
     """Loads a dataset as uint8 arrays: from `data_dir` (a folder of the four IDX files) when
     given, else through tfds (prepared once, offline where possible) and the decoded cache."""
     if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)} "
-                        "(or --data-dir DIR for any folder of the four MNIST-format IDX files)")
+        raise UserError(
+            f"unknown dataset '{name}'; known: {', '.join(DATASETS)} "
+            "(or --data-dir DIR for any folder of the four MNIST-format IDX files)"
+        )
     if data_dir is not None:
         folder = Path(data_dir)
         if not folder.is_dir():
             raise UserError(f"data dir {folder} does not exist")
         if not has_idx_files(folder):
-            raise UserError(f"data dir {folder} lacks the four IDX files "
-                            f"({', '.join(n for pair in IDX_FILES.values() for n in pair)})")
+            raise UserError(
+                f"data dir {folder} lacks the four IDX files "
+                f"({', '.join(n for pair in IDX_FILES.values() for n in pair)})"
+            )
         (xtr, ytr), (xte, yte) = (read_idx_split(folder, s) for s in SPLITS)
         classes = tuple(str(i) for i in range(int(max(ytr.max(), yte.max())) + 1))
         return Dataset(name, xtr, ytr, xte, yte, classes)
@@ -116,9 +123,14 @@ def _load_cached(name: str, cache_dir: Path) -> Dataset:
         np.savez(tmp, **arrays)
         os.replace(tmp, cache_file)
     with np.load(cache_file) as arrays:
-        return Dataset(name, arrays["train_images"], arrays["train_labels"],
-                       arrays["test_images"], arrays["test_labels"],
-                       tuple(str(c) for c in arrays["class_names"]))
+        return Dataset(
+            name,
+            arrays["train_images"],
+            arrays["train_labels"],
+            arrays["test_images"],
+            arrays["test_labels"],
+            tuple(str(c) for c in arrays["class_names"]),
+        )
 
 
 def decode_data_source(builder) -> dict[str, np.ndarray]:
@@ -152,8 +164,10 @@ def _download_idx(name: str, folder: Path) -> None:
                 payload = r.read()
         except OSError as e:
             hint = {"fashion_mnist": " (offline: apt-get install dataset-fashion-mnist)"}
-            raise UserError(f"no data reachable for '{name}': cannot download {filename} ({e}); "
-                            f"use --data-dir DIR with the four IDX files{hint.get(name, '')}") from None
+            raise UserError(
+                f"no data reachable for '{name}': cannot download {filename} ({e}); "
+                f"use --data-dir DIR with the four IDX files{hint.get(name, '')}"
+            ) from None
         tmp = folder / (filename + ".part")
         tmp.write_bytes(payload)
         os.replace(tmp, folder / filename)

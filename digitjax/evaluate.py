@@ -64,17 +64,22 @@ class Metrics:
             "loss": self.loss,
             "num_examples": int(self.confusion.sum()),
             "per_class": {
-                name: {"precision": float(p), "recall": float(r), "f1": float(f),
-                       "support": int(s)}
-                for name, p, r, f, s in zip(self.class_names, self.precision, self.recall,
-                                            self.f1, self.confusion.sum(axis=1))
+                name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                for name, p, r, f, s in zip(
+                    self.class_names,
+                    self.precision,
+                    self.recall,
+                    self.f1,
+                    self.confusion.sum(axis=1),
+                )
             },
             "confusion_matrix": self.confusion.tolist(),
         }
 
 
-def compute_metrics(logits: np.ndarray, labels: np.ndarray,
-                    class_names: tuple[str, ...]) -> Metrics:
+def compute_metrics(
+    logits: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]
+) -> Metrics:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -83,5 +88,6 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray,
     num_classes = len(class_names)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(confusion, (labels, predictions), 1)
-    return Metrics(float((predictions == labels).mean()), float(loss), confusion, predictions,
-                   class_names)
+    return Metrics(
+        float((predictions == labels).mean()), float(loss), confusion, predictions, class_names
+    )

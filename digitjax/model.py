@@ -27,7 +27,8 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     kh, kw, _, features = kernel.shape
     padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     patches = jnp.concatenate(
-        [padded[:, i:i + height, j:j + width, :] for i in range(kh) for j in range(kw)], axis=-1)
+        [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
     return patches @ kernel.reshape(kh * kw * channels, features) + bias
 
 
@@ -70,8 +71,9 @@ def create_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, d
     return graphdef, params.to_pure_dict()
 
 
-def apply(graphdef: nnx.GraphDef, params: dict[str, Any], images: jax.Array,
-          conv_impl: str = "lax") -> jax.Array:
+def apply(
+    graphdef: nnx.GraphDef, params: dict[str, Any], images: jax.Array, conv_impl: str = "lax"
+) -> jax.Array:
     return nnx.merge(graphdef, params)(images, conv_impl)
 
 

@@ -28,33 +28,52 @@ def plot_curves(history: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_evaluation(metrics: Metrics, images: np.ndarray, labels: np.ndarray, path: Path,
-                    max_errors: int = 36) -> None:
+def plot_evaluation(
+    metrics: Metrics, images: np.ndarray, labels: np.ndarray, path: Path, max_errors: int = 36
+) -> None:
     """Confusion matrix beside a grid of misclassified digits (true -> predicted)."""
     wrong = np.flatnonzero(metrics.predictions != labels)[:max_errors]
     fig = plt.figure(figsize=(14, 6.5))
     matrix_ax = fig.add_subplot(1, 2, 1)
     matrix_ax.imshow(metrics.confusion, cmap="Blues")
     ticks = range(len(metrics.class_names))
-    matrix_ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true",
-                  title=f"Confusion matrix (accuracy {100 * metrics.accuracy:.2f}%)")
+    matrix_ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix (accuracy {100 * metrics.accuracy:.2f}%)",
+    )
     matrix_ax.set_xticklabels(metrics.class_names, rotation=45, ha="right")
     matrix_ax.set_yticklabels(metrics.class_names)
     threshold = metrics.confusion.max() / 2
     for (true, pred), count in np.ndenumerate(metrics.confusion):
         if count:
-            matrix_ax.text(pred, true, str(count), ha="center", va="center", fontsize=7,
-                           color="white" if count > threshold else "black")
+            matrix_ax.text(
+                pred,
+                true,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > threshold else "black",
+            )
     side = max(1, int(np.ceil(np.sqrt(len(wrong)))))
     grid = fig.add_gridspec(side, side, left=0.55, right=0.98, top=0.9, bottom=0.05)
     for i, index in enumerate(wrong):
         ax = fig.add_subplot(grid[i // side, i % side])
         ax.imshow(images[index], cmap="gray")
-        ax.set_title(f"{metrics.class_names[labels[index]]}→"
-                     f"{metrics.class_names[metrics.predictions[index]]}", fontsize=7)
+        ax.set_title(
+            f"{metrics.class_names[labels[index]]}→"
+            f"{metrics.class_names[metrics.predictions[index]]}",
+            fontsize=7,
+        )
         ax.axis("off")
-    fig.suptitle(f"{len(np.flatnonzero(metrics.predictions != labels))} misclassified; "
-                 f"first {len(wrong)} shown as true→predicted", x=0.76)
+    fig.suptitle(
+        f"{len(np.flatnonzero(metrics.predictions != labels))} misclassified; "
+        f"first {len(wrong)} shown as true→predicted",
+        x=0.76,
+    )
     _save(fig, path)
 
 

@@ -48,8 +48,12 @@ class Schedule:
 def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransformation:
     warmup = int(config.warmup_epochs * schedule.steps_per_epoch)
     learning_rate = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=min(warmup, schedule.total_steps - 1),
-        decay_steps=schedule.total_steps, end_value=config.learning_rate / 100)
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=min(warmup, schedule.total_steps - 1),
+        decay_steps=schedule.total_steps,
+        end_value=config.learning_rate / 100,
+    )
     return optax.adamw(learning_rate, weight_decay=config.weight_decay)
 
 
@@ -71,24 +75,26 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array
     padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
     offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
     return jax.vmap(lambda image, offset: jax.lax.dynamic_slice(image, offset, size))(
-        padded, offsets)
+        padded, offsets
+    )
 
 
-def make_train_chunk(config: Config, schedule: Schedule, graphdef: Any,
-                     tx: optax.GradientTransformation) -> Callable:
-    """A jitted fn(state, images, labels, num_steps) -> state running `num_steps` steps."""
-    conv_impl = conv_impl_for(jax.default_backend(), training=True)
-    batch_size, steps_per_epoch = schedule.batch_size, schedule.steps_per_epoch
+def make_train_step(
+    config: Config, graphdef: Any, tx: optax.GradientTransformation, conv_impl: str
+) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
+    """The pure step: fn(state, images (B, 28, 28) floats, labels (B,)) -> state."""
 
     def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = apply(graphdef, params, images, conv_impl)
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
-                                      config.label_smoothing)
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
+        )
         return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array) -> TrainState:
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], images, labels)
+            state["params"], images, labels
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         totals = state["epoch_totals"]
         return {
@@ -96,16 +102,31 @@ def make_train_chunk(config: Config, schedule: Schedule, graphdef: Any,
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "epoch_totals": {
-                "loss": totals["loss"] + loss * batch_size,
+                "loss": totals["loss"] + loss * labels.shape[0],
                 "correct": totals["correct"] + (logits.argmax(-1) == labels).sum(),
-                "count": totals["count"] + batch_size,
+                "count": totals["count"] + labels.shape[0],
             },
         }
 
-    def train_chunk(state: TrainState, images: jax.Array, labels: jax.Array,
-                    num_steps: jax.Array) -> TrainState:
+    return train_step
+
+
+def make_train_chunk(
+    config: Config, schedule: Schedule, graphdef: Any, tx: optax.GradientTransformation
+) -> Callable:
+    """A jitted fn(state, images, labels, num_steps) -> state running `num_steps` steps."""
+    train_step = make_train_step(
+        config, graphdef, tx, conv_impl_for(jax.default_backend(), training=True)
+    )
+    batch_size, steps_per_epoch = schedule.batch_size, schedule.steps_per_epoch
+
+    def train_chunk(
+        state: TrainState, images: jax.Array, labels: jax.Array, num_steps: jax.Array
+    ) -> TrainState:
         # A chunk never crosses an epoch boundary, so one permutation serves all its steps.
-        epoch_key = jax.random.fold_in(jax.random.key(config.seed), state["step"] // steps_per_epoch)
+        epoch_key = jax.random.fold_in(
+            jax.random.key(config.seed), state["step"] // steps_per_epoch
+        )
         order = jax.random.permutation(epoch_key, images.shape[0])
 
         def body(_, state: TrainState) -> TrainState:
@@ -113,8 +134,9 @@ def make_train_chunk(config: Config, schedule: Schedule, graphdef: Any,
             batch = jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
             batch_images = normalize(images[batch])
             if config.augment_shift:
-                batch_images = random_shift(jax.random.fold_in(epoch_key, position),
-                                            batch_images, config.augment_shift)
+                batch_images = random_shift(
+                    jax.random.fold_in(epoch_key, position), batch_images, config.augment_shift
+                )
             return train_step(state, batch_images, labels[batch])
 
         return jax.lax.fori_loop(0, num_steps, body, state)
@@ -136,6 +158,7 @@ def chunk_lengths(start_step: int, schedule: Schedule, chunks_per_epoch: int) ->
 @dataclasses.dataclass
 class Callbacks:
     """How the loop reports progress; the CLI renders these."""
+
     on_start: Callable[[int, int], None] = lambda done_steps, total_steps: None
     on_chunk: Callable[[int], None] = lambda done_steps: None
     on_epoch: Callable[[dict], None] = lambda record: None
@@ -148,8 +171,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
     if not resume and checkpoint.holds_run(run_dir):
         if not overwrite:
-            raise UserError(f"{run_dir} already holds a run: pass --resume to continue it "
-                            "or --overwrite to replace it")
+            raise UserError(
+                f"{run_dir} already holds a run: pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
         checkpoint.clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -161,13 +186,22 @@ def resolve_config(run_dir: Path, requested: Config, resume: bool, given: set[st
     saved, _ = checkpoint.read_config(run_dir, checkpoint.LATEST)
     clashes = [name for name in sorted(given) if getattr(saved, name) != getattr(requested, name)]
     if clashes:
-        raise UserError(f"cannot resume with different settings ({', '.join(clashes)}); "
-                        "the run's saved config is used on resume")
+        raise UserError(
+            f"cannot resume with different settings ({', '.join(clashes)}); "
+            "the run's saved config is used on resume"
+        )
     return saved
 
 
-def train(config: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
-          callbacks: Callbacks | None = None, dataset: Dataset | None = None) -> dict:
+def train(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: Callbacks | None = None,
+    dataset: Dataset | None = None,
+) -> dict:
     """Trains (or resumes) a run in `run_dir`; returns the final summary."""
     prepare_run_dir(run_dir, resume, overwrite)
     callbacks = callbacks or Callbacks()
@@ -175,8 +209,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, overwrite: boo
     num_classes = len(dataset.class_names)
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     if schedule.steps_per_epoch == 0:
-        raise UserError(f"--batch-size {config.batch_size} exceeds the {schedule.num_train} "
-                        "training images")
+        raise UserError(
+            f"--batch-size {config.batch_size} exceeds the {schedule.num_train} training images"
+        )
     graphdef, _ = create_model(config, num_classes)
     tx = make_optimizer(config, schedule)
     state = init_state(config, tx, num_classes)
@@ -188,7 +223,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, overwrite: boo
 
     train_chunk = make_train_chunk(config, schedule, graphdef, tx)
     logits_fn = make_logits_fn(graphdef)
-    train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+    train_images, train_labels = (
+        jnp.asarray(dataset.train_images),
+        jnp.asarray(dataset.train_labels),
+    )
     checkpointer = checkpoint.RunCheckpointer(run_dir)
     step = int(state["step"])
     callbacks.on_start(step, schedule.total_steps)
@@ -200,11 +238,17 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, overwrite: boo
                 if not np.isfinite(float(state["epoch_totals"]["loss"])):
                     raise UserError(
                         f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
-                        f"is kept in {run_dir / checkpoint.LATEST} (try a lower --learning-rate)")
+                        f"is kept in {run_dir / checkpoint.LATEST} (try a lower --learning-rate)"
+                    )
                 callbacks.on_chunk(step)
-            metrics = compute_metrics(compute_logits(logits_fn, state["params"], dataset.test_images),
-                                      dataset.test_labels, dataset.class_names)
-            record = epoch_record(step // schedule.steps_per_epoch, step, state["epoch_totals"], metrics)
+            metrics = compute_metrics(
+                compute_logits(logits_fn, state["params"], dataset.test_images),
+                dataset.test_labels,
+                dataset.class_names,
+            )
+            record = epoch_record(
+                step // schedule.steps_per_epoch, step, state["epoch_totals"], metrics
+            )
             history.append(record)
             state = {**state, "epoch_totals": jax.tree.map(jnp.zeros_like, state["epoch_totals"])}
             summary = run_summary(history, num_classes)
@@ -217,11 +261,14 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, overwrite: boo
         jax.block_until_ready(state)
         checkpointer.save(checkpoint.LATEST, state, config, run_summary(history, num_classes))
         checkpointer.close()
-        raise Interrupted(f"interrupted at step {int(state['step'])}; saved to "
-                          f"{run_dir / checkpoint.LATEST}; continue with --resume") from None
+        raise Interrupted(
+            f"interrupted at step {int(state['step'])}; saved to "
+            f"{run_dir / checkpoint.LATEST}; continue with --resume"
+        ) from None
     checkpointer.close()
     if history:
         from digitjax.plots import plot_curves
+
         plot_curves(history, run_dir / checkpoint.CURVES_FILE)
     return run_summary(history, num_classes)
 
@@ -240,8 +287,12 @@ def epoch_record(epoch: int, step: int, totals: dict, metrics: Any) -> dict:
 
 def run_summary(history: list[dict], num_classes: int) -> dict:
     best = max(history, key=lambda r: r["test_accuracy"], default=None)
-    return {"num_classes": num_classes, "history": history,
-            "last": history[-1] if history else None, "best": best}
+    return {
+        "num_classes": num_classes,
+        "history": history,
+        "last": history[-1] if history else None,
+        "best": best,
+    }
 
 
 def write_metrics_file(run_dir: Path, history: list[dict]) -> None:
