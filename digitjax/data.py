@@ -6,10 +6,12 @@ bytes prepare an `array_record` dataset without it, which `as_data_source` then 
 70k PNGs takes seconds, so the decoded arrays are cached beside the prepared dataset as `.npz`.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import io
 import os
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,8 +117,10 @@ def _load_cached(name: str, cache_dir: Path) -> Dataset:
     if not cache_file.exists():
         builder = make_builder(name, cache_dir / "tfds")
         if not builder.is_prepared():
-            # Never `download_and_prepare` with tfds's own downloader: offline it retries forever.
-            builder.download_and_prepare()
+            # The split generators fetch their own files: tfds's downloader retries forever
+            # offline. tfds announces the preparation on stdout, which belongs to --json.
+            with contextlib.redirect_stdout(sys.stderr):
+                builder.download_and_prepare()
         arrays = decode_data_source(builder)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npz")

@@ -68,7 +68,7 @@ def create_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, d
     """The model's static structure and its parameters as a plain nested dict of arrays."""
     model = CNN(config.channels, config.dense, num_classes, nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def apply(

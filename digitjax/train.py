@@ -229,6 +229,7 @@ def train(
     )
     checkpointer = checkpoint.RunCheckpointer(run_dir)
     step = int(state["step"])
+    saved_step = step if resume else None
     callbacks.on_start(step, schedule.total_steps)
     try:
         while step < schedule.total_steps:
@@ -237,35 +238,33 @@ def train(
                 step += length
                 if not np.isfinite(float(state["epoch_totals"]["loss"])):
                     raise UserError(
-                        f"loss became NaN/inf at step {step}; stopped. The last good checkpoint "
-                        f"is kept in {run_dir / checkpoint.LATEST} (try a lower --learning-rate)"
+                        f"loss became NaN/inf at step {step}; stopped without saving it. "
+                        + (f"The last good checkpoint (step {saved_step}) is kept in {run_dir}"
+                           if saved_step is not None else "No checkpoint had been written yet")
+                        + "; try a lower --learning-rate"
                     )
                 callbacks.on_chunk(step)
-            metrics = compute_metrics(
-                compute_logits(logits_fn, state["params"], dataset.test_images),
-                dataset.test_labels,
-                dataset.class_names,
-            )
-            record = epoch_record(
-                step // schedule.steps_per_epoch, step, state["epoch_totals"], metrics
-            )
+            logits = compute_logits(logits_fn, state["params"], dataset.test_images)
+            metrics = compute_metrics(logits, dataset.test_labels, dataset.class_names)
+            record = epoch_record(step, schedule, state["epoch_totals"], metrics)
             history.append(record)
             state = {**state, "epoch_totals": jax.tree.map(jnp.zeros_like, state["epoch_totals"])}
             summary = run_summary(history, num_classes)
             checkpointer.save(checkpoint.LATEST, state, config, summary)
             if record["test_accuracy"] >= max(r["test_accuracy"] for r in history):
                 checkpointer.save(checkpoint.BEST, state, config, summary)
+            saved_step = step
             write_metrics_file(run_dir, history)
             callbacks.on_epoch(record)
     except KeyboardInterrupt:
         jax.block_until_ready(state)
         checkpointer.save(checkpoint.LATEST, state, config, run_summary(history, num_classes))
-        checkpointer.close()
         raise Interrupted(
-            f"interrupted at step {int(state['step'])}; saved to "
-            f"{run_dir / checkpoint.LATEST}; continue with --resume"
+            f"interrupted at step {step}; saved to {run_dir / checkpoint.LATEST}; "
+            "continue with --resume"
         ) from None
-    checkpointer.close()
+    finally:
+        checkpointer.close()
     if history:
         from digitjax.plots import plot_curves
 
@@ -273,10 +272,10 @@ def train(
     return run_summary(history, num_classes)
 
 
-def epoch_record(epoch: int, step: int, totals: dict, metrics: Any) -> dict:
+def epoch_record(step: int, schedule: Schedule, totals: dict, metrics: Any) -> dict:
     count = float(totals["count"])
     return {
-        "epoch": epoch,
+        "epoch": step // schedule.steps_per_epoch,
         "step": step,
         "train_loss": float(totals["loss"]) / count,
         "train_accuracy": float(totals["correct"]) / count,

@@ -1,0 +1,62 @@
+"""Shared fixtures: real MNIST (a small slice of it for speed) and an isolated data cache."""
+
+import gzip
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digitjax.data import EMBEDDED_MNIST, IDX_FILES, read_idx_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_DIR = SHARED_MNIST if SHARED_MNIST.is_dir() else EMBEDDED_MNIST
+# A tiny model and few steps keep a whole CLI run to a few seconds.
+TINY_FLAGS = ["--channels", "4,8", "--dense", "16", "--batch-size", "64"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def write_mnist_subset(folder: Path, num_train: int, num_test: int) -> Path:
+    """The first images of real MNIST as a folder of the four IDX files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", num_train), ("test", num_test)):
+        images, labels = read_idx_split(MNIST_DIR, split)
+        images_file, labels_file = IDX_FILES[split]
+        write_idx(folder / images_file, images[:count])
+        write_idx(folder / labels_file, labels[:count])
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tfds preparation and the decoded cache go to a fresh folder: the prepare path is tested."""
+    cache = tmp_path_factory.mktemp("digitjax-cache")
+    os.environ["DIGITJAX_DATA_DIR"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist_subset(tmp_path_factory.mktemp("tiny-mnist"), 2048, 1000)
+
+
+def run_digitjax(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The installed console script, in its own process."""
+    return subprocess.run(["digitjax", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, **kwargs)
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    """The failure is explained in exactly one `error:` line, with no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], stderr

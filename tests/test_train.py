@@ -1,0 +1,136 @@
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_FLAGS, assert_one_line_error
+from typer.testing import CliRunner
+
+from digitjax.cli import app
+
+runner = CliRunner()
+EPOCHS = 30  # long enough to interrupt mid-run, a few seconds in all
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_flags(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", str(EPOCHS),
+            "--out", str(run_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = runner.invoke(app, train_flags(tiny_mnist, run_dir, "--json"))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def test_run_writes_checkpoints_metrics_and_curves(reference_run: Path):
+    summary = history(reference_run)
+    assert [r["epoch"] for r in summary] == list(range(1, EPOCHS + 1))
+    assert summary[-1]["test_accuracy"] > 0.85  # a tiny model on 2k real digits
+    assert summary[-1]["train_loss"] < summary[0]["train_loss"]
+    for kind in ("latest", "best"):
+        steps = [p.name for p in (reference_run / kind).iterdir()]
+        assert len(steps) == 1 and steps[0].isdigit()
+    best = max(summary, key=lambda r: r["test_accuracy"])
+    assert (reference_run / "best" / str(best["step"])).is_dir()
+    assert (reference_run / "curves.png").stat().st_size > 10_000
+
+
+def test_same_seed_same_metrics(tiny_mnist: Path, tmp_path: Path):
+    def run(name: str, *extra: str) -> list[dict]:
+        flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "3",
+                 "--out", str(tmp_path / name), *extra]
+        assert runner.invoke(app, flags).exit_code == 0
+        return history(tmp_path / name)
+
+    assert run("first") == run("second")
+    assert run("other-seed", "--seed", "1") != run("first-again")
+
+
+def _start_and_wait_for_checkpoint(tiny_mnist: Path, run_dir: Path) -> subprocess.Popen:
+    process = subprocess.Popen(["digitjax", *train_flags(tiny_mnist, run_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.isdigit() and int(p.name) >= 64 for p in run_dir.glob("latest/*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    return process
+
+
+def _resume(run_dir: Path) -> None:
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(reference_run, tiny_mnist, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = _start_and_wait_for_checkpoint(tiny_mnist, run_dir)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert len(history(run_dir)) < EPOCHS, "killed before the end"
+    _resume(run_dir)
+    assert history(run_dir) == history(reference_run)
+
+
+def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(reference_run, tiny_mnist, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    process = _start_and_wait_for_checkpoint(tiny_mnist, run_dir)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    _resume(run_dir)
+    assert history(run_dir) == history(reference_run)
+
+
+def test_resume_refuses_different_settings(reference_run: Path):
+    result = runner.invoke(app, ["train", "--out", str(reference_run), "--resume", "--epochs", "3"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "cannot resume with different settings (epochs)")
+
+
+def test_existing_run_is_never_overwritten_unasked(reference_run: Path, tiny_mnist: Path):
+    before = history(reference_run)
+    result = runner.invoke(app, train_flags(tiny_mnist, reference_run))
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "already holds a run", "--overwrite")
+    assert history(reference_run) == before
+
+
+def test_overwrite_replaces_only_the_run(tiny_mnist: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "1",
+             "--out", str(run_dir)]
+    assert runner.invoke(app, flags).exit_code == 0
+    (run_dir / "notes.txt").write_text("mine")
+    assert runner.invoke(app, [*flags, "--overwrite"]).exit_code == 0
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert len(history(run_dir)) == 1
+
+
+def test_diverging_loss_stops_with_a_clear_error(tiny_mnist: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS,
+                                 "--learning-rate", "1e6", "--out", str(run_dir)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "loss became NaN/inf", "No checkpoint had been written")
+    assert not list(run_dir.glob("*/[0-9]*")), "a diverged state must never be saved"
+
+
+def test_default_recipe_one_epoch_reaches_99_percent(tmp_path: Path):
+    """The real recipe on full MNIST through tfds (prepared offline in the test's cache)."""
+    result = runner.invoke(app, ["train", "--epochs", "1", "--out", str(tmp_path / "run"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["best"]["test_accuracy"] >= 0.99
+    assert summary["config"]["dataset"] == "mnist"
