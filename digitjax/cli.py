@@ -99,7 +99,7 @@ def train(
 ) -> None:
     """Train the CNN; writes latest and best Orbax checkpoints, metrics.jsonl and curves.png."""
     from digitjax import checkpoint
-    from digitjax.train import resolve_config
+    from digitjax.train import check_run_dir, resolve_config
     from digitjax.train import train as run_training
 
     flags = {
@@ -126,6 +126,7 @@ def train(
             out_dir
             or checkpoint.DEFAULT_ROOT / f"{requested.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
+    check_run_dir(out_dir, resume, overwrite)
     config = resolve_config(out_dir, requested, resume, set(given))
 
     err.print(f"Training on {config.dataset} → {out_dir}", highlight=False)

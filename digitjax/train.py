@@ -164,17 +164,21 @@ class Callbacks:
     on_epoch: Callable[[dict], None] = lambda record: None
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     if resume and not (run_dir / checkpoint.LATEST).is_dir():
         raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
-    if not resume and checkpoint.holds_run(run_dir):
-        if not overwrite:
-            raise UserError(
-                f"{run_dir} already holds a run: pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
+    if not resume and not overwrite and checkpoint.holds_run(run_dir):
+        raise UserError(
+            f"{run_dir} already holds a run: pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    check_run_dir(run_dir, resume, overwrite)
+    if overwrite:
         checkpoint.clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

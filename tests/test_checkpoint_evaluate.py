@@ -1,0 +1,115 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import TINY_FLAGS, assert_one_line_error, run_digitjax
+from PIL import Image
+from typer.testing import CliRunner
+
+from digitjax.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    result = runner.invoke(app, ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS,
+                                 "--epochs", "3", "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def step_dir(run_dir: Path, kind: str = "best") -> Path:
+    return next((run_dir / kind).iterdir())
+
+
+def test_plain_orbax_restores_a_checkpoint_without_digitjax(trained_run: Path):
+    manager = ocp.CheckpointManager((trained_run / "best").absolute())
+    restored = manager.restore(manager.latest_step())
+    assert restored["config"]["channels"] == [4, 8]
+    assert restored["summary"]["best"]["test_accuracy"] > 0.5
+    params = restored["state"]["params"]
+    assert np.asarray(params["convs"]["0"]["kernel"]).shape == (3, 3, 1, 4)
+    assert int(restored["state"]["step"]) == manager.latest_step()
+
+
+def test_evaluate_json_matches_training_figures(trained_run: Path):
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    history = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda r: r["test_accuracy"])
+    assert report["accuracy"] == pytest.approx(best["test_accuracy"])
+    assert report["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    assert report["num_examples"] == 1000
+    confusion = np.array(report["confusion_matrix"])
+    assert confusion.sum() == 1000 and np.trace(confusion) == round(1000 * report["accuracy"])
+    recall_of_7 = report["per_class"]["7"]["recall"]
+    assert recall_of_7 == pytest.approx(confusion[7, 7] / confusion[7].sum())
+
+
+def test_evaluate_table_and_plot(trained_run: Path, tmp_path: Path):
+    plot = tmp_path / "report.png"
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--plot", str(plot),
+                                 "--split", "train"])
+    assert result.exit_code == 0, result.output
+    assert "Confusion matrix" in result.stdout and "precision" in result.stdout
+    assert "on mnist train" in result.stdout
+    with Image.open(plot) as image:
+        assert image.size[0] > 1000
+
+
+def test_evaluate_on_another_dataset(trained_run: Path):
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--dataset", "fashion_mnist",
+                                 "--json"])
+    if result.exit_code == 1 and "no data reachable" in result.stderr:
+        pytest.skip("fashion-mnist is not installed here")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] < 0.5  # digits model, clothes images
+
+
+def test_evaluate_defaults_to_the_newest_run(trained_run: Path, tmp_path: Path):
+    shutil.copytree(trained_run, tmp_path / "checkpoints" / "run")
+    result = run_digitjax("evaluate", "--json", cwd=tmp_path)  # the installed console script
+    assert result.returncode == 0, result.stderr
+    assert "checkpoints/run/best" in json.loads(result.stdout)["checkpoint"]
+
+
+def test_missing_checkpoint(tmp_path: Path):
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "no checkpoint at")
+    result = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert_one_line_error(result.stderr, "no digitjax checkpoint in")
+
+
+def test_corrupt_checkpoint(trained_run: Path, tmp_path: Path):
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    for file in (step_dir(copy) / "state").rglob("*"):
+        if file.is_file() and file.stat().st_size > 1000:
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])
+    result = runner.invoke(app, ["evaluate", str(copy)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "corrupt checkpoint")
+
+
+def test_checkpoint_that_does_not_match_its_config(trained_run: Path, tmp_path: Path):
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    config_file = step_dir(copy) / "config" / "metadata"
+    config = json.loads(config_file.read_text())
+    config["channels"] = [4, 16]
+    config_file.write_text(json.dumps(config))
+    result = runner.invoke(app, ["evaluate", str(copy)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "does not match its config's model")
+
+
+def test_not_a_digitjax_checkpoint(trained_run: Path, tmp_path: Path):
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(step_dir(copy) / "config")
+    result = runner.invoke(app, ["evaluate", str(copy)])
+    assert_one_line_error(result.stderr, "is not a digitjax checkpoint")
