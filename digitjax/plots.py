@@ -77,6 +77,31 @@ def plot_evaluation(
     _save(fig, path)
 
 
+def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int = 24) -> None:
+    """Each input beside the 28x28 digit the model saw, titled with the prediction."""
+    from digitjax.preprocess import load_grayscale
+
+    shown = [p for p in predictions if Path(p.path) in seen][:max_images]
+    columns = 4
+    rows = max(1, -(-len(shown) // columns))
+    fig, axes = plt.subplots(
+        rows, 2 * columns, figsize=(2 * columns * 1.4, rows * 1.6), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, prediction in enumerate(shown):
+        original_ax, digit_ax = (
+            axes[i // columns, 2 * (i % columns)],
+            axes[i // columns, 2 * (i % columns) + 1],
+        )
+        original_ax.imshow(load_grayscale(Path(prediction.path)), cmap="gray", vmin=0, vmax=1)
+        original_ax.set_title(Path(prediction.path).name[:18], fontsize=6)
+        digit_ax.imshow(seen[Path(prediction.path)], cmap="gray", vmin=0, vmax=1)
+        digit_ax.set_title(f"{prediction.digit} ({100 * prediction.confidence:.0f}%)", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,0 +1,164 @@
+"""Turning a user's image into what MNIST looks like (numpy and pillow only: this is on the
+fast `predict` path).
+
+MNIST digits are white strokes on black, anti-aliased, scaled so the longer side of the ink's
+bounding box is 20 px, and placed in a 28x28 frame with the ink's centre of mass at the centre.
+A classifier trained on MNIST fails on raw photos mostly because they break those conventions
+(polarity, margins, position, stroke width), so each step below restores one of them.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+MNIST_SIZE, DIGIT_BOX = 28, 20
+WORK_SIZE = 128  # images are reduced to this before cleaning: enough detail, little work
+MIN_CONTRAST = 0.12  # ink must differ from the paper by this much (of full range) to count
+
+
+class ImageError(Exception):
+    """A file that cannot be read as an image; the message is the reason."""
+
+
+def load_grayscale(path: Path) -> np.ndarray:
+    """The image as float32 gray levels in [0, 1], upright as its EXIF orientation says."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated files fail here, not later
+            image = ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise ImageError("not an image (cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"unreadable image: {e}") from None
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        alpha = np.asarray(image.getchannel("A"), np.float32) / 255
+        if alpha.min() < 0.9:
+            # Transparent background (a canvas export): the strokes are the opaque pixels,
+            # whatever their colour.
+            return alpha
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, np.float32)
+        low, high = float(values.min()), float(values.max())
+        return (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.asarray(image.convert("L"), np.float32) / 255
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray | None:
+    """A 28x28 float32 white-on-black digit in [0, 1], or None when no digit is found."""
+    ink = _ink_map(_reduce(gray))
+    if ink is None:
+        return None
+    box = _ink_box(ink)
+    if box is None:
+        return None
+    top, bottom, left, right = box
+    digit = ink[top:bottom, left:right]
+    return _center_by_mass(_fit_box(digit))
+
+
+def preprocess_file(path: Path) -> np.ndarray | None:
+    return to_mnist(load_grayscale(path))
+
+
+def _reduce(gray: np.ndarray) -> np.ndarray:
+    """Large photos are shrunk (anti-aliased) so cleaning costs the same for any size."""
+    height, width = gray.shape
+    scale = WORK_SIZE / max(height, width)
+    if scale >= 1:
+        return gray
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BOX), np.float32)
+
+
+def _ink_map(gray: np.ndarray) -> np.ndarray | None:
+    """Ink strength in [0, 1] with the background removed, or None for a blank image."""
+    height, width = gray.shape
+    # Most pixels are background, so the median is the paper's level and the ink is the tail
+    # that lies farther from it: darker ink on light paper, or light strokes on a dark canvas.
+    low, median, high = np.percentile(gray, [0.5, 50, 99.5])
+    if median - low > high - median:
+        gray = 1 - gray
+    # Uneven lighting: subtract a background estimate that strokes are too thin to affect
+    # (a wide minimum filter then a blur), leaving ink on a flat black floor.
+    radius = max(3, min(height, width) // 16)
+    background = _filtered(
+        gray, ImageFilter.MinFilter(2 * radius + 1), ImageFilter.GaussianBlur(2 * radius)
+    )
+    ink = np.clip(gray - np.minimum(background, gray), 0, None)
+    if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
+        ink = _filtered(ink, ImageFilter.MedianFilter(3))
+    peak = float(np.percentile(ink, 99.5))
+    if peak < MIN_CONTRAST:
+        return None
+    # Normalise so that the strokes' core is full white, and drop weak residue (noise, paper
+    # texture) that would otherwise widen the bounding box.
+    ink = np.clip(ink / peak, 0, 1)
+    ink[ink < 0.25] = 0
+    return ink
+
+
+def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box of the ink, ignoring specks far smaller than a digit."""
+    mask = ink > 0.5
+    if mask.sum() < max(4, 0.002 * mask.size):
+        return None
+    rows, cols = mask.sum(axis=1), mask.sum(axis=0)
+    # A row or column counts only if it holds a little of the ink mass (drops stray dots).
+    min_share = 0.002 * mask.sum()
+    rows_in, cols_in = np.flatnonzero(rows > min_share), np.flatnonzero(cols > min_share)
+    if rows_in.size == 0 or cols_in.size == 0:
+        return None
+    return rows_in[0], rows_in[-1] + 1, cols_in[0], cols_in[-1] + 1
+
+
+def _fit_box(digit: np.ndarray) -> np.ndarray:
+    """Scales the digit so its longer side is 20 px, keeping the aspect ratio."""
+    height, width = digit.shape
+    scale = DIGIT_BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Thin pen strokes on large images would vanish when shrunk: thicken them first so they
+    # end up MNIST-wide (~2-3 px at 28x28).
+    stroke = _stroke_width(digit)
+    if stroke * scale < 1.8 and scale < 1:
+        grow = int(np.ceil((1.8 / scale - stroke) / 2))
+        digit = _filtered(digit, ImageFilter.MaxFilter(2 * min(grow, 6) + 1))
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    resized = Image.fromarray(digit.astype(np.float32)).resize(size, resample)
+    return np.clip(np.asarray(resized, np.float32), 0, 1)
+
+
+def _stroke_width(digit: np.ndarray) -> float:
+    """Mean stroke width in pixels: ink area over the length of its skeleton (approximated
+    by the number of ink pixels that touch the background)."""
+    mask = digit > 0.5
+    area = mask.sum()
+    interior = (
+        mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    )
+    edge = area - interior.sum()
+    return float(2 * area / max(edge, 1))
+
+
+def _filtered(values: np.ndarray, *filters: ImageFilter.Filter) -> np.ndarray:
+    """Applies PIL filters to a [0, 1] float image (through 8 bits: they need it)."""
+    image = Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8))
+    for image_filter in filters:
+        image = image.filter(image_filter)
+    return np.asarray(image, np.float32) / 255
+
+
+def _center_by_mass(digit: np.ndarray) -> np.ndarray:
+    """Pastes the digit into 28x28 with its centre of mass at the centre, as MNIST did."""
+    height, width = digit.shape
+    total = digit.sum()
+    rows, cols = np.indices(digit.shape)
+    center_row = (rows * digit).sum() / total if total else height / 2
+    center_col = (cols * digit).sum() / total if total else width / 2
+    top = int(np.clip(round(MNIST_SIZE / 2 - center_row), 0, MNIST_SIZE - height))
+    left = int(np.clip(round(MNIST_SIZE / 2 - center_col), 0, MNIST_SIZE - width))
+    canvas = np.zeros((MNIST_SIZE, MNIST_SIZE), np.float32)
+    canvas[top : top + height, left : left + width] = digit
+    return canvas

@@ -1,0 +1,128 @@
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MNIST_DIR, ROOT, assert_one_line_error, run_digitjax
+from PIL import Image
+from typer.testing import CliRunner
+
+from digitjax.cli import app
+from digitjax.data import read_idx_split
+from digitjax.predict import BUNDLED_MODEL
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from user_digits import generate  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, int, str]]:
+    """Realistic user images (photos, canvas drawings, scans, printed) made from MNIST test
+    digits and installed fonts."""
+    return generate(tmp_path_factory.mktemp("user-images"), per_kind=6, seed=0)
+
+
+@pytest.fixture
+def no_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder without checkpoints/, so predict uses the bundled model."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def predict_json(*args: str) -> tuple[int, list[dict], str]:
+    result = runner.invoke(app, ["predict", *args, "--json"])
+    return result.exit_code, json.loads(result.stdout), result.stderr
+
+
+def test_bundled_model_restores_and_reaches_its_stated_accuracy(no_runs):
+    result = runner.invoke(app, ["evaluate", str(BUNDLED_MODEL), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stated = json.loads(next(BUNDLED_MODEL.glob("best/*/summary/metadata")).read_text())
+    assert report["accuracy"] == pytest.approx(stated["best"]["test_accuracy"])
+    assert report["accuracy"] >= 0.994
+
+
+def test_predicts_user_images_with_the_bundled_model(no_runs, user_images):
+    code, results, _ = predict_json(*(str(path) for path, _, _ in user_images))
+    assert code == 0
+    assert [r["path"] for r in results] == [str(path) for path, _, _ in user_images]
+    correct = [r["digit"] == label for r, (_, label, _) in zip(results, user_images)]
+    assert np.mean(correct) >= 0.9, results
+    for r in results:
+        assert 0 < r["confidence"] <= 1 and len(r["top"]) == 3
+        assert r["top"][0] == [r["digit"], r["confidence"]]
+        assert r["top"][0][1] >= r["top"][1][1] >= r["top"][2][1]
+
+
+def test_folder_glob_csv_preprocessed_and_plot(no_runs, user_images):
+    folder = user_images[0][0].parent
+    csv_file, seen_dir, plot = no_runs / "out.csv", no_runs / "seen", no_runs / "grid.png"
+    result = runner.invoke(app, ["predict", str(folder), "--csv", str(csv_file),
+                                 "--save-preprocessed", str(seen_dir), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    with csv_file.open() as f:
+        rows = list(csv.DictReader(f))
+    in_folder = [p for p, _, _ in user_images if p.parent == folder]
+    assert sorted(r["path"] for r in rows) == sorted(map(str, in_folder))
+    saved = sorted(seen_dir.glob("*.png"))
+    assert len(saved) == len(in_folder)
+    assert Image.open(saved[0]).size == (28, 28)
+    assert Image.open(plot).size[0] > 500
+    pattern = str(folder / "*.*")
+    code, results, _ = predict_json(pattern)
+    assert code == 0 and len(results) == len(in_folder)
+
+
+def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs):
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    good = no_runs / "seven.png"
+    Image.fromarray(images[0]).resize((140, 140)).save(good)
+    (no_runs / "notes.png").write_text("not an image")
+    truncated = no_runs / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    blank = no_runs / "blank.png"
+    Image.new("L", (100, 100), 230).save(blank)
+    result = runner.invoke(app, ["predict", str(good), str(no_runs / "notes.png"),
+                                 str(truncated), str(blank), str(no_runs / "missing.png"),
+                                 "--json"])
+    assert result.exit_code == 1
+    results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert results["seven.png"]["digit"] == labels[0] == 7
+    assert results["blank.png"]["error"] == "no digit found"
+    for name in ("notes.png", "truncated.png", "missing.png", "blank.png"):
+        assert results[name]["digit"] is None and results[name]["error"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4 and "Traceback" not in result.stderr
+    assert all(any(name in line for line in errors)
+               for name in ("notes.png", "truncated.png", "missing.png", "blank.png"))
+
+
+def test_empty_folder(no_runs):
+    (no_runs / "empty").mkdir()
+    result = runner.invoke(app, ["predict", str(no_runs / "empty")])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "folder holds no images")
+
+
+def test_checkpoint_that_is_not_digitjax(no_runs):
+    (no_runs / "ckpt" / "best" / "1" / "state").mkdir(parents=True)
+    image = no_runs / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    result = runner.invoke(app, ["predict", str(image), "--checkpoint", str(no_runs / "ckpt")])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "is not a digitjax checkpoint")
+
+
+def test_installed_command_predicts_one_image(no_runs):
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    photo = no_runs / "two.jpg"
+    # Dark ink on light paper, bigger than MNIST: predict must invert and rescale it.
+    Image.fromarray(255 - images[1]).resize((200, 200)).convert("RGB").save(photo)
+    result = run_digitjax("predict", str(photo), "--json", cwd=no_runs)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["digit"] == labels[1] == 2
