@@ -6,6 +6,7 @@ the per-epoch history). Orbax writes to a temporary folder and renames it, so a 
 is always complete. Plain orbax restores one with `ocp.CheckpointManager(path).restore(step)`.
 """
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,18 @@ def read_config(path: Path, kind: str = BEST) -> tuple[Config, dict]:
     return Config.from_dict(items["config"]), items["summary"]
 
 
-def restore_params(path: Path, kind: str = BEST) -> tuple[Config, dict[str, Any], dict, Path]:
-    """Params for evaluation or prediction, checked against the saved config's model."""
-    from digitjax.model import create_model
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    config: Config
+    graphdef: Any
+    params: dict[str, Any]
+    summary: dict
+    step_dir: Path
+
+
+def restore_model(path: Path, kind: str = BEST) -> TrainedModel:
+    """A model for evaluation or prediction, its params checked against its saved config."""
+    from digitjax.model import abstract_model
 
     step_dir = _step_dir(path, kind)
     items = _restore_items(step_dir)
@@ -151,13 +161,12 @@ def restore_params(path: Path, kind: str = BEST) -> tuple[Config, dict[str, Any]
         config = Config.from_dict(items["config"])
     except (TypeError, UserError) as e:
         raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
-    num_classes = items["summary"].get("num_classes", 10)
-    expected = jax.eval_shape(lambda: create_model(config, num_classes)[1])
+    graphdef, expected = abstract_model(config, items["summary"].get("num_classes", 10))
     params = items["state"].get("params") if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no params)")
     params = _match_tree(params, expected, "model", step_dir)
-    return config, params, items["summary"], step_dir
+    return TrainedModel(config, graphdef, params, items["summary"], step_dir)
 
 
 def restore_state(path: Path, abstract_state: Any, kind: str = LATEST) -> tuple[Any, dict]:

@@ -252,21 +252,18 @@ def evaluate(
     from digitjax import checkpoint
     from digitjax.data import load_dataset
     from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
-    from digitjax.model import create_model
 
     path = resolve_checkpoint(checkpoint_path)
     kind = checkpoint.LATEST if latest else checkpoint.BEST
-    config, params, summary, step_dir = checkpoint.restore_params(path, kind)
+    model = checkpoint.restore_model(path, kind)
+    config, num_classes = model.config, model.summary["num_classes"]
     if dataset is None and data_dir is None:
         dataset, data_dir = config.dataset, config.data_dir
     data = load_dataset(dataset or config.dataset, data_dir)
-    if len(data.class_names) != summary["num_classes"]:
-        raise UserError(
-            f"{data.name} has {len(data.class_names)} classes, the model {summary['num_classes']}"
-        )
+    if len(data.class_names) != num_classes:
+        raise UserError(f"{data.name} has {len(data.class_names)} classes, the model {num_classes}")
     images, labels = data.split(split)
-    graphdef, _ = create_model(config, summary["num_classes"])
-    logits = compute_logits(make_logits_fn(graphdef), params, images)
+    logits = compute_logits(make_logits_fn(model.graphdef), model.params, images)
     metrics = compute_metrics(logits, labels, data.class_names)
     if plot is not None:
         from digitjax.plots import plot_evaluation
@@ -274,11 +271,16 @@ def evaluate(
         plot_evaluation(metrics, images, labels, plot)
     if as_json:
         print_json(
-            {"checkpoint": str(step_dir), "dataset": data.name, "split": split, **metrics.to_dict()}
+            {
+                "checkpoint": str(model.step_dir),
+                "dataset": data.name,
+                "split": split,
+                **metrics.to_dict(),
+            }
         )
         return
     out.print(
-        f"[bold]{step_dir}[/bold] on {data.name} {split}: accuracy "
+        f"[bold]{model.step_dir}[/bold] on {data.name} {split}: accuracy "
         f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
         f"({len(labels)} images)",
         highlight=False,

@@ -80,19 +80,18 @@ class Predictor:
     def __init__(self, checkpoint_path: Path | None = None):
         import jax
 
-        from digitjax.checkpoint import restore_params
-        from digitjax.model import apply, conv_impl_for, create_model
+        from digitjax.checkpoint import restore_model
+        from digitjax.model import apply, conv_impl_for
 
-        path = checkpoint_path or default_checkpoint()
-        self.config, self.params, summary, self.step_dir = restore_params(path)
-        if summary["num_classes"] != 10:
+        model = restore_model(checkpoint_path or default_checkpoint())
+        if model.summary["num_classes"] != 10:
             raise UserError(
-                f"{self.step_dir} is not a digit model ({summary['num_classes']} classes)"
+                f"{model.step_dir} is not a digit model ({model.summary['num_classes']} classes)"
             )
-        graphdef, _ = create_model(self.config, summary["num_classes"])
+        self.params, self.step_dir = model.params, model.step_dir
         conv_impl = conv_impl_for(jax.default_backend(), training=False)
         self.forward = jax.jit(
-            lambda params, images: jax.nn.softmax(apply(graphdef, params, images, conv_impl))
+            lambda params, images: jax.nn.softmax(apply(model.graphdef, params, images, conv_impl))
         )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

@@ -81,12 +81,8 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
     low, median, high = np.percentile(gray, [0.5, 50, 99.5])
     if median - low > high - median:
         gray = 1 - gray
-    # Uneven lighting: subtract a background estimate that strokes are too thin to affect
-    # (a wide minimum filter then a blur), leaving ink on a flat black floor.
-    radius = max(3, min(height, width) // 16)
-    background = _filtered(
-        gray, ImageFilter.MinFilter(2 * radius + 1), ImageFilter.GaussianBlur(2 * radius)
-    )
+    # Uneven lighting: subtract the paper's own level, leaving ink on a flat black floor.
+    background = _background(gray, block=2 * max(3, min(height, width) // 16) + 1)
     ink = np.clip(gray - np.minimum(background, gray), 0, None)
     if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
         ink = _filtered(ink, ImageFilter.MedianFilter(3))
@@ -98,6 +94,17 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
     ink = np.clip(ink / peak, 0, 1)
     ink[ink < 0.25] = 0
     return ink
+
+
+def _background(gray: np.ndarray, block: int) -> np.ndarray:
+    """The paper's level everywhere: minima over blocks wider than any stroke, interpolated
+    smoothly (a sliding minimum filter gives the same picture ~20x slower)."""
+    height, width = gray.shape
+    padded = np.pad(gray, ((0, -height % block), (0, -width % block)), mode="edge")
+    rows, cols = padded.shape[0] // block, padded.shape[1] // block
+    minima = padded.reshape(rows, block, cols, block).min(axis=(1, 3))
+    smooth = Image.fromarray(minima).resize((cols * block, rows * block), Image.Resampling.BILINEAR)
+    return np.asarray(smooth, np.float32)[:height, :width]
 
 
 def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -21,7 +21,7 @@ from digitjax import checkpoint
 from digitjax.config import Config, UserError
 from digitjax.data import Dataset, load_dataset
 from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
-from digitjax.model import apply, conv_impl_for, create_model, normalize
+from digitjax.model import abstract_model, apply, conv_impl_for, create_model, normalize
 
 TrainState = dict[str, Any]
 
@@ -216,7 +216,7 @@ def train(
         raise UserError(
             f"--batch-size {config.batch_size} exceeds the {schedule.num_train} training images"
         )
-    graphdef, _ = create_model(config, num_classes)
+    graphdef, _ = abstract_model(config, num_classes)
     tx = make_optimizer(config, schedule)
     state = init_state(config, tx, num_classes)
     history: list[dict] = []
@@ -243,8 +243,11 @@ def train(
                 if not np.isfinite(float(state["epoch_totals"]["loss"])):
                     raise UserError(
                         f"loss became NaN/inf at step {step}; stopped without saving it. "
-                        + (f"The last good checkpoint (step {saved_step}) is kept in {run_dir}"
-                           if saved_step is not None else "No checkpoint had been written yet")
+                        + (
+                            f"The last good checkpoint (step {saved_step}) is kept in {run_dir}"
+                            if saved_step is not None
+                            else "No checkpoint had been written yet"
+                        )
                         + "; try a lower --learning-rate"
                     )
                 callbacks.on_chunk(step)
