@@ -1,0 +1,122 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MNIST_DIR
+from PIL import Image
+
+from digitjax.data import read_idx_split
+from digitjax.preprocess import ImageError, load_grayscale, preprocess_file, to_mnist
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    return images[:50], labels[:50]
+
+
+def big(digit: np.ndarray, size: int = 200) -> np.ndarray:
+    image = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, np.float32) / 255
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_output_follows_mnist_conventions(digits):
+    for digit in digits[0][:10]:
+        out = to_mnist(1 - big(digit))  # dark ink on white paper
+        assert out.shape == (28, 28) and out.dtype == np.float32
+        assert 0 <= out.min() and out.max() <= 1 and out.max() > 0.9
+        assert out[0].max() == out[:, 0].max() == 0, "background is black"
+        rows, cols = np.nonzero(out > 0.1)
+        assert max(np.ptp(rows), np.ptp(cols)) + 1 in range(19, 23), "longer side ~20 px"
+        mass_row = (np.arange(28)[:, None] * out).sum() / out.sum()
+        mass_col = (np.arange(28)[None, :] * out).sum() / out.sum()
+        assert abs(mass_row - 13.5) < 1.1 and abs(mass_col - 13.5) < 1.1
+
+
+def test_mnist_digit_comes_back_nearly_unchanged(digits):
+    scores = [correlation(to_mnist(d.astype(np.float32) / 255), d) for d in digits[0]]
+    assert np.mean(scores) > 0.9
+
+
+def test_polarity_is_detected(digits):
+    digit = big(digits[0][3])
+    light_on_dark, dark_on_light = to_mnist(digit), to_mnist(1 - digit)
+    assert np.abs(light_on_dark - dark_on_light).max() < 0.1
+
+
+def test_uneven_lighting_and_off_centre_position(digits):
+    digit = digits[0][5]
+    rng = np.random.default_rng(0)
+    paper = np.linspace(0.95, 0.55, 600)[None, :] * np.ones((450, 1))
+    photo = paper.copy()
+    photo[220:420, 380:580] *= 1 - 0.8 * big(digit)  # bottom right, in the darker part
+    photo += rng.normal(0, 0.02, photo.shape)
+    assert correlation(to_mnist(np.clip(photo, 0, 1).astype(np.float32)), digit) > 0.85
+
+
+@pytest.mark.parametrize("image", [
+    np.zeros((100, 100), np.float32),
+    np.full((300, 200), 0.8, np.float32),
+    np.linspace(0.9, 0.5, 300, dtype=np.float32)[None, :] * np.ones((200, 1), np.float32),
+    np.random.default_rng(0).normal(0.8, 0.01, (120, 120)).astype(np.float32),
+], ids=["black", "uniform paper", "lighting gradient", "faint noise"])
+def test_blank_images_have_no_digit(image):
+    assert to_mnist(image) is None
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+def test_transparent_backgrounds_use_alpha_as_ink(digits, tmp_path):
+    digit = Image.fromarray(digits[0][0]).resize((140, 140))
+    expected = to_mnist(np.asarray(digit, np.float32) / 255)
+    for stroke_colour in ((0, 0, 0), (255, 255, 255)):
+        rgba = Image.new("RGBA", digit.size, (*stroke_colour, 0))
+        rgba.putalpha(digit)
+        got = preprocess_file(save(rgba, tmp_path / f"rgba{stroke_colour[0]}.png"))
+        assert np.abs(got - expected).max() < 0.05
+
+
+def test_formats_and_modes(digits, tmp_path):
+    digit = Image.fromarray(255 - digits[0][1]).resize((112, 112))
+    expected = to_mnist(np.asarray(digit, np.float32) / 255)
+    wide = Image.fromarray((np.asarray(digit, np.uint16) * 257).astype(np.uint16))
+    files = [
+        save(wide, tmp_path / "sixteen.png"),
+        save(digit.convert("P"), tmp_path / "palette.gif"),
+        save(digit.convert("RGB"), tmp_path / "rgb.bmp"),
+        save(digit, tmp_path / "gray.tiff"),
+        save(digit, tmp_path / "gray.webp", lossless=True),
+        save(digit.convert("1", dither=Image.Dither.NONE), tmp_path / "bilevel.png"),
+    ]
+    assert Image.open(files[0]).mode.startswith("I")
+    for path in files:
+        assert correlation(preprocess_file(path), expected) > 0.9, path.name
+
+
+def test_exif_orientation_is_honoured(digits, tmp_path):
+    digit = Image.fromarray(255 - digits[0][2]).resize((120, 120)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    stored = digit.rotate(90, expand=True)
+    path = save(stored, tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert correlation(preprocess_file(path), to_mnist(np.asarray(digit.convert("L"),
+                                                                  np.float32) / 255)) > 0.9
+
+
+def test_unreadable_files_raise_image_error(tmp_path):
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ImageError, match="not an image"):
+        load_grayscale(tmp_path / "text.png")
+    buffer = io.BytesIO()
+    Image.new("L", (200, 200), 128).save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:60])
+    with pytest.raises(ImageError):
+        load_grayscale(tmp_path / "cut.png")
