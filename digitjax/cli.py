@@ -115,7 +115,7 @@ def train(
         "augment_shift": augment_shift,
         "dense": dense,
         "seed": seed,
-        "channels": _parse_channels(channels) if channels is not None else None,
+        "channels": _parse_ints(channels, "--channels") if channels is not None else None,
     }
     given = {name: value for name, value in flags.items() if value is not None}
     requested = Config(**given)
@@ -146,11 +146,14 @@ def train(
         )
 
 
-def _parse_channels(text: str) -> tuple[int, ...]:
+def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(","))
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise UserError(f"--channels takes comma-separated integers, got '{text}'") from None
+        raise UserError(f"{flag} takes comma-separated integers, got '{text}'") from None
+    if min(values) <= 0:
+        raise UserError(f"{flag} takes positive integers, got '{text}'")
+    return values
 
 
 class TrainingProgress:
@@ -386,6 +389,93 @@ def save_digit_images(folder: Path, seen: dict) -> None:
             name += "_"
         used.add(name)
         Image.fromarray((image * 255).round().astype("uint8")).save(folder / f"{name}.png")
+
+
+@app.command()
+@user_errors
+def benchmark(
+    batch_sizes: Annotated[
+        str, typer.Option(help="Training batch sizes to measure, comma-separated.")
+    ] = "128",
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per timed repeat.")] = 100,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median reported).")] = 5,
+    target: Annotated[
+        float | None,
+        typer.Option(
+            help="Also train the default recipe from scratch and time it to this test accuracy "
+            "(e.g. 0.99).",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        bool, typer.Option(help="Also time a conventional host-fed training loop, for the speedup.")
+    ] = False,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the JSON results to this file.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Training/inference throughput, compile time, FLOP/s vs. matmul peak, time to accuracy."""
+    from digitjax.benchmark import BenchmarkPlan, run_benchmark
+    from digitjax.data import load_dataset
+
+    if target is not None and not 0 < target < 1:
+        raise UserError(f"--target is an accuracy in (0, 1), got {target}")
+    plan = BenchmarkPlan(
+        _parse_ints(batch_sizes, "--batch-sizes"), steps, repeats, target, baseline
+    )
+    config = Config()
+    dataset = load_dataset(config.dataset)
+    with err.status("benchmarking") as status:
+        results = run_benchmark(
+            config, dataset, plan, report=lambda what: status.update(f"measuring {what}")
+        )
+    if out_file is not None:
+        out_file.write_text(json.dumps(results, indent=2) + "\n")
+    if as_json:
+        print_json(results)
+        return
+    machine = results["machine"]
+    table = Table(
+        "measurement",
+        "value",
+        title=f"digitjax benchmark: {machine['cpu']}, "
+        f"{len(machine['devices'])} {machine['backend']} device(s), "
+        f"jax {machine['versions']['jax']}",
+    )
+    table.add_row("float32 matmul peak", f"{results['matmul_peak']['gflops']:.0f} GFLOP/s")
+    for run in results["training"]:
+        low, high = run["images_per_s_range"]
+        table.add_row(
+            f"train, batch {run['batch_size']}",
+            f"{run['images_per_s']:,.0f} img/s ({low:,.0f}..{high:,.0f}), "
+            f"{run['gflops']:.0f} GFLOP/s = {100 * run['fraction_of_peak']:.0f}% of peak",
+        )
+        table.add_row(f"train compile, batch {run['batch_size']}", f"{run['compile_s']:.2f} s")
+        if "host_fed_baseline" in run:
+            table.add_row(
+                f"host-fed baseline, batch {run['batch_size']}",
+                f"{run['host_fed_baseline']['images_per_s']:,.0f} img/s "
+                f"(digitjax {run['speedup_over_host_fed']:.1f}x faster)",
+            )
+    inference = results["inference"]
+    table.add_row(
+        "inference (test set)",
+        f"{inference['images_per_s']:,.0f} img/s, compile {inference['compile_s']:.2f} s",
+    )
+    if "time_to_accuracy" in results:
+        reached = results["time_to_accuracy"]
+        label = f"time to {100 * reached['target']:.1f}% test accuracy"
+        table.add_row(
+            label,
+            f"{reached['seconds']:.1f} s (epoch {reached['epochs']:.1f})"
+            if reached["reached"]
+            else f"not reached in {reached['seconds']:.0f} s "
+            f"(best {100 * reached['best_accuracy']:.2f}%)",
+        )
+    out.print(table)
+    if out_file is not None:
+        out.print(f"results written to {out_file}")
 
 
 def main() -> None:

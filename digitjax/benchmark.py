@@ -1,0 +1,261 @@
+"""Measurements of this machine: training and inference throughput, compile time, FLOP/s
+against the matmul peak measured in the same run, and wall time to a target accuracy, with
+a conventional host-fed training loop as the baseline.
+
+Every timing blocks on the result (`block_until_ready`), excludes the first, compiling call,
+and repeats; figures are medians with their spread (min..max).
+"""
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from digitjax.config import Config, UserError
+from digitjax.data import Dataset
+from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn, pad_to_batches
+from digitjax.model import abstract_model, conv_impl_for, normalize
+from digitjax.train import (
+    Schedule,
+    chunk_lengths,
+    init_state,
+    make_optimizer,
+    make_train_chunk,
+    make_train_step,
+)
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """Seconds per call: median, min and max over `repeats` calls after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def flops_of(compiled: Any) -> float:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis.get("flops", 0.0))
+
+
+def machine_info() -> dict[str, Any]:
+    import flax
+    import optax
+
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+        },
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """The device's float32 matmul rate: the ceiling the training step is compared with."""
+    matrix = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    timing = timed(lambda: matmul(matrix), repeats)
+    return {"size": size, "gflops": 2 * size**3 / timing["min_s"] / 1e9, **timing}
+
+
+def training_throughput(config: Config, dataset: Dataset, steps: int, repeats: int) -> dict:
+    """On-device training (the `digitjax train` loop): img/s, compile time and FLOP/s."""
+    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
+    if steps > schedule.steps_per_epoch:
+        raise UserError(f"--steps {steps} exceeds one epoch ({schedule.steps_per_epoch} steps)")
+    graphdef, _ = abstract_model(config)
+    tx = make_optimizer(config, schedule)
+    train_chunk = make_train_chunk(config, schedule, graphdef, tx)
+    images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+    state = init_state(config, tx, len(dataset.class_names))
+
+    start = time.perf_counter()
+    compiled_chunk = train_chunk.lower(state, images, labels, steps).compile()
+    compile_s = time.perf_counter() - start
+    # The chunk is a while loop, whose cost analysis counts its body once: count one step.
+    step = jax.jit(
+        make_train_step(config, graphdef, tx, conv_impl_for(jax.default_backend(), True))
+    )
+    batch = normalize(images[: config.batch_size])
+    flops_per_step = flops_of(step.lower(state, batch, labels[: config.batch_size]).compile())
+
+    def run() -> Any:
+        nonlocal state
+        state = compiled_chunk(state, images, labels, steps)
+        return state
+
+    timing = timed(run, repeats)
+    images_per_s = steps * config.batch_size / timing["median_s"]
+    return {
+        "batch_size": config.batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "compile_s": compile_s,
+        "images_per_s": images_per_s,
+        "images_per_s_range": [
+            steps * config.batch_size / timing["max_s"],
+            steps * config.batch_size / timing["min_s"],
+        ],
+        "flops_per_image": flops_per_step / config.batch_size,
+        "gflops": flops_per_step * steps / timing["median_s"] / 1e9,
+        **timing,
+    }
+
+
+def host_fed_throughput(config: Config, dataset: Dataset, steps: int, repeats: int) -> dict:
+    """The conventional loop of the usual examples: numpy batches shuffled on the host and
+    sent to the device every step, one jitted step per batch (same step function)."""
+    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
+    graphdef, _ = abstract_model(config)
+    tx = make_optimizer(config, schedule)
+    step = jax.jit(
+        make_train_step(config, graphdef, tx, conv_impl_for(jax.default_backend(), True)),
+        donate_argnums=0,
+    )
+    state = init_state(config, tx, len(dataset.class_names))
+    order = np.random.default_rng(config.seed).permutation(len(dataset.train_images))
+
+    def run() -> Any:
+        nonlocal state
+        for i in range(steps):
+            batch = order[i * config.batch_size : (i + 1) * config.batch_size]
+            images = dataset.train_images[batch].astype(np.float32) / 255
+            state = step(state, images, dataset.train_labels[batch])
+        return state
+
+    timing = timed(run, repeats)
+    return {
+        "batch_size": config.batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "images_per_s": steps * config.batch_size / timing["median_s"],
+        **timing,
+    }
+
+
+def inference_throughput(config: Config, dataset: Dataset, repeats: int) -> dict:
+    """Evaluation of the whole test set in one compiled program (the `evaluate` path)."""
+    graphdef, _ = abstract_model(config)
+    params = init_state(config, make_optimizer(config, Schedule(1, 1, 1)), 10)["params"]
+    images = jnp.asarray(pad_to_batches(dataset.test_images))
+    logits_fn = make_logits_fn(graphdef)
+    start = time.perf_counter()
+    compiled = logits_fn.lower(params, images).compile()
+    compile_s = time.perf_counter() - start
+    timing = timed(lambda: compiled(params, images), repeats)
+    return {
+        "images": len(images),
+        "compile_s": compile_s,
+        "images_per_s": len(images) / timing["median_s"],
+        "gflops": flops_of(compiled) / timing["median_s"] / 1e9,
+        **timing,
+    }
+
+
+def time_to_accuracy(config: Config, dataset: Dataset, target: float) -> dict:
+    """Wall seconds from nothing (compilation and evaluations included) until the full test
+    set first reaches `target`, evaluating after every chunk (a tenth of an epoch)."""
+    start = time.perf_counter()
+    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
+    graphdef, _ = abstract_model(config)
+    tx = make_optimizer(config, schedule)
+    train_chunk = make_train_chunk(config, schedule, graphdef, tx)
+    logits_fn = make_logits_fn(graphdef)
+    images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+    state = init_state(config, tx, len(dataset.class_names))
+    step, accuracy, evaluations = 0, 0.0, []
+    while step < schedule.total_steps:
+        for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
+            state = train_chunk(state, images, labels, length)
+            step += length
+            logits = compute_logits(logits_fn, state["params"], dataset.test_images)
+            accuracy = compute_metrics(logits, dataset.test_labels, dataset.class_names).accuracy
+            evaluations.append(
+                {"step": step, "seconds": time.perf_counter() - start, "test_accuracy": accuracy}
+            )
+            if accuracy >= target:
+                return {
+                    "target": target,
+                    "reached": True,
+                    "seconds": evaluations[-1]["seconds"],
+                    "step": step,
+                    "epochs": step / schedule.steps_per_epoch,
+                    "evaluations": evaluations,
+                }
+    return {
+        "target": target,
+        "reached": False,
+        "seconds": time.perf_counter() - start,
+        "best_accuracy": max(e["test_accuracy"] for e in evaluations),
+        "evaluations": evaluations,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkPlan:
+    batch_sizes: tuple[int, ...] = (128,)
+    steps: int = 100
+    repeats: int = 5
+    target: float | None = None
+    baseline: bool = False
+
+
+def run_benchmark(
+    config: Config,
+    dataset: Dataset,
+    plan: BenchmarkPlan,
+    report: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Every measurement of `plan`, as one JSON-ready dict."""
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "config": config.to_dict(),
+        "plan": dataclasses.asdict(plan),
+    }
+    report("matmul peak")
+    results["matmul_peak"] = matmul_peak()
+    peak = results["matmul_peak"]["gflops"]
+    results["training"] = []
+    for batch_size in plan.batch_sizes:
+        report(f"training throughput, batch {batch_size}")
+        sized = dataclasses.replace(config, batch_size=batch_size)
+        measured = training_throughput(sized, dataset, plan.steps, plan.repeats)
+        measured["fraction_of_peak"] = measured["gflops"] / peak
+        if plan.baseline:
+            report(f"host-fed baseline, batch {batch_size}")
+            baseline = host_fed_throughput(sized, dataset, plan.steps, plan.repeats)
+            measured["host_fed_baseline"] = baseline
+            measured["speedup_over_host_fed"] = measured["images_per_s"] / baseline["images_per_s"]
+        results["training"].append(measured)
+    report("inference throughput")
+    results["inference"] = inference_throughput(config, dataset, plan.repeats)
+    if plan.target is not None:
+        report(f"time to {100 * plan.target:.1f}% test accuracy")
+        results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target)
+    return results
