@@ -18,10 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from digitjax.config import Config, UserError
 from digitjax.data import Dataset
-from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn, pad_to_batches
+from digitjax.distributed import check_batch_size, make_mesh, put_replicated, replicated, to_host
+from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, conv_impl_for, normalize
 from digitjax.train import (
     Schedule,
@@ -84,16 +86,22 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
     return {"size": size, "gflops": 2 * size**3 / timing["min_s"] / 1e9, **timing}
 
 
-def training_throughput(config: Config, dataset: Dataset, steps: int, repeats: int) -> dict:
+def training_throughput(
+    config: Config, dataset: Dataset, steps: int, repeats: int, mesh: Mesh
+) -> dict:
     """On-device training (the `digitjax train` loop): img/s, compile time and FLOP/s."""
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     if steps > schedule.steps_per_epoch:
         raise UserError(f"--steps {steps} exceeds one epoch ({schedule.steps_per_epoch} steps)")
     graphdef, _ = abstract_model(config)
     tx = make_optimizer(config, schedule)
-    train_chunk = make_train_chunk(config, schedule, graphdef, tx)
-    images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-    state = init_state(config, tx, len(dataset.class_names))
+    check_batch_size(config.batch_size, mesh)
+    train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
+    images = put_replicated(dataset.train_images, mesh)
+    labels = put_replicated(dataset.train_labels, mesh)
+    state = jax.jit(
+        lambda: init_state(config, tx, len(dataset.class_names)), out_shardings=replicated(mesh)
+    )()
 
     start = time.perf_counter()
     compiled_chunk = train_chunk.lower(state, images, labels, steps).compile()
@@ -102,8 +110,10 @@ def training_throughput(config: Config, dataset: Dataset, steps: int, repeats: i
     step = jax.jit(
         make_train_step(config, graphdef, tx, conv_impl_for(jax.default_backend(), True))
     )
-    batch = normalize(images[: config.batch_size])
-    flops_per_step = flops_of(step.lower(state, batch, labels[: config.batch_size]).compile())
+    batch = normalize(jnp.asarray(dataset.train_images[: config.batch_size]))
+    flops_per_step = flops_of(
+        step.lower(state, batch, jnp.asarray(dataset.train_labels[: config.batch_size])).compile()
+    )
 
     def run() -> Any:
         nonlocal state
@@ -114,6 +124,7 @@ def training_throughput(config: Config, dataset: Dataset, steps: int, repeats: i
     images_per_s = steps * config.batch_size / timing["median_s"]
     return {
         "batch_size": config.batch_size,
+        "devices": mesh.size,
         "steps": steps,
         "repeats": repeats,
         "compile_s": compile_s,
@@ -178,23 +189,27 @@ def inference_throughput(config: Config, dataset: Dataset, repeats: int) -> dict
     }
 
 
-def time_to_accuracy(config: Config, dataset: Dataset, target: float) -> dict:
+def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh) -> dict:
     """Wall seconds from nothing (compilation and evaluations included) until the full test
     set first reaches `target`, evaluating after every chunk (a tenth of an epoch)."""
     start = time.perf_counter()
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     graphdef, _ = abstract_model(config)
     tx = make_optimizer(config, schedule)
-    train_chunk = make_train_chunk(config, schedule, graphdef, tx)
-    logits_fn = make_logits_fn(graphdef)
-    images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-    state = init_state(config, tx, len(dataset.class_names))
+    train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
+    logits_fn = make_logits_fn(graphdef, mesh)
+    images = put_replicated(dataset.train_images, mesh)
+    labels = put_replicated(dataset.train_labels, mesh)
+    test_images = put_replicated(pad_to_batches(dataset.test_images), mesh)
+    state = jax.jit(
+        lambda: init_state(config, tx, len(dataset.class_names)), out_shardings=replicated(mesh)
+    )()
     step, accuracy, evaluations = 0, 0.0, []
     while step < schedule.total_steps:
         for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
             state = train_chunk(state, images, labels, length)
             step += length
-            logits = compute_logits(logits_fn, state["params"], dataset.test_images)
+            logits = to_host(logits_fn(state["params"], test_images))[: len(dataset.test_labels)]
             accuracy = compute_metrics(logits, dataset.test_labels, dataset.class_names).accuracy
             evaluations.append(
                 {"step": step, "seconds": time.perf_counter() - start, "test_accuracy": accuracy}
@@ -224,6 +239,7 @@ class BenchmarkPlan:
     repeats: int = 5
     target: float | None = None
     baseline: bool = False
+    devices: int | None = None  # default: all
 
 
 def run_benchmark(
@@ -233,10 +249,12 @@ def run_benchmark(
     report: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Every measurement of `plan`, as one JSON-ready dict."""
+    mesh = make_mesh(plan.devices)
     results: dict[str, Any] = {
         "machine": machine_info(),
         "config": config.to_dict(),
         "plan": dataclasses.asdict(plan),
+        "devices_used": mesh.size,
     }
     report("matmul peak")
     results["matmul_peak"] = matmul_peak()
@@ -245,7 +263,7 @@ def run_benchmark(
     for batch_size in plan.batch_sizes:
         report(f"training throughput, batch {batch_size}")
         sized = dataclasses.replace(config, batch_size=batch_size)
-        measured = training_throughput(sized, dataset, plan.steps, plan.repeats)
+        measured = training_throughput(sized, dataset, plan.steps, plan.repeats, mesh)
         measured["fraction_of_peak"] = measured["gflops"] / peak
         if plan.baseline:
             report(f"host-fed baseline, batch {batch_size}")
@@ -257,5 +275,5 @@ def run_benchmark(
     results["inference"] = inference_throughput(config, dataset, plan.repeats)
     if plan.target is not None:
         report(f"time to {100 * plan.target:.1f}% test accuracy")
-        results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target)
+        results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target, mesh)
     return results

@@ -14,8 +14,12 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from digitjax.config import Config, UserError
+
+# Orbax logs routine notes (missing optional metadata, sharding fallbacks) as warnings.
+logging.set_verbosity(logging.ERROR)
 
 LATEST, BEST = "latest", "best"
 METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
@@ -35,9 +39,13 @@ class RunCheckpointer:
 
     def save(self, kind: str, state: dict[str, Any], config: Config, summary: dict) -> None:
         manager = self.managers[kind]
-        step = int(state["step"])
+        step = int(state["step"].addressable_data(0))
         if manager.latest_step() == step:
             return
+        # Orbax names its multi-host barriers by step alone: two managers must not save the
+        # same step at once.
+        for other in self.managers.values():
+            other.wait_until_finished()
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -90,19 +98,25 @@ def _step_dir(path: Path, kind: str) -> Path:
 
 
 def _restore_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
-    manager = ocp.CheckpointManager(step_dir.parent.absolute())
-    state_args = (
-        ocp.args.StandardRestore(state_target)
-        if state_target is not None
-        else ocp.args.StandardRestore()
-    )
+    """All three items. Without a target the state lands on this process's first device,
+    whatever devices wrote it (Orbax refuses to guess across topologies)."""
     if not (step_dir / "config").exists() or not (step_dir / "summary").exists():
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no config or summary item)")
+    manager = ocp.CheckpointManager(step_dir.parent.absolute())
     try:
+        if state_target is None:
+            with ocp.StandardCheckpointer() as checkpointer:
+                saved = checkpointer.metadata((step_dir / "state").absolute()).item_metadata
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            state_target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved.tree
+            )
         restored = manager.restore(
             int(step_dir.name),
             args=ocp.args.Composite(
-                state=state_args, config=ocp.args.JsonRestore(), summary=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(state_target),
+                config=ocp.args.JsonRestore(),
+                summary=ocp.args.JsonRestore(),
             ),
         )
     except Exception as e:  # orbax raises many types for damaged files; all mean the same here

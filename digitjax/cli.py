@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +23,7 @@ app = typer.Typer(
     help="Train, evaluate and use handwritten-digit CNNs with JAX.",
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any width
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -96,10 +97,34 @@ def train(
         bool, typer.Option(help="Continue the run in --out (default: the newest in checkpoints/).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    dtype: Annotated[
+        str | None, _opt("dtype", "Compute dtype: float32, or bfloat16 for GPU/TPU.")
+    ] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(help="Use only the first N devices. [default: all]", show_default=False),
+    ] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            help="Join a multi-process job (automatic under SLURM, on TPU VMs, or when "
+            "--coordinator is given)."
+        ),
+    ] = False,
+    coordinator: Annotated[
+        str | None, typer.Option(help="host:port of process 0, for --distributed.")
+    ] = None,
+    num_processes: Annotated[int | None, typer.Option(help="Processes in the job.")] = None,
+    process_id: Annotated[int | None, typer.Option(help="This process's index.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Train the CNN; writes latest and best Orbax checkpoints, metrics.jsonl and curves.png."""
     from digitjax import checkpoint
+    from digitjax import distributed as dist
+
+    dist.initialize(distributed, coordinator, num_processes, process_id)
+    import jax
+
     from digitjax.train import check_run_dir, resolve_config
     from digitjax.train import train as run_training
 
@@ -116,9 +141,13 @@ def train(
         "dense": dense,
         "seed": seed,
         "channels": _parse_ints(channels, "--channels") if channels is not None else None,
+        "dtype": dtype,
     }
     given = {name: value for name, value in flags.items() if value is not None}
     requested = Config(**given)
+    main = dist.is_main_process()
+    if out_dir is None and jax.process_count() > 1:
+        raise UserError("a multi-process job needs --out: every process must name the same run")
     if out_dir is None:
         out_dir = checkpoint.newest_run() if resume else None
         if resume and out_dir is None:
@@ -130,12 +159,33 @@ def train(
     check_run_dir(out_dir, resume, overwrite)
     config = resolve_config(out_dir, requested, resume, set(given))
 
-    err.print(f"Training on {config.dataset} → {out_dir}", highlight=False)
-    with TrainingProgress(quiet=as_json) as progress:
+    mesh = dist.make_mesh(devices)
+    if main:
+        err.print(
+            f"Training on {config.dataset} → {out_dir} ({mesh.size} {jax.default_backend()} "
+            f"device{'s' if mesh.size > 1 else ''}, {jax.process_count()} process"
+            f"{'es' if jax.process_count() > 1 else ''})",
+            highlight=False,
+        )
+    if config.dtype == "bfloat16" and jax.default_backend() == "cpu" and main:
+        err.print(
+            "[yellow]note:[/yellow] bfloat16 runs ~3x slower than float32 on CPUs; "
+            "it pays off on GPUs and TPUs",
+            highlight=False,
+        )
+    multi_process = dist.native_stdout_to_stderr() if jax.process_count() > 1 else nullcontext()
+    with multi_process, TrainingProgress(quiet=as_json or not main) as progress:
         summary = run_training(
-            config, out_dir, resume=resume, overwrite=overwrite, callbacks=progress.callbacks()
+            config,
+            out_dir,
+            resume=resume,
+            overwrite=overwrite,
+            callbacks=progress.callbacks(),
+            mesh=mesh,
         )
     best = summary["best"]
+    if not main:
+        return
     if as_json:
         print_json({"run_dir": str(out_dir), "config": config.to_dict(), **summary})
     else:
@@ -410,6 +460,10 @@ def benchmark(
     baseline: Annotated[
         bool, typer.Option(help="Also time a conventional host-fed training loop, for the speedup.")
     ] = False,
+    devices: Annotated[
+        int | None,
+        typer.Option(help="Use only the first N devices. [default: all]", show_default=False),
+    ] = None,
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write the JSON results to this file.")
     ] = None,
@@ -422,7 +476,7 @@ def benchmark(
     if target is not None and not 0 < target < 1:
         raise UserError(f"--target is an accuracy in (0, 1), got {target}")
     plan = BenchmarkPlan(
-        _parse_ints(batch_sizes, "--batch-sizes"), steps, repeats, target, baseline
+        _parse_ints(batch_sizes, "--batch-sizes"), steps, repeats, target, baseline, devices
     )
     config = Config()
     dataset = load_dataset(config.dataset)
@@ -440,7 +494,7 @@ def benchmark(
         "measurement",
         "value",
         title=f"digitjax benchmark: {machine['cpu']}, "
-        f"{len(machine['devices'])} {machine['backend']} device(s), "
+        f"{results['devices_used']} of {len(machine['devices'])} {machine['backend']} device(s), "
         f"jax {machine['versions']['jax']}",
     )
     table.add_row("float32 matmul peak", f"{results['matmul_peak']['gflops']:.0f} GFLOP/s")

@@ -24,6 +24,7 @@ class Config:
     dense: int = 128
     seed: int = 0
     chunks_per_epoch: int = 10
+    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "learning_rate", "dense", "chunks_per_epoch")
@@ -40,6 +41,8 @@ class Config:
                 )
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--dtype must be float32 or bfloat16, got {self.dtype}")
         if not 1 <= len(self.channels) <= 4 or min(self.channels) <= 0:
             raise UserError(f"--channels needs 1 to 4 positive widths, got {self.channels}")
 

@@ -8,23 +8,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from digitjax.distributed import batch_sharded, replicated
 from digitjax.model import apply, conv_impl_for, normalize
 
 EVAL_BATCH = 200  # measured: 37k img/s at 100-500 per batch, 25k at 1000, 17k at 10000
 
 
-def make_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
-    """A jitted fn(params, images (N, 28, 28) uint8 with N % EVAL_BATCH == 0) -> logits."""
+def make_logits_fn(
+    graphdef: nnx.GraphDef, mesh: Mesh | None = None
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """A jitted fn(params, images (N, 28, 28) uint8 with N % EVAL_BATCH == 0) -> logits.
+    With a mesh, devices share each batch and every process gets all the logits."""
     conv_impl = conv_impl_for(jax.default_backend(), training=False)
+    split_batches = mesh is not None and EVAL_BATCH % mesh.size == 0
 
-    @jax.jit
+    def batch_logits(images: jax.Array, params: Any) -> jax.Array:
+        if split_batches:
+            images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
+        return apply(graphdef, params, normalize(images), conv_impl)
+
     def logits_fn(params: Any, images: jax.Array) -> jax.Array:
         batches = images.reshape(-1, EVAL_BATCH, *images.shape[1:])
-        logits = jax.lax.map(lambda x: apply(graphdef, params, normalize(x), conv_impl), batches)
+        logits = jax.lax.map(lambda x: batch_logits(x, params), batches)
         return logits.reshape(images.shape[0], -1)
 
-    return logits_fn
+    return jax.jit(logits_fn, out_shardings=replicated(mesh) if mesh is not None else None)
 
 
 def pad_to_batches(images: np.ndarray) -> np.ndarray:

@@ -5,10 +5,12 @@ and runs any number of steps with `fori_loop`, so the host only starts a chunk a
 its running totals; the same program serves every chunk length, so it compiles once.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from digitjax import checkpoint
 from digitjax.config import Config, UserError
 from digitjax.data import Dataset, load_dataset
-from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
+from digitjax.distributed import (
+    abstract_on,
+    batch_sharded,
+    check_batch_size,
+    is_main_process,
+    make_mesh,
+    put_replicated,
+    replicated,
+    sync,
+    to_host,
+)
+from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, apply, conv_impl_for, create_model, normalize
 
 TrainState = dict[str, Any]
@@ -84,8 +98,14 @@ def make_train_step(
 ) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
     """The pure step: fn(state, images (B, 28, 28) floats, labels (B,)) -> state."""
 
+    compute_dtype = jnp.dtype(config.dtype)
+
     def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = apply(graphdef, params, images, conv_impl)
+        # Mixed precision: float32 params and optimizer, the forward and backward in
+        # `compute_dtype`, the loss in float32.
+        compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        logits = apply(graphdef, compute_params, images.astype(compute_dtype), conv_impl)
+        logits = logits.astype(jnp.float32)
         targets = optax.smooth_labels(
             jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
         )
@@ -112,9 +132,14 @@ def make_train_step(
 
 
 def make_train_chunk(
-    config: Config, schedule: Schedule, graphdef: Any, tx: optax.GradientTransformation
+    config: Config,
+    schedule: Schedule,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh | None = None,
 ) -> Callable:
-    """A jitted fn(state, images, labels, num_steps) -> state running `num_steps` steps."""
+    """A jitted fn(state, images, labels, num_steps) -> state running `num_steps` steps.
+    With a mesh, every device computes its slice of each global batch."""
     train_step = make_train_step(
         config, graphdef, tx, conv_impl_for(jax.default_backend(), training=True)
     )
@@ -128,18 +153,25 @@ def make_train_chunk(
             jax.random.key(config.seed), state["step"] // steps_per_epoch
         )
         order = jax.random.permutation(epoch_key, images.shape[0])
+        starts_epoch = state["step"] % steps_per_epoch == 0
+        totals = jax.tree.map(lambda t: jnp.where(starts_epoch, 0, t), state["epoch_totals"])
 
         def body(_, state: TrainState) -> TrainState:
             position = state["step"] % steps_per_epoch
             batch = jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
-            batch_images = normalize(images[batch])
+            batch_images, batch_labels = images[batch], labels[batch]
+            if mesh is not None:
+                batch_images, batch_labels = jax.lax.with_sharding_constraint(
+                    (batch_images, batch_labels), batch_sharded(mesh)
+                )
+            batch_images = normalize(batch_images)
             if config.augment_shift:
                 batch_images = random_shift(
                     jax.random.fold_in(epoch_key, position), batch_images, config.augment_shift
                 )
-            return train_step(state, batch_images, labels[batch])
+            return train_step(state, batch_images, batch_labels)
 
-        return jax.lax.fori_loop(0, num_steps, body, state)
+        return jax.lax.fori_loop(0, num_steps, body, {**state, "epoch_totals": totals})
 
     return jax.jit(train_chunk, donate_argnums=0)
 
@@ -178,9 +210,12 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     check_run_dir(run_dir, resume, overwrite)
-    if overwrite:
-        checkpoint.clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    sync("run dir checked")  # every process looks before any writes
+    if is_main_process():
+        if overwrite:
+            checkpoint.clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    sync("run dir ready")
 
 
 def resolve_config(run_dir: Path, requested: Config, resume: bool, given: set[str]) -> Config:
@@ -205,8 +240,12 @@ def train(
     overwrite: bool = False,
     callbacks: Callbacks | None = None,
     dataset: Dataset | None = None,
+    mesh: Mesh | None = None,
 ) -> dict:
-    """Trains (or resumes) a run in `run_dir`; returns the final summary."""
+    """Trains (or resumes) a run in `run_dir` on `mesh` (default: all devices); returns the
+    final summary. In a multi-process job every process calls this; process 0 reports."""
+    mesh = mesh or make_mesh()
+    check_batch_size(config.batch_size, mesh)
     prepare_run_dir(run_dir, resume, overwrite)
     callbacks = callbacks or Callbacks()
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
@@ -218,65 +257,96 @@ def train(
         )
     graphdef, _ = abstract_model(config, num_classes)
     tx = make_optimizer(config, schedule)
-    state = init_state(config, tx, num_classes)
     history: list[dict] = []
     if resume:
-        state, summary = checkpoint.restore_state(run_dir, jax.eval_shape(lambda: state))
+        abstract_state = jax.eval_shape(lambda: init_state(config, tx, num_classes))
+        target = abstract_on(abstract_state, replicated(mesh))
+        state, summary = checkpoint.restore_state(run_dir, target)
         history = summary["history"]
-    write_metrics_file(run_dir, history)
+    else:
+        state = jax.jit(
+            lambda: init_state(config, tx, num_classes), out_shardings=replicated(mesh)
+        )()
+    main = is_main_process()
+    if main:
+        write_metrics_file(run_dir, history)
 
-    train_chunk = make_train_chunk(config, schedule, graphdef, tx)
-    logits_fn = make_logits_fn(graphdef)
-    train_images, train_labels = (
-        jnp.asarray(dataset.train_images),
-        jnp.asarray(dataset.train_labels),
-    )
+    train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
+    logits_fn = make_logits_fn(graphdef, mesh)
+    train_images = put_replicated(dataset.train_images, mesh)
+    train_labels = put_replicated(dataset.train_labels, mesh)
+    test_images = put_replicated(pad_to_batches(dataset.test_images), mesh)
     checkpointer = checkpoint.RunCheckpointer(run_dir)
-    step = int(state["step"])
+    step = int(to_host(state["step"]))
     saved_step = step if resume else None
-    callbacks.on_start(step, schedule.total_steps)
+    if main:
+        callbacks.on_start(step, schedule.total_steps)
     try:
-        while step < schedule.total_steps:
-            for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
-                state = train_chunk(state, train_images, train_labels, length)
-                step += length
-                if not np.isfinite(float(state["epoch_totals"]["loss"])):
-                    raise UserError(
-                        f"loss became NaN/inf at step {step}; stopped without saving it. "
-                        + (
-                            f"The last good checkpoint (step {saved_step}) is kept in {run_dir}"
-                            if saved_step is not None
-                            else "No checkpoint had been written yet"
+        with stop_on_ctrl_c() as stop_requested:
+            while step < schedule.total_steps:
+                for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
+                    state = train_chunk(state, train_images, train_labels, length)
+                    step += length
+                    if not np.isfinite(to_host(state["epoch_totals"]["loss"])):
+                        raise UserError(
+                            f"loss became NaN/inf at step {step}; stopped without saving it. "
+                            + (
+                                f"The last good checkpoint (step {saved_step}) is kept in {run_dir}"
+                                if saved_step is not None
+                                else "No checkpoint had been written yet"
+                            )
+                            + "; try a lower --learning-rate"
                         )
-                        + "; try a lower --learning-rate"
-                    )
-                callbacks.on_chunk(step)
-            logits = compute_logits(logits_fn, state["params"], dataset.test_images)
-            metrics = compute_metrics(logits, dataset.test_labels, dataset.class_names)
-            record = epoch_record(step, schedule, state["epoch_totals"], metrics)
-            history.append(record)
-            state = {**state, "epoch_totals": jax.tree.map(jnp.zeros_like, state["epoch_totals"])}
-            summary = run_summary(history, num_classes)
-            checkpointer.save(checkpoint.LATEST, state, config, summary)
-            if record["test_accuracy"] >= max(r["test_accuracy"] for r in history):
-                checkpointer.save(checkpoint.BEST, state, config, summary)
-            saved_step = step
-            write_metrics_file(run_dir, history)
-            callbacks.on_epoch(record)
-    except KeyboardInterrupt:
-        jax.block_until_ready(state)
-        checkpointer.save(checkpoint.LATEST, state, config, run_summary(history, num_classes))
-        raise Interrupted(
-            f"interrupted at step {step}; saved to {run_dir / checkpoint.LATEST}; "
-            "continue with --resume"
-        ) from None
+                    if stop_requested():
+                        summary = run_summary(history, num_classes)
+                        checkpointer.save(checkpoint.LATEST, state, config, summary)
+                        raise Interrupted(
+                            f"interrupted at step {step}; saved to {run_dir / checkpoint.LATEST}"
+                            "; continue with --resume"
+                        )
+                    if main:
+                        callbacks.on_chunk(step)
+                logits = to_host(logits_fn(state["params"], test_images))
+                metrics = compute_metrics(
+                    logits[: len(dataset.test_labels)], dataset.test_labels, dataset.class_names
+                )
+                totals = jax.tree.map(to_host, state["epoch_totals"])
+                record = epoch_record(step, schedule, totals, metrics)
+                history.append(record)
+                summary = run_summary(history, num_classes)
+                checkpointer.save(checkpoint.LATEST, state, config, summary)
+                if record["test_accuracy"] >= max(r["test_accuracy"] for r in history):
+                    checkpointer.save(checkpoint.BEST, state, config, summary)
+                saved_step = step
+                if main:
+                    write_metrics_file(run_dir, history)
+                    callbacks.on_epoch(record)
     finally:
         checkpointer.close()
-    if history:
+    if history and main:
         from digitjax.plots import plot_curves
 
         plot_curves(history, run_dir / checkpoint.CURVES_FILE)
     return run_summary(history, num_classes)
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C asks the loop to stop at the end of the current chunk, where the state is whole
+    and can be saved; a KeyboardInterrupt could land inside Orbax mid-write instead. A
+    second Ctrl-C interrupts at once."""
+    requested = False
+
+    def request_stop(signum: int, frame: Any) -> None:
+        nonlocal requested
+        requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def epoch_record(step: int, schedule: Schedule, totals: dict, metrics: Any) -> dict:

@@ -1,0 +1,136 @@
+"""Devices and processes: JAX's own multi-host start-up, a data-parallel mesh, placements.
+
+Data parallelism over a 1-D mesh axis `data`: parameters, optimizer state and the uint8
+dataset are replicated on every device, and each device computes its slice of every global
+batch; XLA inserts the gradient all-reduce. The same program runs on 1 CPU, 8 GPUs or a pod.
+"""
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from digitjax.config import UserError
+
+DATA_AXIS = "data"
+# Environments in which `jax.distributed.initialize()` finds its coordinator by itself.
+CLUSTER_ENV = (
+    "SLURM_JOB_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "OMPI_COMM_WORLD_SIZE",
+    "JAX_COORDINATOR_ADDRESS",
+)
+
+
+def initialize(
+    distributed: bool,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process job when asked, or when a known cluster environment says so
+    and there is more than one process. Must run before anything touches a device."""
+    explicit = coordinator is not None or num_processes is not None
+    in_cluster = any(name in os.environ for name in CLUSTER_ENV) and (
+        int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1
+    )
+    if not (distributed or explicit or in_cluster):
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_plugin():
+        # XLA:CPU needs a collectives backend to talk across processes.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"cannot join the distributed job: {str(e).splitlines()[0]}") from None
+
+
+def _has_accelerator_plugin() -> bool:
+    from importlib.util import find_spec
+
+    return any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A mesh over the first `num_devices` devices (default: all, across all processes).
+    Auto axes: Explicit ones (jax.make_mesh's default from 0.12) break optax's
+    softmax-cross-entropy gradient."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise UserError(f"--devices {num_devices}: this job has {len(devices)} device(s)")
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise UserError(
+                "--devices cannot restrict a multi-process job; every process "
+                "contributes its devices"
+            )
+        devices = devices[:num_devices]
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array (the same in every process) as one global array on every device."""
+    return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])
+
+
+def abstract_on(abstract: Any, sharding: NamedSharding) -> Any:
+    """`abstract` (shapes and dtypes) placed by `sharding`: a restore target."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+    )
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A replicated array's value; every process holds a full copy, even in a multi-host job
+    where the global array is not addressable as a whole."""
+    return np.asarray(array.addressable_data(0))
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Gloo prints connection notes from C++ straight to file descriptor 1, which belongs to
+    --json: point the descriptor at stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def sync(name: str) -> None:
+    """All processes wait here for each other (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise UserError(
+            f"--batch-size {batch_size} does not divide over {mesh.size} devices; "
+            f"use a multiple of {mesh.size}"
+        )

@@ -1,0 +1,101 @@
+"""Data parallelism on CPU: several XLA devices in one process, and two real processes."""
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_FLAGS, assert_one_line_error, run_digitjax
+from typer.testing import CliRunner
+
+from digitjax.cli import app
+
+runner = CliRunner()
+FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def tiny_train(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "2",
+            "--out", str(run_dir), "--json", *extra]
+
+
+@pytest.fixture(scope="module")
+def single_device_history(tiny_mnist: Path, tmp_path_factory) -> list[dict]:
+    result = runner.invoke(app, tiny_train(tiny_mnist, tmp_path_factory.mktemp("one") / "run"))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["history"]
+
+
+def assert_same_training(history: list[dict], reference: list[dict]) -> None:
+    for got, want in zip(history, reference, strict=True):
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=1e-4)
+        assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.002
+
+
+def test_four_devices_match_one_and_checkpoint_evaluates_anywhere(
+        tiny_mnist, tmp_path, single_device_history):
+    result = run_digitjax(*tiny_train(tiny_mnist, tmp_path / "run"), env=FOUR_DEVICES)
+    assert result.returncode == 0, result.stderr
+    assert "4 cpu devices" in result.stderr
+    assert_same_training(json.loads(result.stdout)["history"], single_device_history)
+    # Written by 4 devices, evaluated here on 1.
+    report = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--json"])
+    assert report.exit_code == 0, report.output
+    best = max(single_device_history, key=lambda r: r["test_accuracy"])
+    assert abs(json.loads(report.stdout)["accuracy"] - best["test_accuracy"]) <= 0.002
+
+
+def test_devices_flag_and_indivisible_batch(tiny_mnist, tmp_path):
+    result = run_digitjax(*tiny_train(tiny_mnist, tmp_path / "two", "--devices", "2"),
+                          env=FOUR_DEVICES)
+    assert result.returncode == 0 and "2 cpu devices" in result.stderr, result.stderr
+    result = run_digitjax(*tiny_train(tiny_mnist, tmp_path / "odd", "--batch-size", "66"),
+                          env=FOUR_DEVICES)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "--batch-size 66 does not divide over 4 devices")
+    result = run_digitjax(*tiny_train(tiny_mnist, tmp_path / "many", "--devices", "9"),
+                          env=FOUR_DEVICES)
+    assert_one_line_error(result.stderr, "--devices 9: this job has 4 device(s)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_evaluate_in_one(tiny_mnist, tmp_path,
+                                                              single_device_history):
+    run_dir, port = tmp_path / "run", free_port()
+    processes = [
+        subprocess.Popen(["digitjax", *tiny_train(tiny_mnist, run_dir),
+                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                          "--process-id", str(rank)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    summary = json.loads(outputs[0][0])  # process 0 reports; its stdout is pure JSON
+    assert outputs[1][0] == ""
+    assert "2 cpu devices, 2 processes" in outputs[0][1]
+    assert_same_training(summary["history"], single_device_history)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    report = runner.invoke(app, ["evaluate", str(run_dir), "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["accuracy"] == summary["best"]["test_accuracy"]
+
+
+def test_bfloat16_mixed_precision_trains_and_warns_on_cpu(tiny_mnist, tmp_path):
+    result = runner.invoke(app, tiny_train(tiny_mnist, tmp_path / "bf16", "--dtype", "bfloat16"))
+    assert result.exit_code == 0, result.output
+    assert "bfloat16 runs ~3x slower than float32 on CPUs" in result.stderr
+    history = json.loads(result.stdout)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_accuracy"] > 0.5
+    result = runner.invoke(app, ["train", "--dtype", "float16", "--out", str(tmp_path / "x")])
+    assert_one_line_error(result.stderr, "--dtype must be float32 or bfloat16")
