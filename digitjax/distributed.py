@@ -18,13 +18,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from digitjax.config import UserError
 
 DATA_AXIS = "data"
-# Environments in which `jax.distributed.initialize()` finds its coordinator by itself.
-CLUSTER_ENV = (
-    "SLURM_JOB_ID",
-    "TPU_WORKER_HOSTNAMES",
-    "OMPI_COMM_WORLD_SIZE",
-    "JAX_COORDINATOR_ADDRESS",
-)
 
 
 def initialize(
@@ -33,27 +26,21 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> None:
-    """Joins a multi-process job when asked, or when a known cluster environment says so
-    and there is more than one process. Must run before anything touches a device."""
-    explicit = coordinator is not None or num_processes is not None
-    in_cluster = any(name in os.environ for name in CLUSTER_ENV) and (
-        int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1
+    """Joins a multi-process job when asked (`--distributed` or any coordinator flag) or when
+    a launcher started several processes. JAX itself finds the coordinator under SLURM, Open
+    MPI and on TPU VMs. Must run before anything touches a device."""
+    launched = any(
+        int(os.environ.get(name, "1")) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
     )
-    if not (distributed or explicit or in_cluster):
+    asked = distributed or coordinator is not None or num_processes is not None
+    if not (asked or launched or "JAX_COORDINATOR_ADDRESS" in os.environ):
         return
-    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_plugin():
-        # XLA:CPU needs a collectives backend to talk across processes.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # XLA:CPU needs a collectives backend to talk across processes (GPUs and TPUs have theirs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot join the distributed job: {str(e).splitlines()[0]}") from None
-
-
-def _has_accelerator_plugin() -> bool:
-    from importlib.util import find_spec
-
-    return any(find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
 
 
 def is_main_process() -> bool:
