@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from digitjax.config import Config, UserError
+from digitjax.config import Config, Interrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,6 +26,10 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any width
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DevicesFlag = Annotated[
+    int | None,
+    typer.Option(help="Use only the first N devices. [default: all]", show_default=False),
+]
 
 
 def user_errors(command: Callable) -> Callable:
@@ -33,8 +37,6 @@ def user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from digitjax.train import Interrupted
-
         try:
             return command(*args, **kwargs)
         except Interrupted as e:
@@ -100,10 +102,7 @@ def train(
     dtype: Annotated[
         str | None, _opt("dtype", "Compute dtype: float32, or bfloat16 for GPU/TPU.")
     ] = None,
-    devices: Annotated[
-        int | None,
-        typer.Option(help="Use only the first N devices. [default: all]", show_default=False),
-    ] = None,
+    devices: DevicesFlag = None,
     distributed: Annotated[
         bool,
         typer.Option(
@@ -460,10 +459,7 @@ def benchmark(
     baseline: Annotated[
         bool, typer.Option(help="Also time a conventional host-fed training loop, for the speedup.")
     ] = False,
-    devices: Annotated[
-        int | None,
-        typer.Option(help="Use only the first N devices. [default: all]", show_default=False),
-    ] = None,
+    devices: DevicesFlag = None,
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write the JSON results to this file.")
     ] = None,

@@ -1,12 +1,15 @@
 """The one configuration of a run, saved with every checkpoint."""
 
 import dataclasses
-import json
 from typing import Any
 
 
 class UserError(Exception):
     """A problem with the user's input: the CLI prints it as one line and exits non-zero."""
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training, after the latest checkpoint was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,3 @@ class Config:
         if "channels" in values:
             values["channels"] = tuple(values["channels"])
         return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)

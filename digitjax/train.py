@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from digitjax import checkpoint
-from digitjax.config import Config, UserError
+from digitjax.config import Config, Interrupted, UserError
 from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import (
     abstract_on,
@@ -38,10 +38,6 @@ from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, apply, conv_impl_for, create_model, normalize
 
 TrainState = dict[str, Any]
-
-
-class Interrupted(UserError):
-    """Ctrl-C during training, after the latest checkpoint was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
