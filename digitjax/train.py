@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ def train(
     final summary. In a multi-process job every process calls this; process 0 reports."""
     mesh = mesh or make_mesh()
     check_batch_size(config.batch_size, mesh)
-    prepare_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite)
     callbacks = callbacks or Callbacks()
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
     num_classes = len(dataset.class_names)
@@ -251,6 +252,8 @@ def train(
         raise UserError(
             f"--batch-size {config.batch_size} exceeds the {schedule.num_train} training images"
         )
+    # Only now, with every input checked, may --overwrite remove the previous run.
+    prepare_run_dir(run_dir, resume, overwrite)
     graphdef, _ = abstract_model(config, num_classes)
     tx = make_optimizer(config, schedule)
     history: list[dict] = []
@@ -332,6 +335,9 @@ def stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
     and can be saved; a KeyboardInterrupt could land inside Orbax mid-write instead. A
     second Ctrl-C interrupts at once."""
     requested = False
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signal handlers can only be set from the main thread
+        return
 
     def request_stop(signum: int, frame: Any) -> None:
         nonlocal requested

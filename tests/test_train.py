@@ -134,3 +134,15 @@ def test_default_recipe_one_epoch_reaches_99_percent(tmp_path: Path):
     summary = json.loads(result.stdout)
     assert summary["best"]["test_accuracy"] >= 0.99
     assert summary["config"]["dataset"] == "mnist"
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(reference_run: Path, tiny_mnist: Path):
+    before = history(reference_run)
+    for bad in (["--batch-size", "4096"], ["--data-dir", "/nonexistent"]):
+        flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--out",
+                 str(reference_run), "--overwrite", *bad]
+        result = runner.invoke(app, flags)
+        assert result.exit_code == 1
+        assert_one_line_error(result.stderr)
+    assert history(reference_run) == before
+    assert (reference_run / "best").is_dir()
