@@ -84,9 +84,10 @@ class Predictor:
         from digitjax.model import apply, conv_impl_for
 
         model = restore_model(checkpoint_path or default_checkpoint())
-        if model.summary["num_classes"] != 10:
+        if model.summary["num_classes"] != 10 or model.config.dataset != "mnist":
             raise UserError(
-                f"{model.step_dir} is not a digit model ({model.summary['num_classes']} classes)"
+                f"{model.step_dir} was trained on {model.config.dataset}, not on digits: "
+                "pass --checkpoint with a digit model"
             )
         self.params, self.step_dir = model.params, model.step_dir
         conv_impl = conv_impl_for(jax.default_backend(), training=False)

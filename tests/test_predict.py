@@ -1,5 +1,6 @@
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,3 +127,16 @@ def test_installed_command_predicts_one_image(no_runs):
     result = run_digitjax("predict", str(photo), "--json", cwd=no_runs)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["digit"] == labels[1] == 2
+
+
+def test_a_model_of_another_dataset_is_refused(no_runs):
+    run = no_runs / "fashion"
+    shutil.copytree(BUNDLED_MODEL, run)
+    config_file = next(run.glob("best/*/config/metadata"))
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "dataset": "fashion_mnist"}))
+    image = no_runs / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    result = runner.invoke(app, ["predict", str(image), "--checkpoint", str(run)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "was trained on fashion_mnist, not on digits")
