@@ -13,6 +13,7 @@ import io
 import os
 import sys
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,15 +127,18 @@ def _load_cached(name: str, cache_dir: Path) -> Dataset:
         tmp = cache_file.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, cache_file)
-    with np.load(cache_file) as arrays:
-        return Dataset(
-            name,
-            arrays["train_images"],
-            arrays["train_labels"],
-            arrays["test_images"],
-            arrays["test_labels"],
-            tuple(str(c) for c in arrays["class_names"]),
-        )
+    try:
+        with np.load(cache_file) as arrays:
+            return Dataset(
+                name,
+                arrays["train_images"],
+                arrays["train_labels"],
+                arrays["test_images"],
+                arrays["test_labels"],
+                tuple(str(c) for c in arrays["class_names"]),
+            )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"data cache {cache_file} is damaged ({e}); delete it to rebuild") from None
 
 
 def decode_data_source(builder) -> dict[str, np.ndarray]:

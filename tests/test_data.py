@@ -81,3 +81,11 @@ def test_data_dir_errors(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:100])
     with pytest.raises(UserError, match="cannot read IDX file"):
         data.load_dataset("mnist", tmp_path)
+
+
+def test_damaged_cache_is_a_clear_error(tmp_path):
+    cache = tmp_path / "decoded" / "mnist.npz"
+    cache.parent.mkdir()
+    cache.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match="data cache .* is damaged"):
+        data.load_dataset("mnist", cache_dir=tmp_path)
