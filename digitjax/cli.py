@@ -28,7 +28,7 @@ err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DevicesFlag = Annotated[
     int | None,
-    typer.Option(help="Use only the first N devices. [default: all]", show_default=False),
+    typer.Option(help="Use only the first N devices. \\[default: all]", show_default=False),
 ]
 
 
@@ -62,7 +62,7 @@ def _default(name: str) -> str:
 
 
 def _opt(name: str, help_text: str) -> Any:
-    return typer.Option(help=f"{help_text} [default: {_default(name)}]", show_default=False)
+    return typer.Option(help=f"{help_text} \\[default: {_default(name)}]", show_default=False)
 
 
 @app.command()
@@ -92,7 +92,9 @@ def train(
     out_dir: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Run folder. [default: checkpoints/<dataset>-<time>]", show_default=False
+            "--out",
+            help="Run folder. \\[default: checkpoints/<dataset>-<time>]",
+            show_default=False,
         ),
     ] = None,
     resume: Annotated[
@@ -106,8 +108,8 @@ def train(
     distributed: Annotated[
         bool,
         typer.Option(
-            help="Join a multi-process job (automatic under SLURM, on TPU VMs, or when "
-            "--coordinator is given)."
+            help="Join a multi-process job (automatic under SLURM or Open MPI, or "
+            "when --coordinator is given)."
         ),
     ] = False,
     coordinator: Annotated[
@@ -282,14 +284,16 @@ def evaluate(
         typer.Argument(
             metavar="[CHECKPOINT]",
             help="Run folder (its best step) or a step folder. "
-            "[default: newest run in checkpoints/]",
+            "\\[default: newest run in checkpoints/]",
             show_default=False,
         ),
     ] = None,
     split: Annotated[str, typer.Option(help="train or test.")] = "test",
     dataset: Annotated[
         str | None,
-        typer.Option(help="Evaluate on another dataset. [default: the run's]", show_default=False),
+        typer.Option(
+            help="Evaluate on another dataset. \\[default: the run's]", show_default=False
+        ),
     ] = None,
     data_dir: Annotated[
         str | None, typer.Option(help="Folder with the four IDX files to evaluate on.")
@@ -367,7 +371,7 @@ def predict(
         Path | None,
         typer.Option(
             "--checkpoint",
-            help="Run or checkpoint folder. [default: the newest run in "
+            help="Run or checkpoint folder. \\[default: the newest run in "
             "checkpoints/, else the model bundled with digitjax]",
             show_default=False,
         ),
