@@ -170,7 +170,7 @@ def train(
         )
     if config.dtype == "bfloat16" and jax.default_backend() == "cpu" and main:
         err.print(
-            "[yellow]note:[/yellow] bfloat16 runs ~3x slower than float32 on CPUs; "
+            "[yellow]note:[/yellow] bfloat16 runs ~2x slower than float32 on CPUs; "
             "it pays off on GPUs and TPUs",
             highlight=False,
         )

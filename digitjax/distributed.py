@@ -29,10 +29,13 @@ def initialize(
     """Joins a multi-process job when asked (`--distributed` or any coordinator flag) or when
     a launcher started several processes. JAX itself finds the coordinator under SLURM, Open
     MPI and on TPU VMs. Must run before anything touches a device."""
+    # srun sets SLURM_STEP_NUM_TASKS for the processes it starts; SLURM_NTASKS alone is also
+    # set in an `sbatch -n 4` script or `salloc` shell, where only one process runs.
     launched = any(
-        int(os.environ.get(name, "1")) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+        int(os.environ.get(name, "1")) > 1
+        for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")
     )
-    asked = distributed or coordinator is not None or num_processes is not None
+    asked = distributed or any(v is not None for v in (coordinator, num_processes, process_id))
     if not (asked or launched or "JAX_COORDINATOR_ADDRESS" in os.environ):
         return
     # XLA:CPU needs a collectives backend to talk across processes (GPUs and TPUs have theirs).
