@@ -14,21 +14,19 @@ from digitjax.distributed import make_mesh
 
 VARIANTS = {
     "default": {},
-    "1 epoch": {"epochs": 1},
-    "1 epoch, no augmentation": {"epochs": 1, "augment_shift": 0},
-    "1 epoch, no augmentation, batch 256, lr 5e-3": {
-        "epochs": 1,
-        "augment_shift": 0,
-        "batch_size": 256,
-        "learning_rate": 5e-3,
+    "--epochs 1": {"epochs": 1},
+    "--epochs 3": {"epochs": 3},
+    "--augment-shift 2": {"augment_shift": 2},
+    "--batch-size 128 --learning-rate 5e-3": {"batch_size": 128, "learning_rate": 5e-3},
+    "--channels 12,24,48": {"channels": (12, 24, 48)},
+    "--channels 16,32,64 (the previous default model)": {"channels": (16, 32, 64)},
+    "previous default recipe (16,32,64, batch 128, shifts, warmup 0.5, 10 epochs)": {
+        "channels": (16, 32, 64),
+        "batch_size": 128,
+        "augment_shift": 2,
+        "warmup_epochs": 0.5,
+        "epochs": 10,
     },
-    "1 epoch, no augmentation, lr 5e-3, warmup 0.2": {
-        "epochs": 1,
-        "augment_shift": 0,
-        "learning_rate": 5e-3,
-        "warmup_epochs": 0.2,
-    },
-    "2 epochs, no augmentation": {"epochs": 2, "augment_shift": 0},
 }
 
 

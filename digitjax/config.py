@@ -16,14 +16,14 @@ class Interrupted(UserError):
 class Config:
     dataset: str = "mnist"
     data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = 2
+    batch_size: int = 64
     learning_rate: float = 3e-3
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = 0.2
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    augment_shift: int = 2
-    channels: tuple[int, ...] = (16, 32, 64)
+    augment_shift: int = 0
+    channels: tuple[int, ...] = (8, 16, 32)
     dense: int = 128
     seed: int = 0
     chunks_per_epoch: int = 10

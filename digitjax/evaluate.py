@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from digitjax.distributed import batch_sharded, replicated
-from digitjax.model import apply, conv_impl_for, normalize
+from digitjax.model import apply, conv_impls_for, normalize
 
 EVAL_BATCH = 200  # measured: 37k img/s at 100-500 per batch, 25k at 1000, 17k at 10000
 
@@ -21,13 +21,13 @@ def make_logits_fn(
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """A jitted fn(params, images (N, 28, 28) uint8 with N % EVAL_BATCH == 0) -> logits.
     With a mesh, devices share each batch and every process gets all the logits."""
-    conv_impl = conv_impl_for(jax.default_backend(), training=False)
     split_batches = mesh is not None and EVAL_BATCH % mesh.size == 0
 
     def batch_logits(images: jax.Array, params: Any) -> jax.Array:
         if split_batches:
             images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
-        return apply(graphdef, params, normalize(images), conv_impl)
+        conv_impls = conv_impls_for(jax.default_backend(), False, len(params["convs"]))
+        return apply(graphdef, params, normalize(images), conv_impls)
 
     def logits_fn(params: Any, images: jax.Array) -> jax.Array:
         batches = images.reshape(-1, EVAL_BATCH, *images.shape[1:])

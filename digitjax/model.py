@@ -1,14 +1,19 @@
 """The CNN: 3x3 convolutions with ReLU and 2x2 max-pooling, then two dense layers.
 
-One model definition, two convolution implementations chosen per backend: on XLA:CPU the
-backward pass of `lax.conv` runs ~15x slower than the same convolution written as im2col
-patches and one matmul, while its forward pass is ~2x faster. Both use the same parameters.
+One model definition, three implementations of a convolution layer, all with the same
+parameters, chosen per layer and backend by `conv_impls_for`:
+- "lax": `lax.conv`, the reference, used off CPU;
+- "im2col": patches and one matmul; XLA:CPU runs the backward pass of `lax.conv` ~15x slower;
+- "window": conv, ReLU and 2x2 pooling as one matmul over 4x4 windows, for the first layer on
+  CPU (one input channel, so K = 9 for im2col): 3.7x faster than im2col in training, 4x faster
+  than `lax.conv` in inference.
 """
 
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from digitjax.config import Config
@@ -17,8 +22,10 @@ IMAGE_SIZE = 28
 NUM_POOLS = 2  # 28 -> 14 -> 7; deeper layers keep 7x7
 
 
-def conv_impl_for(backend: str, training: bool) -> str:
-    return "im2col" if backend == "cpu" and training else "lax"
+def conv_impls_for(backend: str, training: bool, num_layers: int) -> tuple[str, ...]:
+    if backend != "cpu":
+        return ("lax",) * num_layers
+    return ("window",) + ("im2col" if training else "lax",) * (num_layers - 1)
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -30,6 +37,33 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1
     )
     return patches @ kernel.reshape(kh * kw * channels, features) + bias
+
+
+def _window_taps() -> np.ndarray:
+    """taps[a, b, p, q, u, v] = 1 where 3x3 tap (u, v) of the conv output at pooling position
+    (p, q) reads pixel (a, b) of the 4x4 input window that covers the 2x2 pooling window."""
+    taps = np.zeros((4, 4, 2, 2, 3, 3), np.float32)
+    for p, q, u, v in np.ndindex(2, 2, 3, 3):
+        taps[p + u, q + v, p, q, u, v] = 1
+    return taps
+
+
+def conv_relu_pool_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """`max_pool_2x2(relu(conv(x)))` for a 3x3 'SAME' conv, as one matmul of the 4x4 input
+    windows at stride 2 with a (16 * channels, 4 * features) kernel that holds the 3x3 kernel
+    once per pooling position, then a max over those four."""
+    batch, height, width, channels = x.shape
+    features = kernel.shape[-1]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = jnp.concatenate(
+        [padded[:, a : a + height : 2, b : b + width : 2, :] for a in range(4) for b in range(4)],
+        axis=-1,
+    )
+    window_kernel = jnp.einsum("abpquv,uvcf->abcpqf", _window_taps(), kernel)
+    # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly (~3x).
+    pre_pool = windows.reshape(-1, 16 * channels) @ window_kernel.reshape(16 * channels, -1)
+    pooled = pre_pool.reshape(batch, height // 2, width // 2, 4, features).max(axis=-2)
+    return jax.nn.relu(pooled + bias)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -49,14 +83,16 @@ class CNN(nnx.Module):
         self.hidden = nnx.Linear(side * side * in_channels, dense, rngs=rngs)
         self.logits = nnx.Linear(dense, num_classes, rngs=rngs)
 
-    def __call__(self, images: jax.Array, conv_impl: str = "lax") -> jax.Array:
-        """images: (B, 28, 28) floats in [0, 1]; returns (B, num_classes) logits."""
+    def __call__(self, images: jax.Array, conv_impls: tuple[str, ...] | None = None) -> jax.Array:
+        """images: (B, 28, 28) floats in [0, 1]; returns (B, num_classes) logits.
+        conv_impls: one per conv layer (see the module docstring); default all "lax"."""
         x = images[..., None]
-        for i, conv in enumerate(self.convs):
-            if conv_impl == "im2col":
-                x = im2col_conv(x, conv.kernel[...], conv.bias[...])
-            else:
-                x = conv(x)
+        conv_impls = conv_impls or ("lax",) * len(self.convs)
+        for i, (conv, impl) in enumerate(zip(self.convs, conv_impls, strict=True)):
+            if impl == "window":
+                x = conv_relu_pool_2x2(x, conv.kernel[...], conv.bias[...])
+                continue
+            x = conv(x) if impl == "lax" else im2col_conv(x, conv.kernel[...], conv.bias[...])
             x = jax.nn.relu(x)
             if i < NUM_POOLS:
                 x = max_pool_2x2(x)
@@ -66,7 +102,10 @@ class CNN(nnx.Module):
 
 def create_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, dict[str, Any]]:
     """The model's static structure and its parameters as a plain nested dict of arrays."""
-    model = CNN(config.channels, config.dense, num_classes, nnx.Rngs(config.seed))
+    # XLA's RngBitGenerator: compiling the initialization takes 0.5 s, against 1.7 s with
+    # the default threefry keys, and a training run starts with it.
+    key = jax.random.key(config.seed, impl="rbg")
+    model = CNN(config.channels, config.dense, num_classes, nnx.Rngs(key))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, nnx.to_pure_dict(params)
 
@@ -80,9 +119,12 @@ def abstract_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef,
 
 
 def apply(
-    graphdef: nnx.GraphDef, params: dict[str, Any], images: jax.Array, conv_impl: str = "lax"
+    graphdef: nnx.GraphDef,
+    params: dict[str, Any],
+    images: jax.Array,
+    conv_impls: tuple[str, ...] | None = None,
 ) -> jax.Array:
-    return nnx.merge(graphdef, params)(images, conv_impl)
+    return nnx.merge(graphdef, params)(images, conv_impls)
 
 
 def normalize(images_uint8: jax.Array) -> jax.Array:

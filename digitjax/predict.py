@@ -81,7 +81,7 @@ class Predictor:
         import jax
 
         from digitjax.checkpoint import restore_model
-        from digitjax.model import apply, conv_impl_for
+        from digitjax.model import apply, conv_impls_for
 
         model = restore_model(checkpoint_path or default_checkpoint())
         if model.summary["num_classes"] != 10 or model.config.dataset != "mnist":
@@ -90,9 +90,11 @@ class Predictor:
                 "pass --checkpoint with a digit model"
             )
         self.params, self.step_dir = model.params, model.step_dir
-        conv_impl = conv_impl_for(jax.default_backend(), training=False)
+        conv_impls = conv_impls_for(
+            jax.default_backend(), training=False, num_layers=len(model.config.channels)
+        )
         self.forward = jax.jit(
-            lambda params, images: jax.nn.softmax(apply(model.graphdef, params, images, conv_impl))
+            lambda params, images: jax.nn.softmax(apply(model.graphdef, params, images, conv_impls))
         )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:

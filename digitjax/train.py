@@ -36,7 +36,7 @@ from digitjax.distributed import (
     to_host,
 )
 from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
-from digitjax.model import abstract_model, apply, conv_impl_for, create_model, normalize
+from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
 
 TrainState = dict[str, Any]
 
@@ -90,8 +90,15 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array
     )
 
 
+def training_conv_impls(config: Config) -> tuple[str, ...]:
+    return conv_impls_for(jax.default_backend(), training=True, num_layers=len(config.channels))
+
+
 def make_train_step(
-    config: Config, graphdef: Any, tx: optax.GradientTransformation, conv_impl: str
+    config: Config,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    conv_impls: tuple[str, ...] | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
     """The pure step: fn(state, images (B, 28, 28) floats, labels (B,)) -> state."""
 
@@ -101,7 +108,7 @@ def make_train_step(
         # Mixed precision: float32 params and optimizer, the forward and backward in
         # `compute_dtype`, the loss in float32.
         compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        logits = apply(graphdef, compute_params, images.astype(compute_dtype), conv_impl)
+        logits = apply(graphdef, compute_params, images.astype(compute_dtype), conv_impls)
         logits = logits.astype(jnp.float32)
         targets = optax.smooth_labels(
             jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
@@ -137,9 +144,7 @@ def make_train_chunk(
 ) -> Callable:
     """A jitted fn(state, images, labels, num_steps) -> state running `num_steps` steps.
     With a mesh, every device computes its slice of each global batch."""
-    train_step = make_train_step(
-        config, graphdef, tx, conv_impl_for(jax.default_backend(), training=True)
-    )
+    train_step = make_train_step(config, graphdef, tx, training_conv_impls(config))
     batch_size, steps_per_epoch = schedule.batch_size, schedule.steps_per_epoch
 
     def train_chunk(
@@ -314,7 +319,10 @@ def train(
                 history.append(record)
                 summary = run_summary(history, num_classes)
                 checkpointer.save(checkpoint.LATEST, state, config, summary)
-                if record["test_accuracy"] >= max(r["test_accuracy"] for r in history):
+                # Strictly better only: on a tie the earlier epoch stays best, as in the summary.
+                if record["test_accuracy"] > max(
+                    (r["test_accuracy"] for r in history[:-1]), default=-1.0
+                ):
                     checkpointer.save(checkpoint.BEST, state, config, summary)
                 saved_step = step
                 if main:

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import MNIST_DIR
 
 from digitjax.config import Config
@@ -8,19 +9,22 @@ from digitjax.data import read_idx_split
 from digitjax.model import apply, create_model, normalize
 
 
-def test_im2col_and_lax_convolutions_agree_forward_and_backward():
+@pytest.mark.parametrize(
+    "conv_impls", [("window", "im2col", "im2col"), ("window", "lax", "lax"), ("im2col",) * 3]
+)
+def test_layer_implementations_agree_with_lax_forward_and_backward(conv_impls):
     config = Config(channels=(8, 16, 16), dense=32)
     graphdef, params = create_model(config)
     images = normalize(jnp.asarray(read_idx_split(MNIST_DIR, "test")[0][:16]))
 
-    def loss(params, conv_impl):
-        return jnp.sum(apply(graphdef, params, images, conv_impl) ** 2)
+    def loss(params, conv_impls):
+        return jnp.sum(apply(graphdef, params, images, conv_impls) ** 2)
 
-    np.testing.assert_allclose(apply(graphdef, params, images, "im2col"),
-                               apply(graphdef, params, images, "lax"), rtol=1e-4, atol=1e-4)
-    grads_im2col = jax.grad(loss)(params, "im2col")
-    grads_lax = jax.grad(loss)(params, "lax")
-    for a, b in zip(jax.tree.leaves(grads_im2col), jax.tree.leaves(grads_lax)):
+    np.testing.assert_allclose(apply(graphdef, params, images, conv_impls),
+                               apply(graphdef, params, images), rtol=1e-4, atol=1e-4)
+    grads = jax.grad(loss)(params, conv_impls)
+    grads_lax = jax.grad(loss)(params, None)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_lax), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
