@@ -28,6 +28,7 @@ from digitjax.model import abstract_model, normalize
 from digitjax.train import (
     Schedule,
     chunk_lengths,
+    eval_params,
     init_state,
     make_optimizer,
     make_train_chunk,
@@ -210,7 +211,8 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
         for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
             state = train_chunk(state, images, labels, length)
             step += length
-            logits = to_host(logits_fn(state["params"], test_images))[: len(dataset.test_labels)]
+            logits = to_host(logits_fn(eval_params(state), test_images))
+            logits = logits[: len(dataset.test_labels)]
             accuracy = compute_metrics(logits, dataset.test_labels, dataset.class_names).accuracy
             evaluations.append(
                 {"step": step, "seconds": time.perf_counter() - start, "test_accuracy": accuracy}

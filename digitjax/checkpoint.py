@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: `latest/` (for resuming) and `best/` (by test accuracy).
 
 Each checkpoint holds three items: `state` (plain nested dicts of arrays: params, optimizer
-state, step, running epoch totals), `config` (JSON) and `summary` (JSON: epoch, test metrics and
+state, step, running epoch totals and, with `ema_decay`, the averaged `ema_params` that are
+evaluated and served), `config` (JSON) and `summary` (JSON: epoch, test metrics and
 the per-epoch history). Orbax writes to a temporary folder and renames it, so a checkpoint on disk
 is always complete. Plain orbax restores one with `ocp.CheckpointManager(path).restore(step)`.
 """
@@ -165,8 +166,9 @@ class TrainedModel:
     step_dir: Path
 
 
-def restore_model(path: Path, kind: str = BEST) -> TrainedModel:
-    """A model for evaluation or prediction, its params checked against its saved config."""
+def restore_model(path: Path, kind: str = BEST, average: bool = True) -> TrainedModel:
+    """A model for evaluation or prediction, its params checked against its saved config:
+    the moving average of the weights if the run kept one and `average`, else the weights."""
     from digitjax.model import abstract_model
 
     step_dir = _step_dir(path, kind)
@@ -176,7 +178,8 @@ def restore_model(path: Path, kind: str = BEST) -> TrainedModel:
     except (TypeError, UserError) as e:
         raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
     graphdef, expected = abstract_model(config, items["summary"].get("num_classes", 10))
-    params = items["state"].get("params") if isinstance(items["state"], dict) else None
+    kept = "ema_params" if config.ema_decay and average else "params"
+    params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no params)")
     params = _match_tree(params, expected, "model", step_dir)

@@ -23,6 +23,9 @@ class Config:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     augment_shift: int = 0
+    augment_rotate: float = 0.0  # degrees, either way
+    augment_scale: float = 0.0  # relative, either way
+    ema_decay: float = 0.0  # 0: evaluate the trained weights; else their moving average
     channels: tuple[int, ...] = (8, 16, 32)
     dense: int = 128
     seed: int = 0
@@ -36,12 +39,22 @@ class Config:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
                 )
-        non_negative = ("warmup_epochs", "weight_decay", "augment_shift")
+        non_negative = (
+            "warmup_epochs",
+            "weight_decay",
+            "augment_shift",
+            "augment_rotate",
+            "augment_scale",
+        )
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.augment_scale >= 1:
+            raise UserError(f"--augment-scale must be < 1, got {self.augment_scale}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -64,3 +77,20 @@ class Config:
         if "channels" in values:
             values["channels"] = tuple(values["channels"])
         return cls(**values)
+
+
+# Named sets of settings for `digitjax train --preset`; flags given beside one override it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {},  # the defaults: the quickest to 99% (benchmarks/README.md)
+    "best": {
+        "channels": (32, 64, 128),
+        "dense": 256,
+        "batch_size": 128,
+        "epochs": 20,
+        "warmup_epochs": 0.5,
+        "augment_shift": 2,
+        "augment_rotate": 10.0,
+        "augment_scale": 0.1,
+        "ema_decay": 0.999,
+    },
+}

@@ -70,7 +70,7 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
 
 def init_state(config: Config, tx: optax.GradientTransformation, num_classes: int) -> TrainState:
     _, params = create_model(config, num_classes)
-    return {
+    state = {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
@@ -78,6 +78,14 @@ def init_state(config: Config, tx: optax.GradientTransformation, num_classes: in
         # the same figures as an uninterrupted one.
         "epoch_totals": {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())},
     }
+    if config.ema_decay:
+        state["ema_params"] = params
+    return state
+
+
+def eval_params(state: TrainState) -> Any:
+    """The weights that are evaluated and saved as the model: the moving average if kept."""
+    return state.get("ema_params", state["params"])
 
 
 def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
@@ -92,6 +100,41 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array
 
 def training_conv_impls(config: Config) -> tuple[str, ...]:
     return conv_impls_for(jax.default_backend(), training=True, num_layers=len(config.channels))
+
+
+def random_affine(
+    key: jax.Array, images: jax.Array, max_shift: float, max_rotate: float, max_scale: float
+) -> jax.Array:
+    """Rotates each image by up to `max_rotate` degrees, scales it by up to `max_scale` and
+    translates it by up to `max_shift` pixels, about its centre, bilinear, filling with 0."""
+    count, height, width = images.shape
+    angle_key, scale_key, shift_key = jax.random.split(key, 3)
+    angle = jnp.deg2rad(jax.random.uniform(angle_key, (count, 1, 1), minval=-1, maxval=1))
+    angle = angle * max_rotate
+    scale = 1 + max_scale * jax.random.uniform(scale_key, (count, 1, 1), minval=-1, maxval=1)
+    shift = max_shift * jax.random.uniform(shift_key, (2, count, 1, 1), minval=-1, maxval=1)
+    center_y, center_x = (height - 1) / 2, (width - 1) / 2
+    out_y, out_x = jnp.meshgrid(
+        jnp.arange(height) - center_y, jnp.arange(width) - center_x, indexing="ij"
+    )
+    # Each output pixel reads the input where the inverse transform takes it.
+    y, x = out_y - shift[0], out_x - shift[1]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    source_y = (cos * y + sin * x) / scale + center_y
+    source_x = (cos * x - sin * y) / scale + center_x
+    return jax.vmap(
+        lambda image, sy, sx: jax.scipy.ndimage.map_coordinates(image, [sy, sx], order=1, cval=0)
+    )(images, source_y, source_x)
+
+
+def augment(key: jax.Array, images: jax.Array, config: Config) -> jax.Array:
+    if config.augment_rotate or config.augment_scale:
+        return random_affine(
+            key, images, config.augment_shift, config.augment_rotate, config.augment_scale
+        )
+    if config.augment_shift:
+        return random_shift(key, images, config.augment_shift)
+    return images
 
 
 def make_train_step(
@@ -120,9 +163,10 @@ def make_train_step(
             state["params"], images, labels
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
         totals = state["epoch_totals"]
-        return {
-            "params": optax.apply_updates(state["params"], updates),
+        new_state = {
+            "params": params,
             "opt_state": opt_state,
             "step": state["step"] + 1,
             "epoch_totals": {
@@ -131,6 +175,14 @@ def make_train_step(
                 "count": totals["count"] + labels.shape[0],
             },
         }
+        if "ema_params" in state:
+            # The usual warm-up of the decay, so the average does not start out all init.
+            step = state["step"].astype(jnp.float32)
+            decay = jnp.minimum(config.ema_decay, (1 + step) / (10 + step))
+            new_state["ema_params"] = jax.tree.map(
+                lambda average, p: decay * average + (1 - decay) * p, state["ema_params"], params
+            )
+        return new_state
 
     return train_step
 
@@ -166,11 +218,9 @@ def make_train_chunk(
                 batch_images, batch_labels = jax.lax.with_sharding_constraint(
                     (batch_images, batch_labels), batch_sharded(mesh)
                 )
-            batch_images = normalize(batch_images)
-            if config.augment_shift:
-                batch_images = random_shift(
-                    jax.random.fold_in(epoch_key, position), batch_images, config.augment_shift
-                )
+            batch_images = augment(
+                jax.random.fold_in(epoch_key, position), normalize(batch_images), config
+            )
             return train_step(state, batch_images, batch_labels)
 
         return jax.lax.fori_loop(0, num_steps, body, {**state, "epoch_totals": totals})
@@ -310,7 +360,7 @@ def train(
                         )
                     if main:
                         callbacks.on_chunk(step)
-                logits = to_host(logits_fn(state["params"], test_images))
+                logits = to_host(logits_fn(eval_params(state), test_images))
                 metrics = compute_metrics(
                     logits[: len(dataset.test_labels)], dataset.test_labels, dataset.class_names
                 )

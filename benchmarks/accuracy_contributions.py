@@ -1,0 +1,49 @@
+"""What the weight average and test-time shifts add to a trained run's test accuracy: its
+raw weights and its moving average (if it kept one), each alone and with the logits summed
+over the test images shifted by up to one pixel (9 shifts).
+
+    python benchmarks/accuracy_contributions.py RUN_DIR [--kind best|latest]
+"""
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from digitjax.checkpoint import restore_model
+from digitjax.data import load_dataset
+from digitjax.evaluate import compute_logits, make_logits_fn
+
+
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
+    return padded[:, 1 + dy : 29 + dy, 1 + dx : 29 + dx]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--kind", default="best", choices=("best", "latest"))
+    args = parser.parse_args()
+    raw = restore_model(args.run_dir, args.kind, average=False)
+    models = {"raw weights": raw}
+    if raw.config.ema_decay:
+        models["moving average"] = restore_model(args.run_dir, args.kind)
+    data = load_dataset(raw.config.dataset, raw.config.data_dir)
+    logits_fn = make_logits_fn(raw.graphdef)
+    results = {"checkpoint": str(raw.step_dir)}
+    for name, model in models.items():
+        plain = compute_logits(logits_fn, model.params, data.test_images)
+        summed = sum(
+            compute_logits(logits_fn, model.params, shifted(data.test_images, dy, dx))
+            for dy, dx in itertools.product((-1, 0, 1), repeat=2)
+        )
+        results[name] = float((plain.argmax(1) == data.test_labels).mean())
+        results[f"{name}, 9-shift TTA"] = float((summed.argmax(1) == data.test_labels).mean())
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The accuracy features: affine augmentation, the weight average (EMA) and `--preset`."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from conftest import MNIST_DIR, TINY_FLAGS, assert_one_line_error
+from typer.testing import CliRunner
+
+from digitjax.checkpoint import LATEST, restore_model
+from digitjax.cli import app
+from digitjax.data import read_idx_split
+from digitjax.model import normalize
+from digitjax.train import random_affine
+
+runner = CliRunner()
+
+
+def digits(count: int) -> jax.Array:
+    return normalize(jnp.asarray(read_idx_split(MNIST_DIR, "test")[0][:count]))
+
+
+def test_affine_with_nothing_to_do_is_the_identity():
+    images = digits(8)
+    same = random_affine(jax.random.key(0), images, 0, 0, 0)
+    np.testing.assert_allclose(same, images, atol=1e-6)
+
+
+def test_affine_moves_ink_but_keeps_the_digit():
+    images = digits(64)
+    moved = random_affine(jax.random.key(1), images, 2, 10, 0.1)
+    assert moved.shape == images.shape
+    assert np.abs(moved - images).mean(axis=(1, 2)).min() > 0.01  # every image changed
+    ink, moved_ink = images.sum(axis=(1, 2)), moved.sum(axis=(1, 2))
+    # Scaling by at most 10% changes the ink by at most ~21%; nothing is cut off at the edge.
+    assert np.all(np.abs(moved_ink / ink - 1) < 0.25)
+    np.testing.assert_array_equal(moved, random_affine(jax.random.key(1), images, 2, 10, 0.1))
+
+
+def test_pure_rotation_turns_the_ink_about_the_centre():
+    image = jnp.zeros((1, 28, 28)).at[0, 13:15, 20:24].set(1.0)  # a bar right of centre
+    turned = random_affine(jax.random.key(2), image, 0, 90, 0)
+    rows, cols = np.nonzero(np.asarray(turned[0]) > 0.5)
+    # Wherever the bar went, it stayed at the same distance from the centre (13.5, 13.5).
+    distance = np.hypot(rows - 13.5, cols - 13.5)
+    assert np.all((distance > 5) & (distance < 11)), (rows, cols)
+
+
+def test_ema_run_evaluates_and_saves_the_average(tiny_mnist: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "2"]
+    result = runner.invoke(app, [*flags, "--ema-decay", "0.9", "--out", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["config"]["ema_decay"] == 0.9
+    assert summary["last"]["test_accuracy"] > 0.5
+
+    model = restore_model(run_dir, LATEST)
+    manager = ocp.CheckpointManager(run_dir.resolve() / LATEST)
+    state = manager.restore(manager.latest_step())["state"]
+    manager.close()
+    kernel = model.params["hidden"]["kernel"]
+    np.testing.assert_array_equal(kernel, state["ema_params"]["hidden"]["kernel"])
+    raw = restore_model(run_dir, LATEST, average=False)
+    raw_kernel = raw.params["hidden"]["kernel"]
+    np.testing.assert_array_equal(raw_kernel, state["params"]["hidden"]["kernel"])
+    assert np.abs(kernel - raw_kernel).max() > 1e-4
+    # `evaluate` scores the same weights the training loop did: the average.
+    evaluated = runner.invoke(app, ["evaluate", str(run_dir), "--latest", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["accuracy"] == summary["last"]["test_accuracy"]
+
+
+def test_preset_best_sets_its_recipe_and_flags_override_it(tiny_mnist: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        ["train", "--preset", "best", "--data-dir", str(tiny_mnist), *TINY_FLAGS]
+        + ["--epochs", "1", "--out", str(run_dir), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)["config"]
+    assert (config["augment_rotate"], config["augment_scale"], config["ema_decay"]) == (
+        10.0,
+        0.1,
+        0.999,
+    )
+    assert config["channels"] == [4, 8] and config["epochs"] == 1  # the flags won
+
+
+def test_unknown_preset_is_one_line_error(tmp_path: Path):
+    result = runner.invoke(app, ["train", "--preset", "turbo", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "unknown preset 'turbo'; known: fast, best")
