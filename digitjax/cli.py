@@ -56,6 +56,19 @@ def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache: a fresh process that compiles a program it compiled
+    before loads it instead (training chunk 1.6 s -> ~0.1 s; predict's first forward pass ~3x
+    faster). The thresholds are lowered to zero because predict's programs are small."""
+    import jax
+
+    from digitjax.data import default_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def _default(name: str) -> str:
     value = getattr(Config, name)
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -143,6 +156,8 @@ def train(
 
     dist.initialize(distributed, coordinator, num_processes, process_id)
     import jax
+
+    enable_compilation_cache()
 
     from digitjax.train import check_run_dir, resolve_config
     from digitjax.train import train as run_training
@@ -334,6 +349,8 @@ def evaluate(
     from digitjax.data import load_dataset
     from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
 
+    enable_compilation_cache()
+
     path = resolve_checkpoint(checkpoint_path)
     kind = checkpoint.LATEST if latest else checkpoint.BEST
     model = checkpoint.restore_model(path, kind)
@@ -412,7 +429,7 @@ def predict(
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
-    from digitjax.predict import Predictor, collect_images, enable_compilation_cache, predict_files
+    from digitjax.predict import Predictor, collect_images, predict_files
 
     files, missing = collect_images(paths)
     enable_compilation_cache()

@@ -62,18 +62,6 @@ def default_checkpoint() -> Path:
     return newest_run() or BUNDLED_MODEL
 
 
-def enable_compilation_cache() -> None:
-    """A warm persistent cache makes a fresh process's first forward pass ~3x faster; it only
-    helps small programs like this one with its thresholds lowered to zero."""
-    import jax
-
-    from digitjax.data import default_cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
 class Predictor:
     """A restored model with one jitted forward pass returning class probabilities."""
 
