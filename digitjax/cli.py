@@ -113,7 +113,7 @@ def train(
         str | None,
         typer.Option(
             help="Named settings: fast (the defaults, quickest to 99%) or best (most accurate, "
-            "~15 min on 2 CPU cores); flags given beside it override it.",
+            "~11 min on 2 CPU cores); flags given beside it override it.",
             show_default=False,
         ),
     ] = None,
