@@ -14,7 +14,7 @@ import numpy as np
 
 from digitjax.checkpoint import restore_model
 from digitjax.data import load_dataset
-from digitjax.evaluate import compute_logits, make_logits_fn
+from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
 
 
 def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -40,8 +40,9 @@ def main() -> None:
             compute_logits(logits_fn, model.params, shifted(data.test_images, dy, dx))
             for dy, dx in itertools.product((-1, 0, 1), repeat=2)
         )
-        results[name] = float((plain.argmax(1) == data.test_labels).mean())
-        results[f"{name}, 9-shift TTA"] = float((summed.argmax(1) == data.test_labels).mean())
+        for label, logits in ((name, plain), (f"{name}, 9-shift TTA", summed)):
+            metrics = compute_metrics(logits, data.test_labels, data.class_names)
+            results[label] = metrics.accuracy
     print(json.dumps(results, indent=2))
 
 

@@ -57,8 +57,8 @@ def print_json(document: Any) -> None:
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache: a fresh process that compiles a program it compiled
-    before loads it instead (training chunk 1.6 s -> ~0.1 s; predict's first forward pass ~3x
+    """JAX's persistent compilation cache: a fresh process loads the programs an earlier one
+    compiled (default `digitjax train` 14.2 -> 13.6 s; predict's first forward pass ~3x
     faster). The thresholds are lowered to zero because predict's programs are small."""
     import jax
 

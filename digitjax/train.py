@@ -369,10 +369,7 @@ def train(
                 history.append(record)
                 summary = run_summary(history, num_classes)
                 checkpointer.save(checkpoint.LATEST, state, config, summary)
-                # Strictly better only: on a tie the earlier epoch stays best, as in the summary.
-                if record["test_accuracy"] > max(
-                    (r["test_accuracy"] for r in history[:-1]), default=-1.0
-                ):
+                if summary["best"] is record:  # ties keep the earlier epoch
                     checkpointer.save(checkpoint.BEST, state, config, summary)
                 saved_step = step
                 if main:
