@@ -24,10 +24,11 @@ from digitjax.config import Config, UserError
 from digitjax.data import Dataset
 from digitjax.distributed import check_batch_size, make_mesh, put_replicated, replicated, to_host
 from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
-from digitjax.model import abstract_model, normalize
+from digitjax.model import abstract_model, create_model, normalize
 from digitjax.train import (
     Schedule,
     chunk_lengths,
+    epoch_order,
     eval_params,
     init_state,
     make_optimizer,
@@ -101,12 +102,11 @@ def training_throughput(
     train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
     images = put_replicated(dataset.train_images, mesh)
     labels = put_replicated(dataset.train_labels, mesh)
-    state = jax.jit(
-        lambda: init_state(config, tx, len(dataset.class_names)), out_shardings=replicated(mesh)
-    )()
+    state = init_state(config, tx, len(dataset.class_names), replicated(mesh))
 
+    order = put_replicated(epoch_order(config.seed, 0, schedule.num_train), mesh)
     start = time.perf_counter()
-    compiled_chunk = train_chunk.lower(state, images, labels, steps).compile()
+    compiled_chunk = train_chunk.lower(state, images, labels, order, steps).compile()
     compile_s = time.perf_counter() - start
     # Useful FLOPs: those of one step of the reference model (every layer `lax.conv`), which
     # the faster layer forms only rearrange (the "window" layer computes 1.8x its FLOPs). One
@@ -119,7 +119,7 @@ def training_throughput(
 
     def run() -> Any:
         nonlocal state
-        state = compiled_chunk(state, images, labels, steps)
+        state = compiled_chunk(state, images, labels, order, steps)
         return state
 
     timing = timed(run, repeats)
@@ -152,7 +152,7 @@ def host_fed_throughput(config: Config, dataset: Dataset, steps: int, repeats: i
         donate_argnums=0,
     )
     state = init_state(config, tx, len(dataset.class_names))
-    order = np.random.default_rng(config.seed).permutation(len(dataset.train_images))
+    order = epoch_order(config.seed, 0, schedule.num_train)
 
     def run() -> Any:
         nonlocal state
@@ -175,7 +175,7 @@ def host_fed_throughput(config: Config, dataset: Dataset, steps: int, repeats: i
 def inference_throughput(config: Config, dataset: Dataset, repeats: int) -> dict:
     """Evaluation of the whole test set in one compiled program (the `evaluate` path)."""
     graphdef, _ = abstract_model(config)
-    params = init_state(config, make_optimizer(config, Schedule(1, 1, 1)), 10)["params"]
+    _, params = create_model(config)
     images = jnp.asarray(pad_to_batches(dataset.test_images))
     logits_fn = make_logits_fn(graphdef)
     start = time.perf_counter()
@@ -203,13 +203,13 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
     images = put_replicated(dataset.train_images, mesh)
     labels = put_replicated(dataset.train_labels, mesh)
     test_images = put_replicated(pad_to_batches(dataset.test_images), mesh)
-    state = jax.jit(
-        lambda: init_state(config, tx, len(dataset.class_names)), out_shardings=replicated(mesh)
-    )()
+    state = init_state(config, tx, len(dataset.class_names), replicated(mesh))
     step, accuracy, evaluations = 0, 0.0, []
     while step < schedule.total_steps:
+        epoch = step // schedule.steps_per_epoch
+        order = put_replicated(epoch_order(config.seed, epoch, schedule.num_train), mesh)
         for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
-            state = train_chunk(state, images, labels, length)
+            state = train_chunk(state, images, labels, order, length)
             step += length
             logits = to_host(logits_fn(eval_params(state), test_images))
             logits = logits[: len(dataset.test_labels)]

@@ -189,8 +189,16 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
 def restore_state(path: Path, abstract_state: Any, kind: str = LATEST) -> tuple[Any, dict]:
     """The full training state for resuming, placed as `abstract_state`'s shardings say."""
     step_dir = _step_dir(path, kind)
-    _match_tree(
-        _restore_items(step_dir)["state"]["params"], abstract_state["params"], "model", step_dir
-    )
+    saved = _restore_items(step_dir)["state"]
+    _match_tree(saved["params"], abstract_state["params"], "model", step_dir)
+    optimizer_shapes = [
+        sorted(np.shape(leaf) for leaf in jax.tree.leaves(state["opt_state"]))
+        for state in (saved, abstract_state)
+    ]
+    if optimizer_shapes[0] != optimizer_shapes[1]:
+        raise UserError(
+            f"cannot resume {step_dir}: its optimizer state is laid out as an older digitjax "
+            "wrote it; start a new run (evaluate and predict still read this checkpoint)"
+        )
     items = _restore_items(step_dir, abstract_state)
     return items["state"], items["summary"]

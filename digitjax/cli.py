@@ -107,7 +107,10 @@ def train(
     ] = None,
     ema_decay: Annotated[
         float | None,
-        _opt("ema_decay", "Evaluate and keep a moving average of the weights (e.g. 0.999)."),
+        _opt(
+            "ema_decay",
+            "Evaluate and keep a moving average of the weights (0: the raw weights).",
+        ),
     ] = None,
     preset: Annotated[
         str | None,

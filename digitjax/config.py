@@ -18,14 +18,14 @@ class Config:
     data_dir: str | None = None
     epochs: int = 2
     batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_epochs: float = 0.2
+    learning_rate: float = 5e-3
+    warmup_epochs: float = 0.1
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     augment_shift: int = 0
     augment_rotate: float = 0.0  # degrees, either way
     augment_scale: float = 0.0  # relative, either way
-    ema_decay: float = 0.0  # 0: evaluate the trained weights; else their moving average
+    ema_decay: float = 0.99  # 0: evaluate the trained weights; else their moving average
     channels: tuple[int, ...] = (8, 16, 32)
     dense: int = 128
     seed: int = 0
@@ -73,11 +73,15 @@ class Config:
             raise UserError(
                 f"checkpoint config has unknown fields {unknown}: not a digitjax checkpoint"
             )
-        values = dict(raw)
+        values = {**ADDED_LATER, **raw}
         if "channels" in values:
             values["channels"] = tuple(values["channels"])
         return cls(**values)
 
+
+# Fields that older checkpoints lack, with the value that reproduces how those were trained
+# (not today's default, which may differ).
+ADDED_LATER: dict[str, Any] = {"augment_rotate": 0.0, "augment_scale": 0.0, "ema_decay": 0.0}
 
 # Named sets of settings for `digitjax train --preset`; flags given beside one override it.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -86,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "channels": (32, 64, 128),
         "dense": 256,
         "batch_size": 128,
+        "learning_rate": 3e-3,
         "epochs": 20,
         "warmup_epochs": 0.5,
         "augment_shift": 2,

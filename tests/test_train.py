@@ -4,11 +4,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import optax
+import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY_FLAGS, assert_one_line_error
 from typer.testing import CliRunner
 
+from digitjax import checkpoint
 from digitjax.cli import app
+from digitjax.config import Config
 
 runner = CliRunner()
 EPOCHS = 30  # long enough to interrupt mid-run, a few seconds in all
@@ -146,3 +150,20 @@ def test_overwrite_with_bad_input_keeps_the_old_run(reference_run: Path, tiny_mn
         assert_one_line_error(result.stderr)
     assert history(reference_run) == before
     assert (reference_run / "best").is_dir()
+
+
+def test_resume_refuses_an_optimizer_state_of_another_layout(reference_run, tmp_path):
+    """Before 2026-11-24 the optimizer kept one moment per parameter array, not one vector."""
+    step_dir = next((reference_run / "latest").iterdir())
+    manager = ocp.CheckpointManager(step_dir.parent.absolute())
+    saved = manager.restore(int(step_dir.name))
+    manager.close()
+    state = saved["state"]
+    state["opt_state"] = optax.adamw(1e-3).init(state["params"])
+    old_run = tmp_path / "old"
+    checkpointer = checkpoint.RunCheckpointer(old_run)
+    checkpointer.save(checkpoint.LATEST, state, Config.from_dict(saved["config"]), saved["summary"])
+    checkpointer.close()
+    result = runner.invoke(app, ["train", "--out", str(old_run), "--resume"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "cannot resume", "older digitjax")
