@@ -194,6 +194,7 @@ def inference_throughput(config: Config, dataset: Dataset, repeats: int) -> dict
 def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh) -> dict:
     """Wall seconds from nothing (compilation and evaluations included) until the full test
     set first reaches `target`, evaluating after every chunk (a tenth of an epoch)."""
+    jax.clear_caches()  # cold: nothing compiled by earlier measurements in this process
     start = time.perf_counter()
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     graphdef, _ = abstract_model(config)

@@ -27,7 +27,7 @@ class Config:
     augment_scale: float = 0.0  # relative, either way
     ema_decay: float = 0.99  # 0: evaluate the trained weights; else their moving average
     channels: tuple[int, ...] = (8, 16, 32)
-    dense: int = 128
+    dense: int = 64
     seed: int = 0
     chunks_per_epoch: int = 10
     dtype: str = "float32"  # compute dtype; params and optimizer state stay float32

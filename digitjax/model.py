@@ -57,54 +57,47 @@ def conv_relu_pool_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     batch, height, width, channels = x.shape
     features = kernel.shape[-1]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    windows = jnp.concatenate(
-        [padded[:, a : a + height : 2, b : b + width : 2, :] for a in range(4) for b in range(4)],
-        axis=-1,
-    )
+    # The window at (i, j) is the 2x2 blocks (i..i+1, j..j+1) of the padded input: four block
+    # slices and one transpose, faster than sixteen strided pixel slices (inference: 25-30%).
+    blocks = padded.reshape(batch, height // 2 + 1, 2, width // 2 + 1, 2, channels)
+    rows, cols = height // 2, width // 2
+    shifted = jnp.stack(
+        [jnp.stack([blocks[:, i : i + rows, :, j : j + cols] for j in (0, 1)]) for i in (0, 1)]
+    )  # (block row, block col, batch, row, pixel row, col, pixel col, channel)
+    windows = shifted.transpose(2, 3, 5, 0, 4, 1, 6, 7)  # pixel (a, b) = 2 * block + pixel
     window_kernel = jnp.einsum("abpquv,uvcf->abcpqf", _window_taps(), kernel)
     # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly (~3x).
     pre_pool = windows.reshape(-1, 16 * channels) @ window_kernel.reshape(16 * channels, -1)
-    pooled = max_over(pre_pool.reshape(batch, height // 2, width // 2, 4, features), (3,))
+    pooled = max_over(pre_pool.reshape(batch, height // 2, width // 2, 4, features), 3)
     return jax.nn.relu(pooled + bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_over(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """`x.max(axes)` over a few candidates, with the gradient going to the first maximal one,
+def max_over(x: jax.Array, axis: int) -> jax.Array:
+    """`x.max(axis)` over a few candidates, with the gradient going to the first maximal one,
     as in XLA's and PyTorch's max-pooling. JAX's own gradient splits it among ties with
     reductions that XLA:CPU runs as several unfused passes over `x` (~17% of a training
     step of the default model); this is one fused loop of compares and selects."""
-    return x.max(axes)
+    return x.max(axis)
 
 
-def _max_over_fwd(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, tuple]:
-    maximum = x.max(axes)
+def _max_over_fwd(x: jax.Array, axis: int) -> tuple[jax.Array, tuple]:
+    maximum = x.max(axis)
     return maximum, (x, maximum)
 
 
-def _max_over_bwd(axes: tuple[int, ...], residuals: tuple, grad: jax.Array) -> tuple:
+def _max_over_bwd(axis: int, residuals: tuple, grad: jax.Array) -> tuple:
     x, maximum = residuals
-    maximum, grad = jnp.expand_dims(maximum, axes), jnp.expand_dims(grad, axes)
-    # Ties are common (blank and saturated regions), so only the first maximum may take it.
-    taken = jnp.zeros(maximum.shape, bool)
-    pieces = {}
-    for position in np.ndindex(*(x.shape[axis] for axis in axes)):
-        index = [slice(None)] * x.ndim
-        for axis, i in zip(axes, position, strict=True):
-            index[axis] = slice(i, i + 1)
-        is_first = (x[tuple(index)] == maximum) & ~taken
-        taken = taken | is_first
-        pieces[position] = jnp.where(is_first, grad, 0)
-    return (_assemble(pieces, axes, ()),)
-
-
-def _assemble(pieces: dict, axes: tuple[int, ...], prefix: tuple[int, ...]) -> jax.Array:
-    """Concatenates the per-position pieces back into the shape of `x`."""
-    if len(prefix) == len(axes):
-        return pieces[prefix]
-    axis = axes[len(prefix)]
-    size = 1 + max(position[len(prefix)] for position in pieces)
-    return jnp.concatenate([_assemble(pieces, axes, (*prefix, i)) for i in range(size)], axis)
+    is_max = x == jnp.expand_dims(maximum, axis)
+    # Ties are common (blank and saturated regions), so only the first maximum may take it:
+    # a candidate is passed over if any earlier one, shifted onto it, is maximal too.
+    earlier_is_max = jnp.zeros_like(is_max)
+    for shift in range(1, x.shape[axis]):
+        padding = [(0, 0)] * x.ndim
+        padding[axis] = (shift, 0)
+        shifted = jax.lax.slice_in_dim(jnp.pad(is_max, padding), 0, x.shape[axis], axis=axis)
+        earlier_is_max = earlier_is_max | shifted
+    return (jnp.where(is_max & ~earlier_is_max, jnp.expand_dims(grad, axis), 0),)
 
 
 max_over.defvjp(_max_over_fwd, _max_over_bwd)
@@ -113,7 +106,8 @@ max_over.defvjp(_max_over_fwd, _max_over_bwd)
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     # A reshape and max is much faster on CPU than reduce_window, forward and backward.
     batch, height, width, channels = x.shape
-    return max_over(x.reshape(batch, height // 2, 2, width // 2, 2, channels), (2, 4))
+    # Along rows, then columns: the gradient goes to the first maximum in raster order.
+    return max_over(max_over(x.reshape(batch, height // 2, 2, width // 2, 2, channels), 4), 2)
 
 
 class CNN(nnx.Module):
