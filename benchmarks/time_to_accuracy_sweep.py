@@ -14,19 +14,20 @@ from digitjax.distributed import make_mesh
 
 VARIANTS = {
     "default": {},
-    "--epochs 1": {"epochs": 1},
-    "--epochs 3": {"epochs": 3},
-    "--augment-shift 2": {"augment_shift": 2},
-    "--batch-size 128 --learning-rate 5e-3": {"batch_size": 128, "learning_rate": 5e-3},
-    "--channels 12,24,48": {"channels": (12, 24, 48)},
-    "--channels 16,32,64 (the previous default model)": {"channels": (16, 32, 64)},
-    "previous default recipe (16,32,64, batch 128, shifts, warmup 0.5, 10 epochs)": {
-        "channels": (16, 32, 64),
-        "batch_size": 128,
-        "augment_shift": 2,
-        "warmup_epochs": 0.5,
-        "epochs": 10,
+    **{f"--seed {seed}": {"seed": seed} for seed in range(1, 5)},
+    "--ema-decay 0": {"ema_decay": 0.0},
+    "--dense 128": {"dense": 128},
+    "--learning-rate 3e-3 --warmup-epochs 0.2": {"learning_rate": 3e-3, "warmup_epochs": 0.2},
+    "previous default (--dense 128 --learning-rate 3e-3 --warmup-epochs 0.2 --ema-decay 0)": {
+        "dense": 128,
+        "learning_rate": 3e-3,
+        "warmup_epochs": 0.2,
+        "ema_decay": 0.0,
     },
+    "--epochs 1": {"epochs": 1},
+    "--batch-size 128 --learning-rate 6e-3": {"batch_size": 128, "learning_rate": 6e-3},
+    "--channels 16,16,32": {"channels": (16, 16, 32)},
+    "--channels 16,32": {"channels": (16, 32)},
 }
 
 
@@ -45,6 +46,7 @@ def main() -> None:
                     "flags": VARIANTS[name],
                     "reached": result["reached"],
                     "seconds": round(result["seconds"], 2),
+                    "epochs": round(result["epochs"], 2) if result["reached"] else None,
                     "final_accuracy": result["evaluations"][-1]["test_accuracy"],
                 }
             )

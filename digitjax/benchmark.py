@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from digitjax.config import Config, UserError
 from digitjax.data import Dataset
-from digitjax.distributed import check_batch_size, make_mesh, put_replicated, replicated, to_host
+from digitjax.distributed import check_batch_size, make_mesh, put_replicated, to_host
 from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, create_model, normalize
 from digitjax.train import (
@@ -102,7 +102,7 @@ def training_throughput(
     train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
     images = put_replicated(dataset.train_images, mesh)
     labels = put_replicated(dataset.train_labels, mesh)
-    state = init_state(config, tx, len(dataset.class_names), replicated(mesh))
+    state = init_state(config, tx, len(dataset.class_names), mesh)
 
     order = put_replicated(epoch_order(config.seed, 0, schedule.num_train), mesh)
     start = time.perf_counter()
@@ -204,7 +204,7 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
     images = put_replicated(dataset.train_images, mesh)
     labels = put_replicated(dataset.train_labels, mesh)
     test_images = put_replicated(pad_to_batches(dataset.test_images), mesh)
-    state = init_state(config, tx, len(dataset.class_names), replicated(mesh))
+    state = init_state(config, tx, len(dataset.class_names), mesh)
     step, accuracy, evaluations = 0, 0.0, []
     while step < schedule.total_steps:
         epoch = step // schedule.steps_per_epoch

@@ -94,8 +94,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 20,
         "warmup_epochs": 0.5,
         "augment_shift": 2,
-        "augment_rotate": 10.0,
-        "augment_scale": 0.1,
+        "augment_rotate": 15.0,
+        "augment_scale": 0.15,
         "ema_decay": 0.999,
     },
 }

@@ -1,8 +1,9 @@
 """Training: a pure train step, run on device in chunks of steps, and the loop around it.
 
-The whole dataset lives on the device as uint8. One compiled program shuffles with `jax.random`
-and runs any number of steps with `fori_loop`, so the host only starts a chunk and reads back
-its running totals; the same program serves every chunk length, so it compiles once.
+The whole dataset lives on the device as uint8, and so does each epoch's order of it (drawn on
+the host once per epoch). One compiled program runs any number of steps with `fori_loop`, so the
+host only starts a chunk and reads back its running totals; the same program serves every chunk
+length, so it compiles once.
 """
 
 import contextlib
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from digitjax import checkpoint
 from digitjax.config import Config, Interrupted, UserError
@@ -72,17 +73,15 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
 
 
 def init_state(
-    config: Config,
-    tx: optax.GradientTransformation,
-    num_classes: int,
-    sharding: NamedSharding | None = None,
+    config: Config, tx: optax.GradientTransformation, num_classes: int, mesh: Mesh | None = None
 ) -> TrainState:
-    """A fresh state: the initial parameters from the host, the rest made on device."""
+    """A fresh state, replicated over `mesh` if given: the initial parameters come from the
+    host, the rest is made on device."""
     _, params = create_model(config, num_classes)
-    if sharding is not None:
-        params = jax.tree.map(lambda p: put_replicated(p, sharding.mesh), params)
+    if mesh is not None:
+        params = jax.tree.map(lambda p: put_replicated(p, mesh), params)
 
-    @functools.partial(jax.jit, out_shardings=sharding)
+    @functools.partial(jax.jit, out_shardings=replicated(mesh) if mesh is not None else None)
     def fresh_state(params: Any) -> TrainState:
         state = {
             "params": params,
@@ -347,7 +346,7 @@ def train(
         state, summary = checkpoint.restore_state(run_dir, target)
         history = summary["history"]
     else:
-        state = init_state(config, tx, num_classes, replicated(mesh))
+        state = init_state(config, tx, num_classes, mesh)
     main = is_main_process()
     if main:
         write_metrics_file(run_dir, history)

@@ -84,8 +84,8 @@ def test_preset_best_sets_its_recipe_and_flags_override_it(tiny_mnist: Path, tmp
     assert result.exit_code == 0, result.output
     config = json.loads(result.stdout)["config"]
     assert (config["augment_rotate"], config["augment_scale"], config["ema_decay"]) == (
-        10.0,
-        0.1,
+        15.0,
+        0.15,
         0.999,
     )
     assert config["channels"] == [4, 8] and config["epochs"] == 1  # the flags won
@@ -95,3 +95,4 @@ def test_unknown_preset_is_one_line_error(tmp_path: Path):
     result = runner.invoke(app, ["train", "--preset", "turbo", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "unknown preset 'turbo'; known: fast, best")
+
