@@ -58,7 +58,7 @@ def print_json(document: Any) -> None:
 
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache: a fresh process loads the programs an earlier one
-    compiled (default `digitjax train` 10.2 -> 9.1 s; predict's first forward pass ~3x
+    compiled (default `digitjax train` 9.7 -> 8.5 s; predict's first forward pass ~3x
     faster). The thresholds are lowered to zero because predict's programs are small."""
     import jax
 

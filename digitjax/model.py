@@ -30,15 +30,43 @@ def conv_impls_for(backend: str, training: bool, num_layers: int) -> tuple[str, 
     return ("window",) + ("im2col" if training else "lax",) * (num_layers - 1)
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """A stride-1 'SAME' convolution as one matmul over the stacked shifted inputs."""
-    _, height, width, channels = x.shape
-    kh, kw, _, features = kernel.shape
-    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    patches = jnp.concatenate(
-        [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1
+def patches_3x3(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, H, W, 9 * C): the 'SAME'-padded 3x3 neighbourhood of every pixel."""
+    _, height, width, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate(
+        [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)], axis=-1
     )
-    return patches @ kernel.reshape(kh * kw * channels, features) + bias
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A stride-1 'SAME' 3x3 convolution as one matmul over the stacked shifted inputs."""
+    patches = patches_3x3(x)
+    out = matmul(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, kernel.shape[-1]))
+    return out.reshape(*x.shape[:-1], -1) + bias
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """`x @ weights`, (M, K) x (K, N) with M >> K, N as in the im2col layers, with its weight
+    gradient in the form XLA:CPU runs fastest."""
+    return x @ weights
+
+
+def _matmul_fwd(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, tuple]:
+    return x @ weights, (x, weights)
+
+
+def _matmul_bwd(residuals: tuple, grad: jax.Array) -> tuple:
+    x, weights = residuals
+    # The weight gradient as (N, M) @ (M, K), transposed after: XLA:CPU hands autodiff's
+    # (K, M) @ (M, N) to Eigen, this form to its faster YNNPACK path, and the barrier stops it
+    # from folding the transpose back into the product. Training runs ~9% faster.
+    weights_grad = jax.lax.optimization_barrier(grad.T @ x).T
+    return grad @ weights.T, weights_grad
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _window_taps() -> np.ndarray:
@@ -67,7 +95,8 @@ def conv_relu_pool_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     )  # (block row, block col, batch, row, pixel row, col, pixel col, channel)
     windows = shifted.transpose(2, 3, 5, 0, 4, 1, 6, 7)  # pixel (a, b) = 2 * block + pixel
     window_kernel = jnp.einsum("abpquv,uvcf->abcpqf", _window_taps(), kernel)
-    # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly (~3x).
+    # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly (~3x). Plain
+    # `@`: with `matmul`'s weight gradient this layer measured ~7% slower in training.
     pre_pool = windows.reshape(-1, 16 * channels) @ window_kernel.reshape(16 * channels, -1)
     pooled = max_over(pre_pool.reshape(batch, height // 2, width // 2, 4, features), 3)
     return jax.nn.relu(pooled + bias)
@@ -89,16 +118,16 @@ def _max_over_fwd(x: jax.Array, axis: int) -> tuple[jax.Array, tuple]:
 
 def _max_over_bwd(axis: int, residuals: tuple, grad: jax.Array) -> tuple:
     x, maximum = residuals
-    is_max = x == jnp.expand_dims(maximum, axis)
-    # Ties are common (blank and saturated regions), so only the first maximum may take it:
-    # a candidate is passed over if any earlier one, shifted onto it, is maximal too.
-    earlier_is_max = jnp.zeros_like(is_max)
-    for shift in range(1, x.shape[axis]):
-        padding = [(0, 0)] * x.ndim
-        padding[axis] = (shift, 0)
-        shifted = jax.lax.slice_in_dim(jnp.pad(is_max, padding), 0, x.shape[axis], axis=axis)
-        earlier_is_max = earlier_is_max | shifted
-    return (jnp.where(is_max & ~earlier_is_max, jnp.expand_dims(grad, axis), 0),)
+    # Ties are common (blank and saturated regions), so only the first maximum may take it.
+    # One candidate at a time: the window layer's gradient took 0.32 ms a step as one select
+    # over shifted masks, and training runs ~5% faster this way.
+    taken = jnp.zeros(maximum.shape, bool)
+    grads = []
+    for i in range(x.shape[axis]):
+        is_first_max = (jax.lax.index_in_dim(x, i, axis, keepdims=False) == maximum) & ~taken
+        taken = taken | is_first_max
+        grads.append(jnp.where(is_first_max, grad, 0))
+    return (jnp.stack(grads, axis),)
 
 
 max_over.defvjp(_max_over_fwd, _max_over_bwd)
