@@ -30,20 +30,16 @@ def conv_impls_for(backend: str, training: bool, num_layers: int) -> tuple[str, 
     return ("window",) + ("im2col" if training else "lax",) * (num_layers - 1)
 
 
-def patches_3x3(x: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> (B, H, W, 9 * C): the 'SAME'-padded 3x3 neighbourhood of every pixel."""
-    _, height, width, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return jnp.concatenate(
-        [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)], axis=-1
-    )
-
-
 def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """A stride-1 'SAME' 3x3 convolution as one matmul over the stacked shifted inputs."""
-    patches = patches_3x3(x)
-    out = matmul(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, kernel.shape[-1]))
-    return out.reshape(*x.shape[:-1], -1) + bias
+    """A stride-1 'SAME' convolution as one matmul over the stacked shifted inputs."""
+    batch, height, width, channels = x.shape
+    kh, kw, _, features = kernel.shape
+    padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    patches = jnp.concatenate(
+        [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    out = matmul(patches.reshape(-1, kh * kw * channels), kernel.reshape(-1, features))
+    return out.reshape(batch, height, width, features) + bias
 
 
 @jax.custom_vjp
