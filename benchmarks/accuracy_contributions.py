@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from digitjax.checkpoint import restore_model
+from digitjax.config import uses_ema
 from digitjax.data import load_dataset
-from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
+from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches, split_logits
 
 
 def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -29,15 +30,20 @@ def main() -> None:
     args = parser.parse_args()
     raw = restore_model(args.run_dir, args.kind, average=False)
     models = {"raw weights": raw}
-    if raw.config.ema_decay:
+    if uses_ema(raw.config):
         models["moving average"] = restore_model(args.run_dir, args.kind)
     data = load_dataset(raw.config.dataset, raw.config.data_dir)
     logits_fn = make_logits_fn(raw.graphdef)
     results = {"checkpoint": str(raw.step_dir)}
+    count = len(data.test_images)
+
+    def logits_of(params, images: np.ndarray) -> np.ndarray:
+        return split_logits(logits_fn, params, pad_to_batches(images), count)
+
     for name, model in models.items():
-        plain = compute_logits(logits_fn, model.params, data.test_images)
+        plain = logits_of(model.params, data.test_images)
         summed = sum(
-            compute_logits(logits_fn, model.params, shifted(data.test_images, dy, dx))
+            logits_of(model.params, shifted(data.test_images, dy, dx))
             for dy, dx in itertools.product((-1, 0, 1), repeat=2)
         )
         for label, logits in ((name, plain), (f"{name}, 9-shift TTA", summed)):

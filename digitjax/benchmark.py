@@ -7,12 +7,14 @@ and repeats; figures are medians with their spread (min..max).
 """
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,19 +23,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from digitjax.config import Config, UserError
-from digitjax.data import Dataset
-from digitjax.distributed import check_batch_size, make_mesh, put_replicated, to_host
-from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
+from digitjax.data import Dataset, load_dataset
+from digitjax.distributed import make_mesh, put_replicated, runtime_info
+from digitjax.evaluate import make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, create_model, normalize
 from digitjax.train import (
-    Schedule,
-    chunk_lengths,
     epoch_order,
-    eval_params,
-    init_state,
-    make_optimizer,
-    make_train_chunk,
     make_train_step,
+    prepare_training,
+    run_chunks,
     training_conv_impls,
 )
 
@@ -55,10 +53,7 @@ def flops_of(compiled: Any) -> float:
     return float(analysis.get("flops", 0.0))
 
 
-def machine_info() -> dict[str, Any]:
-    import flax
-    import optax
-
+def machine_info(mesh: Mesh) -> dict[str, Any]:
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -70,14 +65,8 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "versions": {
-            "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-        },
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
+        **runtime_info(mesh),
+        "all_devices": [str(d) for d in jax.devices()],
     }
 
 
@@ -93,25 +82,21 @@ def training_throughput(
     config: Config, dataset: Dataset, steps: int, repeats: int, mesh: Mesh
 ) -> dict:
     """On-device training (the `digitjax train` loop): img/s, compile time and FLOP/s."""
-    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
-    if steps > schedule.steps_per_epoch:
-        raise UserError(f"--steps {steps} exceeds one epoch ({schedule.steps_per_epoch} steps)")
-    graphdef, _ = abstract_model(config)
-    tx = make_optimizer(config, schedule)
-    check_batch_size(config.batch_size, mesh)
-    train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
-    images = put_replicated(dataset.train_images, mesh)
-    labels = put_replicated(dataset.train_labels, mesh)
-    state = init_state(config, tx, len(dataset.class_names), mesh)
-
-    order = put_replicated(epoch_order(config.seed, 0, schedule.num_train), mesh)
+    setup = prepare_training(config, dataset, mesh)
+    if steps > setup.schedule.steps_per_epoch:
+        raise UserError(
+            f"--steps {steps} exceeds one epoch ({setup.schedule.steps_per_epoch} steps)"
+        )
+    state = setup.init_state()
+    order = put_replicated(epoch_order(config.seed, 0, setup.schedule.num_train), mesh)
+    images, labels = setup.train_images, setup.train_labels
     start = time.perf_counter()
-    compiled_chunk = train_chunk.lower(state, images, labels, order, steps).compile()
+    compiled_chunk = setup.train_chunk.lower(state, images, labels, order, steps).compile()
     compile_s = time.perf_counter() - start
     # Useful FLOPs: those of one step of the reference model (every layer `lax.conv`), which
     # the faster layer forms only rearrange (the "window" layer computes 1.8x its FLOPs). One
     # step, as the chunk is a while loop whose cost analysis counts its body once.
-    step = jax.jit(make_train_step(config, graphdef, tx))
+    step = jax.jit(make_train_step(config, setup.graphdef, setup.tx))
     batch = normalize(jnp.asarray(dataset.train_images[: config.batch_size]))
     flops_per_step = flops_of(
         step.lower(state, batch, jnp.asarray(dataset.train_labels[: config.batch_size])).compile()
@@ -144,15 +129,13 @@ def training_throughput(
 def host_fed_throughput(config: Config, dataset: Dataset, steps: int, repeats: int) -> dict:
     """The conventional loop of the usual examples: numpy batches shuffled on the host and
     sent to the device every step, one jitted step per batch (same step function)."""
-    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
-    graphdef, _ = abstract_model(config)
-    tx = make_optimizer(config, schedule)
+    setup = prepare_training(config, dataset, make_mesh(1))
     step = jax.jit(
-        make_train_step(config, graphdef, tx, training_conv_impls(config)),
+        make_train_step(config, setup.graphdef, setup.tx, training_conv_impls(config)),
         donate_argnums=0,
     )
-    state = init_state(config, tx, len(dataset.class_names))
-    order = epoch_order(config.seed, 0, schedule.num_train)
+    state = setup.init_state()
+    order = epoch_order(config.seed, 0, setup.schedule.num_train)
 
     def run() -> Any:
         nonlocal state
@@ -196,37 +179,21 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
     set first reaches `target`, evaluating after every chunk (a tenth of an epoch)."""
     jax.clear_caches()  # cold: nothing compiled by earlier measurements in this process
     start = time.perf_counter()
-    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
-    graphdef, _ = abstract_model(config)
-    tx = make_optimizer(config, schedule)
-    train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
-    logits_fn = make_logits_fn(graphdef, mesh)
-    images = put_replicated(dataset.train_images, mesh)
-    labels = put_replicated(dataset.train_labels, mesh)
-    test_images = put_replicated(pad_to_batches(dataset.test_images), mesh)
-    state = init_state(config, tx, len(dataset.class_names), mesh)
-    step, accuracy, evaluations = 0, 0.0, []
-    while step < schedule.total_steps:
-        epoch = step // schedule.steps_per_epoch
-        order = put_replicated(epoch_order(config.seed, epoch, schedule.num_train), mesh)
-        for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
-            state = train_chunk(state, images, labels, order, length)
-            step += length
-            logits = to_host(logits_fn(eval_params(state), test_images))
-            logits = logits[: len(dataset.test_labels)]
-            accuracy = compute_metrics(logits, dataset.test_labels, dataset.class_names).accuracy
-            evaluations.append(
-                {"step": step, "seconds": time.perf_counter() - start, "test_accuracy": accuracy}
-            )
-            if accuracy >= target:
-                return {
-                    "target": target,
-                    "reached": True,
-                    "seconds": evaluations[-1]["seconds"],
-                    "step": step,
-                    "epochs": step / schedule.steps_per_epoch,
-                    "evaluations": evaluations,
-                }
+    setup = prepare_training(config, dataset, mesh)
+    evaluations = []
+    for state, step in run_chunks(setup, setup.init_state(), 0):
+        accuracy = setup.test_metrics(state).accuracy
+        seconds = time.perf_counter() - start
+        evaluations.append({"step": step, "seconds": seconds, "test_accuracy": accuracy})
+        if accuracy >= target:
+            return {
+                "target": target,
+                "reached": True,
+                "seconds": seconds,
+                "step": step,
+                "epochs": step / setup.schedule.steps_per_epoch,
+                "evaluations": evaluations,
+            }
     return {
         "target": target,
         "reached": False,
@@ -245,17 +212,24 @@ class BenchmarkPlan:
     baseline: bool = False
     devices: int | None = None  # default: all
 
+    def __post_init__(self) -> None:
+        if self.target is not None and not 0 < self.target < 1:
+            raise UserError(f"--target is an accuracy in (0, 1), got {self.target}")
+
 
 def run_benchmark(
-    config: Config,
-    dataset: Dataset,
     plan: BenchmarkPlan,
     report: Callable[[str], None] = lambda message: None,
+    config: Config | None = None,
+    dataset: Dataset | None = None,
 ) -> dict:
-    """Every measurement of `plan`, as one JSON-ready dict."""
+    """Every measurement of `plan`, as one JSON-ready dict: of the default recipe on MNIST
+    unless told otherwise."""
+    config = config or Config()
+    dataset = dataset or load_dataset(config.dataset, config.data_dir)
     mesh = make_mesh(plan.devices)
     results: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(mesh),
         "config": config.to_dict(),
         "plan": dataclasses.asdict(plan),
         "devices_used": mesh.size,
@@ -281,3 +255,7 @@ def run_benchmark(
         report(f"time to {100 * plan.target:.1f}% test accuracy")
         results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target, mesh)
     return results
+
+
+def write_results(results: dict, path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,14 +1,25 @@
-"""Orbax checkpoints of a run: `latest/` (for resuming) and `best/` (by test accuracy).
+"""Run folders and their Orbax checkpoints: `latest/` (for resuming) and `best/` (by test
+accuracy), with the policy that keeps a user's runs safe.
 
 Each checkpoint holds three items: `state` (plain nested dicts of arrays: params, optimizer
 state, step, running epoch totals and, with `ema_decay`, the averaged `ema_params` that are
-evaluated and served), `config` (JSON) and `summary` (JSON: epoch, test metrics and
-the per-epoch history). Orbax writes to a temporary folder and renames it, so a checkpoint on disk
-is always complete. Plain orbax restores one with `ocp.CheckpointManager(path).restore(step)`.
+evaluated and served), `config` (JSON) and `summary` (JSON: test metrics, the per-epoch
+history, per-chunk training curve, where it ran, and a SHA-256 of every state array). Orbax
+writes to a temporary folder and renames it, so a checkpoint on disk is always complete; the
+checksums catch what renaming cannot (flipped bits). Plain orbax restores one with
+`ocp.CheckpointManager(path).restore(step)`.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
+import os
+import re
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +30,79 @@ from absl import logging
 
 from digitjax.config import Config, UserError
 
-# Orbax logs routine notes (missing optional metadata, sharding fallbacks) as warnings.
-logging.set_verbosity(logging.ERROR)
+# Orbax logs routine notes as warnings, and the errors that we report in one line ourselves.
+logging.set_verbosity(logging.FATAL)
 
 LATEST, BEST = "latest", "best"
-METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
+METRICS_FILE, CURVES_FILE, LOCK_FILE = "metrics.jsonl", "curves.png", ".digitjax.lock"
 RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
+ITEMS = ("state", "config", "summary")
 DEFAULT_ROOT = Path("checkpoints")
 
 
-class RunCheckpointer:
-    """Writes the latest and best checkpoints of one training run."""
+# --- Run folders -------------------------------------------------------------------------
 
-    def __init__(self, run_dir: Path):
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.managers = {
-            kind: ocp.CheckpointManager((run_dir / kind).absolute(), options=options)
-            for kind in (LATEST, BEST)
-        }
 
-    def save(self, kind: str, state: dict[str, Any], config: Config, summary: dict) -> None:
-        manager = self.managers[kind]
-        step = int(state["step"].addressable_data(0))
-        if manager.latest_step() == step:
-            return
-        # Orbax names its multi-host barriers by step alone: two managers must not save the
-        # same step at once.
-        for other in self.managers.values():
-            other.wait_until_finished()
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config.to_dict()),
-                summary=ocp.args.JsonSave(summary),
-            ),
+def choose_run_dir(out_dir: Path | None, resume: bool, dataset: str) -> Path:
+    """--out if given; else the newest run to resume, or a new timestamped folder."""
+    if out_dir is not None:
+        return out_dir
+    if jax.process_count() > 1:
+        raise UserError("a multi-process job needs --out: every process must name the same run")
+    if resume:
+        newest = newest_run()
+        if newest is None:
+            raise UserError(f"nothing to resume in {DEFAULT_ROOT}/; pass --out DIR")
+        return newest
+    return DEFAULT_ROOT / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def usable_steps(folder: Path) -> list[Path]:
+    """The complete checkpoints in a `latest`/`best` folder, oldest first. Orbax's temporary
+    folders (a write cut short) and leftovers of a deletion cut short do not count."""
+    if not folder.is_dir():
+        return []
+    steps = [
+        p
+        for p in folder.iterdir()
+        if p.name.isdigit()
+        and (p / "_CHECKPOINT_METADATA").is_file()
+        and all((p / item).is_dir() for item in ITEMS)
+    ]
+    return sorted(steps, key=lambda p: int(p.name))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any(usable_steps(run_dir / kind) for kind in (LATEST, BEST))
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses what would lose work. A folder whose run never wrote a checkpoint (killed or
+    diverged in its first epoch) holds nothing to lose, so it may simply be started again."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder")
+    if resume and not usable_steps(run_dir / LATEST):
+        if usable_steps(run_dir / BEST):
+            raise UserError(f"cannot resume {run_dir}: its latest/ checkpoint is missing")
+        raise UserError(
+            f"nothing to resume: {run_dir} holds no checkpoint (a run stops without one if it "
+            "ends in its first epoch); run the same command without --resume to start it"
+        )
+    if not resume and not overwrite and has_checkpoint(run_dir):
+        raise UserError(
+            f"{run_dir} already holds a run: pass --resume to continue it "
+            "or --overwrite to replace it"
         )
 
-    def close(self) -> None:
-        for manager in self.managers.values():
-            manager.wait_until_finished()
-            manager.close()
 
-
-def holds_run(run_dir: Path) -> bool:
-    return any((run_dir / item).exists() for item in RUN_ITEMS)
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Makes the folder ready to write: a new run starts from a clean slate (only the run's
+    own items are removed; `check_run_dir` has made sure that is wanted)."""
+    if not resume:
+        clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def clear_run(run_dir: Path) -> None:
@@ -77,8 +116,116 @@ def clear_run(run_dir: Path) -> None:
 
 
 def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
-    runs = [p for p in root.glob("*") if (p / BEST).is_dir() or (p / LATEST).is_dir()]
+    """The most recently written run in `root` that holds a complete checkpoint."""
+    runs = [p for p in root.glob("*") if p.is_dir() and has_checkpoint(p)]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Holds the run folder for this process. The kernel releases an flock when its process
+    dies, however it dies, so a stale lock never blocks a later run."""
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"{run_dir} is in use by another digitjax run (process {holder}); "
+                "wait for it to end or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the run never started: leave no trace
+
+
+# --- Writing -----------------------------------------------------------------------------
+
+
+def state_checksums(state: dict[str, Any]) -> dict[str, str]:
+    """A SHA-256 per top-level state item over every array's path, dtype, shape and bytes."""
+    return {key: _sha256(value) for key, value in state.items()}
+
+
+def _sha256(tree: Any) -> str:
+    digest = hashlib.sha256()
+    for path, leaf in sorted(_by_path(tree).items()):
+        value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+class RunCheckpointer:
+    """Writes the latest and best checkpoints of one training run. Writes are synchronous,
+    so a failure (a full disk) surfaces at the save that caused it, and the previous
+    checkpoint of each kind stays until the new one is complete."""
+
+    def __init__(self, run_dir: Path):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1,
+            create=True,
+            cleanup_tmp_directories=True,  # the leftovers of a write cut short
+            enable_async_checkpointing=False,
+        )
+        self.managers = {
+            kind: ocp.CheckpointManager((run_dir / kind).absolute(), options=options)
+            for kind in (LATEST, BEST)
+        }
+
+    def save(self, kind: str, state: dict[str, Any], config: Config, summary: dict) -> None:
+        manager = self.managers[kind]
+        step = int(state["step"].addressable_data(0))
+        if manager.latest_step() == step:
+            return
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config.to_dict()),
+            summary=ocp.args.JsonSave({**summary, "checksums": state_checksums(state)}),
+        )
+        try:
+            manager.save(step, args=args)
+        except Exception as e:  # orbax wraps OS errors in its own types
+            for tmp in Path(manager.directory).glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(
+                f"cannot write checkpoint {manager.directory / str(step)}: {_reason(e)}; "
+                "the previous checkpoint is kept"
+            ) from None
+
+    def best_step(self) -> int | None:
+        return self.managers[BEST].latest_step()
+
+    def close(self) -> None:
+        for manager in self.managers.values():
+            manager.close()
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of an exception chain, in one short line."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    # TensorStore reports file system errors as text ending in "[os_error_code='28']".
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+# --- Reading -----------------------------------------------------------------------------
 
 
 def _step_dir(path: Path, kind: str) -> Path:
@@ -88,30 +235,35 @@ def _step_dir(path: Path, kind: str) -> Path:
         raise UserError(f"no checkpoint at {path}")
     if (path / "_CHECKPOINT_METADATA").exists():
         return path
-    if (path / kind).is_dir():
-        path = path / kind
-    elif kind == BEST and (path / LATEST).is_dir():
-        path = path / LATEST
-    steps = [p for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()]
+    folder = path / kind if (path / kind).is_dir() else path
+    steps = _step_dirs(folder)
+    if not steps and folder == path / BEST:
+        steps = _step_dirs(path / LATEST)  # the first best/ write was cut short: latest is it
     if not steps:
         raise UserError(f"no digitjax checkpoint in {path}")
-    return max(steps, key=lambda p: int(p.name))
+    return steps[-1]
 
 
-def _restore_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
-    """All three items. Without a target the state lands on this process's first device,
-    whatever devices wrote it (Orbax refuses to guess across topologies)."""
-    if not (step_dir / "config").exists() or not (step_dir / "summary").exists():
-        raise UserError(f"{step_dir} is not a digitjax checkpoint (no config or summary item)")
+def _step_dirs(folder: Path) -> list[Path]:
+    """Step folders, complete or not (a damaged newest one must be reported, not skipped);
+    Orbax's temporary folders do not count."""
+    steps = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
+    return sorted(steps, key=lambda p: int(p.name))
+
+
+def _read_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
+    """All three items, each checked. Without a target the state lands on this process's
+    first device, whatever devices wrote it (Orbax refuses to guess across topologies)."""
+    if not all((step_dir / item).is_dir() for item in ITEMS):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (it lacks an item)")
+    if state_target is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        state_target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            _saved_state_metadata(step_dir),
+        )
     manager = ocp.CheckpointManager(step_dir.parent.absolute())
     try:
-        if state_target is None:
-            with ocp.StandardCheckpointer() as checkpointer:
-                saved = checkpointer.metadata((step_dir / "state").absolute()).item_metadata
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            state_target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved.tree
-            )
         restored = manager.restore(
             int(step_dir.name),
             args=ocp.args.Composite(
@@ -121,25 +273,77 @@ def _restore_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
             ),
         )
     except Exception as e:  # orbax raises many types for damaged files; all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"corrupt checkpoint {step_dir}: {reason[:200]}") from None
+        raise _read_error(step_dir, e) from None
     finally:
         manager.close()
-    return dict(restored)
+    items = dict(restored)
+    _check_summary(items["summary"], step_dir)
+    _verify_checksums(items, step_dir)
+    return items
 
 
-def _match_tree(restored: Any, expected: Any, what: str, where: Path) -> Any:
-    """`restored` arranged as `expected`, after checking every path and shape ourselves:
-    orbax can restore a partial tree silently, and it saves integer keys as strings."""
+def _saved_state_metadata(step_dir: Path) -> Any:
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.metadata((step_dir / "state").absolute()).item_metadata.tree
+    except Exception as e:
+        raise _read_error(step_dir, e) from None
 
-    def by_path(tree: Any) -> dict[str, Any]:
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {
-            "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-            for path, leaf in leaves
-        }
 
-    got, want = by_path(restored), by_path(expected)
+def _read_error(step_dir: Path, error: Exception) -> UserError:
+    reason = _reason(error)
+    if "ermission denied" in reason:
+        return UserError(f"cannot read checkpoint {step_dir}: permission denied")
+    return UserError(f"corrupt checkpoint {step_dir}: {reason}")
+
+
+def _check_summary(summary: Any, step_dir: Path) -> None:
+    records = summary.get("history") if isinstance(summary, dict) else None
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and {"epoch", "step", "test_accuracy"} <= set(r) for r in records
+    ):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (its summary has no history)")
+    if not isinstance(summary.get("num_classes"), int):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
+
+
+def _verify_checksums(items: dict[str, Any], step_dir: Path) -> None:
+    """Checkpoints written before checksums existed (and the bundled model) have none."""
+    saved = items["summary"].get("checksums", {})
+    state = items["state"] if isinstance(items["state"], dict) else {}
+    damaged = [key for key in saved if key in state and _sha256(state[key]) != saved[key]]
+    if damaged:
+        raise UserError(
+            f"corrupt checkpoint {step_dir}: {', '.join(sorted(damaged))} "
+            "do not match their checksums (damaged on disk)"
+        )
+
+
+def _config_of(items: dict[str, Any], step_dir: Path) -> Config:
+    try:
+        return Config.from_dict(items["config"])
+    except (TypeError, UserError) as e:
+        raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
+
+
+def _by_path(tree: Any) -> dict[str, Any]:
+    """Leaves by their '/'-joined path, the same however the tree was restored: orbax turns
+    sequence indices into string keys, and named tuples into dicts without a target."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _match_tree(saved: Any, expected: Any, what: str, where: Path) -> Any:
+    """`saved` arranged as `expected`, after checking every path and shape ourselves:
+    orbax can restore a partial tree silently."""
+    got, want = _by_path(saved), _by_path(expected)
     got_shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
     want_shapes = {k: tuple(v.shape) for k, v in want.items()}
     if got_shapes != want_shapes:
@@ -153,8 +357,8 @@ def _match_tree(restored: Any, expected: Any, what: str, where: Path) -> Any:
 
 def read_config(path: Path, kind: str = BEST) -> tuple[Config, dict]:
     step_dir = _step_dir(path, kind)
-    items = _restore_items(step_dir)
-    return Config.from_dict(items["config"]), items["summary"]
+    items = _read_items(step_dir)
+    return _config_of(items, step_dir), items["summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,36 +373,37 @@ class TrainedModel:
 def restore_model(path: Path, kind: str = BEST, average: bool = True) -> TrainedModel:
     """A model for evaluation or prediction, its params checked against its saved config:
     the moving average of the weights if the run kept one and `average`, else the weights."""
+    from digitjax.config import uses_ema
     from digitjax.model import abstract_model
 
     step_dir = _step_dir(path, kind)
-    items = _restore_items(step_dir)
-    try:
-        config = Config.from_dict(items["config"])
-    except (TypeError, UserError) as e:
-        raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
-    graphdef, expected = abstract_model(config, items["summary"].get("num_classes", 10))
-    kept = "ema_params" if config.ema_decay and average else "params"
+    items = _read_items(step_dir)
+    config = _config_of(items, step_dir)
+    graphdef, expected = abstract_model(config, items["summary"]["num_classes"])
+    kept = "ema_params" if uses_ema(config) and average else "params"
     params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
-        raise UserError(f"{step_dir} is not a digitjax checkpoint (no params)")
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (no {kept})")
     params = _match_tree(params, expected, "model", step_dir)
     return TrainedModel(config, graphdef, params, items["summary"], step_dir)
 
 
-def restore_state(path: Path, abstract_state: Any, kind: str = LATEST) -> tuple[Any, dict]:
-    """The full training state for resuming, placed as `abstract_state`'s shardings say."""
-    step_dir = _step_dir(path, kind)
-    saved = _restore_items(step_dir)["state"]
+def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
+    """The full training state of the latest checkpoint, for resuming, placed as
+    `abstract_state`'s shardings say; its layout is checked before anything is read."""
+    step_dir = _step_dir(run_dir, LATEST)
+    saved = _saved_state_metadata(step_dir)
+    if not isinstance(saved, dict) or "params" not in saved or "opt_state" not in saved:
+        raise UserError(f"{step_dir} is not a digitjax training checkpoint")
     _match_tree(saved["params"], abstract_state["params"], "model", step_dir)
-    optimizer_shapes = [
-        sorted(np.shape(leaf) for leaf in jax.tree.leaves(state["opt_state"]))
-        for state in (saved, abstract_state)
-    ]
-    if optimizer_shapes[0] != optimizer_shapes[1]:
+    saved_shapes, wanted_shapes = (
+        {path: tuple(leaf.shape) for path, leaf in _by_path(tree).items()}
+        for tree in (saved, abstract_state)
+    )
+    if saved_shapes != wanted_shapes:
         raise UserError(
             f"cannot resume {step_dir}: its optimizer state is laid out as an older digitjax "
             "wrote it; start a new run (evaluate and predict still read this checkpoint)"
         )
-    items = _restore_items(step_dir, abstract_state)
+    items = _read_items(step_dir, abstract_state)
     return items["state"], items["summary"]

@@ -1,6 +1,7 @@
-"""The one configuration of a run, saved with every checkpoint."""
+"""The one configuration of a run, saved with every checkpoint, and the errors users see."""
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 
@@ -9,75 +10,133 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Ctrl-C during training, after the latest checkpoint was saved."""
+    """Ctrl-C or SIGTERM during training, after the latest checkpoint was saved."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _field(default: Any, help_text: str, panel: str) -> Any:
+    """A config field with the help text and help panel that `digitjax train --help` shows."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "panel": panel})
+
+
+RECIPE, MODEL, AUGMENT = "Recipe", "Model", "Augmentation"
+MAX_SEED = 2**31 - 1  # numpy and jax.random both take it; the CLI stays portable
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    epochs: int = 2
-    batch_size: int = 64
-    learning_rate: float = 5e-3
-    warmup_epochs: float = 0.1
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    augment_shift: int = 0
-    augment_rotate: float = 0.0  # degrees, either way
-    augment_scale: float = 0.0  # relative, either way
-    ema_decay: float = 0.99  # 0: evaluate the trained weights; else their moving average
-    channels: tuple[int, ...] = (8, 16, 32)
-    dense: int = 64
-    seed: int = 0
-    chunks_per_epoch: int = 10
-    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    dataset: str = _field("mnist", "Dataset: mnist or fashion_mnist.", RECIPE)
+    data_dir: str | None = _field(
+        None, "Folder with the four MNIST-format IDX .gz files to train on instead.", RECIPE
+    )
+    epochs: int = _field(2, "Training epochs.", RECIPE)
+    batch_size: int = _field(64, "Images per step (global, over all devices).", RECIPE)
+    learning_rate: float = _field(5e-3, "Peak AdamW learning rate.", RECIPE)
+    warmup_epochs: float = _field(0.1, "Linear warmup, in epochs.", RECIPE)
+    weight_decay: float = _field(5e-4, "AdamW weight decay.", RECIPE)
+    label_smoothing: float = _field(0.1, "Label smoothing.", RECIPE)
+    augment_shift: int = _field(0, "Random translation in pixels (0: no augmentation).", AUGMENT)
+    augment_rotate: float = _field(0.0, "Random rotation, up to this many degrees.", AUGMENT)
+    augment_scale: float = _field(0.0, "Random scaling, up to this fraction either way.", AUGMENT)
+    ema_decay: float = _field(
+        0.99, "Evaluate and keep a moving average of the weights (0: the raw weights).", RECIPE
+    )
+    channels: tuple[int, ...] = _field((8, 16, 32), "Conv widths, comma-separated.", MODEL)
+    dense: int = _field(64, "Width of the hidden dense layer.", MODEL)
+    seed: int = _field(0, "Random seed (same seed, same metrics).", RECIPE)
+    dtype: str = _field("float32", "Compute dtype: float32, or bfloat16 for GPU/TPU.", MODEL)
+    chunks_per_epoch: int = 10  # host round trips per epoch: progress, Ctrl-C and curve points
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "learning_rate", "dense", "chunks_per_epoch")
-        for name in positive:
-            if getattr(self, name) <= 0:
+        for name, low, high in BOUNDS:
+            value = getattr(self, name)
+            if not low <= value <= high:  # NaN fails every comparison, so it is refused too
                 raise UserError(
-                    f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}"
-                )
-        non_negative = (
-            "warmup_epochs",
-            "weight_decay",
-            "augment_shift",
-            "augment_rotate",
-            "augment_scale",
-        )
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                    f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}"
                 )
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.augment_scale >= 1:
-            raise UserError(f"--augment-scale must be < 1, got {self.augment_scale}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype must be float32 or bfloat16, got {self.dtype}")
-        if not 1 <= len(self.channels) <= 4 or min(self.channels) <= 0:
-            raise UserError(f"--channels needs 1 to 4 positive widths, got {self.channels}")
+        if not 1 <= len(self.channels) <= 4 or not all(1 <= c <= 4096 for c in self.channels):
+            raise UserError(f"--channels needs 1 to 4 widths in [1, 4096], got {self.channels}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise UserError(
-                f"checkpoint config has unknown fields {unknown}: not a digitjax checkpoint"
-            )
+        """A saved config; fields older checkpoints lack take the values they were trained
+        with. Anything else that does not fit is a UserError."""
+        known = {field.name: field for field in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) - set(known):
+            unknown = sorted(set(raw) - set(known)) if isinstance(raw, dict) else raw
+            raise UserError(f"config has unknown fields {unknown}: not a digitjax config")
         values = {**ADDED_LATER, **raw}
-        if "channels" in values:
+        if isinstance(values.get("channels"), list):
             values["channels"] = tuple(values["channels"])
+        for name, value in values.items():
+            if not _has_type(value, known[name].default):
+                raise UserError(f"config field {name} = {value!r} has the wrong type")
         return cls(**values)
 
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any], preset: str | None = None) -> "Config":
+        """The config of `digitjax train`: defaults, overridden by a preset's settings, then by
+        the flags given (None: not given). A relative --data-dir is stored resolved, so that
+        `evaluate` and `--resume` work from any folder."""
+        settings = chosen_settings(flags, preset)
+        if settings.get("data_dir") is not None:
+            settings["data_dir"] = str(Path(settings["data_dir"]).expanduser().resolve())
+        return cls(**settings)
+
+
+def chosen_settings(flags: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    """The settings the user chose: a preset's, then the flags given (None: not given)."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    given = {name: value for name, value in flags.items() if value is not None}
+    return {**PRESETS.get(preset, {}), **given}
+
+
+def uses_ema(config: Config) -> bool:
+    """Whether the run keeps a moving average of its weights (the weights it evaluates)."""
+    return config.ema_decay > 0
+
+
+def _has_type(value: Any, default: Any) -> bool:
+    """Whether a saved value has the type of the field's default (JSON has no tuples, and
+    writes whole floats as ints)."""
+    if isinstance(value, bool):
+        return False
+    if default is None:  # data_dir
+        return value is None or isinstance(value, str)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple) and all(_has_type(v, 0) for v in value)
+    return isinstance(value, type(default))
+
+
+# (field, lowest, highest) of the numeric settings.
+BOUNDS = (
+    ("epochs", 1, 100_000),
+    ("batch_size", 1, 1_000_000),
+    ("learning_rate", 1e-12, 1e6),
+    ("warmup_epochs", 0.0, 100_000.0),
+    ("weight_decay", 0.0, 100.0),
+    ("augment_shift", 0, 13),
+    ("augment_rotate", 0.0, 180.0),
+    ("augment_scale", 0.0, 0.99),
+    ("dense", 1, 1_000_000),
+    ("seed", 0, MAX_SEED),
+    ("chunks_per_epoch", 1, 10_000),
+)
 
 # Fields that older checkpoints lack, with the value that reproduces how those were trained
 # (not today's default, which may differ).

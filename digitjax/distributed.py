@@ -44,6 +44,16 @@ def initialize(
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"cannot join the distributed job: {str(e).splitlines()[0]}") from None
+    global _joined
+    _joined = True
+
+
+_joined = False
+
+
+def joined() -> bool:
+    """Whether this process joined a multi-process job (its shutdown must then run)."""
+    return _joined
 
 
 def is_main_process() -> bool:
@@ -97,8 +107,11 @@ def to_host(array: jax.Array) -> np.ndarray:
 
 @contextlib.contextmanager
 def native_stdout_to_stderr() -> Iterator[None]:
-    """Gloo prints connection notes from C++ straight to file descriptor 1, which belongs to
-    --json: point the descriptor at stderr meanwhile."""
+    """In a multi-process job, Gloo prints connection notes from C++ straight to file
+    descriptor 1, which belongs to --json: point the descriptor at stderr meanwhile."""
+    if jax.process_count() == 1:
+        yield
+        return
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
@@ -124,3 +137,17 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
             f"--batch-size {batch_size} does not divide over {mesh.size} devices; "
             f"use a multiple of {mesh.size}"
         )
+
+
+def runtime_info(mesh: Mesh) -> dict[str, Any]:
+    """Where a run ran, for its record: devices, processes and the library versions."""
+    import importlib.metadata
+
+    packages = ("digitjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "versions": {name: importlib.metadata.version(name) for name in packages},
+    }

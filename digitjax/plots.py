@@ -12,13 +12,18 @@ import numpy as np  # noqa: E402
 from digitjax.evaluate import Metrics  # noqa: E402
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    epochs = [r["epoch"] for r in history]
+def plot_curves(history: list[dict], curve: list[dict], path: Path) -> None:
+    """Training loss and accuracy per chunk (a tenth of an epoch) as lines, test figures per
+    epoch as points."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (smoothed labels)")
+    chunk_epochs = [r["epoch"] for r in curve]
+    epochs = [r["epoch"] for r in history]
+    loss_ax.plot(
+        chunk_epochs, [r["train_loss"] for r in curve], "-", label="train (smoothed labels)"
+    )
     loss_ax.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    acc_ax.plot(epochs, [100 * r["train_accuracy"] for r in history], "o-", label="train")
+    acc_ax.plot(chunk_epochs, [100 * r["train_accuracy"] for r in curve], "-", label="train")
     acc_ax.plot(epochs, [100 * r["test_accuracy"] for r in history], "o-", label="test")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, acc_ax):

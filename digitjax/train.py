@@ -4,6 +4,10 @@ The whole dataset lives on the device as uint8, and so does each epoch's order o
 the host once per epoch). One compiled program runs any number of steps with `fori_loop`, so the
 host only starts a chunk and reads back its running totals; the same program serves every chunk
 length, so it compiles once.
+
+`prepare_training` builds everything a run needs once (`TrainingSetup`); `run_chunks` drives
+the compiled chunks; `train` adds what makes a run safe to lose: checkpoints at every epoch
+end, resuming, Ctrl-C and SIGTERM saving at the next chunk boundary.
 """
 
 import contextlib
@@ -13,9 +17,10 @@ import json
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +29,8 @@ import optax
 from jax.sharding import Mesh
 
 from digitjax import checkpoint
-from digitjax.config import Config, Interrupted, UserError
+from digitjax.augment import augment
+from digitjax.config import Config, Interrupted, UserError, uses_ema
 from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import (
     abstract_on,
@@ -34,13 +40,31 @@ from digitjax.distributed import (
     make_mesh,
     put_replicated,
     replicated,
+    runtime_info,
     sync,
     to_host,
 )
-from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches
+from digitjax.evaluate import Metrics, make_logits_fn, pad_to_batches, split_metrics
 from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
 
-TrainState = dict[str, Any]
+
+class EpochTotals(TypedDict):
+    """Running sums over the current epoch, kept in the state so that a resumed epoch reports
+    the same figures as an uninterrupted one."""
+
+    loss: jax.Array
+    correct: jax.Array
+    count: jax.Array
+
+
+class TrainState(TypedDict):
+    """The training state as saved on disk (plain dicts, so plain Orbax restores it)."""
+
+    params: dict[str, Any]
+    opt_state: Any
+    step: jax.Array
+    epoch_totals: EpochTotals
+    ema_params: NotRequired[dict[str, Any]]  # with uses_ema(config): the weights evaluated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,65 +119,15 @@ def init_state(
                 "count": jnp.zeros(()),
             },
         }
-        if config.ema_decay:
+        if uses_ema(config):
             state["ema_params"] = params
         return state
 
     return fresh_state(params)
 
 
-def eval_params(state: TrainState) -> Any:
-    """The weights that are evaluated and saved as the model: the moving average if kept."""
-    return state.get("ema_params", state["params"])
-
-
-def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:
-    """Translates each image by up to `max_shift` pixels in each direction, filling with 0."""
-    size = images.shape[1:]
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
-    return jax.vmap(lambda image, offset: jax.lax.dynamic_slice(image, offset, size))(
-        padded, offsets
-    )
-
-
 def training_conv_impls(config: Config) -> tuple[str, ...]:
     return conv_impls_for(jax.default_backend(), training=True, num_layers=len(config.channels))
-
-
-def random_affine(
-    key: jax.Array, images: jax.Array, max_shift: float, max_rotate: float, max_scale: float
-) -> jax.Array:
-    """Rotates each image by up to `max_rotate` degrees, scales it by up to `max_scale` and
-    translates it by up to `max_shift` pixels, about its centre, bilinear, filling with 0."""
-    count, height, width = images.shape
-    angle_key, scale_key, shift_key = jax.random.split(key, 3)
-    angle = jnp.deg2rad(jax.random.uniform(angle_key, (count, 1, 1), minval=-1, maxval=1))
-    angle = angle * max_rotate
-    scale = 1 + max_scale * jax.random.uniform(scale_key, (count, 1, 1), minval=-1, maxval=1)
-    shift = max_shift * jax.random.uniform(shift_key, (2, count, 1, 1), minval=-1, maxval=1)
-    center_y, center_x = (height - 1) / 2, (width - 1) / 2
-    out_y, out_x = jnp.meshgrid(
-        jnp.arange(height) - center_y, jnp.arange(width) - center_x, indexing="ij"
-    )
-    # Each output pixel reads the input where the inverse transform takes it.
-    y, x = out_y - shift[0], out_x - shift[1]
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    source_y = (cos * y + sin * x) / scale + center_y
-    source_x = (cos * x - sin * y) / scale + center_x
-    return jax.vmap(
-        lambda image, sy, sx: jax.scipy.ndimage.map_coordinates(image, [sy, sx], order=1, cval=0)
-    )(images, source_y, source_x)
-
-
-def augment(key: jax.Array, images: jax.Array, config: Config) -> jax.Array:
-    if config.augment_rotate or config.augment_scale:
-        return random_affine(
-            key, images, config.augment_shift, config.augment_rotate, config.augment_scale
-        )
-    if config.augment_shift:
-        return random_shift(key, images, config.augment_shift)
-    return images
 
 
 def make_train_step(
@@ -194,7 +168,7 @@ def make_train_step(
                 "count": totals["count"] + labels.shape[0],
             },
         }
-        if "ema_params" in state:
+        if uses_ema(config):
             # The usual warm-up of the decay, so the average does not start out all init.
             step = state["step"].astype(jnp.float32)
             decay = jnp.minimum(config.ema_decay, (1 + step) / (10 + step))
@@ -267,38 +241,216 @@ def chunk_lengths(start_step: int, schedule: Schedule, chunks_per_epoch: int) ->
     return lengths
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """Everything a run needs, built once by `prepare_training`: the compiled chunk and
+    evaluation functions and the data on device. Used by `train` and the benchmarks."""
+
+    config: Config
+    schedule: Schedule
+    mesh: Mesh
+    num_classes: int
+    graphdef: Any
+    tx: optax.GradientTransformation
+    train_chunk: Callable
+    logits_fn: Callable
+    train_images: jax.Array
+    train_labels: jax.Array
+    test_images: jax.Array  # padded to whole evaluation batches
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def init_state(self) -> TrainState:
+        return init_state(self.config, self.tx, self.num_classes, self.mesh)
+
+    def restore_target(self) -> Any:
+        """The state's shapes, dtypes and placements, for restoring a checkpoint onto."""
+        abstract = jax.eval_shape(lambda: init_state(self.config, self.tx, self.num_classes))
+        return abstract_on(abstract, replicated(self.mesh))
+
+    def eval_params(self, state: TrainState) -> dict[str, Any]:
+        """The weights that are evaluated and saved as the model: the average if kept."""
+        return state["ema_params"] if uses_ema(self.config) else state["params"]
+
+    def test_metrics(self, state: TrainState) -> Metrics:
+        return split_metrics(
+            self.logits_fn,
+            self.eval_params(state),
+            self.test_images,
+            self.test_labels,
+            self.class_names,
+        )
+
+
+def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSetup:
+    check_batch_size(config.batch_size, mesh)
+    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
+    if schedule.steps_per_epoch == 0:
+        raise UserError(
+            f"--batch-size {config.batch_size} exceeds the {schedule.num_train} training images"
+        )
+    num_classes = len(dataset.class_names)
+    graphdef, _ = abstract_model(config, num_classes)
+    tx = make_optimizer(config, schedule)
+    return TrainingSetup(
+        config=config,
+        schedule=schedule,
+        mesh=mesh,
+        num_classes=num_classes,
+        graphdef=graphdef,
+        tx=tx,
+        train_chunk=make_train_chunk(config, schedule, graphdef, tx, mesh),
+        logits_fn=make_logits_fn(graphdef, mesh),
+        train_images=put_replicated(dataset.train_images, mesh),
+        train_labels=put_replicated(dataset.train_labels, mesh),
+        test_images=put_replicated(pad_to_batches(dataset.test_images), mesh),
+        test_labels=dataset.test_labels,
+        class_names=dataset.class_names,
+    )
+
+
+def run_chunks(
+    setup: TrainingSetup, state: TrainState, step: int
+) -> Iterator[tuple[TrainState, int]]:
+    """Trains from `step` to the end of the schedule, yielding the state and step after
+    every chunk (the state passed in is donated to the first chunk)."""
+    config, schedule = setup.config, setup.schedule
+    while step < schedule.total_steps:
+        epoch = step // schedule.steps_per_epoch
+        order = put_replicated(epoch_order(config.seed, epoch, schedule.num_train), setup.mesh)
+        for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
+            state = setup.train_chunk(state, setup.train_images, setup.train_labels, order, length)
+            step += length
+            yield state, step
+
+
+# --- A run: checkpoints, resuming, signals ------------------------------------------------
+
+
 @dataclasses.dataclass
 class Callbacks:
-    """How the loop reports progress; the CLI renders these."""
+    """How the loop reports progress (process 0 only); the CLI renders these."""
 
-    on_start: Callable[[int, int], None] = lambda done_steps, total_steps: None
+    on_start: Callable[[TrainingSetup, Path, int], None] = lambda setup, run_dir, step: None
     on_chunk: Callable[[int], None] = lambda done_steps: None
     on_epoch: Callable[[dict], None] = lambda record: None
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-    if resume and not (run_dir / checkpoint.LATEST).is_dir():
-        raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
-    if not resume and not overwrite and checkpoint.holds_run(run_dir):
-        raise UserError(
-            f"{run_dir} already holds a run: pass --resume to continue it "
-            "or --overwrite to replace it"
+@dataclasses.dataclass
+class RunLog:
+    """What a run has measured, saved in every checkpoint's summary so that a resumed run
+    reports exactly as an uninterrupted one: a record per epoch, the training curve per
+    chunk, where it ran and its wall time over all its sessions."""
+
+    num_classes: int
+    steps_per_epoch: int
+    environment: dict
+    history: list[dict] = dataclasses.field(default_factory=list)
+    curve: list[dict] = dataclasses.field(default_factory=list)
+    earlier_seconds: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    step: int = 0
+    totals: dict = dataclasses.field(default_factory=dict)  # epoch totals at `step`
+
+    @classmethod
+    def resumed(cls, summary: dict, state: TrainState, **kwargs: Any) -> "RunLog":
+        return cls(
+            **kwargs,
+            history=summary["history"],
+            curve=summary.get("curve", []),
+            earlier_seconds=summary.get("wall_seconds", 0.0),
+            step=int(to_host(state["step"])),
+            totals=jax.tree.map(lambda t: float(to_host(t)), state["epoch_totals"]),
         )
 
+    def add_chunk(self, step: int, state: TrainState) -> None:
+        """Records the chunk that ended at `step`; a loss gone NaN stops the run unsaved."""
+        totals = jax.tree.map(lambda t: float(to_host(t)), state["epoch_totals"])
+        if not math.isfinite(totals["loss"]):
+            raise Diverged(step)
+        starts_epoch = self.step % self.steps_per_epoch == 0
+        before = {k: 0.0 for k in totals} if starts_epoch else self.totals
+        count = totals["count"] - before["count"]
+        self.curve.append(
+            {
+                "step": step,
+                "epoch": step / self.steps_per_epoch,
+                "train_loss": (totals["loss"] - before["loss"]) / count,
+                "train_accuracy": (totals["correct"] - before["correct"]) / count,
+            }
+        )
+        self.step, self.totals = step, totals
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    check_run_dir(run_dir, resume, overwrite)
-    sync("run dir checked")  # every process looks before any writes
-    if is_main_process():
-        if overwrite:
-            checkpoint.clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    sync("run dir ready")
+    def add_epoch(self, metrics: Metrics) -> dict:
+        record = {
+            "epoch": self.step // self.steps_per_epoch,
+            "step": self.step,
+            "train_loss": self.totals["loss"] / self.totals["count"],
+            "train_accuracy": self.totals["correct"] / self.totals["count"],
+            "test_loss": metrics.loss,
+            "test_accuracy": metrics.accuracy,
+        }
+        self.history.append(record)
+        return record
+
+    def epoch_recorded(self) -> bool:
+        return bool(self.history) and self.history[-1]["step"] == self.step
+
+    def summary(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "history": self.history,
+            "last": self.history[-1] if self.history else None,
+            # ties keep the earlier epoch
+            "best": max(self.history, key=lambda r: r["test_accuracy"], default=None),
+            "curve": self.curve,
+            "environment": self.environment,
+            "wall_seconds": self.earlier_seconds + time.perf_counter() - self.started,
+        }
 
 
-def resolve_config(run_dir: Path, requested: Config, resume: bool, given: set[str]) -> Config:
+class Diverged(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+def train(
+    requested: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    given: frozenset[str] = frozenset(),
+    callbacks: Callbacks | None = None,
+    dataset: Dataset | None = None,
+    mesh: Mesh | None = None,
+) -> dict:
+    """Trains (or resumes) the run in `run_dir` on `mesh` (default: all devices) and returns
+    its summary and config. `given` names the settings the user chose, which must agree with
+    a resumed run's. In a multi-process job every process calls this; process 0 reports and
+    locks the folder."""
+    mesh = mesh or make_mesh()
+    lock = checkpoint.run_lock(run_dir) if is_main_process() else contextlib.nullcontext()
+    with lock, stop_on_signals() as received_signal:
+        checkpoint.check_run_dir(run_dir, resume, overwrite)
+        config = resolve_config(run_dir, requested, resume, given)
+        setup = prepare_training(
+            config, dataset or load_dataset(config.dataset, config.data_dir), mesh
+        )
+        # Only now, with every input checked, may --overwrite remove the previous run.
+        sync("run dir checked")
+        if is_main_process():
+            checkpoint.prepare_run_dir(run_dir, resume)
+        sync("run dir ready")
+        checkpointer = checkpoint.RunCheckpointer(run_dir)
+        try:
+            callbacks = callbacks or Callbacks()
+            return _run(setup, run_dir, resume, checkpointer, callbacks, received_signal)
+        finally:
+            checkpointer.close()
+
+
+def resolve_config(run_dir: Path, requested: Config, resume: bool, given: frozenset[str]) -> Config:
     """On resume the saved config rules; flags that contradict it are an error, not ignored."""
     if not resume:
         return requested
@@ -312,148 +464,129 @@ def resolve_config(run_dir: Path, requested: Config, resume: bool, given: set[st
     return saved
 
 
-def train(
-    config: Config,
+def _run(
+    setup: TrainingSetup,
     run_dir: Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    callbacks: Callbacks | None = None,
-    dataset: Dataset | None = None,
-    mesh: Mesh | None = None,
+    resume: bool,
+    checkpointer: checkpoint.RunCheckpointer,
+    callbacks: Callbacks,
+    received_signal: Callable[[], int | None],
 ) -> dict:
-    """Trains (or resumes) a run in `run_dir` on `mesh` (default: all devices); returns the
-    final summary. In a multi-process job every process calls this; process 0 reports."""
-    mesh = mesh or make_mesh()
-    check_batch_size(config.batch_size, mesh)
-    check_run_dir(run_dir, resume, overwrite)
-    callbacks = callbacks or Callbacks()
-    dataset = dataset or load_dataset(config.dataset, config.data_dir)
-    num_classes = len(dataset.class_names)
-    schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
-    if schedule.steps_per_epoch == 0:
-        raise UserError(
-            f"--batch-size {config.batch_size} exceeds the {schedule.num_train} training images"
-        )
-    # Only now, with every input checked, may --overwrite remove the previous run.
-    prepare_run_dir(run_dir, resume, overwrite)
-    graphdef, _ = abstract_model(config, num_classes)
-    tx = make_optimizer(config, schedule)
-    history: list[dict] = []
-    if resume:
-        abstract_state = jax.eval_shape(lambda: init_state(config, tx, num_classes))
-        target = abstract_on(abstract_state, replicated(mesh))
-        state, summary = checkpoint.restore_state(run_dir, target)
-        history = summary["history"]
-    else:
-        state = init_state(config, tx, num_classes, mesh)
+    """The loop: chunks, an evaluation and checkpoint at each epoch end, and a checkpoint
+    at the first chunk end after a stop signal."""
+    initial_state, log = _start(setup, run_dir, resume, checkpointer)
     main = is_main_process()
     if main:
-        write_metrics_file(run_dir, history)
-
-    train_chunk = make_train_chunk(config, schedule, graphdef, tx, mesh)
-    logits_fn = make_logits_fn(graphdef, mesh)
-    train_images = put_replicated(dataset.train_images, mesh)
-    train_labels = put_replicated(dataset.train_labels, mesh)
-    test_images = put_replicated(pad_to_batches(dataset.test_images), mesh)
-    checkpointer = checkpoint.RunCheckpointer(run_dir)
-    step = int(to_host(state["step"]))
-    saved_step = step if resume else None
-    if main:
-        callbacks.on_start(step, schedule.total_steps)
-    try:
-        with stop_on_ctrl_c() as stop_requested:
-            while step < schedule.total_steps:
-                epoch = step // schedule.steps_per_epoch
-                order = put_replicated(epoch_order(config.seed, epoch, schedule.num_train), mesh)
-                for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
-                    state = train_chunk(state, train_images, train_labels, order, length)
-                    step += length
-                    if not np.isfinite(to_host(state["epoch_totals"]["loss"])):
-                        raise UserError(
-                            f"loss became NaN/inf at step {step}; stopped without saving it. "
-                            + (
-                                f"The last good checkpoint (step {saved_step}) is kept in {run_dir}"
-                                if saved_step is not None
-                                else "No checkpoint had been written yet"
-                            )
-                            + "; try a lower --learning-rate"
-                        )
-                    if stop_requested():
-                        summary = run_summary(history, num_classes)
-                        checkpointer.save(checkpoint.LATEST, state, config, summary)
-                        raise Interrupted(
-                            f"interrupted at step {step}; saved to {run_dir / checkpoint.LATEST}"
-                            "; continue with --resume"
-                        )
-                    if main:
-                        callbacks.on_chunk(step)
-                logits = to_host(logits_fn(eval_params(state), test_images))
-                metrics = compute_metrics(
-                    logits[: len(dataset.test_labels)], dataset.test_labels, dataset.class_names
-                )
-                totals = jax.tree.map(to_host, state["epoch_totals"])
-                record = epoch_record(step, schedule, totals, metrics)
-                history.append(record)
-                summary = run_summary(history, num_classes)
-                checkpointer.save(checkpoint.LATEST, state, config, summary)
-                if summary["best"] is record:  # ties keep the earlier epoch
-                    checkpointer.save(checkpoint.BEST, state, config, summary)
-                saved_step = step
-                if main:
-                    write_metrics_file(run_dir, history)
-                    callbacks.on_epoch(record)
-    finally:
-        checkpointer.close()
-    if history and main:
+        write_metrics_file(run_dir, log.history)
+        callbacks.on_start(setup, run_dir, log.step)
+    schedule = setup.schedule
+    for state, step in run_chunks(setup, initial_state, log.step):
+        try:
+            log.add_chunk(step, state)
+        except Diverged:
+            raise UserError(_diverged_message(step, checkpointer, run_dir)) from None
+        if main:
+            callbacks.on_chunk(step)
+        if step % schedule.steps_per_epoch == 0:
+            _end_epoch(setup, state, log, checkpointer, run_dir, callbacks)
+        signum = received_signal()
+        if signum is not None and step < schedule.total_steps:
+            checkpointer.save(checkpoint.LATEST, state, setup.config, log.summary())
+            raise Interrupted(
+                f"{signal.Signals(signum).name} at step {step}: saved to "
+                f"{run_dir / checkpoint.LATEST}; continue with --resume",
+                exit_code=128 + signum,
+            )
+    if main and log.history:
         from digitjax.plots import plot_curves
 
-        plot_curves(history, run_dir / checkpoint.CURVES_FILE)
-    return run_summary(history, num_classes)
+        plot_curves(log.history, log.curve, run_dir / checkpoint.CURVES_FILE)
+    return {"config": setup.config.to_dict(), **log.summary()}
+
+
+def _start(
+    setup: TrainingSetup, run_dir: Path, resume: bool, checkpointer: checkpoint.RunCheckpointer
+) -> tuple[TrainState, RunLog]:
+    """A fresh state, or the latest checkpoint's with its log, after repairing what a kill
+    during an epoch end may have left undone."""
+    info = {
+        "num_classes": setup.num_classes,
+        "steps_per_epoch": setup.schedule.steps_per_epoch,
+        "environment": runtime_info(setup.mesh),
+    }
+    if not resume:
+        return setup.init_state(), RunLog(**info)
+    state, summary = checkpoint.restore_state(run_dir, setup.restore_target())
+    log = RunLog.resumed(summary, state, **info)
+    if log.step % setup.schedule.steps_per_epoch == 0 and log.step and not log.epoch_recorded():
+        # Saved at an epoch's end before its evaluation (digitjax before 2026-11-29).
+        _end_epoch(setup, state, log, checkpointer, run_dir, Callbacks())
+    best = log.summary()["best"]
+    if best is not None and best["step"] == log.step and checkpointer.best_step() != log.step:
+        # Killed after the latest checkpoint of a new best epoch, before its best/ copy.
+        checkpointer.save(checkpoint.BEST, state, setup.config, log.summary())
+    return state, log
+
+
+def _end_epoch(
+    setup: TrainingSetup,
+    state: TrainState,
+    log: RunLog,
+    checkpointer: checkpoint.RunCheckpointer,
+    run_dir: Path,
+    callbacks: Callbacks,
+) -> None:
+    """Evaluates, then saves latest/ and, for a new best epoch, best/ (in that order: a kill
+    between the two is repaired on resume), then the metrics file."""
+    record = log.add_epoch(setup.test_metrics(state))
+    summary = log.summary()
+    checkpointer.save(checkpoint.LATEST, state, setup.config, summary)
+    if summary["best"] is record:
+        checkpointer.save(checkpoint.BEST, state, setup.config, summary)
+    if is_main_process():
+        write_metrics_file(run_dir, log.history)
+        callbacks.on_epoch(record)
+
+
+def _diverged_message(step: int, checkpointer: checkpoint.RunCheckpointer, run_dir: Path) -> str:
+    saved = checkpointer.managers[checkpoint.LATEST].latest_step()
+    kept = (
+        f"The last good checkpoint (step {saved}) is kept in {run_dir}; resume it with "
+        "--resume, or start again with --overwrite"
+        if saved is not None
+        else "No checkpoint had been written yet; the same command starts the run again"
+    )
+    return (
+        f"loss became NaN/inf at step {step}; stopped without saving it. {kept}. "
+        "Try a lower --learning-rate"
+    )
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C asks the loop to stop at the end of the current chunk, where the state is whole
-    and can be saved; a KeyboardInterrupt could land inside Orbax mid-write instead. A
-    second Ctrl-C interrupts at once."""
-    requested = False
+def stop_on_signals() -> Iterator[Callable[[], int | None]]:
+    """Ctrl-C and SIGTERM (what `timeout`, SLURM and Kubernetes send) ask the loop to stop at
+    the end of the current chunk, where the state is whole and can be saved; an exception
+    could land inside Orbax mid-write instead. One that arrives once the last chunk is done
+    lets the run finish. A second signal acts at once."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False  # signal handlers can only be set from the main thread
+        yield lambda: None  # signal handlers can only be set from the main thread
         return
 
     def request_stop(signum: int, frame: Any) -> None:
-        nonlocal requested
-        requested = True
-        signal.signal(signal.SIGINT, previous)
+        received.append(signum)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
-    previous = signal.signal(signal.SIGINT, request_stop)
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
     try:
-        yield lambda: requested
+        yield lambda: received[0] if received else None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
-def epoch_record(step: int, schedule: Schedule, totals: dict, metrics: Any) -> dict:
-    count = float(totals["count"])
-    return {
-        "epoch": step // schedule.steps_per_epoch,
-        "step": step,
-        "train_loss": float(totals["loss"]) / count,
-        "train_accuracy": float(totals["correct"]) / count,
-        "test_loss": metrics.loss,
-        "test_accuracy": metrics.accuracy,
-    }
-
-
-def run_summary(history: list[dict], num_classes: int) -> dict:
-    best = max(history, key=lambda r: r["test_accuracy"], default=None)
-    return {
-        "num_classes": num_classes,
-        "history": history,
-        "last": history[-1] if history else None,
-        "best": best,
-    }
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def write_metrics_file(run_dir: Path, history: list[dict]) -> None:

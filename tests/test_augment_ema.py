@@ -10,11 +10,11 @@ import orbax.checkpoint as ocp
 from conftest import MNIST_DIR, TINY_FLAGS, assert_one_line_error
 from typer.testing import CliRunner
 
+from digitjax.augment import random_affine
 from digitjax.checkpoint import LATEST, restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.model import normalize
-from digitjax.train import random_affine
 
 runner = CliRunner()
 

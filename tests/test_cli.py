@@ -2,28 +2,48 @@ import pytest
 from conftest import assert_one_line_error, run_digitjax
 from typer.testing import CliRunner
 
+from digitjax import __version__
 from digitjax.cli import app
 
 runner = CliRunner()
+COMMANDS = ("train", "evaluate", "predict", "benchmark")
 
 
-def test_every_command_has_help_and_json():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    commands = [name for name in ("train", "evaluate", "predict", "benchmark")
-                if name in result.stdout]
-    assert {"train", "evaluate"} <= set(commands)
-    for command in commands:
-        help_text = runner.invoke(app, [command, "--help"])
-        assert help_text.exit_code == 0 and "--json" in help_text.stdout
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_exists_with_help_and_json(command):
+    listed = runner.invoke(app, ["--help"])
+    assert listed.exit_code == 0 and command in listed.stdout
+    help_text = runner.invoke(app, [command, "--help"])
+    assert help_text.exit_code == 0 and "--json" in help_text.stdout
+
+
+def test_train_help_groups_flags_and_reads_help_from_the_config():
+    help_text = runner.invoke(app, ["train", "--help"], terminal_width=120).stdout
+    for panel in ("Recipe", "Model", "Augmentation", "Run folder", "Multi-host"):
+        assert panel in help_text
+    assert "Peak AdamW learning rate. [default: 0.005]" in help_text
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"digitjax {__version__}"
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--epochs", "-1"], "--epochs must be > 0, got -1"),
-    (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
-    (["--learning-rate", "0"], "--learning-rate must be > 0"),
+    (["--epochs", "-1"], "--epochs must be in [1, 100000], got -1"),
+    (["--batch-size", "0"], "--batch-size must be in [1, 1000000], got 0"),
+    (["--learning-rate", "0"], "--learning-rate must be in"),
+    (["--learning-rate", "nan"], "--learning-rate must be in [1e-12, 1000000.0], got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be in"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must be in [0.0, 100000.0], got nan"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0.0, 100000.0], got inf"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 2147483647]"),
+    (["--augment-shift", "1000"], "--augment-shift must be in [0, 13]"),
+    (["--augment-rotate", "nan"], "--augment-rotate must be in [0.0, 180.0], got nan"),
+    (["--augment-scale", "1e30"], "--augment-scale must be in [0.0, 0.99]"),
+    (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
     (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--channels", "8,x"], "--channels takes comma-separated integers"),
     (["--dataset", "cifar10"], "unknown dataset 'cifar10'; known: mnist, fashion_mnist"),
     (["--data-dir", "/nonexistent/folder"], "data dir /nonexistent/folder does not exist"),
     (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60000 training images"),
@@ -33,6 +53,21 @@ def test_bad_train_input_is_one_line_and_non_zero(flags, message, tmp_path):
     result = runner.invoke(app, ["train", *flags, "--out", str(tmp_path / "run")])
     assert result.exit_code == 1, result.output
     assert_one_line_error(result.stderr, message)
+    assert not (tmp_path / "run").exists(), "a refused run leaves nothing behind"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["train", "--channels", "8,x"], "'--channels': takes comma-separated integers, got '8,x'"),
+    (["train", "--epoch", "3"], "No such option: --epoch"),
+    (["trian"], "No such command 'trian'"),
+    (["predict"], "Missing argument"),
+])
+def test_flag_errors_read_like_every_other_error(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert_one_line_error(result.stderr, message)
+    assert "╭" not in result.stderr and "Usage:" not in result.stderr
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
@@ -47,3 +82,6 @@ def test_installed_console_script_reports_errors_without_traceback(tmp_path):
     result = run_digitjax("evaluate", cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "no runs in checkpoints/")
+    result = run_digitjax("train", "--epochs", "abc")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "Invalid value for '--epochs'", "digitjax train --help")

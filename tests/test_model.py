@@ -6,7 +6,7 @@ from conftest import MNIST_DIR
 
 from digitjax.config import Config
 from digitjax.data import read_idx_split
-from digitjax.model import apply, create_model, normalize
+from digitjax.model import apply, create_model, max_over, max_pool_2x2, normalize
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,18 @@ def test_model_shape_follows_config():
     assert logits.shape == (3, 7)
     assert params["convs"][0]["kernel"].shape == (3, 3, 1, 4)
     assert params["hidden"]["kernel"].shape == (14 * 14 * 4, 8)
+
+
+def test_max_over_sends_the_gradient_to_the_first_maximum_only():
+    x = jnp.array([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [0.0, -1.0, 4.0, 4.0]])
+    np.testing.assert_array_equal(max_over(x, 1), [3.0, 5.0, 4.0])
+    grad = jax.grad(lambda x: jnp.sum(max_over(x, 1) * jnp.array([1.0, 2.0, 3.0])))(x)
+    np.testing.assert_array_equal(
+        grad, [[0, 1, 0, 0], [2, 0, 0, 0], [0, 0, 3, 0]]
+    )
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_in_raster_order():
+    window = jnp.array([[2.0, 2.0], [2.0, 1.0]]).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: max_pool_2x2(x).sum())(window)
+    np.testing.assert_array_equal(grad.reshape(2, 2), [[1, 0], [0, 0]])

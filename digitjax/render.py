@@ -1,0 +1,190 @@
+"""Terminal output: the training progress bar and the tables of each command (rich, on
+stdout for results and stderr for progress and messages)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any width
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def error_line(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+
+
+class TrainingProgress:
+    """A progress bar over the steps and a line per epoch, on stderr (process 0 only)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet,
+        )
+        self.task = None
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> "TrainingProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def callbacks(self) -> Any:
+        from digitjax.train import Callbacks
+
+        return Callbacks(on_start=self.on_start, on_chunk=self.on_chunk, on_epoch=self.on_epoch)
+
+    def on_start(self, setup: Any, run_dir: Path, done_steps: int) -> None:
+        import jax
+
+        devices, processes = setup.mesh.size, jax.process_count()
+        err.print(
+            f"Training on {setup.config.dataset} → {run_dir} ({devices} "
+            f"{jax.default_backend()} device{'s' if devices > 1 else ''}, {processes} "
+            f"process{'es' if processes > 1 else ''})",
+            highlight=False,
+        )
+        if setup.config.dtype == "bfloat16" and jax.default_backend() == "cpu":
+            err.print(
+                "[yellow]note:[/yellow] bfloat16 runs ~2x slower than float32 on CPUs; "
+                "it pays off on GPUs and TPUs",
+                highlight=False,
+            )
+        total = setup.schedule.total_steps
+        self.task = self.progress.add_task("train", total=total, completed=done_steps)
+
+    def on_chunk(self, done_steps: int) -> None:
+        self.progress.update(self.task, completed=done_steps)
+
+    def on_epoch(self, record: dict) -> None:
+        if not self.quiet:
+            self.progress.console.print(
+                f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
+                f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
+                f"acc {100 * record['test_accuracy']:.2f}%  "
+                f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]",
+                highlight=False,
+            )
+
+
+def training_done(summary: dict, run_dir: Path) -> None:
+    best = summary["best"]
+    err.print(
+        f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
+        f"(epoch {best['epoch']}); checkpoints in {run_dir} "
+        f"[dim]({summary['wall_seconds']:.1f}s)[/dim]",
+        highlight=False,
+    )
+
+
+def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
+    out.print(
+        f"[bold]{step_dir}[/bold] on {dataset} {split}: accuracy "
+        f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
+        f"({int(metrics.confusion.sum())} images)",
+        highlight=False,
+    )
+    per_class = Table("class", "precision", "recall", "F1", "support", title="Per class")
+    for name, values in metrics.to_dict()["per_class"].items():
+        per_class.add_row(
+            name,
+            *(f"{100 * values[k]:.2f}" for k in ("precision", "recall", "f1")),
+            str(values["support"]),
+        )
+    out.print(per_class)
+    confusion = Table("true \\ pred", *metrics.class_names, title="Confusion matrix")
+    for i, (name, row) in enumerate(zip(metrics.class_names, metrics.confusion)):
+        confusion.add_row(
+            name,
+            *(f"[bold]{n}[/bold]" if i == j else (str(n) if n else "·") for j, n in enumerate(row)),
+        )
+    out.print(confusion)
+
+
+def predictions(step_dir: Path, results: list) -> None:
+    table = Table("file", "digit", "confidence", "top 3", title=f"{step_dir}")
+    for p in results:
+        if p.error:
+            table.add_row(p.path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
+        else:
+            top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
+            table.add_row(p.path, f"[bold]{p.digit}[/bold]", f"{100 * p.confidence:.1f}%", top)
+    out.print(table)
+
+
+def benchmark(results: dict) -> None:
+    machine = results["machine"]
+    table = Table(
+        "measurement",
+        "value",
+        title=f"digitjax benchmark: {machine['cpu']}, "
+        f"{results['devices_used']} of {len(machine['all_devices'])} {machine['backend']} "
+        f"device(s), jax {machine['versions']['jax']}",
+    )
+    table.add_row("float32 matmul peak", f"{results['matmul_peak']['gflops']:.0f} GFLOP/s")
+    for run in results["training"]:
+        for label, value in _training_rows(run):
+            table.add_row(label, value)
+    inference = results["inference"]
+    table.add_row(
+        "inference (test set)",
+        f"{inference['images_per_s']:,.0f} img/s, compile {inference['compile_s']:.2f} s",
+    )
+    if "time_to_accuracy" in results:
+        reached = results["time_to_accuracy"]
+        table.add_row(
+            f"time to {100 * reached['target']:.1f}% test accuracy",
+            f"{reached['seconds']:.1f} s (epoch {reached['epochs']:.1f})"
+            if reached["reached"]
+            else f"not reached in {reached['seconds']:.0f} s "
+            f"(best {100 * reached['best_accuracy']:.2f}%)",
+        )
+    out.print(table)
+
+
+def _training_rows(run: dict) -> list[tuple[str, str]]:
+    low, high = run["images_per_s_range"]
+    batch = run["batch_size"]
+    rows = [
+        (
+            f"train, batch {batch}",
+            f"{run['images_per_s']:,.0f} img/s ({low:,.0f}..{high:,.0f}), "
+            f"{run['gflops']:.0f} GFLOP/s = {100 * run['fraction_of_peak']:.0f}% of peak",
+        ),
+        (f"train compile, batch {batch}", f"{run['compile_s']:.2f} s"),
+    ]
+    if "host_fed_baseline" in run:
+        rows.append(
+            (
+                f"host-fed baseline, batch {batch}",
+                f"{run['host_fed_baseline']['images_per_s']:,.0f} img/s "
+                f"(digitjax {run['speedup_over_host_fed']:.1f}x faster)",
+            )
+        )
+    return rows

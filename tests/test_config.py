@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from digitjax.config import ADDED_LATER, PRESETS, Config, UserError, uses_ema
+
+
+def test_from_dict_gives_older_checkpoints_the_values_they_were_trained_with():
+    saved = Config().to_dict()
+    for name in ADDED_LATER:
+        del saved[name]
+    saved["channels"] = [16, 32, 64]  # JSON has lists, not tuples
+    config = Config.from_dict(saved)
+    assert (config.augment_rotate, config.augment_scale, config.ema_decay) == (0.0, 0.0, 0.0)
+    assert config.channels == (16, 32, 64) and not uses_ema(config)
+
+
+def test_from_dict_round_trips_and_accepts_whole_floats_as_ints():
+    config = Config(learning_rate=1e-3, channels=(4, 8))
+    assert Config.from_dict(config.to_dict()) == config
+    assert Config.from_dict({**config.to_dict(), "weight_decay": 0}).weight_decay == 0
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"epochs": "5"}, "config field epochs = '5' has the wrong type"),
+    ({"channels": [4, "8"]}, "config field channels"),
+    ({"seed": True}, "config field seed"),
+    ({"data_dir": 3}, "config field data_dir"),
+    ({"colour": "red"}, "unknown fields ['colour']"),
+    ({"epochs": 0}, "--epochs must be in [1, 100000], got 0"),
+])
+def test_from_dict_refuses_what_digitjax_never_wrote(raw, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        Config.from_dict({**Config().to_dict(), **raw})
+
+
+def test_from_flags_applies_the_preset_then_the_flags_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = {"epochs": 3, "seed": None, "data_dir": "mnist-files"}
+    config = Config.from_flags(flags, "best")
+    assert config.channels == PRESETS["best"]["channels"] and config.epochs == 3
+    assert config.seed == Config().seed
+    assert config.data_dir == str(tmp_path / "mnist-files")  # resolved where it was given
+    assert Config.from_flags({}) == Config()
+    with pytest.raises(UserError, match="unknown preset 'turbo'; known: fast, best"):
+        Config.from_flags({}, "turbo")
+
+
+def test_every_field_a_user_sets_has_help_and_a_panel():
+    import dataclasses
+
+    for field in dataclasses.fields(Config):
+        if field.name != "chunks_per_epoch":
+            assert field.metadata["help"].endswith(".") and field.metadata["panel"]
+
+
+def test_data_dir_path_objects_are_stored_as_text():
+    config = Config.from_flags({"data_dir": Path("/tmp")})
+    assert config.data_dir == "/tmp"

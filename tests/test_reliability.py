@@ -1,0 +1,318 @@
+"""Nothing lost, ever: signals at any moment, crashes between checkpoint writes, two runs on
+one folder, damaged checkpoints and full disks, each against real runs and checkpoints."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY_FLAGS, assert_one_line_error, run_digitjax
+from typer.testing import CliRunner
+
+from digitjax import checkpoint
+from digitjax.cli import app
+from digitjax.config import Config, Interrupted
+from digitjax.train import Callbacks, train
+
+runner = CliRunner()
+EPOCHS = 3
+STEPS_PER_EPOCH = 2048 // 64  # tiny_mnist, TINY_FLAGS
+
+
+def flags(tiny_mnist: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
+    return ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", str(epochs),
+            "--out", str(run_dir), *extra]
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def best_steps(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "best").iterdir())
+
+
+def saved_summary(run_dir: Path) -> dict:
+    return checkpoint.read_config(run_dir, checkpoint.LATEST)[1]
+
+
+def assert_complete_and_consistent(run_dir: Path, reference: Path) -> None:
+    """The run ended exactly as the uninterrupted one, and best/ holds exactly the step its
+    summary calls best, and nothing else (no temporary folder)."""
+    assert history(run_dir) == history(reference)
+    assert saved_summary(run_dir)["history"] == history(reference)
+    assert best_steps(run_dir) == [str(saved_summary(run_dir)["best"]["step"])]
+    assert best_steps(run_dir) == best_steps(reference)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = runner.invoke(app, flags(tiny_mnist, run_dir, "--json"))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def tiny_config(tiny_mnist: Path, epochs: int = EPOCHS) -> Config:
+    return Config.from_flags(
+        {"data_dir": tiny_mnist, "channels": (4, 8), "dense": 16, "epochs": epochs}
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_in_an_epochs_last_chunk_saves_that_epoch(signum, reference, tiny_mnist, tmp_path):
+    """The stop is taken after the epoch's evaluation and checkpoints, so --resume goes on
+    with the next epoch and nothing is missing from the metrics."""
+    run_dir = tmp_path / "run"
+
+    def signal_in_last_chunk(step: int) -> None:
+        if step == STEPS_PER_EPOCH:
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(Interrupted) as stopped:
+        train(tiny_config(tiny_mnist), run_dir, callbacks=Callbacks(on_chunk=signal_in_last_chunk))
+    assert stopped.value.exit_code == 128 + signum
+    assert history(run_dir) == history(reference)[:1]
+    assert runner.invoke(app, ["train", "--out", str(run_dir), "--resume"]).exit_code == 0
+    assert_complete_and_consistent(run_dir, reference)
+
+
+def test_signal_in_the_last_chunk_of_the_run_just_finishes(tiny_mnist, tmp_path):
+    def interrupt_at_the_end(step: int) -> None:
+        if step == STEPS_PER_EPOCH:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    callbacks = Callbacks(on_chunk=interrupt_at_the_end)
+    summary = train(tiny_config(tiny_mnist, epochs=1), tmp_path / "run", callbacks=callbacks)
+    assert [r["epoch"] for r in summary["history"]] == [1]
+    assert summary["best"]["step"] == STEPS_PER_EPOCH
+
+
+def test_sigterm_saves_and_resumes_like_ctrl_c(reference, tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(["digitjax", *flags(tiny_mnist, run_dir, epochs=EPOCHS)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: checkpoint.usable_steps(run_dir / "latest"), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("the run ended before the signal arrived")
+    assert process.returncode == 143, stderr
+    assert "SIGTERM at step" in stderr and "Traceback" not in stderr
+    assert runner.invoke(app, ["train", "--out", str(run_dir), "--resume"]).exit_code == 0
+    assert_complete_and_consistent(run_dir, reference)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_crash_between_latest_and_best_is_repaired_on_resume(
+    reference, tiny_mnist, tmp_path, monkeypatch
+):
+    """A kill after a new best epoch's latest/ checkpoint but before its best/ copy."""
+    run_dir = tmp_path / "run"
+    real_save = checkpoint.RunCheckpointer.save
+
+    class Killed(Exception):
+        pass
+
+    def save(self, kind, state, config, summary):
+        if kind == checkpoint.BEST and int(state["step"]) == 2 * STEPS_PER_EPOCH:
+            raise Killed
+        real_save(self, kind, state, config, summary)
+
+    monkeypatch.setattr(checkpoint.RunCheckpointer, "save", save)
+    with pytest.raises(Killed):
+        train(tiny_config(tiny_mnist), run_dir)
+    monkeypatch.undo()
+    assert saved_summary(run_dir)["best"]["step"] == 2 * STEPS_PER_EPOCH, "epoch 2 was best"
+    assert best_steps(run_dir) == [str(STEPS_PER_EPOCH)]
+    # A write cut short leaves Orbax's temporary folder; evaluate reads the latest meanwhile.
+    shutil.rmtree(run_dir / "best" / str(STEPS_PER_EPOCH))
+    (run_dir / "best" / "64.orbax-checkpoint-tmp-1").mkdir()
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoint"].endswith(f"latest/{2 * STEPS_PER_EPOCH}")
+    assert runner.invoke(app, ["train", "--out", str(run_dir), "--resume"]).exit_code == 0
+    assert_complete_and_consistent(run_dir, reference)
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(["digitjax", *flags(tiny_mnist, run_dir, epochs=200)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: checkpoint.usable_steps(run_dir / "latest"), first)
+    for extra in ([], ["--seed", "1", "--overwrite"], ["--resume"]):
+        second = run_digitjax(*flags(tiny_mnist, run_dir, *extra, epochs=200))
+        assert second.returncode == 1
+        assert_one_line_error(second.stderr, "is in use by another digitjax run",
+                              f"process {first.pid} on")
+    first.kill()
+    first.wait()
+    with checkpoint.run_lock(run_dir):  # the kernel released the dead process's lock
+        pass
+
+
+def test_run_that_died_before_its_first_checkpoint_is_no_dead_end(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    diverged = runner.invoke(app, flags(tiny_mnist, run_dir, "--learning-rate", "1e6"))
+    assert diverged.exit_code == 1
+    assert_one_line_error(diverged.stderr, "loss became NaN/inf", "the same command starts")
+    resumed = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert_one_line_error(resumed.stderr, "nothing to resume", "without --resume")
+    rerun = runner.invoke(app, flags(tiny_mnist, run_dir, "--epochs", "1"))
+    assert rerun.exit_code == 0, rerun.output
+
+
+def test_default_checkpoint_is_the_newest_usable_run(reference, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(reference, tmp_path / "checkpoints" / "good")
+    broken = tmp_path / "checkpoints" / "broken"  # newer, but killed in its first epoch
+    (broken / "latest" / "32.orbax-checkpoint-tmp-7").mkdir(parents=True)
+    (broken / "metrics.jsonl").write_text("")
+    assert checkpoint.newest_run() == Path("checkpoints/good")
+    result = runner.invoke(app, ["evaluate", "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "copy"))
+
+
+def largest_data_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_flipped_bits_in_a_checkpoint_are_detected(reference, tmp_path):
+    run_dir = copy_of(reference, tmp_path)
+    data_file = largest_data_file(next((run_dir / "best").iterdir()))
+    raw = bytearray(data_file.read_bytes())
+    for position in range(len(raw) // 3, len(raw) // 3 + 64, 8):
+        raw[position] ^= 0x10
+    data_file.write_bytes(bytes(raw))
+    result = run_digitjax("evaluate", str(run_dir))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "corrupt checkpoint")
+    assert "nan" not in result.stdout.lower()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_data_files_are_one_clean_line(damage, reference, tmp_path):
+    run_dir = copy_of(reference, tmp_path)
+    data_file = largest_data_file(next((run_dir / "best").iterdir()))
+    if damage == "truncate":
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    else:
+        data_file.unlink()
+    result = run_digitjax("evaluate", str(run_dir))
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "corrupt checkpoint")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(("item", "edit", "message"), [
+    ("config", lambda c: {**c, "epochs": "5"}, "config field epochs = '5' has the wrong type"),
+    ("summary", lambda s: {k: v for k, v in s.items() if k != "history"}, "has no history"),
+])
+def test_edited_json_items_are_refused_in_one_line(item, edit, message, reference, tmp_path):
+    run_dir = copy_of(reference, tmp_path)
+    for kind in ("latest", "best"):
+        item_file = next((run_dir / kind).iterdir()) / item / "metadata"
+        item_file.write_text(json.dumps(edit(json.loads(item_file.read_text()))))
+    for command in (["train", "--out", str(run_dir), "--resume"], ["evaluate", str(run_dir)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1
+        assert_one_line_error(result.stderr, message)
+
+
+def test_relative_data_dir_is_stored_resolved(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_mnist.parent)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, [*flags(Path(tiny_mnist.name), run_dir, epochs=1), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["data_dir"] == str(tiny_mnist)
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["evaluate", str(run_dir)]).exit_code == 0
+
+
+def test_overwrite_with_invalid_flags_keeps_the_old_run(reference, tiny_mnist, tmp_path):
+    run_dir = copy_of(reference, tmp_path)
+    for bad in (["--warmup-epochs", "nan"], ["--seed", "-1"], ["--batch-size", "4096"],
+                ["--data-dir", "/nonexistent"], ["--augment-rotate", "nan"]):
+        result = runner.invoke(app, [*flags(tiny_mnist, run_dir), "--overwrite", *bad])
+        assert result.exit_code == 1
+        assert_one_line_error(result.stderr)
+        assert history(run_dir) == history(reference)
+    assert best_steps(run_dir) == best_steps(reference)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare to mount a tmpfs")
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_mnist, tmp_path):
+    """Training onto a small tmpfs that fills up mid-run (in a private mount namespace)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f"""
+        mount -t tmpfs -o size=8m tmpfs {disk} || exit 77
+        digitjax {' '.join(flags(tiny_mnist, disk / 'run', epochs=200))} 2> {tmp_path}/stderr &
+        while [ -z "$(ls {disk}/run/latest 2>/dev/null | grep -x '[0-9]*')" ]; do sleep 0.01; done
+        dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null
+        wait $!; echo $? > {tmp_path}/status
+        rm {disk}/filler
+        ls -R {disk}/run > {tmp_path}/listing
+        digitjax evaluate {disk}/run --latest --json > {tmp_path}/evaluation
+    """
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], timeout=600)
+    if done.returncode == 77:
+        pytest.skip("cannot mount a tmpfs here")
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "status").read_text().strip() == "1", stderr
+    assert_one_line_error(stderr, "No space left on device")
+    assert "orbax-checkpoint-tmp" not in (tmp_path / "listing").read_text()
+    assert json.loads((tmp_path / "evaluation").read_text())["accuracy"] > 0.2
+
+
+@pytest.mark.slow
+def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_path):
+    """kill -9, SIGINT and SIGTERM at random (seeded) moments, some while a checkpoint is
+    being written; resuming after each, the run ends exactly as the uninterrupted one."""
+    rng = random.Random(13)
+    run_dir = tmp_path / "run"
+    start = flags(tiny_mnist, run_dir)
+    resume = ["train", "--out", str(run_dir), "--resume"]
+    events = [(signal.SIGKILL, "write"), (signal.SIGINT, "time"), (signal.SIGKILL, "time"),
+              (signal.SIGTERM, "time"), (signal.SIGKILL, "write"), (signal.SIGINT, "write")]
+    for signum, moment in events:
+        command = resume if checkpoint.usable_steps(run_dir / "latest") else start
+        process = subprocess.Popen(["digitjax", *command], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        if moment == "write":
+            writing = lambda: list(run_dir.glob("*/*.orbax-checkpoint-tmp*"))  # noqa: E731
+            while process.poll() is None and not writing():
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(1.0, 6.0))
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        assert "Traceback" not in stderr, stderr
+        if process.returncode == 0:
+            break
+    command = resume if checkpoint.usable_steps(run_dir / "latest") else start
+    final = runner.invoke(app, command)
+    assert final.exit_code == 0, final.output
+    assert_complete_and_consistent(run_dir, reference)
+    saved, expected = checkpoint.restore_model(run_dir), checkpoint.restore_model(reference)
+    for got, want in zip(jax.tree.leaves(saved.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_array_equal(got, want)
