@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -122,6 +123,22 @@ def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 == len(result.stderr.splitlines())
+
+
+def test_table_at_80_columns_shows_every_file_name_whole(no_runs):
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    deep = no_runs / "a-rather-long-folder-name" / "scans from the office" / "2026" / "batch-1"
+    deep.mkdir(parents=True)
+    names = [f"customer_form_digit_{i:03}.png" for i in range(4)]
+    for name, image in zip(names, images):
+        Image.fromarray(image).resize((56, 56)).save(deep / name)
+    result = run_digitjax("predict", str(no_runs), cwd=no_runs, env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    for name, label in zip(names, labels):
+        row = next(line for line in lines if name in line)
+        assert row.startswith("│ …/") and f"│ {label}  " in row
 
 
 def test_empty_folder(no_runs):
