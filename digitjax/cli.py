@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from digitjax.config import PRESETS, Config, Interrupted, UserError
+from digitjax.outputs import check_writable, write_file, writing
 
 app = typer.Typer(
     add_completion=False,
@@ -354,6 +355,7 @@ def evaluate(
     from digitjax.data import load_dataset
     from digitjax.evaluate import compute_logits, compute_metrics, make_logits_fn
 
+    check_writable("--plot", plot)
     enable_compilation_cache()
 
     path = resolve_checkpoint(checkpoint_path)
@@ -368,10 +370,6 @@ def evaluate(
     images, labels = data.split(split)
     logits = compute_logits(make_logits_fn(model.graphdef), model.params, images)
     metrics = compute_metrics(logits, labels, data.class_names)
-    if plot is not None:
-        from digitjax.plots import plot_evaluation
-
-        plot_evaluation(metrics, images, labels, plot)
     if as_json:
         print_json(
             {
@@ -381,6 +379,7 @@ def evaluate(
                 **metrics.to_dict(),
             }
         )
+        save_evaluation_plot(plot, metrics, images, labels)
         return
     out.print(
         f"[bold]{model.step_dir}[/bold] on {data.name} {split}: accuracy "
@@ -404,7 +403,17 @@ def evaluate(
         )
     out.print(confusion)
     if plot is not None:
+        save_evaluation_plot(plot, metrics, images, labels)
         out.print(f"plot written to {plot}")
+
+
+def save_evaluation_plot(plot: Path | None, metrics: Any, images: Any, labels: Any) -> None:
+    """After the results are printed, so that a failed write loses nothing else."""
+    if plot is not None:
+        from digitjax.plots import plot_evaluation
+
+        with writing("--plot", plot):
+            plot_evaluation(metrics, images, labels, plot)
 
 
 @app.command()
@@ -437,18 +446,13 @@ def predict(
     from digitjax.predict import Predictor, collect_images, predict_files
 
     files, missing = collect_images(paths)
+    check_writable("--csv", csv)
+    check_writable("--save-preprocessed", save_preprocessed, folder=True)
+    check_writable("--plot", plot)
     enable_compilation_cache()
     predictor = Predictor(checkpoint_path)
     predictions, seen = predict_files(predictor, files)
     predictions += missing
-    if csv is not None:
-        write_csv(csv, predictions)
-    if save_preprocessed is not None:
-        save_digit_images(save_preprocessed, seen)
-    if plot is not None:
-        from digitjax.plots import plot_predictions
-
-        plot_predictions(predictions, seen, plot)
     if as_json:
         print_json([p.to_dict() for p in predictions])
     else:
@@ -469,6 +473,18 @@ def predict(
     for p in predictions:
         if p.error:
             err.print(f"error: {p.path}: {p.error}", highlight=False, soft_wrap=True)
+    # Written after the results are printed, so that a failed write loses nothing else.
+    if csv is not None:
+        with writing("--csv", csv):
+            write_csv(csv, predictions)
+    if save_preprocessed is not None:
+        with writing("--save-preprocessed", save_preprocessed):
+            save_digit_images(save_preprocessed, seen)
+    if plot is not None:
+        from digitjax.plots import plot_predictions
+
+        with writing("--plot", plot):
+            plot_predictions(predictions, seen, plot)
     if any(p.error for p in predictions):
         raise typer.Exit(1)
 
@@ -496,16 +512,20 @@ def path_tail(path: str, width: int) -> Text:
 
 def write_csv(path: Path, predictions: list) -> None:
     import csv as csv_module
+    import io
 
-    with path.open("w", newline="") as f:
-        writer = csv_module.writer(f)
-        writer.writerow(["path", "digit", "confidence", "top", "error"])
-        for p in predictions:
-            top = " ".join(f"{d}:{prob:.4f}" for d, prob in p.top)
-            writer.writerow([p.path, p.digit, p.confidence, top, p.error or ""])
+    text = io.StringIO(newline="")
+    writer = csv_module.writer(text)
+    writer.writerow(["path", "digit", "confidence", "top", "error"])
+    for p in predictions:
+        top = " ".join(f"{d}:{prob:.4f}" for d, prob in p.top)
+        writer.writerow([p.path, p.digit, p.confidence, top, p.error or ""])
+    write_file(path, text.getvalue().encode())
 
 
 def save_digit_images(folder: Path, seen: dict) -> None:
+    import io
+
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -515,7 +535,9 @@ def save_digit_images(folder: Path, seen: dict) -> None:
         while name in used:  # same file name in different folders
             name += "_"
         used.add(name)
-        Image.fromarray((image * 255).round().astype("uint8")).save(folder / f"{name}.png")
+        png = io.BytesIO()
+        Image.fromarray((image * 255).round().astype("uint8")).save(png, "PNG")
+        write_file(folder / f"{name}.png", png.getvalue())
 
 
 @app.command()
@@ -549,6 +571,7 @@ def benchmark(
 
     if target is not None and not 0 < target < 1:
         raise UserError(f"--target is an accuracy in (0, 1), got {target}")
+    check_writable("--out", out_file)
     plan = BenchmarkPlan(
         _parse_ints(batch_sizes, "--batch-sizes"), steps, repeats, target, baseline, devices
     )
@@ -558,10 +581,9 @@ def benchmark(
         results = run_benchmark(
             config, dataset, plan, report=lambda what: status.update(f"measuring {what}")
         )
-    if out_file is not None:
-        out_file.write_text(json.dumps(results, indent=2) + "\n")
     if as_json:
         print_json(results)
+        save_benchmark(out_file, results)
         return
     machine = results["machine"]
     table = Table(
@@ -603,7 +625,15 @@ def benchmark(
         )
     out.print(table)
     if out_file is not None:
+        save_benchmark(out_file, results)
         out.print(f"results written to {out_file}")
+
+
+def save_benchmark(out_file: Path | None, results: dict) -> None:
+    """After the results are printed, so that a failed write loses nothing else."""
+    if out_file is not None:
+        with writing("--out", out_file):
+            write_file(out_file, (json.dumps(results, indent=2) + "\n").encode())
 
 
 def main() -> None:
