@@ -7,14 +7,12 @@ and repeats; figures are medians with their spread (min..max).
 """
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -255,7 +253,3 @@ def run_benchmark(
         report(f"time to {100 * plan.target:.1f}% test accuracy")
         results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target, mesh)
     return results
-
-
-def write_results(results: dict, path: Path) -> None:
-    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -3,6 +3,7 @@ the result. Heavy imports (JAX, Orbax) happen inside the commands, so `--help` i
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typer.core import TyperGroup
 
 from digitjax import __version__, render
 from digitjax.config import PRESETS, RECIPE, Config, Interrupted, UserError, chosen_settings
+from digitjax.outputs import check_writable, write_file, writing
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
 CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -285,16 +287,21 @@ def evaluate(
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
     from digitjax.evaluate import evaluate_checkpoint
 
+    check_writable("--plot", plot)
     enable_compilation_cache()
     report = evaluate_checkpoint(
-        checkpoint_or_newest(checkpoint_path), split, dataset, data_dir, latest, plot
+        checkpoint_or_newest(checkpoint_path), split, dataset, data_dir, latest
     )
     if as_json:
         render.print_json(report.to_dict())
-        return
-    render.evaluation(report.step_dir, report.dataset, split, report.metrics)
-    if plot is not None:
-        render.out.print(f"plot written to {plot}")
+    else:
+        render.evaluation(report.step_dir, report.dataset, split, report.metrics)
+    if plot is not None:  # after the results are printed: a failed write loses nothing else
+        from digitjax.plots import plot_evaluation
+
+        with writing("--plot", plot):
+            plot_evaluation(report.metrics, report.images, report.labels, plot)
+        render.err.print(f"plot written to {plot}", highlight=False)
 
 
 @app.command()
@@ -324,21 +331,16 @@ def predict(
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
-    from digitjax.predict import Predictor, collect_images, predict_files
+    from digitjax.predict import Predictor, collect_images, predict_files, save_seen, write_csv
 
     files, missing = collect_images(paths)
+    check_writable("--csv", csv)
+    check_writable("--save-preprocessed", save_preprocessed, folder=True)
+    check_writable("--plot", plot)
     enable_compilation_cache()
     predictor = Predictor(checkpoint_path)
     predictions, seen = predict_files(predictor, files)
     predictions += missing
-    if csv is not None:
-        write_csv(csv, predictions)
-    if save_preprocessed is not None:
-        save_digit_images(save_preprocessed, seen)
-    if plot is not None:
-        from digitjax.plots import plot_predictions
-
-        plot_predictions(predictions, seen, plot)
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
     else:
@@ -346,32 +348,20 @@ def predict(
     for p in predictions:
         if p.error:
             render.err.print(f"error: {p.path}: {p.error}", highlight=False, soft_wrap=True)
+    # Written after the results are printed, so that a failed write loses nothing else.
+    if csv is not None:
+        with writing("--csv", csv):
+            write_csv(csv, predictions)
+    if save_preprocessed is not None:
+        with writing("--save-preprocessed", save_preprocessed):
+            save_seen(save_preprocessed, seen)
+    if plot is not None:
+        from digitjax.plots import plot_predictions
+
+        with writing("--plot", plot):
+            plot_predictions(predictions, seen, plot)
     if any(p.error for p in predictions):
         raise typer.Exit(1)
-
-
-def write_csv(path: Path, predictions: list) -> None:
-    import csv as csv_module
-
-    with path.open("w", newline="") as f:
-        writer = csv_module.writer(f)
-        writer.writerow(["path", "digit", "confidence", "top", "error"])
-        for p in predictions:
-            top = " ".join(f"{d}:{prob:.4f}" for d, prob in p.top)
-            writer.writerow([p.path, p.digit, p.confidence, top, p.error or ""])
-
-
-def save_digit_images(folder: Path, seen: dict) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    for path, image in seen.items():
-        name = path.stem
-        while name in used:  # same file name in different folders
-            name += "_"
-        used.add(name)
-        Image.fromarray((image * 255).round().astype("uint8")).save(folder / f"{name}.png")
 
 
 @app.command()
@@ -403,17 +393,19 @@ def benchmark(
     as_json: JsonFlag = False,
 ) -> None:
     """Training/inference throughput, compile time, FLOP/s vs. matmul peak, time to accuracy."""
-    from digitjax.benchmark import BenchmarkPlan, run_benchmark, write_results
+    from digitjax.benchmark import BenchmarkPlan, run_benchmark
 
     plan = BenchmarkPlan(batch_sizes, steps, repeats, target, baseline, devices)
+    check_writable("--out", out_file)
     with render.err.status("benchmarking") as status:
         results = run_benchmark(plan, report=lambda what: status.update(f"measuring {what}"))
     if as_json:
         render.print_json(results)
     else:
         render.benchmark(results)
-    if out_file is not None:
-        write_results(results, out_file)
+    if out_file is not None:  # after the results are printed: a failed write loses nothing else
+        with writing("--out", out_file):
+            write_file(out_file, (json.dumps(results, indent=2) + "\n").encode())
         render.err.print(f"results written to {out_file}", highlight=False)
 
 

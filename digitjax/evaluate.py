@@ -125,6 +125,8 @@ class Evaluation:
     dataset: str
     split: str
     metrics: Metrics
+    images: np.ndarray  # the split evaluated, for the report's misclassified digits
+    labels: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,10 +143,9 @@ def evaluate_checkpoint(
     dataset: str | None = None,
     data_dir: str | None = None,
     latest: bool = False,
-    plot: Path | None = None,
 ) -> Evaluation:
     """A checkpoint's metrics on a split of its own dataset (or of another one, given by name
-    or folder), with a PNG report if `plot` names a file."""
+    or folder)."""
     model = checkpoint.restore_model(path, checkpoint.LATEST if latest else checkpoint.BEST)
     config, num_classes = model.config, model.summary["num_classes"]
     if dataset is None and data_dir is None:
@@ -157,8 +158,4 @@ def evaluate_checkpoint(
     metrics = split_metrics(
         logits_fn, model.params, pad_to_batches(images), labels, data.class_names
     )
-    if plot is not None:
-        from digitjax.plots import plot_evaluation
-
-        plot_evaluation(metrics, images, labels, plot)
-    return Evaluation(model.step_dir, data.name, split, metrics)
+    return Evaluation(model.step_dir, data.name, split, metrics, images, labels)

@@ -1,5 +1,6 @@
 """PNG figures: training curves and the evaluation report (matplotlib, imported only here)."""
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from digitjax.evaluate import Metrics  # noqa: E402
+from digitjax.outputs import write_file  # noqa: E402
 
 
 def plot_curves(history: list[dict], curve: list[dict], path: Path) -> None:
@@ -108,6 +110,7 @@ def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int 
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix[1:].lower() or "png", dpi=110)
     plt.close(fig)
+    write_file(path, image.getvalue())

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from digitjax.config import UserError
+from digitjax.outputs import write_file
 from digitjax.preprocess import ImageError, preprocess_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -123,3 +124,34 @@ def predict_files(predictor: Predictor, files: list[Path]) -> tuple[list[Predict
         top = [(int(d), float(probs[d])) for d in np.argsort(-probs)[:TOP_K]]
         predictions.append(Prediction(str(path), top[0][0], top[0][1], top))
     return predictions, seen
+
+
+def write_csv(path: Path, predictions: list[Prediction]) -> None:
+    import csv
+    import io
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "digit", "confidence", "top", "error"])
+    for p in predictions:
+        top = " ".join(f"{d}:{prob:.4f}" for d, prob in p.top)
+        writer.writerow([p.path, p.digit, p.confidence, top, p.error or ""])
+    write_file(path, text.getvalue().encode())
+
+
+def save_seen(folder: Path, seen: dict[Path, np.ndarray]) -> None:
+    """The 28x28 image the model saw for each input, as `<input name>.png`."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for path, image in seen.items():
+        name = path.stem
+        while name in used:  # same file name in different folders
+            name += "_"
+        used.add(name)
+        png = io.BytesIO()
+        Image.fromarray((image * 255).round().astype("uint8")).save(png, "PNG")
+        write_file(folder / f"{name}.png", png.getvalue())

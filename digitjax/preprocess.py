@@ -7,6 +7,7 @@ A classifier trained on MNIST fails on raw photos mostly because they break thos
 (polarity, margins, position, stroke width), so each step below restores one of them.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 MNIST_SIZE, DIGIT_BOX = 28, 20
 WORK_SIZE = 128  # images are reduced to this before cleaning: enough detail, little work
 MIN_CONTRAST = 0.12  # ink must differ from the paper by this much (of full range) to count
+# Larger images are refused from their header, before decoding (decompression bombs declare a
+# huge size in a small file). 80 megapixels is above what cameras save by default (phones
+# 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
+# image that passes; README.md gives the memory and time one at the limit takes.
+MAX_PIXELS = 80_000_000
 
 
 class ImageError(Exception):
@@ -24,9 +30,21 @@ class ImageError(Exception):
 def load_grayscale(path: Path) -> np.ndarray:
     """The image as float32 gray levels in [0, 1], upright as its EXIF orientation says."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: truncated files fail here, not later
-            image = ImageOps.exif_transpose(image)
+        # PIL's warnings (a bomb above its own limit, corrupt EXIF...) would only add noise to
+        # the one-line verdict each file gets; above twice its limit PIL raises instead.
+        with warnings.catch_warnings(action="ignore"):
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(
+                        f"image too large: {width}x{height} pixels, limit {MAX_PIXELS:,}"
+                    )
+                image.load()  # decode now: truncated files fail here, not later
+                image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, limit {MAX_PIXELS:,}"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError("not an image (cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -17,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any width
@@ -127,15 +129,42 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
     out.print(confusion)
 
 
-def predictions(step_dir: Path, results: list) -> None:
-    table = Table("file", "digit", "confidence", "top 3", title=f"{step_dir}")
+def predictions(source: Path, results: list) -> None:
+    width = path_column_width([p.path for p in results], out.width)
+    table = Table(title=f"{source}")
+    table.add_column("file", width=width, no_wrap=True)
+    table.add_column("digit", no_wrap=True)
+    table.add_column("confidence", no_wrap=True)
+    table.add_column("top 3")
     for p in results:
+        path = path_tail(p.path, width)
         if p.error:
-            table.add_row(p.path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
+            table.add_row(path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
         else:
             top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
-            table.add_row(p.path, f"[bold]{p.digit}[/bold]", f"{100 * p.confidence:.1f}%", top)
+            table.add_row(path, f"[bold]{p.digit}[/bold]", f"{100 * p.confidence:.1f}%", top)
     out.print(table)
+
+
+def path_column_width(paths: list[str], terminal_width: int) -> int:
+    """Predict's file column: the longest path if it fits beside a whole top 3, else what the
+    terminal leaves, but at least `…/name` while the top 3 keeps 12 cells to wrap in."""
+    room = terminal_width - 28  # borders, padding, the digit and confidence columns
+    longest = max(map(cell_len, paths), default=1)
+    names = max((cell_len(Path(path).name) + 2 for path in paths), default=1)
+    return max(1, min(longest, max(names, room - 27), room - 12))
+
+
+def path_tail(path: str, width: int) -> Text:
+    """The path in `width` cells, cut at its start, not at the end that tells files apart:
+    `…/photos/seven.png`, never `/home/me/pho…`."""
+    if cell_len(path) <= width:
+        return Text(path)
+    start, cells = len(path), 1  # the ellipsis takes one cell
+    while start > 0 and cells + cell_len(path[start - 1]) <= width:
+        start -= 1
+        cells += cell_len(path[start])
+    return Text("…" + path[start:])
 
 
 def benchmark(results: dict) -> None:

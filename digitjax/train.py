@@ -46,6 +46,7 @@ from digitjax.distributed import (
 )
 from digitjax.evaluate import Metrics, make_logits_fn, pad_to_batches, split_metrics
 from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
+from digitjax.outputs import write_file
 
 
 class EpochTotals(TypedDict):
@@ -591,7 +592,5 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def write_metrics_file(run_dir: Path, history: list[dict]) -> None:
     """Rewritten whole from the history, so it always agrees with the checkpoints."""
-    path = run_dir / checkpoint.METRICS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-    tmp.replace(path)
+    lines = "".join(json.dumps(record) + "\n" for record in history)
+    write_file(run_dir / checkpoint.METRICS_FILE, lines.encode())

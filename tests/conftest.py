@@ -2,7 +2,9 @@
 
 import gzip
 import os
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,19 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
     assert len(errors) == 1, stderr
     for fragment in fragments:
         assert fragment in errors[0], stderr
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black 1-bit PNG of any size, written without ever holding its pixels: a
+    20000x20000 one is 49 kB, a decompression bomb (400 million pixels once decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    rows, compressor = b"\0" * (1 + -(-width // 8)) * 500, zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(rows) for _ in range(height // 500))
+    pixels += compressor.compress(b"\0" * (1 + -(-width // 8)) * (height % 500))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", pixels + compressor.flush()) + chunk(b"IEND", b""))
+    return path

@@ -1,12 +1,13 @@
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, ROOT, assert_one_line_error, run_digitjax
+from conftest import MNIST_DIR, ROOT, assert_one_line_error, huge_png, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -101,6 +102,43 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
     assert len(errors) == 4 and "Traceback" not in result.stderr
     assert all(any(name in line for line in errors)
                for name in ("notes.png", "truncated.png", "missing.png", "blank.png"))
+
+
+def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(no_runs):
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    good = [no_runs / "seven.png", no_runs / "two.png"]
+    Image.fromarray(images[0]).resize((140, 140)).save(good[0])
+    Image.fromarray(255 - images[1]).resize((90, 90)).save(good[1])
+    huge = huge_png(no_runs / "huge.png", 20000, 20000)  # beyond what PIL itself accepts
+    bomb = huge_png(no_runs / "bomb.png", 10000, 10000)  # PIL only warns: we must not decode
+    (no_runs / "garbage.jpg").write_bytes(bytes(range(256)) * 8)
+    result = runner.invoke(app, ["predict", str(huge), str(good[0]), str(bomb),
+                                 str(no_runs / "garbage.jpg"), str(good[1]), "--json"])
+    assert result.exit_code == 1
+    results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert [results[name]["digit"] for name in ("seven.png", "two.png")] == list(labels[:2])
+    assert results["huge.png"]["error"].startswith("image too large: over 178,956,970 pixels")
+    assert results["bomb.png"]["error"] == "image too large: 10000x10000 pixels, limit 80,000,000"
+    assert results["garbage.jpg"]["error"] == "not an image (cannot identify the format)"
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 == len(result.stderr.splitlines())
+
+
+def test_table_at_80_columns_shows_every_file_name_whole(no_runs):
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    deep = no_runs / "a-rather-long-folder-name" / "scans from the office" / "2026" / "batch-1"
+    deep.mkdir(parents=True)
+    names = [f"customer_form_digit_{i:03}.png" for i in range(4)]
+    for name, image in zip(names, images):
+        Image.fromarray(image).resize((56, 56)).save(deep / name)
+    result = run_digitjax("predict", str(no_runs), cwd=no_runs, env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    for name, label in zip(names, labels):
+        row = next(line for line in lines if name in line)
+        assert row.startswith("│ …/") and f"│ {label}  " in row
 
 
 def test_empty_folder(no_runs):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR
+from conftest import MNIST_DIR, huge_png
 from PIL import Image
 
 from digitjax.data import read_idx_split
@@ -120,3 +120,16 @@ def test_unreadable_files_raise_image_error(tmp_path):
     (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:60])
     with pytest.raises(ImageError):
         load_grayscale(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize(("width", "height", "message"), [
+    (9000, 9000, "image too large: 9000x9000 pixels, limit 80,000,000"),  # over ours only
+    (10000, 10000, "image too large: 10000x10000 pixels, limit 80,000,000"),  # PIL warns
+    (20000, 20000, "image too large: over 178,956,970 pixels, limit 80,000,000"),  # PIL refuses
+])
+def test_huge_images_are_refused_from_their_header(tmp_path, recwarn, width, height, message):
+    path = huge_png(tmp_path / "huge.png", width, height)
+    with pytest.raises(ImageError) as refused:
+        load_grayscale(path)
+    assert str(refused.value) == message
+    assert not recwarn.list, "PIL's DecompressionBombWarning must not leak"

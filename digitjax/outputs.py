@@ -1,0 +1,63 @@
+"""Files the user asked for (--csv, --plot, --out...): checked before the work, so a wrong path
+costs nothing, and written whole or not at all after it."""
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from digitjax.config import UserError
+
+
+def check_writable(flag: str, path: Path | None, folder: bool = False) -> None:
+    """Raises UserError unless `path` (a file, or a folder when `folder`) can be written now.
+    Creating a file is the only test that holds for every case (read-only mounts, /proc, root
+    ignoring permission bits), so one is created and removed in the nearest existing folder."""
+    if path is None:
+        return
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder, give a file name")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{flag} {path}: cannot create files in {existing} ({e.strerror})"
+        ) from None
+
+
+@contextmanager
+def writing(flag: str, path: Path) -> Iterator[None]:
+    """A write that fails after the work (disk full...) ends in one line naming the flag."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write: {e.strerror or e}") from None
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Writes through a temporary file renamed over `path`, creating missing folders: a failed
+    write leaves any earlier file intact and no partial one. Streams and devices (/dev/stdout)
+    are written directly."""
+    if path.exists() and not path.is_file():
+        path.write_bytes(data)
+        return
+    target = Path(os.path.realpath(path))  # a link stays a link to the new file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        # Created like any new file (0o666 less the umask), unlike tempfile's private 0o600.
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(data)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,0 +1,114 @@
+"""Output flags (--csv, --save-preprocessed, --plot, --out): a path that cannot be written fails
+before any work, in one line; a write that fails after the work loses none of the results."""
+
+import csv
+import io
+import os
+import resource
+from pathlib import Path
+
+import pytest
+from conftest import MNIST_DIR, assert_one_line_error, run_digitjax
+from PIL import Image
+from typer.testing import CliRunner
+
+from digitjax.cli import app
+from digitjax.data import read_idx_split
+
+runner = CliRunner()
+
+
+def everything_under(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*"))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "adir").mkdir()
+    images, _ = read_idx_split(MNIST_DIR, "test")
+    Image.fromarray(images[0]).save(tmp_path / "seven.png")
+    return tmp_path
+
+
+UNWRITABLE = {  # name: (path relative to the work folder, what the error says)
+    "under a file": ("afile/out.x", "afile is a file, not a folder"),
+    "in /proc": ("/proc/digitjax-test/out.x", "cannot create files in /proc"),
+}
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc", "an existing folder"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "seven.png", "--csv"],
+        ["predict", "seven.png", "--plot"],
+        ["evaluate", "--plot"],
+        ["benchmark", "--steps", "1", "--repeats", "1", "--out"],
+    ],
+)
+def test_unwritable_file_outputs_fail_first(workdir, monkeypatch, command, where):
+    path, message = UNWRITABLE.get(where, ("adir", "is a folder, give a file name"))
+    # A missing checkpoint: had the work started first, that would be the error.
+    missing = ["--checkpoint", "nothing"] if command[0] == "predict" else []
+    missing += ["nothing"] if command[0] == "evaluate" else []
+    monkeypatch.chdir(workdir)
+    before = everything_under(workdir)
+    result = runner.invoke(app, [*command, path, *missing])
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, f"{command[-1]} {path}: {message}")
+    assert result.stdout == "" and everything_under(workdir) == before
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc", "an existing file"])
+def test_unwritable_preprocessed_folder_fails_first(workdir, monkeypatch, where):
+    path, message = UNWRITABLE.get(where, ("afile", "is a file, not a folder"))
+    monkeypatch.chdir(workdir)
+    before = everything_under(workdir)
+    result = runner.invoke(
+        app, ["predict", "seven.png", "--save-preprocessed", path, "--checkpoint", "nothing"]
+    )
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, f"--save-preprocessed {path}: {message}")
+    assert everything_under(workdir) == before and (workdir / "afile").read_text() == "mine\n"
+
+
+def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
+    """Files over 4 kB cannot be written (as on a full disk): the plot fails, the CSV (on
+    stdout, a stream) and the 28x28 images are written, and the results were printed first."""
+
+    def small_files_only() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000))
+
+    (workdir / "out").mkdir()
+    (workdir / "out" / "grid.png").write_bytes(b"an earlier plot")
+    result = run_digitjax(
+        "predict",
+        "seven.png",
+        "--csv",
+        "/dev/stdout",
+        "--plot",
+        "out/grid.png",
+        "--save-preprocessed",
+        "out/seen",
+        cwd=workdir,
+        preexec_fn=small_files_only,
+    )
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "--plot out/grid.png: cannot write: File too large")
+    assert result.stderr.splitlines()[-1].startswith("error: --plot")
+    table, _, rest = result.stdout.partition("path,digit,confidence,top,error")
+    assert "seven.png" in table and "│ 7 " in table
+    rows = list(csv.reader(io.StringIO(rest.strip())))
+    assert rows[0][:2] == ["seven.png", "7"]
+    assert (workdir / "out" / "grid.png").read_bytes() == b"an earlier plot"
+    assert [p.name for p in everything_under(workdir / "out")] == [
+        "grid.png",
+        "seen",
+        "seven.png",
+    ]  # no partial file left behind
+    assert Image.open(workdir / "out" / "seen" / "seven.png").size == (28, 28)
+    mode = (workdir / "out" / "seen" / "seven.png").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
