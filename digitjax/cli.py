@@ -429,14 +429,25 @@ def predict(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG grid: input, what the model saw, prediction.")
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
     from digitjax.predict import Predictor, collect_images, predict_files
 
     files, missing = collect_images(paths)
-    enable_compilation_cache()
-    predictor = Predictor(checkpoint_path)
+    if model is not None:
+        from digitjax.export import ExportedModel
+
+        if checkpoint_path is not None:
+            raise UserError("pass --checkpoint or --model, not both")
+        predictor = ExportedModel(model)
+    else:
+        enable_compilation_cache()
+        predictor = Predictor(checkpoint_path)
     predictions, seen = predict_files(predictor, files)
     predictions += missing
     if csv is not None:
@@ -450,7 +461,7 @@ def predict(
     if as_json:
         print_json([p.to_dict() for p in predictions])
     else:
-        table = Table("file", "digit", "confidence", "top 3", title=f"{predictor.step_dir}")
+        table = Table("file", "digit", "confidence", "top 3", title=f"{predictor.source}")
         for p in predictions:
             if p.error:
                 table.add_row(p.path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
@@ -575,6 +586,47 @@ def benchmark(
     out.print(table)
     if out_file is not None:
         out.print(f"results written to {out_file}")
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[RUN_OR_CHECKPOINT]",
+            help="Run or checkpoint folder. \\[default: the newest run in checkpoints/, else the "
+            "model bundled with digitjax]",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="stablehlo or onnx. \\[default: by the suffix of --out]",
+            show_default=False,
+        ),
+    ] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="The file to write.")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write the model as one file that runs without digitjax: StableHLO or ONNX."""
+    from digitjax.export import export_model
+    from digitjax.predict import default_checkpoint
+
+    written = export_model(checkpoint_path or default_checkpoint(), fmt, out_file, overwrite)
+    if as_json:
+        print_json(written)
+    else:
+        accuracy = written["metadata"]["test_accuracy"]
+        out.print(
+            f"{written['metadata']['checkpoint']} → {out_file} ({written['format']}, "
+            f"{written['bytes']:,} bytes"
+            + (f", test accuracy {100 * accuracy:.2f}%)" if accuracy is not None else ")"),
+            highlight=False,
+        )
 
 
 def main() -> None:
