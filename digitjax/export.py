@@ -67,20 +67,21 @@ def export_model(checkpoint: Path, fmt: str | None, out: Path, overwrite: bool =
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     try:
-        with file:
-            from digitjax.checkpoint import restore_model
+        from digitjax.checkpoint import restore_model
 
-            model = restore_model(checkpoint)
-            metadata = export_metadata(model)
-            file.write(
-                stablehlo_bytes(model, metadata)
-                if fmt == "stablehlo"
-                else onnx_bytes(model, metadata)
-            )
-        os.replace(partial, out)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+        model = restore_model(checkpoint)
+        metadata = export_metadata(model)
+        data = (
+            stablehlo_bytes(model, metadata) if fmt == "stablehlo" else onnx_bytes(model, metadata)
+        )
+        try:
+            with file:
+                file.write(data)
+            os.replace(partial, out)
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
+        file.close()
         partial.unlink(missing_ok=True)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "metadata": metadata}
 
