@@ -233,6 +233,8 @@ def _step_dir(path: Path, kind: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a checkpoint folder")
     if (path / "_CHECKPOINT_METADATA").exists():
         return path
     folder = path / kind if (path / kind).is_dir() else path

@@ -328,6 +328,10 @@ def predict(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG grid: input, what the model saw, prediction.")
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
@@ -337,14 +341,21 @@ def predict(
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
-    enable_compilation_cache()
-    predictor = Predictor(checkpoint_path)
+    if model is not None:
+        from digitjax.export import ExportedModel
+
+        if checkpoint_path is not None:
+            raise UserError("pass --checkpoint or --model, not both")
+        predictor = ExportedModel(model)
+    else:
+        enable_compilation_cache()
+        predictor = Predictor(checkpoint_path)
     predictions, seen = predict_files(predictor, files)
     predictions += missing
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
     else:
-        render.predictions(predictor.step_dir, predictions)
+        render.predictions(predictor.source, predictions)
     for p in predictions:
         if p.error:
             render.err.print(f"error: {p.path}: {p.error}", highlight=False, soft_wrap=True)
@@ -407,6 +418,41 @@ def benchmark(
         with writing("--out", out_file):
             write_file(out_file, (json.dumps(results, indent=2) + "\n").encode())
         render.err.print(f"results written to {out_file}", highlight=False)
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[RUN_OR_CHECKPOINT]",
+            help="Run or checkpoint folder. \\[default: the newest run in checkpoints/, else the "
+            "model bundled with digitjax]",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="stablehlo or onnx. \\[default: by the suffix of --out]",
+            show_default=False,
+        ),
+    ] = None,
+    out_file: Annotated[Path, typer.Option("--out", help="The file to write.")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write the model as one file that runs without digitjax: StableHLO or ONNX."""
+    from digitjax.export import export_model
+    from digitjax.predict import default_checkpoint
+
+    written = export_model(checkpoint_path or default_checkpoint(), fmt, out_file, overwrite)
+    if as_json:
+        render.print_json(written)
+    else:
+        render.exported(written, out_file)
 
 
 def main() -> None:

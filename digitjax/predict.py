@@ -86,6 +86,11 @@ class Predictor:
             lambda params, images: jax.nn.softmax(apply(model.graphdef, params, images, conv_impls))
         )
 
+    @property
+    def source(self) -> Path:
+        """Where the model came from (`digitjax.export.ExportedModel` has one too)."""
+        return self.step_dir
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """images: (N, 28, 28) floats in [0, 1]. Pads to a power-of-two batch so that any
         number of images costs at most one compilation per batch size."""

@@ -217,3 +217,13 @@ def _training_rows(run: dict) -> list[tuple[str, str]]:
             )
         )
     return rows
+
+
+def exported(written: dict, out_file: Path) -> None:
+    accuracy = written["metadata"]["test_accuracy"]
+    out.print(
+        f"{written['metadata']['checkpoint']} → {out_file} ({written['format']}, "
+        f"{written['bytes']:,} bytes"
+        + (f", test accuracy {100 * accuracy:.2f}%)" if accuracy is not None else ")"),
+        highlight=False,
+    )

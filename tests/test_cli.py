@@ -6,7 +6,7 @@ from digitjax import __version__
 from digitjax.cli import app
 
 runner = CliRunner()
-COMMANDS = ("train", "evaluate", "predict", "benchmark")
+COMMANDS = ("train", "evaluate", "predict", "benchmark", "export")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

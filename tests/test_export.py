@@ -1,0 +1,269 @@
+"""`digitjax export`: the exported files, run by the README's loaders in processes without
+digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MNIST_DIR, ROOT, assert_one_line_error, write_mnist_subset
+from typer.testing import CliRunner
+
+from digitjax.checkpoint import restore_model
+from digitjax.cli import app
+from digitjax.data import read_idx_split
+from digitjax.evaluate import make_logits_fn, pad_to_batches, split_logits
+from digitjax.export import FORMATS
+from digitjax.predict import BUNDLED_MODEL
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from user_digits import generate  # noqa: E402
+
+runner = CliRunner()
+MODELS = ("default", "best", "bundled")
+# The README's loader code, as a user copies it.
+README_SNIPPETS = {
+    "stablehlo": ("jax.export.deserialize", "model.stablehlo"),
+    "onnx": ("onnxruntime.InferenceSession", "model.onnx"),
+}
+README_IMAGES = "np.zeros((3, 28, 28), np.float32)"
+# Imports the loaders must not need: a meta-path finder that refuses them.
+BLOCKER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is blocked in this test")
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One short training of the default and of the --preset best architecture, and the
+    bundled model."""
+    folder = tmp_path_factory.mktemp("export-runs")
+    data = write_mnist_subset(folder / "mnist", 512, 100)
+    runs = {"bundled": BUNDLED_MODEL}
+    for name, flags in (("default", []), ("best", ["--preset", "best"])):
+        runs[name] = folder / name
+        result = runner.invoke(
+            app,
+            ["train", "--data-dir", str(data), "--epochs", "1", *flags, "--out", str(runs[name])],
+        )
+        assert result.exit_code == 0, result.output
+    return runs
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("exports")
+    files = {}
+    for name in MODELS:
+        for fmt in FORMATS:
+            path = folder / f"{name}.{fmt}"
+            result = runner.invoke(
+                app,
+                ["export", str(checkpoints[name]), "--format", fmt, "--out", str(path), "--json"],
+            )
+            assert result.exit_code == 0, result.output
+            written = json.loads(result.stdout)
+            assert written["path"] == str(path) and written["format"] == fmt
+            assert written["bytes"] == path.stat().st_size
+            files[name, fmt] = path, written["metadata"]
+    return files
+
+
+@pytest.fixture(scope="module")
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    return read_idx_split(MNIST_DIR, "test")
+
+
+@pytest.fixture(scope="module")
+def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str, np.ndarray]:
+    """Softmax of the logits `digitjax evaluate` computes, on the full MNIST test set."""
+    probabilities = {}
+    for name in MODELS:
+        model = restore_model(checkpoints[name])
+        logits_fn = make_logits_fn(model.graphdef)
+        images = mnist_test[0]
+        logits = split_logits(logits_fn, model.params, pad_to_batches(images), len(images))
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities[name] = exp / exp.sum(axis=1, keepdims=True)
+    return probabilities
+
+
+def readme_snippet(fmt: str) -> str:
+    marker, _ = README_SNIPPETS[fmt]
+    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / "README.md").read_text(), re.S | re.M)
+    [snippet] = [block for block in blocks if marker in block]
+    return textwrap.dedent(snippet)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_readme_loader_without_digitjax_matches_evaluate(
+    fmt: str, exports, evaluate_probabilities, mnist_test, tmp_path: Path
+):
+    """The README's loader, with the full test set for its example images, in a process where
+    digitjax, flax and orbax (and for ONNX, jax) cannot be imported."""
+    snippet, (_, file_name) = readme_snippet(fmt), README_SNIPPETS[fmt]
+    assert file_name in snippet and README_IMAGES in snippet
+    np.save(tmp_path / "images.npy", mnist_test[0].astype(np.float32) / 255)
+    blocked = {"digitjax", "flax", "orbax", "optax"} | (
+        {"jax", "jaxlib"} if fmt == "onnx" else set()
+    )
+    script = BLOCKER.format(blocked=sorted(blocked))
+    for name in MODELS:
+        loader = snippet.replace(file_name, str(exports[name, fmt][0]))
+        loader = loader.replace(README_IMAGES, f"np.load({str(tmp_path / 'images.npy')!r})")
+        script += f"{loader}\nnp.save({str(tmp_path / name)!r}, np.asarray(probabilities))\n"
+    script += "assert not {'digitjax', 'flax'} & set(sys.modules)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    for name in MODELS:
+        probabilities, expected = np.load(tmp_path / f"{name}.npy"), evaluate_probabilities[name]
+        assert probabilities.shape == (10_000, 10) and probabilities.dtype == np.float32
+        assert (probabilities.argmax(axis=1) == expected.argmax(axis=1)).all(), name
+        np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0, err_msg=name)
+    accuracy = (np.load(tmp_path / "bundled.npy").argmax(axis=1) == mnist_test[1]).mean()
+    assert accuracy == exports["bundled", fmt][1]["test_accuracy"]  # what evaluate reports
+
+
+def test_metadata_travels_with_both_formats(exports, checkpoints):
+    for name in MODELS:
+        model = restore_model(checkpoints[name])
+        stablehlo, onnx_file = exports[name, "stablehlo"][0], exports[name, "onnx"][0]
+        with zipfile.ZipFile(stablehlo) as archive:
+            metadata = json.loads(archive.read("metadata.json"))
+        props = {p.key: p.value for p in onnx.load(onnx_file).metadata_props}
+        assert json.loads(props["digitjax"]) == metadata == exports[name, "onnx"][1]
+        assert metadata["config"] == json.loads(json.dumps(model.config.to_dict()))
+        assert metadata["dataset"] == "mnist" and metadata["num_classes"] == 10
+        assert metadata["test_accuracy"] == model.summary["best"]["test_accuracy"]
+        assert metadata["digitjax_version"] and "preprocess" in metadata["preprocessing"]
+    best = exports["best", "onnx"][1]["config"]
+    assert best["channels"] == [32, 64, 128] and best["dense"] == 256
+    onnx_model = onnx.load(exports["best", "onnx"][0])
+    assert onnx_model.opset_import[0].version >= 17
+    batch = onnx_model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # a dynamic batch dimension
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return [path for path, _, _ in generate(tmp_path_factory.mktemp("user"), 1, 3, MNIST_DIR)]
+
+
+def predict_digits(*args: str, **kwargs) -> list[int]:
+    result = subprocess.run(
+        [sys.executable, *args, "--json"], capture_output=True, text=True, timeout=300, **kwargs
+    )
+    assert result.returncode == 0, result.stderr
+    return [r["digit"] for r in json.loads(result.stdout)], result.stderr
+
+
+def test_predict_with_exported_models(exports, user_images, tmp_path: Path):
+    """Same digits as with the checkpoint; the ONNX model without importing JAX."""
+    files = [str(p) for p in user_images]
+    cli = ["-m", "digitjax.cli", "predict", *files]
+    with_checkpoint, _ = predict_digits(*cli, "--checkpoint", str(BUNDLED_MODEL))
+    with_onnx, imports = predict_digits(
+        "-X", "importtime", *cli, "--model", str(exports["bundled", "onnx"][0])
+    )
+    imported = {line.split("|")[-1].strip() for line in imports.splitlines() if "|" in line}
+    assert "onnxruntime" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("jax", "jaxlib", "flax")}
+    with_stablehlo, _ = predict_digits(*cli, "--model", str(exports["bundled", "stablehlo"][0]))
+    assert with_onnx == with_stablehlo == with_checkpoint
+    assert None not in with_checkpoint
+
+
+def test_export_defaults_to_the_bundled_model_and_never_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    result = runner.invoke(app, ["export", "--out", "model.onnx"])  # the format from the suffix
+    assert result.exit_code == 0, result.output
+    assert "model/best/3276 → model.onnx (onnx" in result.stdout
+    exported = (tmp_path / "model.onnx").read_bytes()
+    result = runner.invoke(app, ["export", "--out", "model.onnx", "--format", "stablehlo"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "model.onnx exists", "--overwrite")
+    assert (tmp_path / "model.onnx").read_bytes() == exported
+    result = runner.invoke(
+        app, ["export", "--out", "model.onnx", "--format", "stablehlo", "--overwrite"]
+    )
+    assert result.exit_code == 0, result.output
+    assert zipfile.is_zipfile(tmp_path / "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no partial files
+
+
+def test_export_errors(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "empty").mkdir()
+    no_config = shutil.copytree(checkpoints["default"], tmp_path / "no-config")
+    shutil.rmtree(next((no_config / "best").iterdir()) / "config")
+    cases = [
+        (["--format", "tflite", "--out", "m.tflite"], "unknown format 'tflite'"),
+        (["--out", "m.bin"], "give --format"),
+        (["--out", "a_file/m.onnx"], "cannot write a_file/m.onnx"),
+        (["--format", "onnx", "--out", "."], "is a folder"),
+        ([str(tmp_path / "empty"), "--out", "m.onnx"], "no digitjax checkpoint"),
+        ([str(no_config), "--out", "m.onnx"], "is not a digitjax checkpoint"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["export", *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert_one_line_error(result.stderr, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "no-config"]
+
+
+def test_corrupt_or_foreign_exported_files(exports, user_images, tmp_path: Path):
+    onnx_file, stablehlo_file = exports["bundled", "onnx"][0], exports["bundled", "stablehlo"][0]
+    foreign_onnx = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "identity",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    with zipfile.ZipFile(tmp_path / "foreign.stablehlo", "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    with zipfile.ZipFile(tmp_path / "damaged.stablehlo", "w") as archive:
+        archive.writestr("metadata.json", zipfile.ZipFile(stablehlo_file).read("metadata.json"))
+        archive.writestr("model.jax_exported", b"\x00" * 1000)
+    files = {
+        "truncated.onnx": onnx_file.read_bytes()[:5000],
+        "truncated.stablehlo": stablehlo_file.read_bytes()[:5000],
+        "foreign.onnx": foreign_onnx.SerializeToString(),
+        "noise.bin": bytes(range(256)) * 10,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name, message in [
+        ("truncated.onnx", "is not a digitjax ONNX export"),
+        ("truncated.stablehlo", "is not a digitjax StableHLO export"),
+        ("foreign.onnx", "carries no digitjax metadata"),
+        ("foreign.stablehlo", "no model.jax_exported"),
+        ("damaged.stablehlo", "is not a digitjax StableHLO export"),
+        ("noise.bin", "is not a digitjax ONNX export"),
+        ("missing.onnx", "cannot read"),
+    ]:
+        result = runner.invoke(
+            app, ["predict", str(user_images[0]), "--model", str(tmp_path / name)]
+        )
+        assert result.exit_code == 1, (name, result.output)
+        assert_one_line_error(result.stderr, name, message)
