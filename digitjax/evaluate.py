@@ -16,7 +16,7 @@ from digitjax.data import load_dataset
 from digitjax.distributed import batch_sharded, replicated, to_host
 from digitjax.model import apply, conv_impls_for, normalize
 
-EVAL_BATCH = 200  # measured (8-16-32 model): 57k img/s at 100, 63k at 200, 56k at 1000, 38k at 2000
+EVAL_BATCH = 200  # the fastest of the sizes measured (benchmarks/README.md)
 
 
 def make_logits_fn(

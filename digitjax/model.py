@@ -3,10 +3,11 @@
 One model definition, three implementations of a convolution layer, all with the same
 parameters, chosen per layer and backend by `conv_impls_for`:
 - "lax": `lax.conv`, the reference, used off CPU;
-- "im2col": patches and one matmul; XLA:CPU runs the backward pass of `lax.conv` ~15x slower;
+- "im2col": patches and one matmul; XLA:CPU runs the backward pass of `lax.conv` far slower;
 - "window": conv, ReLU and 2x2 pooling as one matmul over 4x4 windows, for the first layer on
-  CPU (one input channel, so K = 9 for im2col): 3.7x faster than im2col in training, 4x faster
-  than `lax.conv` in inference.
+  CPU (one input channel, so K = 9 for im2col): faster than im2col in training and than
+  `lax.conv` in inference.
+The measured speed-ups of each form are in README.md ("Why it is fast on a CPU").
 """
 
 import functools
@@ -57,7 +58,7 @@ def _matmul_bwd(residuals: tuple, grad: jax.Array) -> tuple:
     x, weights = residuals
     # The weight gradient as (N, M) @ (M, K), transposed after: XLA:CPU hands autodiff's
     # (K, M) @ (M, N) to Eigen, this form to its faster YNNPACK path, and the barrier stops it
-    # from folding the transpose back into the product. Training runs ~9% faster.
+    # from folding the transpose back into the product.
     weights_grad = jax.lax.optimization_barrier(grad.T @ x).T
     return grad @ weights.T, weights_grad
 
@@ -91,8 +92,8 @@ def conv_relu_pool_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     )  # (block row, block col, batch, row, pixel row, col, pixel col, channel)
     windows = shifted.transpose(2, 3, 5, 0, 4, 1, 6, 7)  # pixel (a, b) = 2 * block + pixel
     window_kernel = jnp.einsum("abpquv,uvcf->abcpqf", _window_taps(), kernel)
-    # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly (~3x). Plain
-    # `@`: with `matmul`'s weight gradient this layer measured ~7% slower in training.
+    # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly. Plain `@`:
+    # with `matmul`'s weight gradient this layer measured slower in training.
     pre_pool = windows.reshape(-1, 16 * channels) @ window_kernel.reshape(16 * channels, -1)
     pooled = max_over(pre_pool.reshape(batch, height // 2, width // 2, 4, features), 3)
     return jax.nn.relu(pooled + bias)
@@ -103,7 +104,7 @@ def max_over(x: jax.Array, axis: int) -> jax.Array:
     """`x.max(axis)` over a few candidates, with the gradient going to the first maximal one,
     as in XLA's and PyTorch's max-pooling. JAX's own gradient splits it among ties with
     reductions that XLA:CPU runs as several unfused passes over `x`; this compares and
-    selects, and the default model's training step runs 13-15% faster."""
+    selects, which makes the whole training step markedly faster."""
     return x.max(axis)
 
 
@@ -115,8 +116,8 @@ def _max_over_fwd(x: jax.Array, axis: int) -> tuple[jax.Array, tuple]:
 def _max_over_bwd(axis: int, residuals: tuple, grad: jax.Array) -> tuple:
     x, maximum = residuals
     # Ties are common (blank and saturated regions), so only the first maximum may take it.
-    # One candidate at a time: the window layer's gradient took 0.32 ms a step as one select
-    # over shifted masks, and training runs ~5% faster this way.
+    # One candidate at a time: as one select over shifted masks the window layer's gradient
+    # ran slower.
     taken = jnp.zeros(maximum.shape, bool)
     grads = []
     for i in range(x.shape[axis]):
@@ -168,7 +169,7 @@ def create_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, d
     """The model's static structure and freshly initialized parameters, as a plain nested
     dict of numpy arrays: Flax's defaults for `Conv` and `Linear` (LeCun-normal kernels
     truncated at two standard deviations, zero biases), drawn on the host from `config.seed`.
-    Drawing them with `jax.random` meant compiling a program for it, 0.5 s at the start of
+    Drawing them with `jax.random` meant compiling a program for it at the start of
     every run."""
     graphdef, shapes = abstract_model(config, num_classes)
     rng = np.random.default_rng(config.seed)

@@ -116,7 +116,7 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
 
 def _background(gray: np.ndarray, block: int) -> np.ndarray:
     """The paper's level everywhere: minima over blocks wider than any stroke, interpolated
-    smoothly (a sliding minimum filter gives the same picture ~20x slower)."""
+    smoothly (a sliding minimum filter gives the same picture, far slower)."""
     height, width = gray.shape
     padded = np.pad(gray, ((0, -height % block), (0, -width % block)), mode="edge")
     rows, cols = padded.shape[0] // block, padded.shape[1] // block
