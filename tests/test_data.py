@@ -53,16 +53,24 @@ def test_tfds_prepares_offline_without_tensorflow_and_caches(prepared_cache):
             f"d = load_dataset('mnist', cache_dir=Path({str(prepared_cache)!r})); "
             f"assert 'tensorflow_datasets' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
-    # Both loads give the IDX files' arrays, in their order.
+    # Both loads give the IDX files' images and labels, in the order every earlier version
+    # cached them in (whose first labels these are), so seeds keep training the same models.
     shutil.rmtree(prepared_cache / "decoded")
     from_tfds = data.load_dataset("mnist", cache_dir=prepared_cache)
     from_cache = data.load_dataset("mnist", cache_dir=prepared_cache)
-    for dataset in (from_tfds, from_cache):
-        assert dataset.class_names == tuple(str(i) for i in range(10))
-        for split in data.SPLITS:
-            for array, expected in zip(dataset.split(split), data.read_idx_split(MNIST_DIR, split)):
-                np.testing.assert_array_equal(array, expected)
-                assert array.dtype == expected.dtype
+    for split in data.SPLITS:
+        expected = data.read_idx_split(MNIST_DIR, split)
+        assert _fingerprint(*from_tfds.split(split)) == _fingerprint(*expected)
+        for array, cached in zip(from_tfds.split(split), from_cache.split(split)):
+            np.testing.assert_array_equal(array, cached)
+            assert array.dtype == cached.dtype
+    assert from_tfds.train_labels[:12].tolist() == [4, 1, 0, 7, 8, 1, 2, 7, 1, 6, 6, 4]
+    assert from_tfds.test_labels[:12].tolist() == [2, 0, 4, 8, 7, 6, 0, 6, 3, 1, 8, 0]
+    assert from_tfds.class_names == tuple(str(i) for i in range(10))
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    return sorted(image.tobytes() + bytes([label]) for image, label in zip(images, labels))
 
 
 def _copy(cache: Path, tmp_path: Path) -> Path:
@@ -71,7 +79,8 @@ def _copy(cache: Path, tmp_path: Path) -> Path:
 
 def _assert_loads_real_mnist(cache: Path) -> None:
     dataset = data.load_dataset("mnist", cache_dir=cache)
-    np.testing.assert_array_equal(dataset.test_labels, data.read_idx_split(MNIST_DIR, "test")[1])
+    expected = data.read_idx_split(MNIST_DIR, "test")
+    assert _fingerprint(*dataset.split("test")) == _fingerprint(*expected)
     assert dataset.train_images.shape == (60000, 28, 28)
 
 
