@@ -12,6 +12,7 @@ does not read back is rebuilt.
 
 import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import math
@@ -68,7 +69,9 @@ class Dataset:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DIGITJAX_DATA_DIR", Path.home() / ".cache" / "digitjax"))
+    """$DIGITJAX_DATA_DIR, else ~/.cache/digitjax; set but empty is unset, not the current
+    folder."""
+    return Path(os.environ.get("DIGITJAX_DATA_DIR") or Path.home() / ".cache" / "digitjax")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -163,22 +166,33 @@ def load_dataset(
 
 def _load_cached(name: str, cache_dir: Path) -> Dataset:
     cache_file = cache_dir / "decoded" / f"{name}.npz"
-    if cache_file.is_file():
-        try:
-            with np.load(cache_file) as arrays:
-                return _checked_dataset(name, arrays)
-        except DAMAGED as e:
-            _warn(f"the data cache {cache_file} is damaged ({e}); rebuilding it")
+    try:
+        return _read_cache(name, cache_file)
+    except FileNotFoundError:
+        pass
+    except DAMAGED as e:
+        _warn(f"the data cache {cache_file} is damaged ({e}); rebuilding it")
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_file.with_suffix(".lock"), "a")  # closed by the with below
     except OSError as e:
         raise UserError(
             f"cannot create the data cache folder {cache_file.parent} ({e.strerror}); "
             "set DIGITJAX_DATA_DIR to a writable folder"
         ) from None
-    dataset = _read_prepared(name, cache_dir / "tfds")
-    _write_cache(dataset, cache_file)
+    # Processes that start on a fresh machine together build the cache once, one at a time.
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(*DAMAGED):  # built by another process while this one waited
+            return _read_cache(name, cache_file)
+        dataset = _read_prepared(name, cache_dir / "tfds")
+        _write_cache(dataset, cache_file)
     return dataset
+
+
+def _read_cache(name: str, cache_file: Path) -> Dataset:
+    with np.load(cache_file) as arrays:
+        return _checked_dataset(name, arrays)
 
 
 def _checked_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
@@ -201,9 +215,9 @@ def _checked_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
 
 
 def _write_cache(dataset: Dataset, cache_file: Path) -> None:
-    # A name of this process's own, renamed into place: another process that loads at the same
-    # time sees the old cache, the new one or none, never half a file.
-    tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.npz")
+    # Written beside and renamed into place: readers take no lock, and see the old file or the
+    # new one, never half of one.
+    tmp = cache_file.with_name(f".{cache_file.stem}.tmp.npz")
     arrays = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(dataset)}
     del arrays["name"]
     try:

@@ -73,6 +73,18 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
     return sorted(image.tobytes() + bytes([label]) for image, label in zip(images, labels))
 
 
+def test_processes_starting_together_prepare_once(tmp_path):
+    code = ("import sys; from digitjax.data import load_dataset; "
+            "d = load_dataset('mnist', cache_dir=__import__('pathlib').Path(sys.argv[1])); "
+            "assert d.train_images.shape == (60000, 28, 28)")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], text=True,
+                             stderr=subprocess.PIPE) for _ in range(3)]
+    stderr = "".join(run.communicate(timeout=300)[1] for run in runs)
+    assert [run.returncode for run in runs] == [0, 0, 0], stderr
+    assert stderr.count("Dataset mnist downloaded and prepared") == 1, stderr
+    assert "warning" not in stderr, stderr
+
+
 def _copy(cache: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(cache, tmp_path / "cache"))
 
@@ -127,6 +139,8 @@ def test_uncreatable_cache_dir_names_it_and_the_way_out(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, str(home / ".cache" / "digitjax"), "DIGITJAX_DATA_DIR")
+    monkeypatch.setenv("DIGITJAX_DATA_DIR", "")  # as unset, not the current folder
+    assert data.default_cache_dir() == home / ".cache" / "digitjax"
 
 
 @pytest.mark.skipif(not data.has_idx_files(FASHION_DIR), reason="dataset-fashion-mnist absent")
