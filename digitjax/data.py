@@ -43,7 +43,7 @@ OFFLINE_DIRS = {
 }
 DATASETS = tuple(OFFLINE_DIRS)
 DOWNLOAD_TIMEOUT_S = 20
-MAX_IDX_BYTES = 4 << 30  # EMNIST, the largest MNIST-format set, is 0.6 GiB
+MAX_IDX_BYTES = 4 << 30  # EMNIST ByClass, the largest MNIST-format set, is 0.5 GiB
 # 3.0.1, tfds's own version, was the one-PNG-per-example layout of earlier digitjax versions; a
 # new version number gives this layout its own folder, so an old prepared folder is never misread.
 TFDS_VERSION = "3.1.0"
@@ -112,7 +112,9 @@ def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int32)
 
 
-def class_names_of(folder: Path, train_labels: np.ndarray, test_labels: np.ndarray) -> tuple:
+def class_names_of(
+    folder: Path, train_labels: np.ndarray, test_labels: np.ndarray
+) -> tuple[str, ...]:
     """The classes of a folder of IDX files: labels 0..K-1, each present in the training split,
     so a stray label cannot silently add classes the model never learns."""
     present = np.unique(train_labels)
