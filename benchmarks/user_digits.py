@@ -1,7 +1,8 @@
 """Generates images that look like what users feed `digitjax predict`, with known labels.
 
-Handwritten kinds come from MNIST *test* digits only (the bundled model never saw them); the
-printed kind renders digits with the fonts installed on the machine. Deterministic per seed.
+Handwritten kinds come from the MNIST *test* digits shipped in the package (the bundled model
+never saw them); the printed kind renders digits with the fonts installed on the machine, or
+with the DejaVu fonts matplotlib ships where none are. Deterministic per seed and font set.
 
     python benchmarks/user_digits.py OUT_DIR --per-kind 200 --seed 0
 """
@@ -14,9 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from digitjax.data import read_idx_split
+from digitjax.data import EMBEDDED_MNIST, read_idx_split
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 FONT_DIR = Path("/usr/share/fonts")
 KINDS = ("paper_photo", "canvas", "scan_small", "printed")
 
@@ -75,12 +75,19 @@ def scan_small(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray((np.clip(small, 0, 1) * 255).astype(np.uint8))
 
 
-def installed_fonts() -> list[Path]:
-    return sorted(p for p in FONT_DIR.rglob("*.ttf") if "Symbol" not in p.name)
+def digit_fonts() -> list[Path]:
+    """The machine's TrueType fonts; a fresh machine may have none, so matplotlib's are next."""
+    installed = sorted(p for p in FONT_DIR.rglob("*.ttf") if "Symbol" not in p.name)
+    if installed:
+        return installed
+    import matplotlib
+
+    shipped = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    return sorted(p for p in shipped.glob("DejaVu*.ttf") if "Display" not in p.name)  # no digits
 
 
 def printed(label: int, rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
-    """A printed digit in a random installed font, dark on light, off-centre, slightly turned."""
+    """A printed digit in a random font, dark on light, off-centre, slightly turned."""
     font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), int(rng.integers(40, 160)))
     left, top, right, bottom = font.getbbox(str(label))
     width, height = right - left, bottom - top
@@ -105,12 +112,12 @@ def save(image: Image.Image, path: Path, rng: np.random.Generator) -> Path:
 
 
 def generate(
-    out_dir: Path, per_kind: int, seed: int = 0, mnist_dir: Path = MNIST_DIR
+    out_dir: Path, per_kind: int, seed: int = 0, mnist_dir: Path = EMBEDDED_MNIST
 ) -> list[tuple[Path, int, str]]:
     """Writes `per_kind` images of every kind; returns (path, label, kind) for each."""
     rng = np.random.default_rng(seed)
     images, labels = read_idx_split(mnist_dir, "test")
-    fonts = installed_fonts()
+    fonts = digit_fonts()
     samples = []
     for kind in KINDS:
         folder = Path(out_dir) / kind
@@ -135,7 +142,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--per-kind", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mnist-dir", type=Path, default=MNIST_DIR)
+    parser.add_argument("--mnist-dir", type=Path, default=EMBEDDED_MNIST)
     args = parser.parse_args()
     samples = generate(args.out_dir, args.per_kind, args.seed, args.mnist_dir)
     with (args.out_dir / "labels.csv").open("w", newline="") as f:

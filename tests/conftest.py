@@ -13,8 +13,7 @@ import pytest
 from digitjax.data import EMBEDDED_MNIST, IDX_FILES, read_idx_split
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
-MNIST_DIR = SHARED_MNIST if SHARED_MNIST.is_dir() else EMBEDDED_MNIST
+MNIST_DIR = EMBEDDED_MNIST  # the copy shipped in the package: a fresh clone has everything
 # A tiny model and few steps keep a whole CLI run to a few seconds.
 TINY_FLAGS = ["--channels", "4,8", "--dense", "16", "--batch-size", "64"]
 
