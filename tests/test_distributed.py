@@ -91,6 +91,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_evaluate_in_one(
     tiny_mnist, tmp_path, single_device_history
 ):

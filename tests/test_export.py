@@ -107,6 +107,7 @@ def readme_snippet(fmt: str) -> str:
     return textwrap.dedent(snippet)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_readme_loader_without_digitjax_matches_evaluate(
     fmt: str, exports, evaluate_probabilities, mnist_test, tmp_path: Path

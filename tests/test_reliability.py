@@ -149,6 +149,7 @@ def test_crash_between_latest_and_best_is_repaired_on_resume(
     assert_complete_and_consistent(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(["digitjax", *flags(tiny_mnist, run_dir, epochs=200)],

@@ -112,6 +112,7 @@ def test_run_writes_checkpoints_metrics_and_curves(reference_run: Path):
     assert (reference_run / "curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny_mnist: Path, tmp_path: Path):
     def run(name: str, *extra: str) -> list[dict]:
         flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "3",
@@ -139,6 +140,7 @@ def _resume(run_dir: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_matches_uninterrupted_run(reference_run, tiny_mnist, tmp_path):
     run_dir = tmp_path / "killed"
     process = _start_and_wait_for_checkpoint(tiny_mnist, run_dir)
@@ -149,6 +151,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(reference_run, tiny_mnist
     assert history(run_dir) == history(reference_run)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(reference_run, tiny_mnist, tmp_path):
     run_dir = tmp_path / "interrupted"
     process = _start_and_wait_for_checkpoint(tiny_mnist, run_dir)
@@ -194,6 +197,7 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_mnist: Path, tmp_path: Pat
     assert not list(run_dir.glob("*/[0-9]*")), "a diverged state must never be saved"
 
 
+@pytest.mark.slow
 def test_default_recipe_reaches_99_percent(tmp_path: Path):
     """The real default recipe on full MNIST through tfds (prepared offline in the test's
     cache): 2 epochs of the small model, ~10 s here."""
