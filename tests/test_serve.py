@@ -322,3 +322,104 @@ def test_taken_port_and_bad_checkpoint_are_one_line_errors(server, tmp_path):
                           cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "no checkpoint at")
+
+
+CHROMEDRIVER, CHROMIUM = Path("/usr/bin/chromedriver"), Path("/usr/bin/chromium")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMEDRIVER.exists() and CHROMIUM.exists()) and not os.environ.get("CI"):
+        pytest.skip("needs Debian's chromium and chromium-driver (CI installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1000,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def strokes_of(digit: np.ndarray) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The digit's ink as horizontal pen strokes on the 280 px canvas, one per run of ink
+    pixels in a row."""
+    strokes = []
+    for row in range(28):
+        ink = np.flatnonzero(digit[row] > 100)
+        if ink.size == 0:
+            continue
+        runs = np.split(ink, np.flatnonzero(np.diff(ink) > 1) + 1)
+        strokes += [((10 * run[0] + 5, 10 * row + 5), (10 * run[-1] + 5, 10 * row + 5))
+                    for run in runs]
+    return strokes
+
+
+def test_page_draw_predict_clear_and_upload(server, browser, digits, files, tmp_path):
+    from selenium.webdriver.common.actions import interaction
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    images, labels = digits
+    driver, wait = browser, WebDriverWait(browser, 30)
+    driver.get(server.url)
+    pad = driver.find_element(By.ID, "pad")
+    assert pad.size == {"width": 280, "height": 280}
+    wait.until(lambda d: "test accuracy 99.60%" in d.find_element(By.ID, "model").text)
+
+    # Strokes of a real test digit, drawn with a pen (pointer events), from the canvas centre.
+    actions = ActionBuilder(driver, mouse=PointerInput(interaction.POINTER_PEN, "pen"),
+                            duration=5)
+    for (x0, y0), (x1, y1) in strokes_of(images[3]):
+        actions.pointer_action.move_to(pad, int(x0) - 140, int(y0) - 140)
+        actions.pointer_action.pointer_down()
+        actions.pointer_action.move_to(pad, int(x1) - 140, int(y1) - 140)
+        actions.pointer_action.pointer_up()
+    actions.perform()
+
+    def shown_digit(d) -> str:
+        return d.find_element(By.ID, "digit").text
+
+    wait.until(lambda d: shown_digit(d) != "?")
+    time.sleep(0.5)  # the answer to the last stroke's end replaces earlier, partial ones
+    driver.save_screenshot(str(tmp_path / "drawn.png"))
+    assert shown_digit(driver) == str(labels[3]), f"read {shown_digit(driver)}"
+    bars = driver.find_elements(By.CSS_SELECTOR, "#bars li")
+    assert len(bars) == 10
+    top = [bar for bar in bars if "top" in bar.get_attribute("class")]
+    assert [bar.get_attribute("data-digit") for bar in top] == [str(labels[3])]
+    assert float(top[0].find_element(By.CLASS_NAME, "pct").text.rstrip("%")) > 50
+    assert driver.find_element(By.ID, "seen").get_attribute("src").startswith("data:image/png")
+
+    # A file from the picker, shown with its digit.
+    driver.find_element(By.ID, "file-input").send_keys(str(files["photo"]))
+    result = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#file-results li"))[0]
+    assert files["photo"].name in result.text
+    assert result.find_element(By.CLASS_NAME, "file-digit").text == "2"
+    driver.save_screenshot(str(tmp_path / "serve.png"))
+
+    def ink() -> int:
+        return driver.execute_script(
+            "const d = document.getElementById('pad').getContext('2d')"
+            ".getImageData(0, 0, 280, 280).data; let n = 0;"
+            "for (let i = 0; i < d.length; i += 4) n += d[i] > 127; return n;")
+
+    drawn = ink()
+    driver.find_element(By.ID, "undo").click()
+    assert 0 < ink() < drawn
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    assert ink() == 0 and shown_digit(driver) == "?"
+    assert not driver.find_elements(By.CSS_SELECTOR, "#bars li.top")
+
+    # A phone-sized viewport: everything fits its width.
+    driver.set_window_size(390, 844)
+    assert driver.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth")
