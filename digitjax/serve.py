@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import io
 import signal
 import socket
@@ -139,6 +140,9 @@ class Server:
             self.batcher.run_in_thread(compile_all),
             *(self.preprocess(sample) for _ in range(2 * self.options.workers)),
         )
+        # The cyclic collector would otherwise keep rescanning the ~10^6 objects that JAX and
+        # Flax left behind, for every request's few new ones.
+        gc.freeze()
         self.ready = True
         self.report(
             f"Ready: compiled batch sizes {self.batch_sizes[0]}-{self.batch_sizes[-1]} in "
