@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -43,29 +44,40 @@ def canvas_pngs(count: int, seed: int = 0) -> tuple[list[bytes], list[int]]:
     return pngs, [int(label) for label in labels[:count]]
 
 
-def offline_predict_rate(pngs: list[bytes], copies: int) -> float:
-    """Images/s of `digitjax predict` on these images as files: the difference between a run
-    on `copies` times the images and a run on them once cancels start-up and compilation."""
+def offline_predict_rate(pngs: list[bytes], copies: int) -> tuple[float, float]:
+    """Images/s of `digitjax predict` on these images as files, and its CPU ms per image: the
+    difference between a run on `copies` times the images and a run on them once cancels
+    start-up and compilation."""
     with tempfile.TemporaryDirectory() as folder:
         for copy in range(copies):
             (Path(folder) / f"c{copy}").mkdir()
             for n, png in enumerate(pngs):
                 (Path(folder) / f"c{copy}" / f"{n}.png").write_bytes(png)
-        seconds = []
+        seconds, cpu = [], []
         for paths in ([f"{folder}/c0"], [folder]):
-            started = time.perf_counter()
-            subprocess.run(["digitjax", "predict", *paths, "--json"], check=True,
-                           capture_output=True, cwd=folder)
+            started, cpu_before = time.perf_counter(), children_cpu()
+            command = ["digitjax", "predict", *paths, "--json"]
+            subprocess.run(command, check=True, capture_output=True, cwd=folder)
             seconds.append(time.perf_counter() - started)
-    return (copies - 1) * len(pngs) / (seconds[1] - seconds[0])
+            cpu.append(children_cpu() - cpu_before)
+    images = (copies - 1) * len(pngs)
+    return images / (seconds[1] - seconds[0]), 1000 * (cpu[1] - cpu[0]) / images
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class ServerProcess:
     def __init__(self, *flags: str):
         self.log = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(["digitjax", "serve", "--port", "0", *flags],
-                                        stderr=self.log, stdout=self.log,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            ["digitjax", "serve", "--port", "0", *flags],
+            stderr=self.log,
+            stdout=self.log,
+            start_new_session=True,
+        )
         self.url = None
         while self.url is None or "Ready" not in self.output():
             if self.process.poll() is not None:
@@ -122,8 +134,9 @@ async def one_request(client: httpx.AsyncClient, url: str, png: bytes, label: in
     return True, response.json()["predictions"][0]["digit"] == label
 
 
-async def run_phase(base: str, pngs: list, labels: list, concurrency: int | None,
-                    requests: int, rate: float | None) -> dict:
+async def run_phase(
+    base: str, pngs: list, labels: list, concurrency: int | None, requests: int, rate: float | None
+) -> dict:
     """A closed loop of `concurrency` clients, or (with `rate`) an open loop whose latencies
     count from each request's scheduled time, so that queueing is not hidden."""
     url, latencies, outcomes = f"{base}/api/predict", [], []
@@ -197,18 +210,19 @@ def measure_server(flags: list[str], pngs: list, labels: list, args) -> list[dic
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| server | load | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | batches "
-        "(size: count) | generator CPU | server CPU |",
+        "| server | load (requests) | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | "
+        "batches (size: count) | server CPU ms/req | generator CPU ms/req |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
         for r in result["rows"]:
             batches = " ".join(f"{k}: {v}" for k, v in r["batches"].items())
+            per_request = 1000 * r["wall_s"] / r["requests"]
             lines.append(
                 f"| {result['server']} | {r['mode']} ({r['requests']:,}) | {r['req_per_s']:,.0f}"
                 f" | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.0f}"
-                f" | {r['errors']} | {batches} | {r['generator_cpu']:.2f} | "
-                f"{r['server_cpu']:.2f} |"
+                f" | {r['errors']} | {batches} | {r['server_cpu'] * per_request:.2f} | "
+                f"{r['generator_cpu'] * per_request:.2f} |"
             )
     return "\n".join(lines)
 
@@ -224,22 +238,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="Write the JSON results here.")
     args = parser.parse_args()
     pngs, labels = canvas_pngs(args.images)
-    results = []
+    results, offline = [], []
     for repeat in range(args.repeats):
-        offline = offline_predict_rate(pngs, args.offline_copies)
-        print(f"offline predict: {offline:.0f} img/s", file=sys.stderr)
-        results.append({"server": "digitjax predict (offline)", "images_per_s": offline})
+        offline.append(offline_predict_rate(pngs, args.offline_copies))
+        print(f"offline predict: {offline[-1][0]:.0f} img/s", file=sys.stderr)
         for name, flags in (("batching", []), ("--max-batch 1", ["--max-batch", "1"])):
             rows = measure_server(flags, pngs, labels, args)
             results.append({"server": name, "repeat": repeat, "rows": rows})
-    results.append({"server": "digitjax predict (offline)",
-                    "images_per_s": offline_predict_rate(pngs, args.offline_copies)})
-    print(table([r for r in results if "rows" in r]))
-    for r in results:
-        if "images_per_s" in r:
-            print(f"offline `digitjax predict`: {r['images_per_s']:,.0f} images/s")
+    offline.append(offline_predict_rate(pngs, args.offline_copies))
+    print(table(results))
+    for rate, cpu in offline:
+        print(f"offline `digitjax predict`: {rate:,.0f} images/s, {cpu:.2f} CPU ms per image")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        document = {"servers": results, "offline_predict": offline}
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
 
 
 if __name__ == "__main__":

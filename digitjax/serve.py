@@ -62,20 +62,28 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
-            "digitjax_requests", "Prediction requests, by HTTP status.", ["status"],
+            "digitjax_requests",
+            "Prediction requests, by HTTP status.",
+            ["status"],
             registry=registry,
         )
         self.latency = Histogram(
-            "digitjax_request_seconds", "Prediction request latency, arrival to answer.",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "digitjax_request_seconds",
+            "Prediction request latency, arrival to answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.images = Counter("digitjax_images", "Images received.", registry=registry)
         self.batch_size = Histogram(
-            "digitjax_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS,
+            "digitjax_batch_size",
+            "Images per forward pass.",
+            buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.inference = Histogram(
-            "digitjax_inference_seconds", "Time of one forward pass.", buckets=LATENCY_BUCKETS,
+            "digitjax_inference_seconds",
+            "Time of one forward pass.",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(
@@ -140,7 +148,7 @@ class Server:
             self.batcher.run_in_thread(compile_all),
             *(self.preprocess(sample) for _ in range(2 * self.options.workers)),
         )
-        # The cyclic collector would otherwise keep rescanning the ~10^6 objects that JAX and
+        # The cyclic collector would otherwise keep rescanning the ~10^5 objects that JAX and
         # Flax left behind, for every request's few new ones.
         gc.freeze()
         self.ready = True
@@ -150,14 +158,17 @@ class Server:
         )
 
     async def preprocess(self, data: bytes) -> Outcome:
+        pool = self.pool
         try:
             return await asyncio.wrap_future(
-                self.pool.submit(preprocess_one, data, self.limits.max_pixels)
+                pool.submit(preprocess_one, data, self.limits.max_pixels)
             )
         except BrokenProcessPool:
-            # A hostile file crashed a decoder (or the OS killed a worker): start over.
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = start_pool(self.options.workers)
+            # A hostile file crashed a decoder (or the OS killed a worker): the pool is lost for
+            # every request, so the first one to notice replaces it.
+            if pool is self.pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = start_pool(self.options.workers)
             return None, "unreadable image: the decoder crashed"
         except Exception as e:  # PIL raises many types on hostile files; all mean "unreadable"
             return None, f"unreadable image: {type(e).__name__}: {e}"[:300]
@@ -203,8 +214,13 @@ def _prediction(
     with_image: bool,
 ) -> dict:
     if image is None:
-        return {"filename": filename, "digit": None, "confidence": None,
-                "probabilities": None, "error": error}
+        return {
+            "filename": filename,
+            "digit": None,
+            "confidence": None,
+            "probabilities": None,
+            "error": error,
+        }
     probs = next(probabilities)
     digit = int(np.argmax(probs))
     result = {
@@ -274,9 +290,16 @@ def create_app(server: Server) -> FastAPI:
             if not server.ready:
                 raise refuse(503, "not_ready", "The model is still compiling.", retry=True)
             try:
-                uploads = await read_uploads(request, server.limits)
+                async with asyncio.timeout(server.limits.timeout_s):
+                    uploads = await read_uploads(request, server.limits)
             except Rejected as e:
                 raise refuse(e.status, e.reason, e.detail) from None
+            except TimeoutError:
+                raise refuse(
+                    408,
+                    "slow_upload",
+                    f"The request body took longer than {server.limits.timeout_s:g} s to arrive.",
+                ) from None
             metrics.images.inc(len(uploads))
             try:
                 result = await server.predict(uploads, image)

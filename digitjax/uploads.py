@@ -117,8 +117,11 @@ def _parse_multipart(body: bytes, content_type: str, limits: Limits) -> list[Upl
         disposition = parse_options_header(part["headers"].get(b"content-disposition"))[1]
         if disposition.get(b"name") == b"file":
             filename = disposition.get(b"filename")
-            uploads.append(Upload(filename.decode("utf-8", "replace") if filename else None,
-                                  bytes(part["data"])))
+            uploads.append(
+                Upload(
+                    filename.decode("utf-8", "replace") if filename else None, bytes(part["data"])
+                )
+            )
     if len(uploads) > limits.max_files:
         raise Rejected(
             413, "too_many_files", f"At most {limits.max_files} files are accepted per request."

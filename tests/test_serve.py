@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -265,7 +266,21 @@ def test_metrics_count_requests_batches_and_rejections(server, files):
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
-def test_full_queue_and_slow_requests_get_503_with_retry_after(tmp_path, files):
+def test_a_crashed_preprocessing_worker_is_replaced(server, files):
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    workers = [pid for pid in map(int, children.read_text().split())
+               if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == len(os.sched_getaffinity(0))
+    os.kill(workers[0], signal.SIGKILL)
+    png = files["canvas"].read_bytes()
+    first = post_raw(server.url, png)  # may meet the broken pool: an error for this file only
+    assert first.status_code == 200
+    crashed = "unreadable image: the decoder crashed"
+    assert first.json()["predictions"][0]["error"] in (None, crashed)
+    assert post_raw(server.url, png).json()["predictions"][0]["digit"] == 7
+
+
+def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files):
     # Batches wait 3 s for more images, so the first two requests sit in the queue until the
     # 1 s timeout answers them; the queue holds 2 images, so a third is refused at once.
     server = started(tmp_path, "--max-wait-ms", "3000", "--max-queue", "2", "--timeout", "1",
@@ -290,6 +305,14 @@ def test_full_queue_and_slow_requests_get_503_with_retry_after(tmp_path, files):
         assert server.metric('digitjax_rejections_total{reason="queue_full"}') == 1
         assert server.metric('digitjax_rejections_total{reason="timeout"}') == 2
         assert server.metric("digitjax_queue_depth") == 0
+        # A body that stops arriving is answered too, not waited for forever.
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as client:
+            client.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
+                           b"\r\nContent-Length: 1000\r\n\r\n" + png[:10])
+            reply = client.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert "took longer than 1 s to arrive." in reply
     finally:
         server.kill()
 
