@@ -10,6 +10,7 @@ MNIST test digits). The script starts each server itself, with batching and with
 
 import argparse
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -30,6 +31,7 @@ from user_digits import canvas
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
 
 CONCURRENCIES = (1, 8, 32, 128)
+OPEN_LOOP_CLIENTS = 16
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -140,13 +142,22 @@ async def run_phase(
     """A closed loop of `concurrency` clients, or (with `rate`) an open loop whose latencies
     count from each request's scheduled time, so that queueing is not hidden."""
     url, latencies, outcomes = f"{base}/api/predict", [], []
-    limits = httpx.Limits(max_connections=concurrency or 1000, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        metrics_before = batch_histogram((await client.get(f"{base}/metrics")).text)
+    # One small client per closed-loop worker (or per slice of the open loop): httpx's pool
+    # scans its connections for every request, so one client with 128 of them costs ~3x the
+    # CPU per request, which the server would then lack.
+    count, per_client = (concurrency, 1) if rate is None else (OPEN_LOOP_CLIENTS, 64)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(limits=httpx.Limits(max_connections=per_client), timeout=30)
+            )
+            for _ in range(count)
+        ]
+        metrics_before = batch_histogram((await clients[0].get(f"{base}/metrics")).text)
         loop = asyncio.get_running_loop()
         cpu_before, started = time.process_time(), loop.time()
 
-        async def timed(n: int, scheduled: float) -> None:
+        async def timed(client: httpx.AsyncClient, n: int, scheduled: float) -> None:
             outcome = await one_request(client, url, pngs[n % len(pngs)], labels[n % len(pngs)])
             latencies.append(loop.time() - scheduled)
             outcomes.append(outcome)
@@ -154,20 +165,21 @@ async def run_phase(
         if rate is None:
             counter = itertools.count()
 
-            async def client_loop() -> None:
+            async def client_loop(client: httpx.AsyncClient) -> None:
                 while (n := next(counter)) < requests:
-                    await timed(n, loop.time())
+                    await timed(client, n, loop.time())
 
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+            await asyncio.gather(*(client_loop(client) for client in clients))
         else:
             tasks = []
             for n in range(requests):
                 scheduled = started + n / rate
                 await asyncio.sleep(max(0.0, scheduled - loop.time()))
-                tasks.append(asyncio.create_task(timed(n, scheduled)))
+                client = clients[n % count]
+                tasks.append(asyncio.create_task(timed(client, n, scheduled)))
             await asyncio.gather(*tasks)
         wall, cpu = loop.time() - started, time.process_time() - cpu_before
-        metrics_after = batch_histogram((await client.get(f"{base}/metrics")).text)
+        metrics_after = batch_histogram((await clients[0].get(f"{base}/metrics")).text)
     milliseconds = np.array(latencies) * 1000
     ok = sum(o for o, _ in outcomes)
     return {
