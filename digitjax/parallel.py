@@ -72,7 +72,8 @@ def _worker_init() -> None:
 
 def preprocess_many(sources: list[Path], workers: int | None = None) -> list[Outcome]:
     """`preprocess_one` of every source, in order, on `workers` processes (default: every
-    core) when there are enough images to pay for starting them."""
+    core) when there are enough images to pay for starting them. The workers are spawned, so a
+    script calling this needs the usual `if __name__ == "__main__":` guard."""
     workers = workers or available_cores()
     if workers < 2 or len(sources) < POOL_MIN_IMAGES:
         return [preprocess_one(source) for source in sources]
