@@ -459,6 +459,45 @@ def export(
         render.exported(written, out_file)
 
 
+@app.command()
+@user_errors
+def serve(
+    checkpoint_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Run or checkpoint folder. \\[default: the newest run in "
+            "checkpoints/, else the model bundled with digitjax]",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 256,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long a batch waits for more images.")
+    ] = 0.0,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Images in flight before requests get 503.")
+    ] = 1024,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 10.0,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Preprocessing processes. \\[default: one per core]",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Serve a page to draw digits on and a batched prediction API over HTTP."""
+    from digitjax.parallel import available_cores
+    from digitjax.serve import Options, serve
+    from digitjax.uploads import Limits
+
+    enable_compilation_cache()
+    limits = Limits(max_in_flight=max_queue, timeout_s=timeout)
+    options = Options(host, port, max_batch, max_wait_ms, workers or available_cores(), limits)
+    serve(checkpoint_path, options, report=render.note)
+
+
 def main() -> None:
     try:
         app()

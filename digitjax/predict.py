@@ -9,7 +9,7 @@ import numpy as np
 
 from digitjax.config import UserError
 from digitjax.outputs import write_file
-from digitjax.preprocess import ImageError, preprocess_file
+from digitjax.parallel import preprocess_many
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "model"
@@ -79,6 +79,7 @@ class Predictor:
                 "pass --checkpoint with a digit model"
             )
         self.params, self.step_dir = model.params, model.step_dir
+        self.config, self.summary = model.config, model.summary
         conv_impls = conv_impls_for(
             jax.default_backend(), training=False, num_layers=len(model.config.channels)
         )
@@ -105,25 +106,15 @@ class Predictor:
 
 def predict_files(predictor: Predictor, files: list[Path]) -> tuple[list[Prediction], dict]:
     """Predictions in input order, and the 28x28 image the model saw for each recognized file."""
-    seen: dict[Path, np.ndarray] = {}
-    failures: dict[Path, str] = {}
-    for path in files:
-        try:
-            digit_image = preprocess_file(path)
-        except ImageError as e:
-            failures[path] = str(e)
-            continue
-        if digit_image is None:
-            failures[path] = "no digit found"
-        else:
-            seen[path] = digit_image
+    outcomes = dict(zip(files, preprocess_many(files)))
+    seen = {path: image for path, (image, _) in outcomes.items() if image is not None}
     probabilities = dict(
         zip(seen, predictor.probabilities(np.stack(list(seen.values()))) if seen else [])
     )
     predictions = []
     for path in files:
-        if path in failures:
-            predictions.append(Prediction(str(path), error=failures[path]))
+        if path not in seen:
+            predictions.append(Prediction(str(path), error=outcomes[path][1]))
             continue
         probs = probabilities[path]
         top = [(int(d), float(probs[d])) for d in np.argsort(-probs)[:TOP_K]]

@@ -97,13 +97,19 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
     # Most pixels are background, so the median is the paper's level and the ink is the tail
     # that lies farther from it: darker ink on light paper, or light strokes on a dark canvas.
     low, median, high = np.percentile(gray, [0.5, 50, 99.5])
+    flat = median in (low, high)  # half the pixels share one level: drawn, not photographed
     if median - low > high - median:
-        gray = 1 - gray
-    # Uneven lighting: subtract the paper's own level, leaving ink on a flat black floor.
-    background = _background(gray, block=2 * max(3, min(height, width) // 16) + 1)
-    ink = np.clip(gray - np.minimum(background, gray), 0, None)
-    if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
-        ink = _filtered(ink, ImageFilter.MedianFilter(3))
+        gray, median = 1 - gray, 1 - median
+    if flat:
+        # A canvas or a rendering has no lighting or noise to remove; the block minima below
+        # would also hollow out strokes thicker than a block.
+        ink = np.clip(gray - median, 0, None)
+    else:
+        # Uneven lighting: subtract the paper's own level, leaving ink on a flat black floor.
+        background = _background(gray, block=2 * max(3, min(height, width) // 16) + 1)
+        ink = np.clip(gray - np.minimum(background, gray), 0, None)
+        if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
+            ink = _filtered(ink, ImageFilter.MedianFilter(3))
     peak = float(np.percentile(ink, 99.5))
     if peak < MIN_CONTRAST:
         return None

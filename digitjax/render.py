@@ -28,6 +28,10 @@ def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
+def note(message: str) -> None:
+    err.print(message, highlight=False)
+
+
 def error_line(message: str) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
 
