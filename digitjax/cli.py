@@ -483,8 +483,9 @@ def serve(
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 10.0,
     workers: Annotated[
         int | None,
-        typer.Option(min=1, help="Preprocessing processes. \\[default: one per core]",
-                     show_default=False),
+        typer.Option(
+            min=1, help="Preprocessing processes. \\[default: one per core]", show_default=False
+        ),
     ] = None,
 ) -> None:
     """Serve a page to draw digits on and a batched prediction API over HTTP."""

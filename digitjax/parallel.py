@@ -10,14 +10,12 @@ import io
 import multiprocessing
 import os
 import signal
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from digitjax.preprocess import ImageError, preprocess_file
+from digitjax.preprocess import MAX_PIXELS, ImageError, preprocess_file
 
 # The 28x28 digit, or None and why there is none.
 Outcome = tuple[np.ndarray | None, str | None]
@@ -25,34 +23,14 @@ Outcome = tuple[np.ndarray | None, str | None]
 POOL_MIN_IMAGES = 256
 
 
-def preprocess_one(source: Path | bytes, max_pixels: int | None = None) -> Outcome:
-    """One image file or in-memory encoded image, as the model sees it. `max_pixels` is
-    checked on the header, before anything is decoded (decompression bombs)."""
+def preprocess_one(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> Outcome:
+    """One image file or in-memory encoded image, as the model sees it."""
     file = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        if max_pixels is not None:
-            _check_pixels(file, max_pixels)
-        digit = preprocess_file(file)
+        digit = preprocess_file(file, max_pixels)
     except ImageError as e:
         return None, str(e)
     return (digit, None) if digit is not None else (None, "no digit found")
-
-
-def _check_pixels(file: io.BytesIO | Path, max_pixels: int) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below
-            with Image.open(file) as image:  # reads the header only
-                width, height = image.size
-    except Image.DecompressionBombError:  # so large that PIL refuses even to open it
-        raise ImageError(f"image has more pixels than the limit of {max_pixels:,}") from None
-    except (OSError, SyntaxError, ValueError):
-        return  # not an image at all: load_grayscale says why
-    finally:
-        if isinstance(file, io.BytesIO):
-            file.seek(0)
-    if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} pixels, more than the limit of {max_pixels:,}")
 
 
 def available_cores() -> int:

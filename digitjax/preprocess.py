@@ -9,6 +9,7 @@ A classifier trained on MNIST fails on raw photos mostly because they break thos
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -27,23 +28,24 @@ class ImageError(Exception):
     """A file that cannot be read as an image; the message is the reason."""
 
 
-def load_grayscale(path: Path) -> np.ndarray:
-    """The image as float32 gray levels in [0, 1], upright as its EXIF orientation says."""
+def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image as float32 gray levels in [0, 1], upright as its EXIF orientation says.
+    An image of over `max_pixels` is refused from its header, before anything is decoded."""
     try:
         # PIL's warnings (a bomb above its own limit, corrupt EXIF...) would only add noise to
         # the one-line verdict each file gets; above twice its limit PIL raises instead.
         with warnings.catch_warnings(action="ignore"):
             with Image.open(path) as image:  # reads the header only
                 width, height = image.size
-                if width * height > MAX_PIXELS:
+                if width * height > max_pixels:
                     raise ImageError(
-                        f"image too large: {width}x{height} pixels, limit {MAX_PIXELS:,}"
+                        f"image too large: {width}x{height} pixels, limit {max_pixels:,}"
                     )
                 image.load()  # decode now: truncated files fail here, not later
                 image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:
         raise ImageError(
-            f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, limit {MAX_PIXELS:,}"
+            f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, limit {max_pixels:,}"
         ) from None
     except UnidentifiedImageError:
         raise ImageError("not an image (cannot identify the format)") from None
@@ -77,8 +79,8 @@ def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     return _center_by_mass(_fit_box(digit))
 
 
-def preprocess_file(path: Path) -> np.ndarray | None:
-    return to_mnist(load_grayscale(path))
+def preprocess_file(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    return to_mnist(load_grayscale(path, max_pixels))
 
 
 def _reduce(gray: np.ndarray) -> np.ndarray:

@@ -50,8 +50,9 @@ def tiny_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_digitjax(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
     """The installed console script, in its own process."""
-    return subprocess.run(["digitjax", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, **kwargs)
+    return subprocess.run(
+        ["digitjax", *args], capture_output=True, text=True, cwd=cwd, timeout=600, **kwargs
+    )
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
@@ -66,14 +67,20 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
 def huge_png(path: Path, width: int, height: int) -> Path:
     """A valid all-black 1-bit PNG of any size, written without ever holding its pixels: a
     20000x20000 one is 49 kB, a decompression bomb (400 million pixels once decoded)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     rows, compressor = b"\0" * (1 + -(-width // 8)) * 500, zlib.compressobj(9)
     pixels = b"".join(compressor.compress(rows) for _ in range(height // 500))
     pixels += compressor.compress(b"\0" * (1 + -(-width // 8)) * (height % 500))
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", pixels + compressor.flush()) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", pixels + compressor.flush())
+        + chunk(b"IEND", b"")
+    )
     return path

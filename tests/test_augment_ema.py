@@ -95,4 +95,3 @@ def test_unknown_preset_is_one_line_error(tmp_path: Path):
     result = runner.invoke(app, ["train", "--preset", "turbo", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "unknown preset 'turbo'; known: fast, best")
-

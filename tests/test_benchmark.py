@@ -35,8 +35,9 @@ def test_benchmark_measures_everything_it_reports(tiny_mnist):
 
 def test_benchmark_cli_writes_json(tmp_path):
     out_file = tmp_path / "bench.json"
-    result = runner.invoke(app, ["benchmark", "--steps", "2", "--repeats", "1", "--json",
-                                 "--out", str(out_file)])
+    result = runner.invoke(
+        app, ["benchmark", "--steps", "2", "--repeats", "1", "--json", "--out", str(out_file)]
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert json.loads(out_file.read_text())["training"][0]["steps"] == 2

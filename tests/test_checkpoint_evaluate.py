@@ -17,8 +17,19 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = runner.invoke(app, ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS,
-                                 "--epochs", "3", "--out", str(run_dir)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data-dir",
+            str(tiny_mnist),
+            *TINY_FLAGS,
+            "--epochs",
+            "3",
+            "--out",
+            str(run_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return run_dir
 
@@ -54,8 +65,9 @@ def test_evaluate_json_matches_training_figures(trained_run: Path):
 
 def test_evaluate_table_and_plot(trained_run: Path, tmp_path: Path):
     plot = tmp_path / "report.png"
-    result = runner.invoke(app, ["evaluate", str(trained_run), "--plot", str(plot),
-                                 "--split", "train"])
+    result = runner.invoke(
+        app, ["evaluate", str(trained_run), "--plot", str(plot), "--split", "train"]
+    )
     assert result.exit_code == 0, result.output
     assert "Confusion matrix" in result.stdout and "precision" in result.stdout
     assert "on mnist train" in result.stdout
@@ -64,8 +76,9 @@ def test_evaluate_table_and_plot(trained_run: Path, tmp_path: Path):
 
 
 def test_evaluate_on_another_dataset(trained_run: Path):
-    result = runner.invoke(app, ["evaluate", str(trained_run), "--dataset", "fashion_mnist",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["evaluate", str(trained_run), "--dataset", "fashion_mnist", "--json"]
+    )
     if result.exit_code == 1 and "no data reachable" in result.stderr:
         pytest.skip("fashion-mnist is not installed here")
     assert result.exit_code == 0, result.output

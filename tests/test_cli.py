@@ -30,26 +30,29 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.strip() == f"digitjax {__version__}"
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--epochs", "-1"], "--epochs must be in [1, 100000], got -1"),
-    (["--batch-size", "0"], "--batch-size must be in [1, 1000000], got 0"),
-    (["--learning-rate", "0"], "--learning-rate must be in"),
-    (["--learning-rate", "nan"], "--learning-rate must be in [1e-12, 1000000.0], got nan"),
-    (["--weight-decay", "nan"], "--weight-decay must be in"),
-    (["--warmup-epochs", "nan"], "--warmup-epochs must be in [0.0, 100000.0], got nan"),
-    (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0.0, 100000.0], got inf"),
-    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
-    (["--seed", "99999999999999999999999"], "--seed must be in [0, 2147483647]"),
-    (["--augment-shift", "1000"], "--augment-shift must be in [0, 13]"),
-    (["--augment-rotate", "nan"], "--augment-rotate must be in [0.0, 180.0], got nan"),
-    (["--augment-scale", "1e30"], "--augment-scale must be in [0.0, 0.99]"),
-    (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
-    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
-    (["--dataset", "cifar10"], "unknown dataset 'cifar10'; known: mnist, fashion_mnist"),
-    (["--data-dir", "/nonexistent/folder"], "data dir /nonexistent/folder does not exist"),
-    (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60000 training images"),
-    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "-1"], "--epochs must be in [1, 100000], got -1"),
+        (["--batch-size", "0"], "--batch-size must be in [1, 1000000], got 0"),
+        (["--learning-rate", "0"], "--learning-rate must be in"),
+        (["--learning-rate", "nan"], "--learning-rate must be in [1e-12, 1000000.0], got nan"),
+        (["--weight-decay", "nan"], "--weight-decay must be in"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs must be in [0.0, 100000.0], got nan"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0.0, 100000.0], got inf"),
+        (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
+        (["--seed", "99999999999999999999999"], "--seed must be in [0, 2147483647]"),
+        (["--augment-shift", "1000"], "--augment-shift must be in [0, 13]"),
+        (["--augment-rotate", "nan"], "--augment-rotate must be in [0.0, 180.0], got nan"),
+        (["--augment-scale", "1e30"], "--augment-scale must be in [0.0, 0.99]"),
+        (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
+        (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+        (["--dataset", "cifar10"], "unknown dataset 'cifar10'; known: mnist, fashion_mnist"),
+        (["--data-dir", "/nonexistent/folder"], "data dir /nonexistent/folder does not exist"),
+        (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60000 training images"),
+        (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    ],
+)
 def test_bad_train_input_is_one_line_and_non_zero(flags, message, tmp_path):
     result = runner.invoke(app, ["train", *flags, "--out", str(tmp_path / "run")])
     assert result.exit_code == 1, result.output
@@ -57,13 +60,16 @@ def test_bad_train_input_is_one_line_and_non_zero(flags, message, tmp_path):
     assert not (tmp_path / "run").exists(), "a refused run leaves nothing behind"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
-    (["train", "--channels", "8,x"], "'--channels': takes comma-separated integers, got '8,x'"),
-    (["train", "--epoch", "3"], "No such option: --epoch"),
-    (["trian"], "No such command 'trian'"),
-    (["predict"], "Missing argument"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["train", "--channels", "8,x"], "'--channels': takes comma-separated integers, got '8,x'"),
+        (["train", "--epoch", "3"], "No such option: --epoch"),
+        (["trian"], "No such command 'trian'"),
+        (["predict"], "Missing argument"),
+    ],
+)
 def test_flag_errors_read_like_every_other_error(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output

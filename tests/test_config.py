@@ -21,14 +21,17 @@ def test_from_dict_round_trips_and_accepts_whole_floats_as_ints():
     assert Config.from_dict({**config.to_dict(), "weight_decay": 0}).weight_decay == 0
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"epochs": "5"}, "config field epochs = '5' has the wrong type"),
-    ({"channels": [4, "8"]}, "config field channels"),
-    ({"seed": True}, "config field seed"),
-    ({"data_dir": 3}, "config field data_dir"),
-    ({"colour": "red"}, "unknown fields ['colour']"),
-    ({"epochs": 0}, "--epochs must be in [1, 100000], got 0"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"epochs": "5"}, "config field epochs = '5' has the wrong type"),
+        ({"channels": [4, "8"]}, "config field channels"),
+        ({"seed": True}, "config field seed"),
+        ({"data_dir": 3}, "config field data_dir"),
+        ({"colour": "red"}, "unknown fields ['colour']"),
+        ({"epochs": 0}, "--epochs must be in [1, 100000], got 0"),
+    ],
+)
 def test_from_dict_refuses_what_digitjax_never_wrote(raw, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
         Config.from_dict({**Config().to_dict(), **raw})

@@ -49,9 +49,11 @@ def test_tfds_prepares_offline_without_tensorflow_and_caches(prepared_cache):
     assert (prepared_cache / "tfds" / "mnist" / data.TFDS_VERSION).is_dir(), "prepared by tfds"
     assert "tensorflow" not in sys.modules
     # The second load reads the decoded cache and does not even import tfds.
-    code = (f"import sys; from digitjax.data import load_dataset; from pathlib import Path; "
-            f"d = load_dataset('mnist', cache_dir=Path({str(prepared_cache)!r})); "
-            f"assert 'tensorflow_datasets' not in sys.modules")
+    code = (
+        f"import sys; from digitjax.data import load_dataset; from pathlib import Path; "
+        f"d = load_dataset('mnist', cache_dir=Path({str(prepared_cache)!r})); "
+        f"assert 'tensorflow_datasets' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     # Both loads give the IDX files' images and labels, in the order every earlier version
     # cached them in (whose first labels these are), so seeds keep training the same models.
@@ -74,11 +76,17 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
 
 
 def test_processes_starting_together_prepare_once(tmp_path):
-    code = ("import sys; from digitjax.data import load_dataset; "
-            "d = load_dataset('mnist', cache_dir=__import__('pathlib').Path(sys.argv[1])); "
-            "assert d.train_images.shape == (60000, 28, 28)")
-    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], text=True,
-                             stderr=subprocess.PIPE) for _ in range(3)]
+    code = (
+        "import sys; from digitjax.data import load_dataset; "
+        "d = load_dataset('mnist', cache_dir=__import__('pathlib').Path(sys.argv[1])); "
+        "assert d.train_images.shape == (60000, 28, 28)"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], text=True, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
     stderr = "".join(run.communicate(timeout=300)[1] for run in runs)
     assert [run.returncode for run in runs] == [0, 0, 0], stderr
     assert stderr.count("Dataset mnist downloaded and prepared") == 1, stderr
@@ -131,8 +139,11 @@ def test_older_prepared_version_is_left_alone(prepared_cache, tmp_path):
 def test_uncreatable_cache_dir_names_it_and_the_way_out(tmp_path, monkeypatch):
     home = tmp_path / "a-file"
     home.write_text("")
-    with pytest.raises(UserError, match=f"cannot create the data cache folder {home}/.*"
-                                        "set DIGITJAX_DATA_DIR to a writable folder"):
+    with pytest.raises(
+        UserError,
+        match=f"cannot create the data cache folder {home}/.*"
+        "set DIGITJAX_DATA_DIR to a writable folder",
+    ):
         data.load_dataset("mnist", cache_dir=home / "cache")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("DIGITJAX_DATA_DIR")
@@ -211,11 +222,18 @@ def test_corrupt_gzip_is_an_error(tmp_path):
         data.load_dataset("mnist", tmp_path)
 
 
-@pytest.mark.parametrize(("header", "message"), [
-    (b"\0\0\x08\x03", "is truncated inside its header"),
-    (b"\0\0\x08\x03" + np.array([1 << 20, 1 << 20, 28], ">u4").tobytes(), "declares .* over 4 GiB"),
-    (b"\0\0\x0d\x01" + np.array([1], ">u4").tobytes() + bytes(4), "is not a uint8 IDX file"),
-], ids=["4 bytes", "decompression bomb", "float32"])
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b"\0\0\x08\x03", "is truncated inside its header"),
+        (
+            b"\0\0\x08\x03" + np.array([1 << 20, 1 << 20, 28], ">u4").tobytes(),
+            "declares .* over 4 GiB",
+        ),
+        (b"\0\0\x0d\x01" + np.array([1], ">u4").tobytes() + bytes(4), "is not a uint8 IDX file"),
+    ],
+    ids=["4 bytes", "decompression bomb", "float32"],
+)
 def test_malformed_idx_header_is_an_error(tmp_path, header, message):
     path = _data_dir(tmp_path) / data.IDX_FILES["test"][0]
     path.write_bytes(gzip.compress(header))

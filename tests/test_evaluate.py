@@ -6,12 +6,16 @@ from digitjax.evaluate import compute_metrics
 
 def test_compute_metrics_on_a_hand_worked_example():
     # Three classes, four examples: two right (0, 2), one 1 taken for 0, one 2 taken for 1.
-    logits = np.log(np.array([
-        [0.7, 0.2, 0.1],  # true 0, predicted 0
-        [0.6, 0.3, 0.1],  # true 1, predicted 0
-        [0.1, 0.1, 0.8],  # true 2, predicted 2
-        [0.2, 0.5, 0.3],  # true 2, predicted 1
-    ]))
+    logits = np.log(
+        np.array(
+            [
+                [0.7, 0.2, 0.1],  # true 0, predicted 0
+                [0.6, 0.3, 0.1],  # true 1, predicted 0
+                [0.1, 0.1, 0.8],  # true 2, predicted 2
+                [0.2, 0.5, 0.3],  # true 2, predicted 1
+            ]
+        )
+    )
     labels = np.array([0, 1, 2, 2])
     metrics = compute_metrics(logits, labels, ("a", "b", "c"))
     assert metrics.accuracy == 0.5
@@ -22,6 +26,5 @@ def test_compute_metrics_on_a_hand_worked_example():
     np.testing.assert_allclose(metrics.recall, [1.0, 0.0, 0.5])
     np.testing.assert_allclose(metrics.f1, [2 / 3, 0.0, 2 / 3])
     report = metrics.to_dict()
-    assert report["per_class"]["c"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3,
-                                        "support": 2}
+    assert report["per_class"]["c"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
     assert report["num_examples"] == 4

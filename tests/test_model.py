@@ -20,8 +20,12 @@ def test_layer_implementations_agree_with_lax_forward_and_backward(conv_impls):
     def loss(params, conv_impls):
         return jnp.sum(apply(graphdef, params, images, conv_impls) ** 2)
 
-    np.testing.assert_allclose(apply(graphdef, params, images, conv_impls),
-                               apply(graphdef, params, images), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        apply(graphdef, params, images, conv_impls),
+        apply(graphdef, params, images),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     grads = jax.grad(loss)(params, conv_impls)
     grads_lax = jax.grad(loss)(params, None)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_lax), strict=True):
@@ -40,9 +44,7 @@ def test_max_over_sends_the_gradient_to_the_first_maximum_only():
     x = jnp.array([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [0.0, -1.0, 4.0, 4.0]])
     np.testing.assert_array_equal(max_over(x, 1), [3.0, 5.0, 4.0])
     grad = jax.grad(lambda x: jnp.sum(max_over(x, 1) * jnp.array([1.0, 2.0, 3.0])))(x)
-    np.testing.assert_array_equal(
-        grad, [[0, 1, 0, 0], [2, 0, 0, 0], [0, 0, 3, 0]]
-    )
+    np.testing.assert_array_equal(grad, [[0, 1, 0, 0], [2, 0, 0, 0], [0, 0, 3, 0]])
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum_in_raster_order():

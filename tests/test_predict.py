@@ -64,8 +64,19 @@ def test_predicts_user_images_with_the_bundled_model(no_runs, user_images):
 def test_folder_glob_csv_preprocessed_and_plot(no_runs, user_images):
     folder = user_images[0][0].parent
     csv_file, seen_dir, plot = no_runs / "out.csv", no_runs / "seen", no_runs / "grid.png"
-    result = runner.invoke(app, ["predict", str(folder), "--csv", str(csv_file),
-                                 "--save-preprocessed", str(seen_dir), "--plot", str(plot)])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(folder),
+            "--csv",
+            str(csv_file),
+            "--save-preprocessed",
+            str(seen_dir),
+            "--plot",
+            str(plot),
+        ],
+    )
     assert result.exit_code == 0, result.output
     with csv_file.open() as f:
         rows = list(csv.DictReader(f))
@@ -89,9 +100,18 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
     truncated.write_bytes(good.read_bytes()[:200])
     blank = no_runs / "blank.png"
     Image.new("L", (100, 100), 230).save(blank)
-    result = runner.invoke(app, ["predict", str(good), str(no_runs / "notes.png"),
-                                 str(truncated), str(blank), str(no_runs / "missing.png"),
-                                 "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(good),
+            str(no_runs / "notes.png"),
+            str(truncated),
+            str(blank),
+            str(no_runs / "missing.png"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 1
     results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
     assert results["seven.png"]["digit"] == labels[0] == 7
@@ -100,8 +120,10 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
         assert results[name]["digit"] is None and results[name]["error"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 4 and "Traceback" not in result.stderr
-    assert all(any(name in line for line in errors)
-               for name in ("notes.png", "truncated.png", "missing.png", "blank.png"))
+    assert all(
+        any(name in line for line in errors)
+        for name in ("notes.png", "truncated.png", "missing.png", "blank.png")
+    )
 
 
 def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(no_runs):
@@ -112,8 +134,18 @@ def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(
     huge = huge_png(no_runs / "huge.png", 20000, 20000)  # beyond what PIL itself accepts
     bomb = huge_png(no_runs / "bomb.png", 10000, 10000)  # PIL only warns: we must not decode
     (no_runs / "garbage.jpg").write_bytes(bytes(range(256)) * 8)
-    result = runner.invoke(app, ["predict", str(huge), str(good[0]), str(bomb),
-                                 str(no_runs / "garbage.jpg"), str(good[1]), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(huge),
+            str(good[0]),
+            str(bomb),
+            str(no_runs / "garbage.jpg"),
+            str(good[1]),
+            "--json",
+        ],
+    )
     assert result.exit_code == 1
     results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
     assert [results[name]["digit"] for name in ("seven.png", "two.png")] == list(labels[:2])
@@ -171,8 +203,9 @@ def test_a_model_of_another_dataset_is_refused(no_runs):
     run = no_runs / "fashion"
     shutil.copytree(BUNDLED_MODEL, run)
     config_file = next(run.glob("best/*/config/metadata"))
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                       "dataset": "fashion_mnist"}))
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "dataset": "fashion_mnist"})
+    )
     image = no_runs / "x.png"
     Image.new("L", (28, 28)).save(image)
     result = runner.invoke(app, ["predict", str(image), "--checkpoint", str(run)])

@@ -59,12 +59,16 @@ def test_uneven_lighting_and_off_centre_position(digits):
     assert correlation(to_mnist(np.clip(photo, 0, 1).astype(np.float32)), digit) > 0.85
 
 
-@pytest.mark.parametrize("image", [
-    np.zeros((100, 100), np.float32),
-    np.full((300, 200), 0.8, np.float32),
-    np.linspace(0.9, 0.5, 300, dtype=np.float32)[None, :] * np.ones((200, 1), np.float32),
-    np.random.default_rng(0).normal(0.8, 0.01, (120, 120)).astype(np.float32),
-], ids=["black", "uniform paper", "lighting gradient", "faint noise"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((100, 100), np.float32),
+        np.full((300, 200), 0.8, np.float32),
+        np.linspace(0.9, 0.5, 300, dtype=np.float32)[None, :] * np.ones((200, 1), np.float32),
+        np.random.default_rng(0).normal(0.8, 0.01, (120, 120)).astype(np.float32),
+    ],
+    ids=["black", "uniform paper", "lighting gradient", "faint noise"],
+)
 def test_blank_images_have_no_digit(image):
     assert to_mnist(image) is None
 
@@ -107,8 +111,12 @@ def test_exif_orientation_is_honoured(digits, tmp_path):
     exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
     stored = digit.rotate(90, expand=True)
     path = save(stored, tmp_path / "phone.jpg", exif=exif, quality=95)
-    assert correlation(preprocess_file(path), to_mnist(np.asarray(digit.convert("L"),
-                                                                  np.float32) / 255)) > 0.9
+    assert (
+        correlation(
+            preprocess_file(path), to_mnist(np.asarray(digit.convert("L"), np.float32) / 255)
+        )
+        > 0.9
+    )
 
 
 def test_unreadable_files_raise_image_error(tmp_path):
@@ -122,11 +130,14 @@ def test_unreadable_files_raise_image_error(tmp_path):
         load_grayscale(tmp_path / "cut.png")
 
 
-@pytest.mark.parametrize(("width", "height", "message"), [
-    (9000, 9000, "image too large: 9000x9000 pixels, limit 80,000,000"),  # over ours only
-    (10000, 10000, "image too large: 10000x10000 pixels, limit 80,000,000"),  # PIL warns
-    (20000, 20000, "image too large: over 178,956,970 pixels, limit 80,000,000"),  # PIL refuses
-])
+@pytest.mark.parametrize(
+    ("width", "height", "message"),
+    [
+        (9000, 9000, "image too large: 9000x9000 pixels, limit 80,000,000"),  # over ours only
+        (10000, 10000, "image too large: 10000x10000 pixels, limit 80,000,000"),  # PIL warns
+        (20000, 20000, "image too large: over 178,956,970 pixels, limit 80,000,000"),  # PIL refuses
+    ],
+)
 def test_huge_images_are_refused_from_their_header(tmp_path, recwarn, width, height, message):
     path = huge_png(tmp_path / "huge.png", width, height)
     with pytest.raises(ImageError) as refused:

@@ -27,8 +27,17 @@ STEPS_PER_EPOCH = 2048 // 64  # tiny_mnist, TINY_FLAGS
 
 
 def flags(tiny_mnist: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
-    return ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", str(epochs),
-            "--out", str(run_dir), *extra]
+    return [
+        "train",
+        "--data-dir",
+        str(tiny_mnist),
+        *TINY_FLAGS,
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -97,8 +106,12 @@ def test_signal_in_the_last_chunk_of_the_run_just_finishes(tiny_mnist, tmp_path)
 
 def test_sigterm_saves_and_resumes_like_ctrl_c(reference, tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(["digitjax", *flags(tiny_mnist, run_dir, epochs=EPOCHS)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        ["digitjax", *flags(tiny_mnist, run_dir, epochs=EPOCHS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: checkpoint.usable_steps(run_dir / "latest"), process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
@@ -152,14 +165,19 @@ def test_crash_between_latest_and_best_is_repaired_on_resume(
 @pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tiny_mnist, tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(["digitjax", *flags(tiny_mnist, run_dir, epochs=200)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        ["digitjax", *flags(tiny_mnist, run_dir, epochs=200)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: checkpoint.usable_steps(run_dir / "latest"), first)
     for extra in ([], ["--seed", "1", "--overwrite"], ["--resume"]):
         second = run_digitjax(*flags(tiny_mnist, run_dir, *extra, epochs=200))
         assert second.returncode == 1
-        assert_one_line_error(second.stderr, "is in use by another digitjax run",
-                              f"process {first.pid} on")
+        assert_one_line_error(
+            second.stderr, "is in use by another digitjax run", f"process {first.pid} on"
+        )
     first.kill()
     first.wait()
     with checkpoint.run_lock(run_dir):  # the kernel released the dead process's lock
@@ -224,10 +242,13 @@ def test_damaged_data_files_are_one_clean_line(damage, reference, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize(("item", "edit", "message"), [
-    ("config", lambda c: {**c, "epochs": "5"}, "config field epochs = '5' has the wrong type"),
-    ("summary", lambda s: {k: v for k, v in s.items() if k != "history"}, "has no history"),
-])
+@pytest.mark.parametrize(
+    ("item", "edit", "message"),
+    [
+        ("config", lambda c: {**c, "epochs": "5"}, "config field epochs = '5' has the wrong type"),
+        ("summary", lambda s: {k: v for k, v in s.items() if k != "history"}, "has no history"),
+    ],
+)
 def test_edited_json_items_are_refused_in_one_line(item, edit, message, reference, tmp_path):
     run_dir = copy_of(reference, tmp_path)
     for kind in ("latest", "best"):
@@ -251,8 +272,13 @@ def test_relative_data_dir_is_stored_resolved(tiny_mnist, tmp_path, monkeypatch)
 
 def test_overwrite_with_invalid_flags_keeps_the_old_run(reference, tiny_mnist, tmp_path):
     run_dir = copy_of(reference, tmp_path)
-    for bad in (["--warmup-epochs", "nan"], ["--seed", "-1"], ["--batch-size", "4096"],
-                ["--data-dir", "/nonexistent"], ["--augment-rotate", "nan"]):
+    for bad in (
+        ["--warmup-epochs", "nan"],
+        ["--seed", "-1"],
+        ["--batch-size", "4096"],
+        ["--data-dir", "/nonexistent"],
+        ["--augment-rotate", "nan"],
+    ):
         result = runner.invoke(app, [*flags(tiny_mnist, run_dir), "--overwrite", *bad])
         assert result.exit_code == 1
         assert_one_line_error(result.stderr)
@@ -267,7 +293,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_mnist, tmp_pat
     disk.mkdir()
     script = f"""
         mount -t tmpfs -o size=8m tmpfs {disk} || exit 77
-        digitjax {' '.join(flags(tiny_mnist, disk / 'run', epochs=200))} 2> {tmp_path}/stderr &
+        digitjax {" ".join(flags(tiny_mnist, disk / "run", epochs=200))} 2> {tmp_path}/stderr &
         while [ -z "$(ls {disk}/run/latest 2>/dev/null | grep -x '[0-9]*')" ]; do sleep 0.01; done
         dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null
         wait $!; echo $? > {tmp_path}/status
@@ -293,12 +319,19 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
     run_dir = tmp_path / "run"
     start = flags(tiny_mnist, run_dir)
     resume = ["train", "--out", str(run_dir), "--resume"]
-    events = [(signal.SIGKILL, "write"), (signal.SIGINT, "time"), (signal.SIGKILL, "time"),
-              (signal.SIGTERM, "time"), (signal.SIGKILL, "write"), (signal.SIGINT, "write")]
+    events = [
+        (signal.SIGKILL, "write"),
+        (signal.SIGINT, "time"),
+        (signal.SIGKILL, "time"),
+        (signal.SIGTERM, "time"),
+        (signal.SIGKILL, "write"),
+        (signal.SIGINT, "write"),
+    ]
     for signum, moment in events:
         command = resume if checkpoint.usable_steps(run_dir / "latest") else start
-        process = subprocess.Popen(["digitjax", *command], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            ["digitjax", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         if moment == "write":
             writing = lambda: list(run_dir.glob("*/*.orbax-checkpoint-tmp*"))  # noqa: E731
             while process.poll() is None and not writing():

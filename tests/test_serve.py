@@ -36,7 +36,10 @@ class Server:
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
             ["digitjax", "serve", "--port", "0", *flags],
-            stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+            start_new_session=True,
         )
         log.close()
         self.url = self.wait_for(r"http://127\.0\.0\.1:\d+").group(0)
@@ -66,8 +69,11 @@ class Server:
 
     def metric(self, line_start: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(line_start)]
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(line_start)
+        ]
         return sum(values)
 
 
@@ -101,9 +107,15 @@ def files(tmp_path_factory: pytest.TempPathFactory, digits) -> dict[str, Path]:
     notes.write_text("not an image")
     truncated = folder / "truncated.png"
     truncated.write_bytes(canvas.read_bytes()[:200])
-    return {"canvas": canvas, "photo": photo, "blank": blank, "notes": notes,
-            "truncated": truncated, "bomb": folder / "bomb.png",
-            "huge_bomb": folder / "huge_bomb.png"}
+    return {
+        "canvas": canvas,
+        "photo": photo,
+        "blank": blank,
+        "notes": notes,
+        "truncated": truncated,
+        "bomb": folder / "bomb.png",
+        "huge_bomb": folder / "huge_bomb.png",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +126,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         early = []
         while not early or early[-1][0] != 200:
             readyz = httpx.get(f"{server.url}/readyz")
-            predict = httpx.post(f"{server.url}/api/predict", content=b"x",
-                                 headers={"Content-Type": "image/png"})
+            predict = httpx.post(
+                f"{server.url}/api/predict", content=b"x", headers={"Content-Type": "image/png"}
+            )
             early.append((readyz.status_code, predict.status_code, predict.headers, readyz))
             time.sleep(0.02)
         server.early = early
@@ -126,14 +139,17 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge image: only the pixel limit stops the decoder."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     rows = zlib.compress(b"\0" * (width + 1) * 16)  # the first rows: enough to start decoding
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows)
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
 
 
 def post_files(url: str, *paths: Path, **kwargs) -> httpx.Response:
@@ -142,8 +158,9 @@ def post_files(url: str, *paths: Path, **kwargs) -> httpx.Response:
 
 
 def post_raw(url: str, data: bytes, content_type: str = "image/png") -> httpx.Response:
-    return httpx.post(f"{url}/api/predict", content=data,
-                      headers={"Content-Type": content_type}, timeout=30)
+    return httpx.post(
+        f"{url}/api/predict", content=data, headers={"Content-Type": content_type}, timeout=30
+    )
 
 
 def test_not_ready_until_compiled_then_ready(server):
@@ -174,7 +191,8 @@ def test_raw_body_matches_predict_command(server, files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["predict", str(files["canvas"]), "--json"])
     assert json.loads(result.stdout)[0]["confidence"] == pytest.approx(
-        prediction["confidence"], abs=1e-5)
+        prediction["confidence"], abs=1e-5
+    )
 
 
 def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files):
@@ -190,9 +208,8 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
     assert by_name["blank"]["error"] == "no digit found"
     assert "not an image" in by_name["notes"]["error"]
     assert "unreadable" in by_name["truncated"]["error"]
-    limit = "the limit of 50,000,000"
-    assert by_name["bomb"]["error"] == f"image is 8000x8000 pixels, more than {limit}"
-    assert by_name["huge_bomb"]["error"] == f"image has more pixels than {limit}"
+    assert by_name["bomb"]["error"] == "image too large: 8000x8000 pixels, limit 50,000,000"
+    assert by_name["huge_bomb"]["error"].startswith("image too large: over")
     for name in ("notes", "blank", "truncated", "bomb", "huge_bomb"):
         assert by_name[name]["digit"] is None and by_name[name]["probabilities"] is None
     seen = by_name["canvas"]["image"]
@@ -201,18 +218,21 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
     assert image.size == (28, 28) and np.asarray(image).max() > 200
 
 
-@pytest.mark.parametrize(("kind", "status", "fragment"), [
-    ("text", 415, "Content-Type text/plain is not accepted"),
-    ("empty raw body", 400, "empty"),
-    ("no file part", 400, "no image"),
-    ("no boundary", 400, "no boundary"),
-    ("truncated multipart", 400, "ends before its closing boundary"),
-    ("raw body too large", 413, "larger than 4 MiB"),
-    ("file too large", 413, "larger than 4 MiB"),
-    ("body too large", 413, "larger than 8 MiB"),
-    ("too many files", 413, "At most 64 files"),
-    ("bad query", 422, "Invalid query.image"),
-])
+@pytest.mark.parametrize(
+    ("kind", "status", "fragment"),
+    [
+        ("text", 415, "Content-Type text/plain is not accepted"),
+        ("empty raw body", 400, "empty"),
+        ("no file part", 400, "no image"),
+        ("no boundary", 400, "no boundary"),
+        ("truncated multipart", 400, "ends before its closing boundary"),
+        ("raw body too large", 413, "larger than 4 MiB"),
+        ("file too large", 413, "larger than 4 MiB"),
+        ("body too large", 413, "larger than 8 MiB"),
+        ("too many files", 413, "At most 64 files"),
+        ("bad query", 422, "Invalid query.image"),
+    ],
+)
 def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, fragment):
     url, png = f"{server.url}/api/predict", files["canvas"].read_bytes()
     big = b"\0" * (5 << 20)
@@ -224,8 +244,9 @@ def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, f
     elif kind == "no file part":
         response = httpx.post(url, files=[("picture", ("a.png", png))])
     elif kind == "no boundary":
-        response = httpx.post(url, content=b"--x--",
-                              headers={"Content-Type": "multipart/form-data"})
+        response = httpx.post(
+            url, content=b"--x--", headers={"Content-Type": "multipart/form-data"}
+        )
     elif kind == "truncated multipart":
         body = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         response = httpx.post(url, content=body + png, headers={"Content-Type": multipart})
@@ -238,8 +259,9 @@ def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, f
     elif kind == "too many files":
         response = httpx.post(url, files=[("file", (f"{n}.png", png)) for n in range(65)])
     else:
-        response = httpx.post(url, params={"image": "maybe"}, content=png,
-                              headers={"Content-Type": "image/png"})
+        response = httpx.post(
+            url, params={"image": "maybe"}, content=png, headers={"Content-Type": "image/png"}
+        )
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert fragment in detail and detail.endswith(".") and ". " not in detail.rstrip(".")
@@ -250,8 +272,10 @@ def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, f
 def test_metrics_count_requests_batches_and_rejections(server, files):
     before = server.metric('digitjax_requests_total{status="200"}')
     batches = server.metric("digitjax_batch_size_count")
-    threads = [threading.Thread(target=post_raw, args=(server.url, files["canvas"].read_bytes()))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=post_raw, args=(server.url, files["canvas"].read_bytes()))
+        for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -259,8 +283,12 @@ def test_metrics_count_requests_batches_and_rejections(server, files):
     assert server.metric('digitjax_requests_total{status="200"}') == before + 8
     assert batches < server.metric("digitjax_batch_size_count") <= batches + 8
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("digitjax_request_seconds_bucket", "digitjax_queue_depth",
-                 'digitjax_rejections_total{reason="not_ready"}', "digitjax_inference_seconds"):
+    for name in (
+        "digitjax_request_seconds_bucket",
+        "digitjax_queue_depth",
+        'digitjax_rejections_total{reason="not_ready"}',
+        "digitjax_inference_seconds",
+    ):
         assert name in text
     assert "/api/predict" in httpx.get(f"{server.url}/openapi.json").text
     assert httpx.get(f"{server.url}/docs").status_code == 200
@@ -268,8 +296,11 @@ def test_metrics_count_requests_batches_and_rejections(server, files):
 
 def test_a_crashed_preprocessing_worker_is_replaced(server, files):
     children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
-    workers = [pid for pid in map(int, children.read_text().split())
-               if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    workers = [
+        pid
+        for pid in map(int, children.read_text().split())
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     assert len(workers) == len(os.sched_getaffinity(0))
     os.kill(workers[0], signal.SIGKILL)
     png = files["canvas"].read_bytes()
@@ -283,13 +314,16 @@ def test_a_crashed_preprocessing_worker_is_replaced(server, files):
 def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files):
     # Batches wait 3 s for more images, so the first two requests sit in the queue until the
     # 1 s timeout answers them; the queue holds 2 images, so a third is refused at once.
-    server = started(tmp_path, "--max-wait-ms", "3000", "--max-queue", "2", "--timeout", "1",
-                     "--max-batch", "8")
+    server = started(
+        tmp_path, "--max-wait-ms", "3000", "--max-queue", "2", "--timeout", "1", "--max-batch", "8"
+    )
     try:
         png = files["canvas"].read_bytes()
         answers = []
-        waiting = [threading.Thread(target=lambda: answers.append(post_raw(server.url, png)))
-                   for _ in range(2)]
+        waiting = [
+            threading.Thread(target=lambda: answers.append(post_raw(server.url, png)))
+            for _ in range(2)
+        ]
         for thread in waiting:
             thread.start()
         while server.metric("digitjax_queue_depth") < 2:
@@ -308,8 +342,10 @@ def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files)
         # A body that stops arriving is answered too, not waited for forever.
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as client:
-            client.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
-                           b"\r\nContent-Length: 1000\r\n\r\n" + png[:10])
+            client.sendall(
+                b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
+                b"\r\nContent-Length: 1000\r\n\r\n" + png[:10]
+            )
             reply = client.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408"), reply
         assert "took longer than 1 s to arrive." in reply
@@ -322,7 +358,8 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(tmp_path, files):
     try:
         answers = []
         request = threading.Thread(
-            target=lambda: answers.append(post_raw(server.url, files["canvas"].read_bytes())))
+            target=lambda: answers.append(post_raw(server.url, files["canvas"].read_bytes()))
+        )
         request.start()
         while server.metric("digitjax_queue_depth") < 1:
             time.sleep(0.01)
@@ -341,8 +378,9 @@ def test_taken_port_and_bad_checkpoint_are_one_line_errors(server, tmp_path):
     result = run_digitjax("serve", "--port", port, cwd=tmp_path)
     assert result.returncode == 1
     assert_one_line_error(result.stderr, f"cannot listen on 127.0.0.1:{port}")
-    result = run_digitjax("serve", "--port", "0", "--checkpoint", str(tmp_path / "none"),
-                          cwd=tmp_path)
+    result = run_digitjax(
+        "serve", "--port", "0", "--checkpoint", str(tmp_path / "none"), cwd=tmp_path
+    )
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "no checkpoint at")
 
@@ -359,8 +397,12 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1000,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1000,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
@@ -378,8 +420,9 @@ def strokes_of(digit: np.ndarray) -> list[tuple[tuple[int, int], tuple[int, int]
         if ink.size == 0:
             continue
         runs = np.split(ink, np.flatnonzero(np.diff(ink) > 1) + 1)
-        strokes += [((10 * run[0] + 5, 10 * row + 5), (10 * run[-1] + 5, 10 * row + 5))
-                    for run in runs]
+        strokes += [
+            ((10 * run[0] + 5, 10 * row + 5), (10 * run[-1] + 5, 10 * row + 5)) for run in runs
+        ]
     return strokes
 
 
@@ -399,8 +442,7 @@ def test_page_draw_predict_clear_and_upload(server, browser, digits, files, tmp_
     wait.until(lambda d: "test accuracy 99.60%" in d.find_element(By.ID, "model").text)
 
     # Strokes of a real test digit, drawn with a pen (pointer events), from the canvas centre.
-    actions = ActionBuilder(driver, mouse=PointerInput(interaction.POINTER_PEN, "pen"),
-                            duration=5)
+    actions = ActionBuilder(driver, mouse=PointerInput(interaction.POINTER_PEN, "pen"), duration=5)
     for (x0, y0), (x1, y1) in strokes_of(images[3]):
         actions.pointer_action.move_to(pad, int(x0) - 140, int(y0) - 140)
         actions.pointer_action.pointer_down()
@@ -433,7 +475,8 @@ def test_page_draw_predict_clear_and_upload(server, browser, digits, files, tmp_
         return driver.execute_script(
             "const d = document.getElementById('pad').getContext('2d')"
             ".getImageData(0, 0, 280, 280).data; let n = 0;"
-            "for (let i = 0; i < d.length; i += 4) n += d[i] > 127; return n;")
+            "for (let i = 0; i < d.length; i += 4) n += d[i] > 127; return n;"
+        )
 
     drawn = ink()
     driver.find_element(By.ID, "undo").click()
@@ -444,5 +487,4 @@ def test_page_draw_predict_clear_and_upload(server, browser, digits, files, tmp_
 
     # A phone-sized viewport: everything fits its width.
     driver.set_window_size(390, 844)
-    assert driver.execute_script(
-        "return document.documentElement.scrollWidth <= window.innerWidth")
+    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")

@@ -73,8 +73,11 @@ def test_one_train_step_matches_a_reference_written_out_by_hand():
     decay = min(0.9, 6 / 15)  # the moving average's warm-up at step 5
     for got, want in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    for got, old, trained in zip(jax.tree.leaves(new["ema_params"]),
-                                 jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
+    for got, old, trained in zip(
+        jax.tree.leaves(new["ema_params"]),
+        jax.tree.leaves(state["params"]),
+        jax.tree.leaves(params),
+    ):
         np.testing.assert_allclose(got, decay * old + (1 - decay) * trained, rtol=1e-4, atol=1e-6)
     assert int(new["step"]) == 6
     np.testing.assert_allclose(new["epoch_totals"]["loss"], 64 * loss, rtol=1e-5)
@@ -87,8 +90,17 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def train_flags(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", str(EPOCHS),
-            "--out", str(run_dir), *extra]
+    return [
+        "train",
+        "--data-dir",
+        str(tiny_mnist),
+        *TINY_FLAGS,
+        "--epochs",
+        str(EPOCHS),
+        "--out",
+        str(run_dir),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +127,17 @@ def test_run_writes_checkpoints_metrics_and_curves(reference_run: Path):
 @pytest.mark.slow
 def test_same_seed_same_metrics(tiny_mnist: Path, tmp_path: Path):
     def run(name: str, *extra: str) -> list[dict]:
-        flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "3",
-                 "--out", str(tmp_path / name), *extra]
+        flags = [
+            "train",
+            "--data-dir",
+            str(tiny_mnist),
+            *TINY_FLAGS,
+            "--epochs",
+            "3",
+            "--out",
+            str(tmp_path / name),
+            *extra,
+        ]
         assert runner.invoke(app, flags).exit_code == 0
         return history(tmp_path / name)
 
@@ -125,8 +146,12 @@ def test_same_seed_same_metrics(tiny_mnist: Path, tmp_path: Path):
 
 
 def _start_and_wait_for_checkpoint(tiny_mnist: Path, run_dir: Path) -> subprocess.Popen:
-    process = subprocess.Popen(["digitjax", *train_flags(tiny_mnist, run_dir)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        ["digitjax", *train_flags(tiny_mnist, run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not any(p.name.isdigit() and int(p.name) >= 64 for p in run_dir.glob("latest/*")):
         assert process.poll() is None, process.communicate()
@@ -179,8 +204,16 @@ def test_existing_run_is_never_overwritten_unasked(reference_run: Path, tiny_mni
 
 def test_overwrite_replaces_only_the_run(tiny_mnist: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--epochs", "1",
-             "--out", str(run_dir)]
+    flags = [
+        "train",
+        "--data-dir",
+        str(tiny_mnist),
+        *TINY_FLAGS,
+        "--epochs",
+        "1",
+        "--out",
+        str(run_dir),
+    ]
     assert runner.invoke(app, flags).exit_code == 0
     (run_dir / "notes.txt").write_text("mine")
     assert runner.invoke(app, [*flags, "--overwrite"]).exit_code == 0
@@ -190,8 +223,19 @@ def test_overwrite_replaces_only_the_run(tiny_mnist: Path, tmp_path: Path):
 
 def test_diverging_loss_stops_with_a_clear_error(tiny_mnist: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS,
-                                 "--learning-rate", "1e6", "--out", str(run_dir)])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data-dir",
+            str(tiny_mnist),
+            *TINY_FLAGS,
+            "--learning-rate",
+            "1e6",
+            "--out",
+            str(run_dir),
+        ],
+    )
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "loss became NaN/inf", "No checkpoint had been written")
     assert not list(run_dir.glob("*/[0-9]*")), "a diverged state must never be saved"
@@ -211,8 +255,16 @@ def test_default_recipe_reaches_99_percent(tmp_path: Path):
 def test_overwrite_with_bad_input_keeps_the_old_run(reference_run: Path, tiny_mnist: Path):
     before = history(reference_run)
     for bad in (["--batch-size", "4096"], ["--data-dir", "/nonexistent"]):
-        flags = ["train", "--data-dir", str(tiny_mnist), *TINY_FLAGS, "--out",
-                 str(reference_run), "--overwrite", *bad]
+        flags = [
+            "train",
+            "--data-dir",
+            str(tiny_mnist),
+            *TINY_FLAGS,
+            "--out",
+            str(reference_run),
+            "--overwrite",
+            *bad,
+        ]
         result = runner.invoke(app, flags)
         assert result.exit_code == 1
         assert_one_line_error(result.stderr)
