@@ -112,6 +112,15 @@ DevicesFlag = Annotated[
     typer.Option(help="Use only the first N devices. \\[default: all]", show_default=False),
 ]
 RUN, HOSTS = "Run folder", "Multi-host"
+ModelCheckpointFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="Run or checkpoint folder. \\[default: the newest run in checkpoints/, else the "
+        "model bundled with digitjax]",
+        show_default=False,
+    ),
+]
 PresetFlag = Annotated[
     str | None,
     typer.Option(
@@ -315,15 +324,7 @@ def predict(
         list[str],
         typer.Argument(help="Image files, folders (searched recursively) or glob patterns."),
     ],
-    checkpoint_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            help="Run or checkpoint folder. \\[default: the newest run in "
-            "checkpoints/, else the model bundled with digitjax]",
-            show_default=False,
-        ),
-    ] = None,
+    checkpoint_path: ModelCheckpointFlag = None,
     csv: Annotated[Path | None, typer.Option(help="Also write the results as CSV.")] = None,
     save_preprocessed: Annotated[
         Path | None,
@@ -462,15 +463,7 @@ def export(
 @app.command()
 @user_errors
 def serve(
-    checkpoint_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint",
-            help="Run or checkpoint folder. \\[default: the newest run in "
-            "checkpoints/, else the model bundled with digitjax]",
-            show_default=False,
-        ),
-    ] = None,
+    checkpoint_path: ModelCheckpointFlag = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 256,
