@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,7 @@ class RunCheckpointer:
     checkpoint of each kind stays until the new one is complete."""
 
     def __init__(self, run_dir: Path):
+        _quiet_late_write_callbacks()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1,
             create=True,
@@ -196,11 +198,11 @@ class RunCheckpointer:
         try:
             manager.save(step, args=args)
         except Exception as e:  # orbax wraps OS errors in its own types
-            for tmp in Path(manager.directory).glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            self._remove_partial_writes()
+            previous = manager.latest_step()
+            kept = f"step {previous} is kept" if previous is not None else "none was written"
             raise UserError(
-                f"cannot write checkpoint {manager.directory / str(step)}: {_reason(e)}; "
-                "the previous checkpoint is kept"
+                f"cannot write checkpoint {manager.directory / str(step)}: {_reason(e)}; {kept}"
             ) from None
 
     def best_step(self) -> int | None:
@@ -209,6 +211,31 @@ class RunCheckpointer:
     def close(self) -> None:
         for manager in self.managers.values():
             manager.close()
+        self._remove_partial_writes()  # again: a failed write's last pieces land late
+
+    def _remove_partial_writes(self) -> None:
+        """Every save here is synchronous, so a temporary folder is a write that failed."""
+        for manager in self.managers.values():
+            for tmp in Path(manager.directory).glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet_late_write_callbacks() -> None:
+    """When a write fails (a full disk), TensorStore's other writes of that checkpoint finish
+    on their own threads and call back into Orbax's event loop, already closed; TensorStore
+    reports each RuntimeError as unraisable. They change nothing: the one-line error says it
+    all."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_closed_loops", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def _reason(error: BaseException) -> str:

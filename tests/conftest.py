@@ -18,6 +18,12 @@ MNIST_DIR = EMBEDDED_MNIST  # the copy shipped in the package: a fresh clone has
 TINY_FLAGS = ["--channels", "4,8", "--dense", "16", "--batch-size", "64"]
 
 
+def tiny_train(data_dir: Path, run_dir: Path, *extra: str, epochs: int) -> list[str]:
+    """`digitjax train` arguments for a tiny model on a folder of MNIST IDX files."""
+    return ["train", "--data-dir", str(data_dir), *TINY_FLAGS, "--epochs", str(epochs),
+            "--out", str(run_dir), *extra]  # fmt: skip
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
     with gzip.open(path, "wb") as f:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import TINY_FLAGS, assert_one_line_error, run_digitjax
+from conftest import assert_one_line_error, run_digitjax, tiny_train
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,19 +17,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data-dir",
-            str(tiny_mnist),
-            *TINY_FLAGS,
-            "--epochs",
-            "3",
-            "--out",
-            str(run_dir),
-        ],
-    )
+    result = runner.invoke(app, tiny_train(tiny_mnist, run_dir, epochs=3))
     assert result.exit_code == 0, result.output
     return run_dir
 

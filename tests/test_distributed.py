@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_FLAGS, assert_one_line_error, run_digitjax
+from conftest import assert_one_line_error, run_digitjax, tiny_train
 from typer.testing import CliRunner
 
 from digitjax import distributed
@@ -20,24 +20,13 @@ runner = CliRunner()
 FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
-def tiny_train(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--data-dir",
-        str(tiny_mnist),
-        *TINY_FLAGS,
-        "--epochs",
-        "2",
-        "--out",
-        str(run_dir),
-        "--json",
-        *extra,
-    ]
+def tiny_train_json(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
+    return tiny_train(tiny_mnist, run_dir, "--json", *extra, epochs=2)
 
 
 @pytest.fixture(scope="module")
 def single_device_history(tiny_mnist: Path, tmp_path_factory) -> list[dict]:
-    result = runner.invoke(app, tiny_train(tiny_mnist, tmp_path_factory.mktemp("one") / "run"))
+    result = runner.invoke(app, tiny_train_json(tiny_mnist, tmp_path_factory.mktemp("one") / "run"))
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)["history"]
 
@@ -52,7 +41,7 @@ def assert_same_training(history: list[dict], reference: list[dict]) -> None:
 def test_four_devices_match_one_and_checkpoint_evaluates_anywhere(
     tiny_mnist, tmp_path, single_device_history
 ):
-    result = run_digitjax(*tiny_train(tiny_mnist, tmp_path / "run"), env=FOUR_DEVICES)
+    result = run_digitjax(*tiny_train_json(tiny_mnist, tmp_path / "run"), env=FOUR_DEVICES)
     assert result.returncode == 0, result.stderr
     assert "4 cpu devices" in result.stderr
     history = json.loads(result.stdout)["history"]
@@ -70,17 +59,17 @@ def test_four_devices_match_one_and_checkpoint_evaluates_anywhere(
 
 def test_devices_flag_and_indivisible_batch(tiny_mnist, tmp_path, single_device_history):
     result = run_digitjax(
-        *tiny_train(tiny_mnist, tmp_path / "two", "--devices", "2"), env=FOUR_DEVICES
+        *tiny_train_json(tiny_mnist, tmp_path / "two", "--devices", "2"), env=FOUR_DEVICES
     )
     assert result.returncode == 0 and "2 cpu devices" in result.stderr, result.stderr
     assert_same_training(json.loads(result.stdout)["history"], single_device_history)
     result = run_digitjax(
-        *tiny_train(tiny_mnist, tmp_path / "odd", "--batch-size", "66"), env=FOUR_DEVICES
+        *tiny_train_json(tiny_mnist, tmp_path / "odd", "--batch-size", "66"), env=FOUR_DEVICES
     )
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "--batch-size 66 does not divide over 4 devices")
     result = run_digitjax(
-        *tiny_train(tiny_mnist, tmp_path / "many", "--devices", "9"), env=FOUR_DEVICES
+        *tiny_train_json(tiny_mnist, tmp_path / "many", "--devices", "9"), env=FOUR_DEVICES
     )
     assert_one_line_error(result.stderr, "--devices 9: this job has 4 device(s)")
 
@@ -100,7 +89,7 @@ def test_two_processes_train_checkpoint_and_evaluate_in_one(
         subprocess.Popen(
             [
                 "digitjax",
-                *tiny_train(tiny_mnist, run_dir),
+                *tiny_train_json(tiny_mnist, run_dir),
                 "--coordinator",
                 f"127.0.0.1:{port}",
                 "--num-processes",
@@ -127,7 +116,9 @@ def test_two_processes_train_checkpoint_and_evaluate_in_one(
 
 
 def test_bfloat16_mixed_precision_trains_and_warns_on_cpu(tiny_mnist, tmp_path):
-    result = runner.invoke(app, tiny_train(tiny_mnist, tmp_path / "bf16", "--dtype", "bfloat16"))
+    result = runner.invoke(
+        app, tiny_train_json(tiny_mnist, tmp_path / "bf16", "--dtype", "bfloat16")
+    )
     assert result.exit_code == 0, result.output
     assert "bfloat16 runs ~2x slower than float32 on CPUs" in result.stderr
     history = json.loads(result.stdout)["history"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_FLAGS, assert_one_line_error, run_digitjax
+from conftest import assert_one_line_error, run_digitjax, tiny_train
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
@@ -27,17 +27,7 @@ STEPS_PER_EPOCH = 2048 // 64  # tiny_mnist, TINY_FLAGS
 
 
 def flags(tiny_mnist: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
-    return [
-        "train",
-        "--data-dir",
-        str(tiny_mnist),
-        *TINY_FLAGS,
-        "--epochs",
-        str(epochs),
-        "--out",
-        str(run_dir),
-        *extra,
-    ]
+    return tiny_train(tiny_mnist, run_dir, *extra, epochs=epochs)
 
 
 def history(run_dir: Path) -> list[dict]:
