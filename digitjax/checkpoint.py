@@ -173,7 +173,6 @@ class RunCheckpointer:
     checkpoint of each kind stays until the new one is complete."""
 
     def __init__(self, run_dir: Path):
-        _quiet_late_write_callbacks()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1,
             create=True,
@@ -220,22 +219,22 @@ class RunCheckpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _quiet_late_write_callbacks() -> None:
-    """When a write fails (a full disk), TensorStore's other writes of that checkpoint finish
-    on their own threads and call back into Orbax's event loop, already closed; TensorStore
-    reports each RuntimeError as unraisable. They change nothing: the one-line error says it
-    all."""
+def _quiet_late_callbacks() -> None:
+    """When a read or write fails (a damaged file, a full disk), TensorStore's other reads or
+    writes of that checkpoint finish on their own threads and call back into Orbax's event
+    loop, already closed; TensorStore reports each RuntimeError as unraisable. They change
+    nothing: the one-line error says it all."""
     previous = sys.unraisablehook
-    if getattr(previous, "quiets_closed_loops", False):
-        return
 
     def hook(unraisable: Any) -> None:
         value = unraisable.exc_value
         if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
             previous(unraisable)
 
-    hook.quiets_closed_loops = True
     sys.unraisablehook = hook
+
+
+_quiet_late_callbacks()
 
 
 def _reason(error: BaseException) -> str:
