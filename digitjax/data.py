@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import gzip
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from digitjax.config import UserError
+from digitjax.outputs import write_file
 
 SPLITS = ("train", "test")
 IDX_FILES = {
@@ -217,18 +219,16 @@ def _checked_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
 
 
 def _write_cache(dataset: Dataset, cache_file: Path) -> None:
-    # Written beside and renamed into place: readers take no lock, and see the old file or the
+    # Renamed into place whole (write_file): readers take no lock, and see the old file or the
     # new one, never half of one.
-    tmp = cache_file.with_name(f".{cache_file.stem}.tmp.npz")
     arrays = {f.name: getattr(dataset, f.name) for f in dataclasses.fields(dataset)}
     del arrays["name"]
+    contents = io.BytesIO()
+    np.savez(contents, **arrays)
     try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache_file)
+        write_file(cache_file, contents.getvalue())
     except OSError as e:
         raise UserError(f"cannot write the data cache {cache_file} ({e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_prepared(name: str, tfds_dir: Path) -> Dataset:
