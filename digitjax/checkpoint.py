@@ -279,34 +279,32 @@ def _step_dirs(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def _read_items(step_dir: Path, state_target: Any = None) -> dict[str, Any]:
-    """All three items, each checked. Without a target the state lands on this process's
-    first device, whatever devices wrote it (Orbax refuses to guess across topologies)."""
+def _read_items(step_dir: Path, state_target: Any = None, with_state: bool = True) -> dict:
+    """The checkpoint's items, each checked: config and summary, and unless told otherwise the
+    state. Without a target the state lands on this process's first device, whatever devices
+    wrote it (Orbax refuses to guess across topologies)."""
     if not all((step_dir / item).is_dir() for item in ITEMS):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (it lacks an item)")
-    if state_target is None:
+    args = {"config": ocp.args.JsonRestore(), "summary": ocp.args.JsonRestore()}
+    if with_state and state_target is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         state_target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
             _saved_state_metadata(step_dir),
         )
+    if with_state:
+        args["state"] = ocp.args.StandardRestore(state_target)
     manager = ocp.CheckpointManager(step_dir.parent.absolute())
     try:
-        restored = manager.restore(
-            int(step_dir.name),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state_target),
-                config=ocp.args.JsonRestore(),
-                summary=ocp.args.JsonRestore(),
-            ),
-        )
+        restored = manager.restore(int(step_dir.name), args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types for damaged files; all mean the same here
         raise _read_error(step_dir, e) from None
     finally:
         manager.close()
     items = dict(restored)
     _check_summary(items["summary"], step_dir)
-    _verify_checksums(items, step_dir)
+    if with_state:
+        _verify_checksums(items, step_dir)
     return items
 
 
@@ -384,8 +382,9 @@ def _match_tree(saved: Any, expected: Any, what: str, where: Path) -> Any:
 
 
 def read_config(path: Path, kind: str = BEST) -> tuple[Config, dict]:
+    """A checkpoint's config and summary, without reading its arrays."""
     step_dir = _step_dir(path, kind)
-    items = _read_items(step_dir)
+    items = _read_items(step_dir, with_state=False)
     return _config_of(items, step_dir), items["summary"]
 
 
