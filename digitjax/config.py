@@ -41,6 +41,11 @@ class Config:
     augment_shift: int = _field(0, "Random translation in pixels (0: no augmentation).", AUGMENT)
     augment_rotate: float = _field(0.0, "Random rotation, up to this many degrees.", AUGMENT)
     augment_scale: float = _field(0.0, "Random scaling, up to this fraction either way.", AUGMENT)
+    calibration_fraction: float = _field(
+        0.05,
+        "Share of the training images held out to calibrate the confidence (0: none).",
+        RECIPE,
+    )
     ema_decay: float = _field(
         0.99, "Evaluate and keep a moving average of the weights (0: the raw weights).", RECIPE
     )
@@ -133,6 +138,7 @@ BOUNDS = (
     ("augment_shift", 0, 13),
     ("augment_rotate", 0.0, 180.0),
     ("augment_scale", 0.0, 0.99),
+    ("calibration_fraction", 0.0, 0.5),
     ("dense", 1, 1_000_000),
     ("seed", 0, MAX_SEED),
     ("chunks_per_epoch", 1, 10_000),
@@ -140,7 +146,12 @@ BOUNDS = (
 
 # Fields that older checkpoints lack, with the value that reproduces how those were trained
 # (not today's default, which may differ).
-ADDED_LATER: dict[str, Any] = {"augment_rotate": 0.0, "augment_scale": 0.0, "ema_decay": 0.0}
+ADDED_LATER: dict[str, Any] = {
+    "augment_rotate": 0.0,
+    "augment_scale": 0.0,
+    "ema_decay": 0.0,
+    "calibration_fraction": 0.0,
+}
 
 # Named sets of settings for `digitjax train --preset`; flags given beside one override it.
 PRESETS: dict[str, dict[str, Any]] = {

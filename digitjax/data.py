@@ -69,6 +69,18 @@ class Dataset:
             raise UserError(f"unknown split '{split}'; known: {', '.join(SPLITS)}")
         return getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
 
+    def hold_out(self, fraction: float) -> tuple["Dataset", np.ndarray, np.ndarray]:
+        """This dataset without `fraction` of its training images, and those images and
+        labels. They are drawn by a fixed permutation, not by --seed (every seed trains on the
+        same images), and not as the split's end (a folder's files may be sorted by class)."""
+        count = round(len(self.train_images) * fraction)
+        held = np.zeros(len(self.train_images), bool)
+        held[np.random.default_rng(0).permutation(len(held))[:count]] = True
+        kept = dataclasses.replace(
+            self, train_images=self.train_images[~held], train_labels=self.train_labels[~held]
+        )
+        return kept, self.train_images[held], self.train_labels[held]
+
 
 def default_cache_dir() -> Path:
     """$DIGITJAX_DATA_DIR, else ~/.cache/digitjax; set but empty is unset, not the current

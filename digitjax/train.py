@@ -259,6 +259,8 @@ class TrainingSetup:
     train_labels: jax.Array
     test_images: jax.Array  # padded to whole evaluation batches
     test_labels: np.ndarray
+    calibration_images: jax.Array  # held out of training; padded to whole evaluation batches
+    calibration_labels: np.ndarray
     class_names: tuple[str, ...]
 
     def init_state(self) -> TrainState:
@@ -285,6 +287,9 @@ class TrainingSetup:
 
 def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSetup:
     check_batch_size(config.batch_size, mesh)
+    dataset, calibration_images, calibration_labels = dataset.hold_out(
+        config.calibration_fraction
+    )
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     if schedule.steps_per_epoch == 0:
         raise UserError(
@@ -306,6 +311,8 @@ def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSe
         train_labels=put_replicated(dataset.train_labels, mesh),
         test_images=put_replicated(pad_to_batches(dataset.test_images), mesh),
         test_labels=dataset.test_labels,
+        calibration_images=put_replicated(pad_to_batches(calibration_images), mesh),
+        calibration_labels=calibration_labels,
         class_names=dataset.class_names,
     )
 
