@@ -15,7 +15,14 @@ import typer
 from typer.core import TyperGroup
 
 from digitjax import __version__, render
-from digitjax.config import PRESETS, RECIPE, Config, Interrupted, UserError, chosen_settings
+from digitjax.config import (
+    PRESET_PURPOSES,
+    RECIPE,
+    Config,
+    Interrupted,
+    UserError,
+    chosen_settings,
+)
 from digitjax.outputs import check_writable, write_file, writing
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
@@ -124,8 +131,9 @@ ModelCheckpointFlag = Annotated[
 PresetFlag = Annotated[
     str | None,
     typer.Option(
-        help=f"Named settings ({', '.join(PRESETS)}; see the README); flags given beside it "
-        "override it.",
+        help="Named settings: "
+        + "; ".join(f"{name}, {purpose}" for name, purpose in PRESET_PURPOSES.items())
+        + " (see the README). Flags given beside it override it.",
         show_default=False,
         rich_help_panel=RECIPE,
     ),
@@ -210,6 +218,11 @@ def train(
     augment_shift: Annotated[int | None, _setting("augment_shift")] = None,
     augment_rotate: Annotated[float | None, _setting("augment_rotate")] = None,
     augment_scale: Annotated[float | None, _setting("augment_scale")] = None,
+    augment_elastic: Annotated[float | None, _setting("augment_elastic")] = None,
+    augment_thickness: Annotated[float | None, _setting("augment_thickness")] = None,
+    augment_blur: Annotated[float | None, _setting("augment_blur")] = None,
+    augment_low_res: Annotated[float | None, _setting("augment_low_res")] = None,
+    calibration_fraction: Annotated[float | None, _setting("calibration_fraction")] = None,
     channels: Annotated[str | None, _setting("channels", callback=_positive_ints)] = None,
     dense: Annotated[int | None, _setting("dense")] = None,
     dtype: Annotated[str | None, _setting("dtype")] = None,
@@ -394,7 +407,7 @@ def benchmark(
     target: Annotated[
         float | None,
         typer.Option(
-            help="Also train the default recipe from scratch and time it to this test accuracy "
+            help="Also train --preset fast from scratch and time it to this test accuracy "
             "(e.g. 0.99).",
             show_default=False,
         ),

@@ -1,8 +1,9 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from digitjax.config import ADDED_LATER, PRESETS, Config, UserError, uses_ema
+from digitjax.config import ADDED_LATER, PRESET_PURPOSES, PRESETS, Config, UserError, uses_ema
 
 
 def test_from_dict_gives_older_checkpoints_the_values_they_were_trained_with():
@@ -45,13 +46,11 @@ def test_from_flags_applies_the_preset_then_the_flags_given(tmp_path, monkeypatc
     assert config.seed == Config().seed
     assert config.data_dir == str(tmp_path / "mnist-files")  # resolved where it was given
     assert Config.from_flags({}) == Config()
-    with pytest.raises(UserError, match="unknown preset 'turbo'; known: fast, best"):
+    with pytest.raises(UserError, match="unknown preset 'turbo'; known: fast, best, robust"):
         Config.from_flags({}, "turbo")
 
 
 def test_every_field_a_user_sets_has_help_and_a_panel():
-    import dataclasses
-
     for field in dataclasses.fields(Config):
         if field.name != "chunks_per_epoch":
             assert field.metadata["help"].endswith(".") and field.metadata["panel"]
@@ -60,3 +59,36 @@ def test_every_field_a_user_sets_has_help_and_a_panel():
 def test_data_dir_path_objects_are_stored_as_text():
     config = Config.from_flags({"data_dir": Path("/tmp")})
     assert config.data_dir == "/tmp"
+
+
+def test_presets_are_the_recipes_benchmarks_measured():
+    """README and benchmarks/README.md give each recipe's accuracy and time: a change here
+    must come with new figures there."""
+    default = Config()
+    assert (default.channels, default.dense, default.batch_size) == ((8, 16, 32), 64, 64)
+    assert (default.epochs, default.warmup_epochs, default.augment_shift) == (10, 0.5, 2)
+    assert (default.learning_rate, default.ema_decay, default.calibration_fraction) == (
+        5e-3,
+        0.99,
+        0.05,
+    )
+    fast = Config.from_flags({}, "fast")
+    assert fast == Config(epochs=2, warmup_epochs=0.1, augment_shift=0)
+    best, robust = Config.from_flags({}, "best"), Config.from_flags({}, "robust")
+    assert (best.channels, best.dense, best.epochs) == ((32, 64, 128), 256, 20)
+    assert (best.augment_rotate, best.augment_scale, best.augment_elastic) == (15.0, 0.15, 0.0)
+    # The bundled model's recipe: best's, with a narrower dense layer and the user-image
+    # augmentations.
+    assert (
+        dataclasses.replace(
+            robust,
+            dense=best.dense,
+            augment_elastic=0.0,
+            augment_thickness=0.0,
+            augment_blur=0.0,
+            augment_low_res=0.0,
+        )
+        == best
+    )
+    assert min(robust.augment_elastic, robust.augment_thickness, robust.augment_blur) > 0
+    assert set(PRESET_PURPOSES) == set(PRESETS)

@@ -201,10 +201,13 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_mnist: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_default_recipe_reaches_99_percent(tmp_path: Path):
-    """The real default recipe on full MNIST through tfds (prepared offline in the test's
-    cache): 2 epochs of the small model, ~10 s here."""
-    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--json"])
+def test_fast_preset_reaches_99_percent(tmp_path: Path):
+    """The real `--preset fast` on full MNIST through tfds (prepared offline in the test's
+    cache): 2 epochs of the small model, ~10 s here. The longer presets' accuracy is measured
+    in benchmarks/README.md, not here."""
+    result = runner.invoke(
+        app, ["train", "--preset", "fast", "--out", str(tmp_path / "run"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["best"]["test_accuracy"] >= 0.99
