@@ -317,6 +317,17 @@ def evaluate(
         render.err.print(f"plot written to {plot}", highlight=False)
 
 
+# predict marks predictions whose top (calibrated) probability is lower as uncertain; chosen
+# with benchmarks/uncertain_rate.py (benchmarks/README.md).
+DEFAULT_MIN_CONFIDENCE = 0.9
+
+
+def _probability(value: float) -> float:
+    if not 0 <= value <= 1:  # NaN fails both comparisons, so it is refused too
+        raise typer.BadParameter(f"must be in [0, 1], got {value}")
+    return value
+
+
 @app.command()
 @user_errors
 def predict(
@@ -337,6 +348,13 @@ def predict(
         Path | None,
         typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
     ] = None,
+    min_confidence: Annotated[
+        float,
+        typer.Option(
+            help="Mark predictions whose (calibrated) confidence is below this as uncertain.",
+            callback=_probability,
+        ),
+    ] = DEFAULT_MIN_CONFIDENCE,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
@@ -355,12 +373,12 @@ def predict(
     else:
         enable_compilation_cache()
         predictor = Predictor(checkpoint_path)
-    predictions, seen = predict_files(predictor, files)
+    predictions, seen = predict_files(predictor, files, min_confidence)
     predictions += missing
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
     else:
-        render.predictions(predictor.source, predictions)
+        render.predictions(predictor.source, predictions, min_confidence)
     for p in predictions:
         if p.error:
             render.err.print(f"error: {p.path}: {p.error}", highlight=False, soft_wrap=True)
