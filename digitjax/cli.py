@@ -317,13 +317,13 @@ def evaluate(
         render.err.print(f"plot written to {plot}", highlight=False)
 
 
-# predict marks predictions whose top (calibrated) probability is lower as uncertain; chosen
-# with benchmarks/uncertain_rate.py (benchmarks/README.md).
+# predict marks predictions of a calibrated model whose top probability is lower as uncertain;
+# chosen with benchmarks/uncertain_rate.py (benchmarks/README.md).
 DEFAULT_MIN_CONFIDENCE = 0.9
 
 
-def _probability(value: float) -> float:
-    if not 0 <= value <= 1:  # NaN fails both comparisons, so it is refused too
+def _probability(value: float | None) -> float | None:
+    if value is not None and not 0 <= value <= 1:  # NaN fails both comparisons: refused too
         raise typer.BadParameter(f"must be in [0, 1], got {value}")
     return value
 
@@ -349,12 +349,15 @@ def predict(
         typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
     ] = None,
     min_confidence: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Mark predictions whose (calibrated) confidence is below this as uncertain.",
+            help="Mark predictions whose confidence is below this as uncertain. \\[default: "
+            f"{DEFAULT_MIN_CONFIDENCE} with a calibrated model; none with a model that has no "
+            "temperature, whose confidences are not probabilities to trust]",
+            show_default=False,
             callback=_probability,
         ),
-    ] = DEFAULT_MIN_CONFIDENCE,
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
@@ -373,6 +376,8 @@ def predict(
     else:
         enable_compilation_cache()
         predictor = Predictor(checkpoint_path)
+    if min_confidence is None and predictor.temperature is not None:
+        min_confidence = DEFAULT_MIN_CONFIDENCE
     predictions, seen = predict_files(predictor, files, min_confidence)
     predictions += missing
     if as_json:

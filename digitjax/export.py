@@ -233,6 +233,7 @@ class ExportedModel:
             self.metadata, self._run = _load_onnx(path, data)
         else:
             self.metadata, self._run = _load_stablehlo(path, data)
+        self.temperature = self.metadata.get("temperature")  # None: not calibrated
         if self.metadata.get("num_classes") != 10 or self.metadata.get("dataset") != "mnist":
             raise UserError(
                 f"{path} was exported from a {self.metadata.get('dataset')} model, not a digit "

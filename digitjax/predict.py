@@ -114,10 +114,10 @@ class Predictor:
 
 
 def predict_files(
-    predictor: Predictor, files: list[Path], min_confidence: float = 0.0
+    predictor: Predictor, files: list[Path], min_confidence: float | None = None
 ) -> tuple[list[Prediction], dict]:
     """Predictions in input order, and the 28x28 image the model saw for each recognized file;
-    those whose confidence is below `min_confidence` are marked uncertain."""
+    those whose confidence is below `min_confidence` (if given) are marked uncertain."""
     outcomes = dict(zip(files, preprocess_many(files)))
     seen = {path: image for path, (image, _) in outcomes.items() if image is not None}
     probabilities = dict(
@@ -130,7 +130,7 @@ def predict_files(
             continue
         probs = probabilities[path]
         top = [(int(d), float(probs[d])) for d in np.argsort(-probs)[:TOP_K]]
-        uncertain = top[0][1] < min_confidence
+        uncertain = min_confidence is not None and top[0][1] < min_confidence
         predictions.append(Prediction(str(path), top[0][0], top[0][1], top, uncertain=uncertain))
     return predictions, seen
 

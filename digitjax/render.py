@@ -144,7 +144,7 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
     out.print(confusion)
 
 
-def predictions(source: Path, results: list, min_confidence: float) -> None:
+def predictions(source: Path, results: list, min_confidence: float | None) -> None:
     """The table, then a line counting the digits, the uncertain ones and the failures."""
     width = path_column_width([p.path for p in results], out.width)
     table = Table(title=f"{source}")
@@ -167,10 +167,14 @@ def predictions(source: Path, results: list, min_confidence: float) -> None:
     out.print(table)
     digits = sum(p.error is None for p in results)
     uncertain = sum(p.uncertain for p in results)
+    marked = (
+        f"[yellow]{uncertain} uncertain[/yellow] (?: confidence below {100 * min_confidence:g}%)"
+        if min_confidence is not None
+        else "none marked uncertain (the model has no temperature; see --min-confidence)"
+    )
     out.print(
         f"{len(results)} image{'s' if len(results) != 1 else ''}: {digits - uncertain} "
-        f"recognized, [yellow]{uncertain} uncertain[/yellow] (?: confidence below "
-        f"{100 * min_confidence:g}%), {len(results) - digits} without a digit",
+        f"recognized, {marked}, {len(results) - digits} without a digit",
         highlight=False,
     )
 

@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
-from digitjax.cli import app
+from digitjax.cli import DEFAULT_MIN_CONFIDENCE, app
 from digitjax.config import Config, Interrupted
 from digitjax.data import load_dataset
 from digitjax.evaluate import (
@@ -216,10 +216,21 @@ def test_min_confidence_marks_uncertain_predictions(tiny_run, user_images, tmp_p
 
 
 def test_min_confidence_default_and_bounds(tiny_run, user_images):
-    files = [str(path) for path in user_images[:2]]
+    """The default threshold applies to calibrated models; one without a temperature (the
+    bundled model) marks nothing unless asked, as before."""
+    files = [str(path) for path in user_images]
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(tiny_run), "--json"])
     assert result.exit_code == 0, result.output
-    assert all("uncertain" in p for p in json.loads(result.stdout))
+    for p in json.loads(result.stdout):
+        assert p["uncertain"] is (p["confidence"] < DEFAULT_MIN_CONFIDENCE)
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(BUNDLED_MODEL)])
+    assert result.exit_code == 0, result.output
+    assert "none marked uncertain (the model has no temperature" in result.stdout
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(BUNDLED_MODEL), "--json"])
+    bundled = json.loads(result.stdout)
+    assert not any(p["uncertain"] for p in bundled)
+    assert min(p["confidence"] for p in bundled) < DEFAULT_MIN_CONFIDENCE  # it would mark some
+    files = files[:2]
     for threshold in (0.0, 1.0):
         flags = ["--checkpoint", str(tiny_run), "--json", "--min-confidence", str(threshold)]
         result = runner.invoke(app, ["predict", *files, *flags])
