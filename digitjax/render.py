@@ -117,10 +117,10 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
         highlight=False,
     )
     if metrics.temperature is None:
-        calibration = "no temperature saved with this checkpoint (the plain softmax)"
+        calibration = "no temperature in this checkpoint: the plain softmax"
     else:
         calibration = (
-            f"temperature {metrics.temperature:.4f}; without it: ECE "
+            f"temperature {metrics.temperature:.4f}; without it ECE "
             f"{100 * metrics.uncalibrated_ece:.2f}%, loss {metrics.uncalibrated_loss:.4f}"
         )
     out.print(
