@@ -4,7 +4,8 @@ accuracy), with the policy that keeps a user's runs safe.
 Each checkpoint holds three items: `state` (plain nested dicts of arrays: params, optimizer
 state, step, running epoch totals and, with `ema_decay`, the averaged `ema_params` that are
 evaluated and served), `config` (JSON) and `summary` (JSON: test metrics, the per-epoch
-history, per-chunk training curve, where it ran, and a SHA-256 of every state array). Orbax
+history, per-chunk training curve, where it ran, the temperature that calibrates the saved
+weights' probabilities, and a SHA-256 of every state array). Orbax
 writes to a temporary folder and renames it, so a checkpoint on disk is always complete; the
 checksums catch what renaming cannot (flipped bits). Plain orbax restores one with
 `ocp.CheckpointManager(path).restore(step)`.
@@ -14,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -331,6 +333,13 @@ def _check_summary(summary: Any, step_dir: Path) -> None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (its summary has no history)")
     if not isinstance(summary.get("num_classes"), int):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
+    temperature = summary.get("temperature")
+    if temperature is not None and not (
+        isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and 0 < temperature < math.inf
+    ):
+        raise UserError(f"{step_dir} has an invalid temperature {temperature!r} in its summary")
 
 
 def _verify_checksums(items: dict[str, Any], step_dir: Path) -> None:
@@ -395,6 +404,10 @@ class TrainedModel:
     params: dict[str, Any]
     summary: dict
     step_dir: Path
+    # Divides the logits before the softmax so that the probabilities are calibrated; None for
+    # checkpoints without one (older ones, runs without held-out images, the raw weights of a
+    # run that evaluates their average): the plain softmax.
+    temperature: float | None = None
 
 
 def restore_model(path: Path, kind: str = BEST, average: bool = True) -> TrainedModel:
@@ -407,12 +420,16 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
     items = _read_items(step_dir)
     config = _config_of(items, step_dir)
     graphdef, expected = abstract_model(config, items["summary"]["num_classes"])
-    kept = "ema_params" if uses_ema(config) and average else "params"
+    evaluated = "ema_params" if uses_ema(config) else "params"
+    kept = evaluated if average else "params"
     params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no {kept})")
     params = _match_tree(params, expected, "model", step_dir)
-    return TrainedModel(config, graphdef, params, items["summary"], step_dir)
+    # The temperature was fitted for the weights the run evaluates.
+    temperature = items["summary"].get("temperature") if kept == evaluated else None
+    temperature = None if temperature is None else float(temperature)
+    return TrainedModel(config, graphdef, params, items["summary"], step_dir, temperature)
 
 
 def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:

@@ -330,6 +330,17 @@ def evaluate(
         render.err.print(f"plot written to {plot}", highlight=False)
 
 
+# predict marks predictions of a calibrated model whose top probability is lower as uncertain;
+# chosen with benchmarks/uncertain_rate.py (benchmarks/README.md).
+DEFAULT_MIN_CONFIDENCE = 0.9
+
+
+def _probability(value: float | None) -> float | None:
+    if value is not None and not 0 <= value <= 1:  # NaN fails both comparisons: refused too
+        raise typer.BadParameter(f"must be in [0, 1], got {value}")
+    return value
+
+
 @app.command()
 @user_errors
 def predict(
@@ -350,6 +361,16 @@ def predict(
         Path | None,
         typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
     ] = None,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="Mark predictions whose confidence is below this as uncertain. \\[default: "
+            f"{DEFAULT_MIN_CONFIDENCE} with a calibrated model; none with a model that has no "
+            "temperature, whose confidences are not probabilities to trust]",
+            show_default=False,
+            callback=_probability,
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
@@ -368,12 +389,14 @@ def predict(
     else:
         enable_compilation_cache()
         predictor = Predictor(checkpoint_path)
-    predictions, seen = predict_files(predictor, files)
+    if min_confidence is None and predictor.temperature is not None:
+        min_confidence = DEFAULT_MIN_CONFIDENCE
+    predictions, seen = predict_files(predictor, files, min_confidence)
     predictions += missing
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
     else:
-        render.predictions(predictor.source, predictions)
+        render.predictions(predictor.source, predictions, min_confidence)
     for p in predictions:
         if p.error:
             render.err.print(f"error: {p.path}: {p.error}", highlight=False, soft_wrap=True)

@@ -1,4 +1,5 @@
-"""Evaluation: logits for a whole split in one compiled program, metrics on the host."""
+"""Evaluation: logits for a whole split in one compiled program, metrics on the host; and the
+calibration of the probabilities (a temperature, and the expected calibration error)."""
 
 import dataclasses
 from collections.abc import Callable
@@ -58,18 +59,134 @@ def split_metrics(
     padded_images: Any,
     labels: np.ndarray,
     class_names: tuple[str, ...],
+    temperature: float | None = None,
 ) -> "Metrics":
     logits = split_logits(logits_fn, params, padded_images, len(labels))
-    return compute_metrics(logits, labels, class_names)
+    return compute_metrics(logits, labels, class_names, temperature)
+
+
+# --- Calibration -------------------------------------------------------------------------
+
+ECE_BINS = 15
+# log T is searched in [log 1/20, log 20]: wide enough for any model trained with or without
+# label smoothing, and a run that separates its held-out images perfectly (whose likelihood
+# keeps growing as T -> 0) stops at the bound instead of at an infinitely sharp model.
+TEMPERATURE_BRACKET = (1 / 20, 20.0)
+
+
+def log_probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """log softmax(logits / T) in float64; no temperature (an uncalibrated checkpoint) is
+    the plain softmax."""
+    logits = np.asarray(logits, np.float64)
+    if temperature is not None:
+        logits = logits / temperature
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """The class probabilities a model with this temperature shows."""
+    return np.exp(log_probabilities(logits, temperature))
+
+
+def mean_nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T that minimizes the NLL of softmax(logits / T) on images the model was not trained
+    on: temperature scaling (Guo et al., 2017), which leaves every argmax as it is. The NLL is
+    convex in 1/T, so unimodal in log T: a golden-section search over TEMPERATURE_BRACKET,
+    deterministic, to ~1e-9 in log T."""
+    if len(labels) == 0:
+        raise ValueError("fitting a temperature needs at least one image")
+    logits = np.asarray(logits, np.float64)
+
+    def nll(log_t: float) -> float:
+        return mean_nll(log_probabilities(logits, float(np.exp(log_t))), labels)
+
+    ratio = (np.sqrt(5) - 1) / 2
+    low, high = np.log(TEMPERATURE_BRACKET)
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    nll_a, nll_b = nll(a), nll(b)
+    while high - low > 1e-9:
+        if nll_a <= nll_b:
+            high, b, nll_b = b, a, nll_a
+            a = high - ratio * (high - low)
+            nll_a = nll(a)
+        else:
+            low, a, nll_a = a, b, nll_b
+            b = low + ratio * (high - low)
+            nll_b = nll(b)
+    return float(np.exp((low + high) / 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reliability:
+    """A reliability diagram's data: the images binned by their top probability (ECE_BINS
+    equal-width bins over [0, 1]), with each bin's accuracy and mean confidence."""
+
+    counts: np.ndarray  # images per bin
+    accuracy: np.ndarray  # share of them predicted right (0 in an empty bin)
+    confidence: np.ndarray  # their mean top probability (0 in an empty bin)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, 1.0, len(self.counts) + 1)
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: |accuracy - confidence| averaged over the bins,
+        weighted by their share of the images."""
+        gaps = np.abs(self.accuracy - self.confidence)
+        return float((self.counts * gaps).sum() / max(self.counts.sum(), 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bin_edges": self.edges.tolist(),
+            "counts": self.counts.tolist(),
+            "accuracy": self.accuracy.tolist(),
+            "confidence": self.confidence.tolist(),
+        }
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> Reliability:
+    """Bins are (k/bins, (k+1)/bins]; a top probability can be no lower than 1/classes."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    per_bin = np.maximum(counts, 1)
+    return Reliability(
+        counts,
+        np.bincount(which, correct, minlength=bins) / per_bin,
+        np.bincount(which, confidence, minlength=bins) / per_bin,
+    )
+
+
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    return reliability(probs, labels, bins).ece
 
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
+    """Figures of the probabilities the model shows: with its temperature, if it has one."""
+
     accuracy: float
     loss: float
     confusion: np.ndarray  # [true, predicted] counts
     predictions: np.ndarray
     class_names: tuple[str, ...]
+    temperature: float | None
+    reliability: Reliability
+    uncalibrated_loss: float  # of the plain softmax, for comparison
+    uncalibrated_ece: float
+
+    @property
+    def ece(self) -> float:
+        return self.reliability.ece
 
     @property
     def precision(self) -> np.ndarray:
@@ -88,6 +205,10 @@ class Metrics:
         return {
             "accuracy": self.accuracy,
             "loss": self.loss,
+            "temperature": self.temperature,
+            "ece": self.ece,
+            "uncalibrated_loss": self.uncalibrated_loss,
+            "uncalibrated_ece": self.uncalibrated_ece,
             "num_examples": int(self.confusion.sum()),
             "per_class": {
                 name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -100,22 +221,33 @@ class Metrics:
                 )
             },
             "confusion_matrix": self.confusion.tolist(),
+            "reliability": self.reliability.to_dict(),
         }
 
 
 def compute_metrics(
-    logits: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    temperature: float | None = None,
 ) -> Metrics:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    """A temperature changes the loss and the calibration, never the predictions."""
     predictions = logits.argmax(axis=1)
     num_classes = len(class_names)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(confusion, (labels, predictions), 1)
+    uncalibrated = log_probabilities(logits)
+    calibrated = uncalibrated if temperature is None else log_probabilities(logits, temperature)
     return Metrics(
-        float((predictions == labels).mean()), float(loss), confusion, predictions, class_names
+        accuracy=float((predictions == labels).mean()),
+        loss=mean_nll(calibrated, labels),
+        confusion=confusion,
+        predictions=predictions,
+        class_names=class_names,
+        temperature=temperature,
+        reliability=reliability(np.exp(calibrated), labels),
+        uncalibrated_loss=mean_nll(uncalibrated, labels),
+        uncalibrated_ece=expected_calibration_error(np.exp(uncalibrated), labels),
     )
 
 
@@ -156,6 +288,6 @@ def evaluate_checkpoint(
     images, labels = data.split(split)
     logits_fn = make_logits_fn(model.graphdef)
     metrics = split_metrics(
-        logits_fn, model.params, pad_to_batches(images), labels, data.class_names
+        logits_fn, model.params, pad_to_batches(images), labels, data.class_names, model.temperature
     )
     return Evaluation(model.step_dir, data.name, split, metrics, images, labels)

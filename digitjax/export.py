@@ -2,8 +2,9 @@
 any ONNX runtime; and `ExportedModel`, which `predict --model` runs such a file with.
 
 Both take (N, 28, 28) float32 images in [0, 1] (N dynamic; see PREPROCESSING) and return (N, 10)
-class probabilities. Both carry the same metadata document (the checkpoint's config, dataset,
-test accuracy, digitjax version, the input contract):
+class probabilities: the softmax of the logits divided by the checkpoint's temperature, as
+`predict` and `evaluate` compute them. Both carry the same metadata document (the checkpoint's
+config, dataset, test accuracy, temperature, digitjax version, the input contract):
 - StableHLO: a zip archive of `metadata.json` and `model.jax_exported`, what
   `jax.export.export(...).serialize()` wrote: lowered for cpu, cuda and tpu with the standard
   `lax.conv` layers, loaded with `jax.export.deserialize` alone (no flax, no digitjax).
@@ -98,6 +99,7 @@ def export_metadata(model: Any) -> dict:
         "dataset": model.config.dataset,
         "num_classes": model.summary.get("num_classes", 10),
         "weights": "moving average" if model.config.ema_decay else "trained",
+        "temperature": model.temperature,  # the logits are divided by it before the softmax
         "config": model.config.to_dict(),
         "input": {"name": INPUT_NAME, "shape": ["N", 28, 28], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["N", model.summary.get("num_classes", 10)]},
@@ -113,7 +115,10 @@ def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
     def probabilities(images: jax.Array) -> jax.Array:
-        return jax.nn.softmax(apply(model.graphdef, model.params, images, conv_impls))
+        logits = apply(model.graphdef, model.params, images, conv_impls)
+        if model.temperature is not None:
+            logits = logits / model.temperature
+        return jax.nn.softmax(logits)
 
     shape = jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}")
     exported = jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)(
@@ -182,6 +187,8 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
             weight("logits.bias", params["logits/bias"]),
         ],
     )
+    if model.temperature is not None:
+        add("Div", [x, weight("temperature", np.array(model.temperature, np.float32))])
     nodes.append(helper.make_node("Softmax", [x], [OUTPUT_NAME], axis=-1))
     num_classes = params["logits/bias"].shape[0]
     graph = helper.make_graph(
@@ -226,6 +233,7 @@ class ExportedModel:
             self.metadata, self._run = _load_onnx(path, data)
         else:
             self.metadata, self._run = _load_stablehlo(path, data)
+        self.temperature = self.metadata.get("temperature")  # None: not calibrated
         if self.metadata.get("num_classes") != 10 or self.metadata.get("dataset") != "mnist":
             raise UserError(
                 f"{path} was exported from a {self.metadata.get('dataset')} model, not a digit "

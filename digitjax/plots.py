@@ -38,10 +38,11 @@ def plot_curves(history: list[dict], curve: list[dict], path: Path) -> None:
 def plot_evaluation(
     metrics: Metrics, images: np.ndarray, labels: np.ndarray, path: Path, max_errors: int = 36
 ) -> None:
-    """Confusion matrix beside a grid of misclassified digits (true -> predicted)."""
+    """Confusion matrix, reliability diagram and a grid of misclassified digits (true ->
+    predicted)."""
     wrong = np.flatnonzero(metrics.predictions != labels)[:max_errors]
-    fig = plt.figure(figsize=(14, 6.5))
-    matrix_ax = fig.add_subplot(1, 2, 1)
+    fig = plt.figure(figsize=(20, 6.5))
+    matrix_ax = fig.add_subplot(1, 3, 1)
     matrix_ax.imshow(metrics.confusion, cmap="Blues")
     ticks = range(len(metrics.class_names))
     matrix_ax.set(
@@ -65,8 +66,9 @@ def plot_evaluation(
                 fontsize=7,
                 color="white" if count > threshold else "black",
             )
+    plot_reliability(fig.add_subplot(1, 3, 2), metrics)
     side = max(1, int(np.ceil(np.sqrt(len(wrong)))))
-    grid = fig.add_gridspec(side, side, left=0.55, right=0.98, top=0.9, bottom=0.05)
+    grid = fig.add_gridspec(side, side, left=0.68, right=0.98, top=0.9, bottom=0.05)
     for i, index in enumerate(wrong):
         ax = fig.add_subplot(grid[i // side, i % side])
         ax.imshow(images[index], cmap="gray")
@@ -79,9 +81,58 @@ def plot_evaluation(
     fig.suptitle(
         f"{len(np.flatnonzero(metrics.predictions != labels))} misclassified; "
         f"first {len(wrong)} shown as true→predicted",
-        x=0.76,
+        x=0.83,
     )
     _save(fig, path)
+
+
+def plot_reliability(ax: plt.Axes, metrics: Metrics) -> None:
+    """Accuracy against confidence per bin (a calibrated model follows the diagonal), with
+    each bin's share of the images on a log scale behind."""
+    diagram = metrics.reliability
+    edges, width = diagram.edges, 1 / len(diagram.counts)
+    shown = diagram.counts > 0
+    share_ax = ax.twinx()
+    share_ax.bar(
+        edges[:-1],
+        diagram.counts / diagram.counts.sum(),
+        width,
+        align="edge",
+        color="0.85",
+        zorder=0,
+    )
+    share_ax.set(yscale="log", ylabel="share of images (log)")
+    ax.set_zorder(share_ax.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.plot([0, 1], [0, 1], "--", color="0.5", label="perfectly calibrated")
+    ax.bar(
+        edges[:-1][shown],
+        diagram.accuracy[shown],
+        width,
+        align="edge",
+        alpha=0.8,
+        edgecolor="black",
+        label="accuracy",
+    )
+    ax.plot(
+        diagram.confidence[shown],
+        diagram.accuracy[shown],
+        "o",
+        color="C3",
+        ms=4,
+        label="accuracy at mean confidence",
+    )
+    temperature = metrics.temperature
+    temperature = "no temperature" if temperature is None else f"temperature {temperature:.3f}"
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        title=f"Reliability: ECE {100 * metrics.ece:.2f}% ({temperature}; "
+        f"{100 * metrics.uncalibrated_ece:.2f}% without)",
+    )
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int = 24) -> None:

@@ -24,12 +24,14 @@ class Prediction:
     confidence: float | None = None
     top: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     error: str | None = None  # why there is no digit: unreadable file, blank image...
+    uncertain: bool = False  # a digit, but with a confidence below --min-confidence
 
     def to_dict(self) -> dict:
         fields = {
             "path": self.path,
             "digit": self.digit,
             "confidence": self.confidence,
+            "uncertain": self.uncertain,
             "top": [list(pair) for pair in self.top],
         }
         return fields | ({"error": self.error} if self.error else {})
@@ -64,7 +66,8 @@ def default_checkpoint() -> Path:
 
 
 class Predictor:
-    """A restored model with one jitted forward pass returning class probabilities."""
+    """A restored model with one jitted forward pass returning class probabilities: the
+    softmax of the logits divided by the checkpoint's temperature, if it has one."""
 
     def __init__(self, checkpoint_path: Path | None = None):
         import jax
@@ -80,12 +83,18 @@ class Predictor:
             )
         self.params, self.step_dir = model.params, model.step_dir
         self.config, self.summary = model.config, model.summary
+        self.temperature = model.temperature
         conv_impls = conv_impls_for(
             jax.default_backend(), training=False, num_layers=len(model.config.channels)
         )
-        self.forward = jax.jit(
-            lambda params, images: jax.nn.softmax(apply(model.graphdef, params, images, conv_impls))
-        )
+
+        def forward(params: dict, images: jax.Array) -> jax.Array:
+            logits = apply(model.graphdef, params, images, conv_impls)
+            if self.temperature is not None:
+                logits = logits / self.temperature
+            return jax.nn.softmax(logits)
+
+        self.forward = jax.jit(forward)
 
     @property
     def source(self) -> Path:
@@ -104,8 +113,11 @@ class Predictor:
         return np.concatenate([np.asarray(c) for c in chunks])[: len(images)]
 
 
-def predict_files(predictor: Predictor, files: list[Path]) -> tuple[list[Prediction], dict]:
-    """Predictions in input order, and the 28x28 image the model saw for each recognized file."""
+def predict_files(
+    predictor: Predictor, files: list[Path], min_confidence: float | None = None
+) -> tuple[list[Prediction], dict]:
+    """Predictions in input order, and the 28x28 image the model saw for each recognized file;
+    those whose confidence is below `min_confidence` (if given) are marked uncertain."""
     outcomes = dict(zip(files, preprocess_many(files)))
     seen = {path: image for path, (image, _) in outcomes.items() if image is not None}
     probabilities = dict(
@@ -118,7 +130,8 @@ def predict_files(predictor: Predictor, files: list[Path]) -> tuple[list[Predict
             continue
         probs = probabilities[path]
         top = [(int(d), float(probs[d])) for d in np.argsort(-probs)[:TOP_K]]
-        predictions.append(Prediction(str(path), top[0][0], top[0][1], top))
+        uncertain = min_confidence is not None and top[0][1] < min_confidence
+        predictions.append(Prediction(str(path), top[0][0], top[0][1], top, uncertain=uncertain))
     return predictions, seen
 
 
@@ -128,10 +141,11 @@ def write_csv(path: Path, predictions: list[Prediction]) -> None:
 
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["path", "digit", "confidence", "top", "error"])
+    writer.writerow(["path", "digit", "confidence", "uncertain", "top", "error"])
     for p in predictions:
         top = " ".join(f"{d}:{prob:.4f}" for d, prob in p.top)
-        writer.writerow([p.path, p.digit, p.confidence, top, p.error or ""])
+        uncertain = "" if p.digit is None else str(p.uncertain).lower()
+        writer.writerow([p.path, p.digit, p.confidence, uncertain, top, p.error or ""])
     write_file(path, text.getvalue().encode())
 
 

@@ -93,7 +93,7 @@ class TrainingProgress:
             self.progress.console.print(
                 f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
                 f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
-                f"acc {100 * record['test_accuracy']:.2f}%  "
+                f"acc {100 * record['test_accuracy']:.2f}% ECE {100 * record['test_ece']:.2f}%  "
                 f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]",
                 highlight=False,
             )
@@ -116,6 +116,17 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
         f"({int(metrics.confusion.sum())} images)",
         highlight=False,
     )
+    if metrics.temperature is None:
+        calibration = "no temperature in this checkpoint: the plain softmax"
+    else:
+        calibration = (
+            f"temperature {metrics.temperature:.4f}; without it ECE "
+            f"{100 * metrics.uncalibrated_ece:.2f}%, loss {metrics.uncalibrated_loss:.4f}"
+        )
+    out.print(
+        f"calibration: ECE [bold]{100 * metrics.ece:.2f}%[/bold] ({calibration})",
+        highlight=False,
+    )
     per_class = Table("class", "precision", "recall", "F1", "support", title="Per class")
     for name, values in metrics.to_dict()["per_class"].items():
         per_class.add_row(
@@ -133,7 +144,8 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
     out.print(confusion)
 
 
-def predictions(source: Path, results: list) -> None:
+def predictions(source: Path, results: list, min_confidence: float | None) -> None:
+    """The table, then a line counting the digits, the uncertain ones and the failures."""
     width = path_column_width([p.path for p in results], out.width)
     table = Table(title=f"{source}")
     table.add_column("file", width=width, no_wrap=True)
@@ -144,10 +156,27 @@ def predictions(source: Path, results: list) -> None:
         path = path_tail(p.path, width)
         if p.error:
             table.add_row(path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
+        elif p.uncertain:
+            top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
+            table.add_row(
+                path, f"[yellow]{p.digit}?[/yellow]", f"[yellow]{100 * p.confidence:.1f}%", top
+            )
         else:
             top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
             table.add_row(path, f"[bold]{p.digit}[/bold]", f"{100 * p.confidence:.1f}%", top)
     out.print(table)
+    digits = sum(p.error is None for p in results)
+    uncertain = sum(p.uncertain for p in results)
+    marked = (
+        f"[yellow]{uncertain} uncertain[/yellow] (?: confidence below {100 * min_confidence:g}%)"
+        if min_confidence is not None
+        else "none marked uncertain (the model has no temperature; see --min-confidence)"
+    )
+    out.print(
+        f"{len(results)} image{'s' if len(results) != 1 else ''}: {digits - uncertain} "
+        f"recognized, {marked}, {len(results) - digits} without a digit",
+        highlight=False,
+    )
 
 
 def path_column_width(paths: list[str], terminal_width: int) -> int:

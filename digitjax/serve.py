@@ -112,7 +112,11 @@ class Server:
         self.pool = None
         self.batcher: Batcher | None = None
         accuracy = predictor.summary.get("last", {}).get("test_accuracy")
-        self.model_info = {"checkpoint": str(predictor.step_dir), "test_accuracy": accuracy}
+        self.model_info = {
+            "checkpoint": str(predictor.step_dir),
+            "test_accuracy": accuracy,
+            "temperature": predictor.temperature,  # the probabilities are softmax(logits / T)
+        }
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> Any:

@@ -44,7 +44,14 @@ from digitjax.distributed import (
     sync,
     to_host,
 )
-from digitjax.evaluate import Metrics, make_logits_fn, pad_to_batches, split_metrics
+from digitjax.evaluate import (
+    Metrics,
+    fit_temperature,
+    make_logits_fn,
+    pad_to_batches,
+    split_logits,
+    split_metrics,
+)
 from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
 from digitjax.outputs import write_file
 
@@ -275,14 +282,26 @@ class TrainingSetup:
         """The weights that are evaluated and saved as the model: the average if kept."""
         return state["ema_params"] if uses_ema(self.config) else state["params"]
 
-    def test_metrics(self, state: TrainState) -> Metrics:
+    def test_metrics(self, state: TrainState, temperature: float | None = None) -> Metrics:
         return split_metrics(
             self.logits_fn,
             self.eval_params(state),
             self.test_images,
             self.test_labels,
             self.class_names,
+            temperature,
         )
+
+    def temperature(self, state: TrainState) -> float | None:
+        """The temperature that calibrates the evaluated weights' probabilities, fitted on the
+        held-out training images; None when none were held out."""
+        count = len(self.calibration_labels)
+        if count == 0:
+            return None
+        logits = split_logits(
+            self.logits_fn, self.eval_params(state), self.calibration_images, count
+        )
+        return fit_temperature(logits, self.calibration_labels)
 
 
 def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSetup:
@@ -388,6 +407,8 @@ class RunLog:
         self.step, self.totals = step, totals
 
     def add_epoch(self, metrics: Metrics) -> dict:
+        """The test loss and ECE are those of the calibrated probabilities, as `evaluate`
+        reports them."""
         record = {
             "epoch": self.step // self.steps_per_epoch,
             "step": self.step,
@@ -395,6 +416,8 @@ class RunLog:
             "train_accuracy": self.totals["correct"] / self.totals["count"],
             "test_loss": metrics.loss,
             "test_accuracy": metrics.accuracy,
+            "temperature": metrics.temperature,
+            "test_ece": metrics.ece,
         }
         self.history.append(record)
         return record
@@ -402,7 +425,8 @@ class RunLog:
     def epoch_recorded(self) -> bool:
         return bool(self.history) and self.history[-1]["step"] == self.step
 
-    def summary(self) -> dict:
+    def summary(self, temperature: float | None) -> dict:
+        """`temperature`: that of the weights saved with this summary."""
         return {
             "num_classes": self.num_classes,
             "history": self.history,
@@ -412,7 +436,12 @@ class RunLog:
             "curve": self.curve,
             "environment": self.environment,
             "wall_seconds": self.earlier_seconds + time.perf_counter() - self.started,
+            "temperature": temperature,
         }
+
+    def last_temperature(self) -> float | None:
+        """The temperature of the weights at the last epoch's end (older runs have none)."""
+        return self.history[-1].get("temperature") if self.history else None
 
 
 class Diverged(Exception):
@@ -497,7 +526,10 @@ def _run(
             _end_epoch(setup, state, log, checkpointer, run_dir, callbacks)
         signum = received_signal()
         if signum is not None and step < schedule.total_steps:
-            checkpointer.save(checkpoint.LATEST, state, setup.config, log.summary())
+            # Mid-epoch weights are not those of the last record: they get their own fit.
+            recorded = log.epoch_recorded()
+            temperature = log.last_temperature() if recorded else setup.temperature(state)
+            checkpointer.save(checkpoint.LATEST, state, setup.config, log.summary(temperature))
             raise Interrupted(
                 f"{signal.Signals(signum).name} at step {step}: saved to "
                 f"{run_dir / checkpoint.LATEST}; continue with --resume",
@@ -507,7 +539,7 @@ def _run(
         from digitjax.plots import plot_curves
 
         plot_curves(log.history, log.curve, run_dir / checkpoint.CURVES_FILE)
-    return {"config": setup.config.to_dict(), **log.summary()}
+    return {"config": setup.config.to_dict(), **log.summary(log.last_temperature())}
 
 
 def _start(
@@ -527,10 +559,11 @@ def _start(
     if log.step % setup.schedule.steps_per_epoch == 0 and log.step and not log.epoch_recorded():
         # Saved at an epoch's end before its evaluation (digitjax before 2026-11-29).
         _end_epoch(setup, state, log, checkpointer, run_dir, Callbacks())
-    best = log.summary()["best"]
+    summary = log.summary(log.last_temperature())
+    best = summary["best"]
     if best is not None and best["step"] == log.step and checkpointer.best_step() != log.step:
         # Killed after the latest checkpoint of a new best epoch, before its best/ copy.
-        checkpointer.save(checkpoint.BEST, state, setup.config, log.summary())
+        checkpointer.save(checkpoint.BEST, state, setup.config, summary)
     return state, log
 
 
@@ -542,10 +575,10 @@ def _end_epoch(
     run_dir: Path,
     callbacks: Callbacks,
 ) -> None:
-    """Evaluates, then saves latest/ and, for a new best epoch, best/ (in that order: a kill
-    between the two is repaired on resume), then the metrics file."""
-    record = log.add_epoch(setup.test_metrics(state))
-    summary = log.summary()
+    """Calibrates and evaluates, then saves latest/ and, for a new best epoch, best/ (in that
+    order: a kill between the two is repaired on resume), then the metrics file."""
+    record = log.add_epoch(setup.test_metrics(state, setup.temperature(state)))
+    summary = log.summary(record["temperature"])
     checkpointer.save(checkpoint.LATEST, state, setup.config, summary)
     if summary["best"] is record:
         checkpointer.save(checkpoint.BEST, state, setup.config, summary)

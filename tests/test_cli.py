@@ -49,7 +49,7 @@ def test_version():
         (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
         (["--dataset", "cifar10"], "unknown dataset 'cifar10'; known: mnist, fashion_mnist"),
         (["--data-dir", "/nonexistent/folder"], "data dir /nonexistent/folder does not exist"),
-        (["--batch-size", "100000"], "--batch-size 100000 exceeds the 60000 training images"),
+        (["--batch-size", "100000"], "--batch-size 100000 exceeds the 57000 training images"),
         (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     ],
 )

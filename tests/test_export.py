@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.evaluate import make_logits_fn, pad_to_batches, split_logits
+from digitjax.evaluate import make_logits_fn, pad_to_batches, probabilities, split_logits
 from digitjax.export import FORMATS
 from digitjax.predict import BUNDLED_MODEL
 
@@ -88,16 +88,17 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str, np.ndarray]:
-    """Softmax of the logits `digitjax evaluate` computes, on the full MNIST test set."""
-    probabilities = {}
+    """The calibrated softmax of the logits `digitjax evaluate` computes (with the
+    checkpoint's temperature; the bundled model has none), on the full MNIST test set."""
+    calibrated = {}
     for name in MODELS:
         model = restore_model(checkpoints[name])
+        assert (model.temperature is None) == (name == "bundled")
         logits_fn = make_logits_fn(model.graphdef)
         images = mnist_test[0]
         logits = split_logits(logits_fn, model.params, pad_to_batches(images), len(images))
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities[name] = exp / exp.sum(axis=1, keepdims=True)
-    return probabilities
+        calibrated[name] = probabilities(logits, model.temperature)
+    return calibrated
 
 
 def readme_snippet(fmt: str) -> str:
@@ -150,6 +151,7 @@ def test_metadata_travels_with_both_formats(exports, checkpoints):
         assert metadata["config"] == json.loads(json.dumps(model.config.to_dict()))
         assert metadata["dataset"] == "mnist" and metadata["num_classes"] == 10
         assert metadata["test_accuracy"] == model.summary["best"]["test_accuracy"]
+        assert metadata["temperature"] == model.temperature
         assert metadata["digitjax_version"] and "preprocess" in metadata["preprocessing"]
     best = exports["best", "onnx"][1]["config"]
     assert best["channels"] == [32, 64, 128] and best["dense"] == 256

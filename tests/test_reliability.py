@@ -23,7 +23,8 @@ from digitjax.train import Callbacks, train
 
 runner = CliRunner()
 EPOCHS = 3
-STEPS_PER_EPOCH = 2048 // 64  # tiny_mnist, TINY_FLAGS
+# tiny_mnist less the images held out for calibration, in batches of TINY_FLAGS's 64
+STEPS_PER_EPOCH = (2048 - round(2048 * Config().calibration_fraction)) // 64
 
 
 def flags(tiny_mnist: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:

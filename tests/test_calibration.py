@@ -1,0 +1,246 @@
+"""Calibrated confidence: the temperature fitted on held-out training images, the expected
+calibration error, and `predict --min-confidence`."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, assert_one_line_error, tiny_train
+from PIL import Image
+from typer.testing import CliRunner
+
+from digitjax import checkpoint
+from digitjax.cli import DEFAULT_MIN_CONFIDENCE, app
+from digitjax.config import Config, Interrupted
+from digitjax.data import load_dataset
+from digitjax.evaluate import (
+    expected_calibration_error,
+    fit_temperature,
+    make_logits_fn,
+    pad_to_batches,
+    probabilities,
+    reliability,
+    split_logits,
+)
+from digitjax.predict import BUNDLED_MODEL, Predictor
+from digitjax.train import Callbacks, train
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from user_digits import generate  # noqa: E402
+
+runner = CliRunner()
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, (20_000, 10))
+    for true_temperature in (0.5, 1.0, 2.5):
+        probs = probabilities(logits, true_temperature)
+        labels = (probs.cumsum(axis=1) < rng.random((len(probs), 1))).sum(axis=1)
+        fitted = fit_temperature(logits, labels)
+        assert fitted == pytest.approx(true_temperature, rel=0.03)
+        assert fit_temperature(logits, labels) == fitted  # deterministic
+        # Calibrated, the labels' own distribution has almost no calibration error.
+        assert expected_calibration_error(probabilities(logits, fitted), labels) < 0.01
+
+
+def test_fit_temperature_stays_in_its_bracket_when_every_answer_is_right():
+    logits = np.eye(10)[np.arange(100) % 10] * 5
+    assert fit_temperature(logits, np.arange(100) % 10) == pytest.approx(1 / 20, rel=1e-6)
+
+
+def test_expected_calibration_error_on_a_hand_worked_example():
+    # Top probabilities 0.95, 0.95, 0.5, 0.5 (two bins: (14/15, 1] and (7/15, 8/15]).
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.5, 0.5], [0.5, 0.5]])
+    labels = np.array([0, 1, 0, 0])  # right, wrong, right, right (argmax of a tie: class 0)
+    # Bin of 0.95: accuracy 1/2, confidence 0.95; bin of 0.5: accuracy 1, confidence 0.5.
+    expected = 0.5 * abs(0.5 - 0.95) + 0.5 * abs(1.0 - 0.5)
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected, rel=1e-12)
+    diagram = reliability(probs, labels)
+    assert diagram.counts.sum() == 4 and diagram.counts[14] == 2 and diagram.counts[7] == 2
+    assert diagram.accuracy[14] == 0.5 and diagram.confidence[7] == 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("calibrated") / "run"
+    result = runner.invoke(app, tiny_train(tiny_mnist, run_dir, epochs=2))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def held_out(config: Config) -> tuple[np.ndarray, np.ndarray]:
+    _, images, labels = load_dataset(config.dataset, config.data_dir).hold_out(
+        config.calibration_fraction
+    )
+    return images, labels
+
+
+def fitted_here(model: checkpoint.TrainedModel) -> float:
+    """The checkpoint's weights calibrated again, outside training."""
+    images, labels = held_out(model.config)
+    logits_fn = make_logits_fn(model.graphdef)
+    logits = split_logits(logits_fn, model.params, pad_to_batches(images), len(labels))
+    return fit_temperature(logits, labels)
+
+
+def test_a_run_saves_the_temperature_of_its_weights_and_evaluate_uses_it(tiny_run, tmp_path):
+    history = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    model = checkpoint.restore_model(tiny_run)
+    best = max(history, key=lambda r: r["test_accuracy"])
+    assert model.temperature == best["temperature"] == model.summary["temperature"]
+    assert model.temperature == pytest.approx(fitted_here(model), rel=1e-5)
+    assert len(held_out(model.config)[1]) == round(2048 * 0.05)
+
+    result = runner.invoke(app, ["evaluate", str(tiny_run), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["temperature"] == model.temperature
+    assert report["ece"] == pytest.approx(best["test_ece"], rel=1e-5)
+    assert report["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    assert report["loss"] < report["uncalibrated_loss"]  # fitted on other images, still better
+    assert 0 <= report["ece"] < 0.1 and report["uncalibrated_ece"] > report["ece"]
+    bins = report["reliability"]
+    assert len(bins["counts"]) == 15 and sum(bins["counts"]) == report["num_examples"]
+
+    plot = tmp_path / "report.png"
+    result = runner.invoke(app, ["evaluate", str(tiny_run), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert f"ECE {100 * report['ece']:.2f}%" in result.stdout
+    assert f"temperature {model.temperature:.4f}" in result.stdout
+    with Image.open(plot) as image:
+        assert image.size[0] > 2000  # confusion matrix, reliability diagram, misclassified
+
+
+def test_predictor_probabilities_are_the_calibrated_softmax(tiny_run):
+    model = checkpoint.restore_model(tiny_run)
+    images, _ = held_out(model.config)
+    logits = split_logits(
+        make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
+    )
+    got = Predictor(tiny_run).probabilities(images.astype(np.float32) / 255)
+    np.testing.assert_allclose(got, probabilities(logits, model.temperature), atol=1e-5)
+    assert (got.argmax(axis=1) == logits.argmax(axis=1)).all()
+
+
+def test_raw_weights_of_an_averaging_run_have_no_temperature(tiny_run):
+    assert checkpoint.restore_model(tiny_run, average=False).temperature is None
+
+
+def test_bundled_model_without_a_temperature_evaluates_exactly_as_before(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", str(BUNDLED_MODEL), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stated = json.loads(next(BUNDLED_MODEL.glob("best/*/summary/metadata")).read_text())
+    assert "temperature" not in stated
+    assert report["temperature"] is None
+    assert report["accuracy"] == stated["best"]["test_accuracy"]
+    assert report["loss"] == stated["best"]["test_loss"] == report["uncalibrated_loss"]
+    assert report["ece"] == report["uncalibrated_ece"] > 0.05  # label smoothing: underconfident
+
+
+def test_a_mid_epoch_checkpoint_holds_the_temperature_of_its_weights(tiny_mnist, tmp_path):
+    """Ctrl-C saves weights that no epoch record describes: they are calibrated anew."""
+    run_dir = tmp_path / "run"
+
+    def interrupt(step: int) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = Config.from_flags({"data_dir": tiny_mnist, "channels": (4, 8), "dense": 16})
+    with pytest.raises(Interrupted):
+        train(config, run_dir, callbacks=Callbacks(on_chunk=interrupt))
+    model = checkpoint.restore_model(run_dir, checkpoint.LATEST)
+    assert model.step_dir.name == "6" and model.summary["history"] == []
+    assert model.temperature == pytest.approx(fitted_here(model), rel=1e-5)
+
+
+def test_no_held_out_images_means_no_temperature(tiny_mnist, tmp_path):
+    config = Config.from_flags(
+        {"data_dir": tiny_mnist, "channels": (4, 8), "dense": 16, "epochs": 1}
+    )
+    config = Config.from_dict({**config.to_dict(), "calibration_fraction": 0.0})
+    summary = train(config, tmp_path / "run")
+    assert summary["temperature"] is None and summary["history"][0]["temperature"] is None
+    assert checkpoint.restore_model(tmp_path / "run").temperature is None
+
+
+def test_an_invalid_temperature_in_a_summary_is_one_line(tiny_run, tmp_path):
+    copy = shutil.copytree(tiny_run, tmp_path / "run")
+    summary_file = next((copy / "best").iterdir()) / "summary" / "metadata"
+    summary = json.loads(summary_file.read_text())
+    summary["temperature"] = -1
+    summary_file.write_text(json.dumps(summary))
+    result = runner.invoke(app, ["evaluate", str(copy)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "invalid temperature")
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return [path for path, _, _ in generate(tmp_path_factory.mktemp("digits"), 4, seed=1)]
+
+
+def test_min_confidence_marks_uncertain_predictions(tiny_run, user_images, tmp_path):
+    files = [str(path) for path in user_images]
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(tiny_run), "--json"])
+    assert result.exit_code == 0, result.output
+    confidences = sorted(p["confidence"] for p in json.loads(result.stdout))
+    threshold = (confidences[5] + confidences[6]) / 2  # six below it
+
+    csv_file = tmp_path / "out.csv"
+    base = ["predict", *files, "--checkpoint", str(tiny_run), "--min-confidence", str(threshold)]
+    result = runner.invoke(app, [*base, "--json"])
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)
+    assert [p["uncertain"] for p in predictions] == [
+        p["confidence"] < threshold for p in predictions
+    ]
+    assert sum(p["uncertain"] for p in predictions) == 6
+
+    result = runner.invoke(app, [*base, "--csv", str(csv_file)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(files)} images: {len(files) - 6} recognized, 6 uncertain" in result.stdout
+    digit_cells = [line.split("│")[2].strip() for line in result.stdout.splitlines() if "│" in line]
+    assert sum(cell.endswith("?") for cell in digit_cells) == 6
+    with csv_file.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["uncertain"] for row in rows] == [str(p["uncertain"]).lower() for p in predictions]
+
+
+def test_min_confidence_default_and_bounds(tiny_run, user_images):
+    """The default threshold applies to calibrated models; one without a temperature (the
+    bundled model) marks nothing unless asked, as before."""
+    files = [str(path) for path in user_images]
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(tiny_run), "--json"])
+    assert result.exit_code == 0, result.output
+    for p in json.loads(result.stdout):
+        assert p["uncertain"] is (p["confidence"] < DEFAULT_MIN_CONFIDENCE)
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(BUNDLED_MODEL)])
+    assert result.exit_code == 0, result.output
+    assert "none marked uncertain (the model has no temperature" in result.stdout
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(BUNDLED_MODEL), "--json"])
+    bundled = json.loads(result.stdout)
+    assert not any(p["uncertain"] for p in bundled)
+    assert min(p["confidence"] for p in bundled) < DEFAULT_MIN_CONFIDENCE  # it would mark some
+    files = files[:2]
+    for threshold in (0.0, 1.0):
+        flags = ["--checkpoint", str(tiny_run), "--json", "--min-confidence", str(threshold)]
+        result = runner.invoke(app, ["predict", *files, *flags])
+        assert result.exit_code == 0, result.output
+        for p in json.loads(result.stdout):
+            assert p["uncertain"] is (p["confidence"] < threshold)
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "1.5", "inf", "abc"])
+def test_bad_min_confidence_is_one_line(value, user_images):
+    result = runner.invoke(app, ["predict", str(user_images[0]), "--min-confidence", value])
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, "--min-confidence")
