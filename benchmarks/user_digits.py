@@ -38,7 +38,7 @@ KINDS = (
     "small_in_large",
     "border",
 )
-HANDWRITTEN = {"paper_photo", "canvas", "scan_small", "scan_lowres", "marker", "pencil", "border"}
+PRINTED = {"printed", "printed_fonts"}  # random labels; the others' are their MNIST digit's
 
 
 def pen_strokes(digit: np.ndarray, size: int) -> np.ndarray:
@@ -273,8 +273,8 @@ def pencil(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
 def small_in_large(
     digit: np.ndarray, label: int, rng: np.random.Generator, fonts: list[Path]
 ) -> Image.Image:
-    """A photo of a mostly empty page (1000-3000 px) with one small digit (8-15% of the
-    image's height): a thin pen stroke, a light pencil one, or a printed digit."""
+    """A photo of a mostly empty page (1000-3000 px high) with one small digit (8-15% of its
+    height): the MNIST digit in a thin pen stroke or light pencil, or its label printed."""
     height = int(rng.integers(1000, 3001))
     width = int(height * rng.uniform(0.7, 1.4))
     size = int(height * rng.uniform(0.08, 0.15))
@@ -356,7 +356,7 @@ def generate(
         if kind in kinds:
             folder.mkdir(parents=True, exist_ok=True)
         for n, index in enumerate(rng.choice(len(images), per_kind, replace=False)):
-            label = int(labels[index]) if kind in HANDWRITTEN else int(rng.integers(10))
+            label = int(rng.integers(10)) if kind in PRINTED else int(labels[index])
             name = f"{kind}_{n:04d}_label{label}"
             digit = images[index]
             if kind == "paper_photo":

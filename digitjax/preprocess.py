@@ -17,6 +17,10 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 MNIST_SIZE, DIGIT_BOX = 28, 20
 WORK_SIZE = 128  # images are reduced to this before cleaning: enough detail, little work
 MIN_CONTRAST = 0.12  # ink must differ from the paper by this much (of full range) to count
+# A digit spanning less of the image than this (or not seen at WORK_SIZE at all: a small pencil
+# digit on a large page fades into the paper when reduced) is looked for again at FIND_SIZE,
+# and the part of the full image around it is then cleaned like a whole image.
+SMALL_DIGIT, FIND_SIZE = 0.3, 512
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -68,25 +72,37 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
 
 def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     """A 28x28 float32 white-on-black digit in [0, 1], or None when no digit is found."""
-    ink = _ink_map(_reduce(gray))
-    if ink is None:
+    found = _locate(gray)
+    if max(gray.shape) > WORK_SIZE and (found is None or _spans(*found) < SMALL_DIGIT):
+        around = _find_small(gray)
+        closer = _locate(gray[around]) if around is not None else None
+        found = closer or found
+    if found is None:
         return None
-    box = _ink_box(ink)
-    if box is None:
-        return None
-    top, bottom, left, right = box
-    digit = ink[top:bottom, left:right]
-    return _center_by_mass(_fit_box(digit))
+    ink, (top, bottom, left, right) = found
+    return _center_by_mass(_fit_box(ink[top:bottom, left:right]))
 
 
 def preprocess_file(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
     return to_mnist(load_grayscale(path, max_pixels))
 
 
-def _reduce(gray: np.ndarray) -> np.ndarray:
+def _locate(gray: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """The cleaned ink of the image reduced to WORK_SIZE, and the digit's box in it."""
+    ink = _ink_map(_reduce(gray))
+    box = _ink_box(ink) if ink is not None else None
+    return (ink, box) if box is not None else None
+
+
+def _spans(ink: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    top, bottom, left, right = box
+    return max(bottom - top, right - left) / max(ink.shape)
+
+
+def _reduce(gray: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:
     """Large photos are shrunk (anti-aliased) so cleaning costs the same for any size."""
     height, width = gray.shape
-    scale = WORK_SIZE / max(height, width)
+    scale = size / max(height, width)
     if scale >= 1:
         return gray
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -131,6 +147,52 @@ def _background(gray: np.ndarray, block: int) -> np.ndarray:
     minima = padded.reshape(rows, block, cols, block).min(axis=(1, 3))
     smooth = Image.fromarray(minima).resize((cols * block, rows * block), Image.Resampling.BILINEAR)
     return np.asarray(smooth, np.float32)[:height, :width]
+
+
+def _find_small(gray: np.ndarray) -> tuple[slice, slice] | None:
+    """Where a small digit lies in a large, mostly empty image: the slices of `gray` around
+    it, with a margin, or None. It is looked for at FIND_SIZE without the median filter (a thin
+    stroke there may be one pixel wide) and with the ink's level set by the paper's noise, not
+    by a share of the pixels (the digit may hold under 0.1% of them)."""
+    small = _reduce(gray, FIND_SIZE)
+    height, width = small.shape
+    low, median, high = np.percentile(small, [0.01, 50, 99.99])
+    if median - low > high - median:
+        small = 1 - small
+    ink = small - np.minimum(_background(small, 2 * max(3, min(height, width) // 16) + 1), small)
+    ink -= np.median(ink)
+    noise = 1.4826 * np.median(np.abs(ink))  # the paper's noise, from the median deviation
+    strong = ink > max(MIN_CONTRAST, 6 * noise)
+    # Strokes of one digit lie in neighbouring cells (or one cell apart: pencil skips).
+    cell = FIND_SIZE // 64
+    counts = np.pad(strong, ((0, -height % cell), (0, -width % cell)))
+    counts = counts.reshape(counts.shape[0] // cell, cell, -1, cell).sum(axis=(1, 3))
+    cluster = np.zeros(counts.shape, bool)
+    cluster[np.unravel_index(counts.argmax(), counts.shape)] = True
+    reach = _dilate(counts > 0)
+    while not np.array_equal(grown := _dilate(cluster) & reach, cluster):
+        cluster = grown
+    digit = strong & np.kron(cluster, np.ones((cell, cell), bool))[:height, :width]
+    rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+    if digit.sum() < 12 or max(rows[-1] - rows[0], cols[-1] - cols[0]) < 8:
+        return None  # a speck, not a digit
+    scale = max(gray.shape) / max(small.shape)
+    margin = 0.25 * max(rows[-1] - rows[0], cols[-1] - cols[0]) + 2
+    return (
+        slice(max(0, int((rows[0] - margin) * scale)), int((rows[-1] + 1 + margin) * scale)),
+        slice(max(0, int((cols[0] - margin) * scale)), int((cols[-1] + 1 + margin) * scale)),
+    )
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Each cell and its eight neighbours."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    wide = grown.copy()
+    wide[:, 1:] |= grown[:, :-1]
+    wide[:, :-1] |= grown[:, 1:]
+    return wide
 
 
 def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
