@@ -116,6 +116,7 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
     # that lies farther from it: darker ink on light paper, or light strokes on a dark canvas.
     low, median, high = np.percentile(gray, [0.5, 50, 99.5])
     flat = median in (low, high)  # half the pixels share one level: drawn, not photographed
+    tail = max(high - median, median - low)  # how far the ink reaches from the paper
     if median - low > high - median:
         gray, median = 1 - gray, 1 - median
     if flat:
@@ -124,7 +125,11 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
         ink = np.clip(gray - median, 0, None)
     else:
         # Uneven lighting: subtract the paper's own level, leaving ink on a flat black floor.
-        background = _background(gray, block=2 * max(3, min(height, width) // 16) + 1)
+        # The blocks must be over twice as wide as the strokes, or a marker's strokes (or a
+        # pen's, in a close crop) would come out hollow.
+        stroke = _stroke_width(gray - median > 0.5 * max(tail, MIN_CONTRAST))
+        block = 2 * max(3, min(height, width) // 16, int(np.ceil(stroke))) + 1
+        background = _background(gray, block)
         ink = np.clip(gray - np.minimum(background, gray), 0, None)
         if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
             ink = _filtered(ink, ImageFilter.MedianFilter(3))
