@@ -287,7 +287,9 @@ class TrainingSetup:
 
 def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSetup:
     check_batch_size(config.batch_size, mesh)
-    dataset, calibration_images, calibration_labels = dataset.hold_out(config.calibration_fraction)
+    dataset, calibration_images, calibration_labels = dataset.hold_out(
+        config.calibration_fraction
+    )
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     if schedule.steps_per_epoch == 0:
         raise UserError(
