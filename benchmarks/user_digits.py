@@ -1,8 +1,16 @@
 """Generates images that look like what users feed `digitjax predict`, with known labels.
 
 Handwritten kinds come from the MNIST *test* digits shipped in the package (the bundled model
-never saw them); the printed kind renders digits with the fonts installed on the machine, or
-with the DejaVu fonts matplotlib ships where none are. Deterministic per seed and font set.
+never saw them); printed kinds render random digits with fonts. `printed` uses the DejaVu fonts
+(installed, else the ones matplotlib ships), as when its figures were first measured;
+`printed_fonts` uses every other Latin font installed, which on Debian/Ubuntu come from
+
+    apt-get install fonts-liberation fonts-freefont-ttf fonts-urw-base35 fonts-noto-core
+
+(without them it falls back to DejaVu). Deterministic per seed and font set: the fonts used are
+listed in OUT_DIR/fonts.txt and each `printed_fonts` file name ends with its font. The first
+four kinds draw from the random generator first, so their images are the same as before the
+later kinds were added.
 
     python benchmarks/user_digits.py OUT_DIR --per-kind 200 --seed 0
 """
@@ -18,7 +26,19 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
 
 FONT_DIR = Path("/usr/share/fonts")
-KINDS = ("paper_photo", "canvas", "scan_small", "printed")
+KINDS = (
+    "paper_photo",
+    "canvas",
+    "scan_small",
+    "printed",
+    "scan_lowres",
+    "printed_fonts",
+    "marker",
+    "pencil",
+    "small_in_large",
+    "border",
+)
+PRINTED = {"printed", "printed_fonts"}  # random labels; the others' are their MNIST digit's
 
 
 def pen_strokes(digit: np.ndarray, size: int) -> np.ndarray:
@@ -76,14 +96,27 @@ def scan_small(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def digit_fonts() -> list[Path]:
-    """The machine's TrueType fonts; a fresh machine may have none, so matplotlib's are next."""
-    installed = sorted(p for p in FONT_DIR.rglob("*.ttf") if "Symbol" not in p.name)
+    """The DejaVu fonts: installed, else the ones matplotlib ships."""
+    installed = sorted(FONT_DIR.rglob("DejaVu*.ttf"))
     if installed:
         return installed
     import matplotlib
 
     shipped = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     return sorted(p for p in shipped.glob("DejaVu*.ttf") if "Display" not in p.name)  # no digits
+
+
+def more_fonts() -> list[Path]:
+    """Every installed Latin text font other than DejaVu (serif, mono, narrow, bold, light,
+    italic...): symbol and dingbat fonts, and Noto's fonts for other scripts, are left out."""
+    fonts = [p for p in FONT_DIR.rglob("*") if p.suffix in (".ttf", ".otf")]
+    fonts = [
+        p
+        for p in fonts
+        if not p.name.startswith(("DejaVu", "D050000L", "StandardSymbols"))
+        and (not p.name.startswith("Noto") or p.name.startswith(("NotoSans-", "NotoSerif-")))
+    ]
+    return sorted(fonts, key=lambda p: p.name) or digit_fonts()
 
 
 def printed(label: int, rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -100,40 +133,259 @@ def printed(label: int, rng: np.random.Generator, fonts: list[Path]) -> Image.Im
     )
 
 
-def save(image: Image.Image, path: Path, rng: np.random.Generator) -> Path:
-    """Saves in the formats users have: JPEG for photos, else PNG, BMP or WebP."""
-    if path.suffix == ".jpg":
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, "JPEG", quality=int(rng.integers(60, 85)))
-        path.write_bytes(buffer.getvalue())
+def paper(
+    height: int, width: int, rng: np.random.Generator, grain: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tinted paper under uneven light, as (RGB paper colour per pixel, light per pixel);
+    `grain` adds a texture coarser than sensor noise (pencil paper, recycled paper)."""
+    rows = np.linspace(0, height / max(height, width), height, dtype=np.float32)[:, None]
+    cols = np.linspace(0, width / max(height, width), width, dtype=np.float32)[None, :]
+    angle = rng.uniform(0, 2 * np.pi)
+    light = 0.85 + 0.15 * (np.cos(angle) * rows + np.sin(angle) * cols) * rng.uniform(-1, 1)
+    tint = (np.array([0.96, 0.94, 0.88]) * rng.uniform(0.85, 1.0, 3)).astype(np.float32)
+    base = np.ones((height, width), np.float32)
+    if grain:
+        coarse = rng.standard_normal((height // 3 + 1, width // 3 + 1), np.float32)
+        texture = Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR)
+        base -= grain * np.abs(np.asarray(texture))
+    return base[..., None] * tint, light
+
+
+def photograph(
+    paper_rgb: np.ndarray, light: np.ndarray, mask: np.ndarray, pen: np.ndarray, rng
+) -> Image.Image:
+    """Ink `mask` (0..1) in colour `pen` on the paper, lit, with sensor noise and a little blur."""
+    rgb = paper_rgb * (1 - mask[..., None]) + pen.astype(np.float32) * mask[..., None]
+    rgb *= light[..., None]
+    rgb += rng.standard_normal(rgb.shape, np.float32) * np.float32(rng.uniform(0.01, 0.03))
+    image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+
+
+def thin_strokes(digit: np.ndarray, size: int, core: float) -> np.ndarray:
+    """An MNIST digit with thinner strokes: only the part of each stroke brighter than `core`
+    (0.5: MNIST-like; 0.85: about a third as wide), smooth at the edges."""
+    smooth = pen_strokes(digit, size)
+    return np.clip((smooth - core) / (1.05 - core), 0, 1)
+
+
+def ink_crop(ink: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(ink > 0.1)
+    return ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def scan_lowres(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A very low-resolution scan: the digit at 8x8 to 16x16 pixels in 16 gray levels (like
+    old OCR data sets), enlarged by a viewer or tool (nearest or bilinear) to 64-448 px."""
+    size = int(rng.integers(8, 17))
+    ink = ink_crop(pen_strokes(digit, 112))
+    side = max(ink.shape)
+    square = np.zeros((side, side), np.float32)
+    top, left = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
+    square[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    margin = int(rng.integers(0, 2))  # 0 or 1 pixel of paper around the digit
+    small = Image.fromarray(square).resize((size - 2 * margin,) * 2, Image.Resampling.BOX)
+    scan = np.zeros((size, size), np.float32)
+    scan[margin : size - margin, margin : size - margin] = np.asarray(small)
+    scan = np.clip(scan / max(scan.max(), 1e-6) + rng.normal(0, 0.03, scan.shape), 0, 1)
+    if rng.random() < 0.7:  # dark on light paper; else shown as light on dark
+        scan = rng.uniform(0.85, 1.0) - scan * rng.uniform(0.6, 0.85)
+    levels = np.round(np.clip(scan, 0, 1) * 15) / 15  # 4 bits per pixel
+    image = Image.fromarray((levels * 255).astype(np.uint8))
+    scale = int(rng.integers(64, 449)) // size
+    resample = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR)[int(rng.integers(2))]
+    return image.resize((size * scale,) * 2, resample)
+
+
+def printed_fonts(label: int, rng: np.random.Generator, font: Path) -> Image.Image:
+    """A printed digit in `font`, sometimes heavier (a stroked outline), slanted or condensed;
+    mostly dark on light, sometimes light on dark (a screenshot); off-centre, slightly turned."""
+    size = int(rng.integers(40, 160))
+    font_face = ImageFont.truetype(str(font), size)
+    weight = int(rng.integers(1, max(2, size // 18))) if rng.random() < 0.3 else 0
+    left, top, right, bottom = font_face.getbbox(str(label), stroke_width=weight)
+    glyph = Image.new("L", (right - left + 8, bottom - top + 8), 0)
+    ImageDraw.Draw(glyph).text(
+        (4 - left, 4 - top),
+        str(label),
+        fill=255,
+        font=font_face,
+        stroke_width=weight,
+        stroke_fill=255,
+    )
+    shear = rng.uniform(0.15, 0.3) if rng.random() < 0.2 else 0.0  # synthetic italic
+    squeeze = rng.uniform(0.6, 0.85) if rng.random() < 0.2 else 1.0  # synthetic condensed
+    width, height = glyph.size
+    new_width = int(width * squeeze + shear * height) + 1
+    glyph = glyph.transform(
+        (new_width, height),
+        Image.Transform.AFFINE,
+        (1 / squeeze, shear / squeeze, -shear * height / squeeze, 0, 1, 0),
+        Image.Resampling.BICUBIC,
+    )
+    pad_x, pad_y = int(rng.integers(10, 200)), int(rng.integers(10, 200))
+    ink = np.zeros((height + pad_y, new_width + pad_x), np.float32)
+    top, left = int(rng.integers(0, pad_y + 1)), int(rng.integers(0, pad_x + 1))
+    ink[top : top + height, left : left + new_width] = np.asarray(glyph, np.float32) / 255
+    paper_level, ink_level = rng.uniform(0.78, 1.0), rng.uniform(0.0, 0.25)
+    if rng.random() < 0.15:
+        paper_level, ink_level = 1 - paper_level, 1 - ink_level
+    gray = paper_level + (ink_level - paper_level) * ink
+    image = Image.fromarray((np.clip(gray, 0, 1) * 255).astype(np.uint8))
+    return image.rotate(
+        rng.uniform(-5, 5), Image.Resampling.BICUBIC, fillcolor=image.getpixel((0, 0))
+    )
+
+
+def marker(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Thick felt-tip marker (strokes 2-3x MNIST's) in black or a colour on white paper."""
+    height, width = int(rng.integers(200, 700)), int(rng.integers(200, 700))
+    size = int(min(height, width) * rng.uniform(0.5, 0.85))
+    strokes = Image.fromarray((pen_strokes(digit, 112) * 255).astype(np.uint8))
+    strokes = strokes.filter(ImageFilter.MaxFilter((7, 9, 11)[int(rng.integers(3))]))
+    ink = np.asarray(strokes.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    mask = np.zeros((height, width), np.float32)
+    top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    mask[top : top + size, left : left + size] = np.clip(ink * 1.2, 0, 1)
+    pens = ([0.05, 0.05, 0.05], [0.1, 0.2, 0.7], [0.75, 0.1, 0.1], [0.1, 0.5, 0.2])
+    paper_rgb, light = paper(height, width, rng)
+    return photograph(paper_rgb, light, mask, np.array(pens[int(rng.integers(4))]), rng)
+
+
+def pencil_mark(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Thin, light, uneven graphite strokes of an MNIST digit at `size` px."""
+    ink = thin_strokes(digit, size, rng.uniform(0.6, 0.8))
+    streaks = rng.uniform(0.55, 1.0, ink.shape).astype(np.float32)  # graphite skips on grain
+    return ink * streaks * np.float32(rng.uniform(0.3, 0.55))
+
+
+def pencil(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Thin, light pencil strokes on grainy paper, photographed."""
+    height, width = int(rng.integers(300, 900)), int(rng.integers(300, 900))
+    size = int(min(height, width) * rng.uniform(0.4, 0.75))
+    mask = np.zeros((height, width), np.float32)
+    top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    mask[top : top + size, left : left + size] = pencil_mark(digit, size, rng)
+    paper_rgb, light = paper(height, width, rng, grain=rng.uniform(0.02, 0.06))
+    return photograph(paper_rgb, light, mask, np.array([0.2, 0.2, 0.22]), rng)
+
+
+def small_in_large(
+    digit: np.ndarray, label: int, rng: np.random.Generator, fonts: list[Path]
+) -> Image.Image:
+    """A photo of a mostly empty page (1000-3000 px high) with one small digit (8-15% of its
+    height): the MNIST digit in a thin pen stroke or light pencil, or its label printed."""
+    height = int(rng.integers(1000, 3001))
+    width = int(height * rng.uniform(0.7, 1.4))
+    size = int(height * rng.uniform(0.08, 0.15))
+    style = ("pen", "pencil", "printed")[int(rng.integers(3))]
+    if style == "pen":
+        ink = thin_strokes(digit, size, rng.uniform(0.5, 0.8))
+    elif style == "pencil":
+        ink = pencil_mark(digit, size, rng)
     else:
-        image.save(path)
-    return path
+        font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), size)
+        left, top, right, bottom = font.getbbox(str(label))
+        glyph = Image.new("L", (right - left, bottom - top), 0)
+        ImageDraw.Draw(glyph).text((-left, -top), str(label), fill=255, font=font)
+        ink = np.asarray(glyph, np.float32) / 255 * np.float32(rng.uniform(0.6, 1.0))
+    mask = np.zeros((height, width), np.float32)
+    top = int(rng.integers(0, height - ink.shape[0] + 1))
+    left = int(rng.integers(0, width - ink.shape[1] + 1))
+    mask[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    paper_rgb, light = paper(height, width, rng, grain=rng.uniform(0.0, 0.04))
+    pen = np.array([0.2, 0.2, 0.22]) if style == "pencil" else np.array([0.08, 0.08, 0.2])
+    return photograph(paper_rgb, light, mask, pen, rng)
+
+
+def border(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A digit cropped tightly: its ink touches the image's edge on one to four sides, or
+    runs past it by up to 6% of its size (a careless crop); pen on paper or a canvas."""
+    size = int(rng.integers(100, 400))
+    ink = ink_crop(pen_strokes(digit, size))
+    height, width = ink.shape
+    # How far the crop reaches beyond the ink on each side (negative: it cuts the digit).
+    sides = rng.uniform(0.0, 0.08, 4)
+    touching = rng.choice(4, int(rng.integers(1, 5)), replace=False)
+    sides[touching] = rng.uniform(-0.06, 0.0, len(touching))
+    top, bottom, left, right = (np.round(sides * [height, height, width, width])).astype(int)
+    framed = np.pad(ink, ((max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0))))
+    framed = framed[max(-top, 0) : framed.shape[0] - max(-bottom, 0)]
+    framed = framed[:, max(-left, 0) : framed.shape[1] - max(-right, 0)]
+    if rng.random() < 0.3:  # drawn on a canvas, white on black
+        return Image.fromarray((framed * 255).astype(np.uint8)).convert("RGB")
+    paper_rgb, light = paper(*framed.shape, rng)
+    return photograph(paper_rgb, light, framed, np.array([0.1, 0.12, 0.35]), rng)
+
+
+def encode(image: Image.Image, suffix: str, rng: np.random.Generator) -> bytes:
+    """The file's bytes in the formats users have: JPEG for photos, else PNG, BMP or WebP."""
+    buffer = io.BytesIO()
+    if suffix == ".jpg":
+        image.convert("RGB").save(buffer, "JPEG", quality=int(rng.integers(60, 85)))
+    else:
+        image.save(buffer, Image.registered_extensions()[suffix])
+    return buffer.getvalue()
 
 
 def generate(
-    out_dir: Path, per_kind: int, seed: int = 0, mnist_dir: Path = EMBEDDED_MNIST
+    out_dir: Path,
+    per_kind: int,
+    seed: int = 0,
+    mnist_dir: Path = EMBEDDED_MNIST,
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[tuple[Path, int, str]]:
-    """Writes `per_kind` images of every kind; returns (path, label, kind) for each."""
+    """Writes `per_kind` images of each of `kinds` and OUT_DIR/fonts.txt; returns (path,
+    label, kind) for each."""
     rng = np.random.default_rng(seed)
     images, labels = read_idx_split(mnist_dir, "test")
-    fonts = digit_fonts()
+    fonts, extra_fonts = digit_fonts(), more_fonts()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listing = [f"printed: {p}" for p in fonts] + [f"printed_fonts: {p}" for p in extra_fonts]
+    (out_dir / "fonts.txt").write_text("\n".join(listing) + "\n")
     samples = []
     for kind in KINDS:
-        folder = Path(out_dir) / kind
-        folder.mkdir(parents=True, exist_ok=True)
+        if kind not in KINDS[:4]:
+            if kind not in kinds:
+                continue
+            # Each later kind has its own generator, so adding kinds changed no image of the
+            # first four, which share one as they always did.
+            rng = np.random.default_rng([seed, KINDS.index(kind)])
+        folder = out_dir / kind
+        if kind in kinds:
+            folder.mkdir(parents=True, exist_ok=True)
         for n, index in enumerate(rng.choice(len(images), per_kind, replace=False)):
-            label = int(labels[index]) if kind != "printed" else int(rng.integers(10))
+            label = int(rng.integers(10)) if kind in PRINTED else int(labels[index])
+            name = f"{kind}_{n:04d}_label{label}"
+            digit = images[index]
             if kind == "paper_photo":
-                image, suffix = paper_photo(images[index], rng), ".jpg"
+                image, suffix = paper_photo(digit, rng), ".jpg"
             elif kind == "canvas":
-                image, suffix = canvas(images[index], rng), ".png"
+                image, suffix = canvas(digit, rng), ".png"
             elif kind == "scan_small":
-                image, suffix = scan_small(images[index], rng), (".png", ".bmp")[n % 2]
-            else:
+                image, suffix = scan_small(digit, rng), (".png", ".bmp")[n % 2]
+            elif kind == "printed":
                 image, suffix = printed(label, rng, fonts), (".png", ".jpg", ".webp")[n % 3]
-            path = save(image, folder / f"{kind}_{n:04d}_label{label}{suffix}", rng)
-            samples.append((path, label, kind))
+            elif kind == "scan_lowres":
+                image, suffix = scan_lowres(digit, rng), ".png"
+            elif kind == "printed_fonts":
+                font = extra_fonts[int(rng.integers(len(extra_fonts)))]
+                image, suffix = printed_fonts(label, rng, font), (".png", ".jpg")[n % 2]
+                name += f"_{font.stem}"
+            elif kind == "marker":
+                image, suffix = marker(digit, rng), ".jpg"
+            elif kind == "pencil":
+                image, suffix = pencil(digit, rng), (".jpg", ".png")[n % 2]
+            elif kind == "small_in_large":
+                image, suffix = small_in_large(digit, label, rng, extra_fonts), ".jpg"
+            else:
+                image, suffix = border(digit, rng), (".jpg", ".png")[n % 2]
+            data = encode(image, suffix, rng)
+            if kind in kinds:  # the first four are made in any case: they share `rng`
+                path = folder / f"{name}{suffix}"
+                path.write_bytes(data)
+                samples.append((path, label, kind))
     return samples
 
 

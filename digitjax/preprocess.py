@@ -17,6 +17,10 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 MNIST_SIZE, DIGIT_BOX = 28, 20
 WORK_SIZE = 128  # images are reduced to this before cleaning: enough detail, little work
 MIN_CONTRAST = 0.12  # ink must differ from the paper by this much (of full range) to count
+# A digit spanning less of the image than this (or not seen at WORK_SIZE at all: a small pencil
+# digit on a large page fades into the paper when reduced) is looked for again at FIND_SIZE,
+# and the part of the full image around it is then cleaned like a whole image.
+SMALL_DIGIT, FIND_SIZE = 0.3, 512
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -68,25 +72,38 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
 
 def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     """A 28x28 float32 white-on-black digit in [0, 1], or None when no digit is found."""
-    ink = _ink_map(_reduce(gray))
-    if ink is None:
+    finer = _reduce(gray, FIND_SIZE)  # reduced once for both looks: large photos cost the most
+    found = _locate(finer)
+    if max(gray.shape) > WORK_SIZE and (found is None or _spans(*found) < SMALL_DIGIT):
+        around = _find_small(finer, max(gray.shape) / max(finer.shape))
+        closer = _locate(gray[around]) if around is not None else None
+        found = closer or found
+    if found is None:
         return None
-    box = _ink_box(ink)
-    if box is None:
-        return None
-    top, bottom, left, right = box
-    digit = ink[top:bottom, left:right]
-    return _center_by_mass(_fit_box(digit))
+    ink, (top, bottom, left, right) = found
+    return _center_by_mass(_fit_box(ink[top:bottom, left:right]))
 
 
 def preprocess_file(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
     return to_mnist(load_grayscale(path, max_pixels))
 
 
-def _reduce(gray: np.ndarray) -> np.ndarray:
+def _locate(gray: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """The cleaned ink of the image reduced to WORK_SIZE, and the digit's box in it."""
+    ink = _ink_map(_reduce(gray))
+    box = _ink_box(ink) if ink is not None else None
+    return (ink, box) if box is not None else None
+
+
+def _spans(ink: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    top, bottom, left, right = box
+    return max(bottom - top, right - left) / max(ink.shape)
+
+
+def _reduce(gray: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:
     """Large photos are shrunk (anti-aliased) so cleaning costs the same for any size."""
     height, width = gray.shape
-    scale = WORK_SIZE / max(height, width)
+    scale = size / max(height, width)
     if scale >= 1:
         return gray
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -100,6 +117,7 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
     # that lies farther from it: darker ink on light paper, or light strokes on a dark canvas.
     low, median, high = np.percentile(gray, [0.5, 50, 99.5])
     flat = median in (low, high)  # half the pixels share one level: drawn, not photographed
+    tail = max(high - median, median - low)  # how far the ink reaches from the paper
     if median - low > high - median:
         gray, median = 1 - gray, 1 - median
     if flat:
@@ -108,7 +126,11 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
         ink = np.clip(gray - median, 0, None)
     else:
         # Uneven lighting: subtract the paper's own level, leaving ink on a flat black floor.
-        background = _background(gray, block=2 * max(3, min(height, width) // 16) + 1)
+        # The blocks must be over twice as wide as the strokes, or a marker's strokes (or a
+        # pen's, in a close crop) would come out hollow.
+        stroke = _stroke_width(gray - median > 0.5 * max(tail, MIN_CONTRAST))
+        block = 2 * max(3, min(height, width) // 16, int(np.ceil(stroke))) + 1
+        background = _background(gray, block)
         ink = np.clip(gray - np.minimum(background, gray), 0, None)
         if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
             ink = _filtered(ink, ImageFilter.MedianFilter(3))
@@ -131,6 +153,54 @@ def _background(gray: np.ndarray, block: int) -> np.ndarray:
     minima = padded.reshape(rows, block, cols, block).min(axis=(1, 3))
     smooth = Image.fromarray(minima).resize((cols * block, rows * block), Image.Resampling.BILINEAR)
     return np.asarray(smooth, np.float32)[:height, :width]
+
+
+def _find_small(small: np.ndarray, scale: float) -> tuple[slice, slice] | None:
+    """Where a small digit lies in a large, mostly empty image, given the image reduced to
+    FIND_SIZE (`scale` times smaller): the slices of the full image around it, with a margin, or
+    None. There is no median filter here (a thin stroke may be one pixel wide), and the ink's
+    level comes from the paper's noise, not from a share of the pixels (the digit may hold
+    under 0.1% of them)."""
+    height, width = small.shape
+    # The statistics come from a quarter of the pixels (they cost the most here): the tails
+    # from 2x2 means, so that a one-pixel stroke still counts; the noise from every other pixel.
+    halved = np.asarray(Image.fromarray(small).reduce(2))
+    low, median, high = np.percentile(halved, [0.05, 50, 99.95])
+    if median - low > high - median:
+        small = 1 - small
+    ink = small - np.minimum(_background(small, 2 * max(3, min(height, width) // 16) + 1), small)
+    ink -= np.median(ink[::2, ::2])
+    noise = 1.4826 * np.median(np.abs(ink[::2, ::2]))  # the paper's noise: its median deviation
+    strong = ink > max(MIN_CONTRAST, 6 * noise)
+    # Strokes of one digit lie in neighbouring cells (or one cell apart: pencil skips).
+    cell = FIND_SIZE // 64
+    counts = np.pad(strong, ((0, -height % cell), (0, -width % cell)))
+    counts = counts.reshape(counts.shape[0] // cell, cell, -1, cell).sum(axis=(1, 3))
+    cluster = np.zeros(counts.shape, bool)
+    cluster[np.unravel_index(counts.argmax(), counts.shape)] = True
+    reach = _dilate(counts > 0)
+    while not np.array_equal(grown := _dilate(cluster) & reach, cluster):
+        cluster = grown
+    digit = strong & cluster.repeat(cell, 0).repeat(cell, 1)[:height, :width]
+    rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+    if digit.sum() < 12 or max(rows[-1] - rows[0], cols[-1] - cols[0]) < FIND_SIZE // 32:
+        return None  # a speck, not a digit
+    margin = 0.25 * max(rows[-1] - rows[0], cols[-1] - cols[0]) + 2
+    return (
+        slice(max(0, int((rows[0] - margin) * scale)), int((rows[-1] + 1 + margin) * scale)),
+        slice(max(0, int((cols[0] - margin) * scale)), int((cols[-1] + 1 + margin) * scale)),
+    )
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Each cell and its eight neighbours."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    wide = grown.copy()
+    wide[:, 1:] |= grown[:, :-1]
+    wide[:, :-1] |= grown[:, 1:]
+    return wide
 
 
 def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -1,10 +1,11 @@
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, huge_png
-from PIL import Image, ImageDraw
+from conftest import MNIST_DIR, ROOT, huge_png
+from PIL import Image, ImageDraw, ImageFilter
 
 from digitjax.data import read_idx_split
 from digitjax.preprocess import ImageError, load_grayscale, preprocess_file, to_mnist
@@ -153,3 +154,99 @@ def test_thick_strokes_on_a_clean_canvas_keep_their_insides():
     ImageDraw.Draw(canvas).ellipse((80, 60, 200, 220), fill=255)
     out = to_mnist(np.asarray(canvas, np.float32) / 255)
     assert out[10:18, 10:18].min() > 0.9
+
+
+def mass_centre(out: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(out.shape)
+    return (rows * out).sum() / out.sum(), (cols * out).sum() / out.sum()
+
+
+def test_small_thin_digit_in_a_large_empty_photo_is_found_and_centred(digits):
+    # A 2400x2000 page with a thin, grey pen digit 10% of its height: reduced whole to 128 px
+    # it fades into the paper, so it is looked for again, closer.
+    digit = digits[0][0]
+    thin = np.clip((big(digit, 240) - 0.6) / 0.4, 0, 1)  # the core of MNIST's strokes
+    rng = np.random.default_rng(0)
+    page = np.linspace(0.92, 0.8, 2000, dtype=np.float32)[None, :] * np.ones((2400, 1), np.float32)
+    page[1500:1740, 300:540] -= 0.45 * thin
+    page += rng.normal(0, 0.02, page.shape).astype(np.float32)
+    out = to_mnist(np.clip(page, 0, 1))
+    assert out is not None
+    assert correlation(out, digit) > 0.85  # thickened back to MNIST's pen
+    rows, cols = np.nonzero(out > 0.1)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 in range(19, 23), "longer side ~20 px"
+    assert np.allclose(mass_centre(out), 13.5, atol=1.1)
+
+
+def test_blank_noisy_photos_and_specks_have_no_digit():
+    rng = np.random.default_rng(1)
+    coarse = rng.normal(0, 0.05, (700, 900)).astype(np.float32)  # paper grain
+    grain = np.asarray(Image.fromarray(coarse).resize((2700, 2100), Image.Resampling.BILINEAR))
+    page = np.linspace(0.9, 0.7, 2700, dtype=np.float32)[None, :] + grain
+    assert to_mnist(np.clip(page + rng.normal(0, 0.03, page.shape), 0, 1)) is None
+    dusty = np.full((2000, 2000), 0.85, np.float32)
+    for top, left in rng.integers(0, 1980, (8, 2)):
+        dusty[top : top + 20, left : left + 20] = 0.3  # dust, 1% of the page across
+    assert to_mnist(dusty) is None
+
+
+def test_digits_touching_the_border_keep_their_shape(digits):
+    # Cropped to the ink, with no margin at all (users crop tightly); the paper's level must
+    # not be taken from inside the strokes, which now fill the frame.
+    scores = []
+    for digit in digits[0][:8]:
+        rows, cols = np.nonzero(digit > 30)
+        tight = Image.fromarray(digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+        tight = tight.resize((tight.width * 10, tight.height * 10), Image.Resampling.BICUBIC)
+        photo = 0.9 - 0.7 * np.asarray(tight, np.float32) / 255
+        photo += np.random.default_rng(2).normal(0, 0.02, photo.shape)
+        out = to_mnist(np.clip(photo, 0, 1).astype(np.float32))
+        scores.append(correlation(out, to_mnist(digit.astype(np.float32) / 255)))
+    assert np.mean(scores) > 0.9
+
+
+def test_thick_marker_strokes_are_not_hollowed(digits):
+    # Strokes wider than the background's blocks once came out hollow: the paper's level was
+    # taken from inside them.
+    scores = []
+    for digit in digits[0][:8]:
+        strokes = Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC)
+        strokes = np.asarray(strokes.filter(ImageFilter.MaxFilter(11)), np.float32) / 255
+        photo = np.full((140, 140), 0.9, np.float32)
+        photo[14:126, 14:126] -= 0.8 * strokes
+        photo += np.random.default_rng(3).normal(0, 0.02, photo.shape).astype(np.float32)
+        solid = to_mnist(np.pad(strokes, 14))  # the same strokes, drawn: nothing subtracted
+        scores.append(correlation(to_mnist(np.clip(photo, 0, 1)), solid))
+    assert min(scores) > 0.95
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.NEAREST, Image.Resampling.BILINEAR])
+def test_low_resolution_scan_enlarged_by_a_viewer(digits, resample):
+    # The digit at 11x11 pixels in 16 gray levels, enlarged 24x: found, and the same digit
+    # as when enlarged smoothly.
+    for digit in digits[0][:6]:
+        small = Image.fromarray(255 - digit[3:25, 3:25]).resize((11, 11), Image.Resampling.BOX)
+        levels = Image.fromarray((np.asarray(small) // 16 * 17).astype(np.uint8))
+        scan = np.asarray(levels.resize((264, 264), resample), np.float32) / 255
+        smooth = levels.resize((264, 264), Image.Resampling.BICUBIC)
+        expected = to_mnist(np.asarray(smooth, np.float32) / 255)
+        assert correlation(to_mnist(scan), expected) > 0.9
+
+
+def test_user_image_generator_is_deterministic_and_makes_every_kind(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from user_digits import KINDS, generate
+
+    first = generate(tmp_path / "a", per_kind=1, seed=4, mnist_dir=MNIST_DIR)
+    second = generate(tmp_path / "b", per_kind=1, seed=4, mnist_dir=MNIST_DIR)
+    assert [kind for _, _, kind in first] == list(KINDS)
+    for (path_a, label_a, _), (path_b, label_b, _) in zip(first, second):
+        assert path_a.name == path_b.name and label_a == label_b
+        assert path_a.read_bytes() == path_b.read_bytes()
+        assert load_grayscale(path_a).size > 0
+    assert "printed_fonts: " in (tmp_path / "a" / "fonts.txt").read_text()
+    # Asking for some kinds makes the same images of those kinds.
+    some = generate(tmp_path / "c", 1, 4, MNIST_DIR, kinds=("canvas", "border"))
+    assert [p.read_bytes() for p, _, _ in some] == [
+        p.read_bytes() for p, _, kind in first if kind in ("canvas", "border")
+    ]
