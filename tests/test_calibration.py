@@ -28,7 +28,7 @@ from digitjax.evaluate import (
     reliability,
     split_logits,
 )
-from digitjax.predict import BUNDLED_MODEL, Predictor
+from digitjax.predict import Predictor
 from digitjax.train import Callbacks, train
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -133,17 +133,57 @@ def test_raw_weights_of_an_averaging_run_have_no_temperature(tiny_run):
     assert checkpoint.restore_model(tiny_run, average=False).temperature is None
 
 
-def test_bundled_model_without_a_temperature_evaluates_exactly_as_before(tmp_path, monkeypatch):
+# Config fields added with calibration (2026-11-29): checkpoints written before lack them.
+CALIBRATION_ERA_FIELDS = (
+    "calibration_fraction",
+    "augment_elastic",
+    "augment_thickness",
+    "augment_blur",
+    "augment_low_res",
+)
+
+
+@pytest.fixture(scope="module")
+def old_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_run` as digitjax wrote its checkpoints before calibration: no temperature in the
+    summaries, none of the fields added since in the config."""
+    copy = shutil.copytree(tiny_run, tmp_path_factory.mktemp("old") / "run")
+    for step_dir in copy.glob("*/[0-9]*"):
+        config_file = step_dir / "config" / "metadata"
+        config = json.loads(config_file.read_text())
+        for name in CALIBRATION_ERA_FIELDS:
+            del config[name]
+        config_file.write_text(json.dumps(config))
+        summary_file = step_dir / "summary" / "metadata"
+        summary = json.loads(summary_file.read_text())
+        del summary["temperature"]
+        summary_file.write_text(json.dumps(summary))
+    return copy
+
+
+def test_a_checkpoint_without_a_temperature_evaluates_and_predicts_as_before(
+    old_run, tiny_run, tmp_path, monkeypatch
+):
+    """The plain softmax: the loss and calibration error are those of the uncalibrated
+    model, and the predictor's probabilities are its softmax."""
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["evaluate", str(BUNDLED_MODEL), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    stated = json.loads(next(BUNDLED_MODEL.glob("best/*/summary/metadata")).read_text())
-    assert "temperature" not in stated
-    assert report["temperature"] is None
-    assert report["accuracy"] == stated["best"]["test_accuracy"]
-    assert report["loss"] == stated["best"]["test_loss"] == report["uncalibrated_loss"]
-    assert report["ece"] == report["uncalibrated_ece"] > 0.05  # label smoothing: underconfident
+    reports = {}
+    for name, run in (("old", old_run), ("calibrated", tiny_run)):
+        result = runner.invoke(app, ["evaluate", str(run), "--json"])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(result.stdout)
+    old, calibrated = reports["old"], reports["calibrated"]
+    assert old["temperature"] is None and calibrated["temperature"] is not None
+    assert old["accuracy"] == calibrated["accuracy"]
+    assert old["loss"] == old["uncalibrated_loss"] == calibrated["uncalibrated_loss"]
+    assert old["ece"] == old["uncalibrated_ece"] == calibrated["uncalibrated_ece"]
+    model = checkpoint.restore_model(old_run)
+    images, _ = held_out(checkpoint.restore_model(tiny_run).config)
+    logits = split_logits(
+        make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
+    )
+    got = Predictor(old_run).probabilities(images.astype(np.float32) / 255)
+    np.testing.assert_allclose(got, probabilities(logits), atol=1e-5)
 
 
 def test_a_mid_epoch_checkpoint_holds_the_temperature_of_its_weights(tiny_mnist, tmp_path):
@@ -215,21 +255,21 @@ def test_min_confidence_marks_uncertain_predictions(tiny_run, user_images, tmp_p
     assert [row["uncertain"] for row in rows] == [str(p["uncertain"]).lower() for p in predictions]
 
 
-def test_min_confidence_default_and_bounds(tiny_run, user_images):
-    """The default threshold applies to calibrated models; one without a temperature (the
-    bundled model) marks nothing unless asked, as before."""
+def test_min_confidence_default_and_bounds(tiny_run, old_run, user_images):
+    """The default threshold applies to calibrated models; one without a temperature (an
+    older checkpoint) marks nothing unless asked, as before."""
     files = [str(path) for path in user_images]
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(tiny_run), "--json"])
     assert result.exit_code == 0, result.output
     for p in json.loads(result.stdout):
         assert p["uncertain"] is (p["confidence"] < DEFAULT_MIN_CONFIDENCE)
-    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(BUNDLED_MODEL)])
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(old_run)])
     assert result.exit_code == 0, result.output
     assert "none marked uncertain (the model has no temperature" in result.stdout
-    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(BUNDLED_MODEL), "--json"])
-    bundled = json.loads(result.stdout)
-    assert not any(p["uncertain"] for p in bundled)
-    assert min(p["confidence"] for p in bundled) < DEFAULT_MIN_CONFIDENCE  # it would mark some
+    result = runner.invoke(app, ["predict", *files, "--checkpoint", str(old_run), "--json"])
+    uncalibrated = json.loads(result.stdout)
+    assert not any(p["uncertain"] for p in uncalibrated)
+    assert min(p["confidence"] for p in uncalibrated) < DEFAULT_MIN_CONFIDENCE  # would mark
     files = files[:2]
     for threshold in (0.0, 1.0):
         flags = ["--checkpoint", str(tiny_run), "--json", "--min-confidence", str(threshold)]

@@ -65,7 +65,7 @@ def test_presets_are_the_recipes_benchmarks_measured():
     """README and benchmarks/README.md give each recipe's accuracy and time: a change here
     must come with new figures there."""
     default = Config()
-    assert (default.channels, default.dense, default.batch_size) == ((8, 16, 32), 64, 64)
+    assert (default.channels, default.dense, default.batch_size) == ((8, 16, 32), 128, 64)
     assert (default.epochs, default.warmup_epochs, default.augment_shift) == (10, 0.5, 2)
     assert (default.learning_rate, default.ema_decay, default.calibration_fraction) == (
         5e-3,
@@ -73,7 +73,7 @@ def test_presets_are_the_recipes_benchmarks_measured():
         0.05,
     )
     fast = Config.from_flags({}, "fast")
-    assert fast == Config(epochs=2, warmup_epochs=0.1, augment_shift=0)
+    assert fast == Config(epochs=2, warmup_epochs=0.1, augment_shift=0, dense=64)
     best, robust = Config.from_flags({}, "best"), Config.from_flags({}, "robust")
     assert (best.channels, best.dense, best.epochs) == ((32, 64, 128), 256, 20)
     assert (best.augment_rotate, best.augment_scale, best.augment_elastic) == (15.0, 0.15, 0.0)

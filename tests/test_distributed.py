@@ -32,9 +32,12 @@ def single_device_history(tiny_mnist: Path, tmp_path_factory) -> list[dict]:
 
 
 def assert_same_training(history: list[dict], reference: list[dict]) -> None:
+    """The same training up to float32 summation order, which differs across device counts
+    (train losses 1 vs 4 devices differed by up to 3e-5 relative with the default recipe)."""
     for got, want in zip(history, reference, strict=True):
-        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-5)
-        np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=1e-4)
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
+        # The calibrated loss: the fitted temperature carries those differences along.
+        np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=1e-3)
         assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.002
 
 
