@@ -23,7 +23,7 @@ def test_train_help_groups_flags_and_reads_help_from_the_config():
     for panel in ("Recipe", "Model", "Augmentation", "Run folder", "Multi-host"):
         assert panel in help_text
     assert (
-        "Peak AdamW learning rate." in help_text and "Training epochs. [default: 10]" in help_text
+        "Peak AdamW learning rate." in help_text and "Training epochs. [default: 8]" in help_text
     )
 
 

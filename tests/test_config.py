@@ -66,7 +66,7 @@ def test_presets_are_the_recipes_benchmarks_measured():
     must come with new figures there."""
     default = Config()
     assert (default.channels, default.dense, default.batch_size) == ((8, 16, 32), 128, 64)
-    assert (default.epochs, default.warmup_epochs, default.augment_shift) == (10, 0.5, 2)
+    assert (default.epochs, default.warmup_epochs, default.augment_shift) == (8, 0.5, 2)
     assert (default.learning_rate, default.ema_decay, default.calibration_fraction) == (
         5e-3,
         0.99,

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from user_digits import generate  # noqa: E402
 
 runner = CliRunner()
-MODELS = ("default", "best", "bundled")
+MODELS = ("default", "best", "uncalibrated", "bundled")
 # The README's loader code, as a user copies it.
 README_SNIPPETS = {
     "stablehlo": ("jax.export.deserialize", "model.stablehlo"),
@@ -47,12 +47,17 @@ sys.meta_path.insert(0, Blocker())
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One short training of the default and of the --preset best architecture, and the
-    bundled model."""
+    """One short training of the default, of the --preset best architecture and of a run
+    without a temperature, and the bundled model."""
     folder = tmp_path_factory.mktemp("export-runs")
     data = write_mnist_subset(folder / "mnist", 512, 100)
     runs = {"bundled": BUNDLED_MODEL}
-    for name, flags in (("default", []), ("best", ["--preset", "best"])):
+    trained = {
+        "default": [],
+        "best": ["--preset", "best"],
+        "uncalibrated": ["--calibration-fraction", "0"],  # no temperature, as older runs
+    }
+    for name, flags in trained.items():
         runs[name] = folder / name
         result = runner.invoke(
             app,
@@ -89,11 +94,11 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str, np.ndarray]:
     """The calibrated softmax of the logits `digitjax evaluate` computes (with the
-    checkpoint's temperature; the bundled model has none), on the full MNIST test set."""
+    checkpoint's temperature), on the full MNIST test set."""
     calibrated = {}
     for name in MODELS:
         model = restore_model(checkpoints[name])
-        assert (model.temperature is None) == (name == "bundled")
+        assert (model.temperature is None) == (name == "uncalibrated")
         logits_fn = make_logits_fn(model.graphdef)
         images = mnist_test[0]
         logits = split_logits(logits_fn, model.params, pad_to_batches(images), len(images))

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
+from digitjax.predict import BUNDLED_MODEL
 
 STARTUP_S = 180  # compiling every batch size on a busy 2-core machine
 
@@ -186,7 +187,8 @@ def test_raw_body_matches_predict_command(server, files, tmp_path, monkeypatch):
     assert len(prediction["probabilities"]) == 10
     assert sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-4)
     assert prediction["confidence"] == max(prediction["probabilities"])
-    assert body["model"]["checkpoint"].endswith("assets/model/best/3276")
+    [bundled_step] = (BUNDLED_MODEL / "best").iterdir()
+    assert body["model"]["checkpoint"].endswith(f"assets/model/best/{bundled_step.name}")
     # Same preprocessing and model as the command line.
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["predict", str(files["canvas"]), "--json"])
