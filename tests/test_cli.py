@@ -22,9 +22,7 @@ def test_train_help_groups_flags_and_reads_help_from_the_config():
     help_text = runner.invoke(app, ["train", "--help"], terminal_width=120).stdout
     for panel in ("Recipe", "Model", "Augmentation", "Run folder", "Multi-host"):
         assert panel in help_text
-    assert (
-        "Peak AdamW learning rate." in help_text and "Training epochs. [default: 8]" in help_text
-    )
+    assert "Peak AdamW learning rate." in help_text and "Training epochs. [default: 8]" in help_text
 
 
 def test_version():

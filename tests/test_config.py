@@ -77,12 +77,13 @@ def test_presets_are_the_recipes_benchmarks_measured():
     best, robust = Config.from_flags({}, "best"), Config.from_flags({}, "robust")
     assert (best.channels, best.dense, best.epochs) == ((32, 64, 128), 256, 20)
     assert (best.augment_rotate, best.augment_scale, best.augment_elastic) == (15.0, 0.15, 0.0)
-    # The bundled model's recipe: best's, with a narrower dense layer and the user-image
-    # augmentations.
+    # The bundled model's recipe: best's, with a narrower dense layer, longer, and the
+    # user-image augmentations.
     assert (
         dataclasses.replace(
             robust,
             dense=best.dense,
+            epochs=best.epochs,
             augment_elastic=0.0,
             augment_thickness=0.0,
             augment_blur=0.0,

@@ -441,7 +441,9 @@ def test_page_draw_predict_clear_and_upload(server, browser, digits, files, tmp_
     driver.get(server.url)
     pad = driver.find_element(By.ID, "pad")
     assert pad.size == {"width": 280, "height": 280}
-    wait.until(lambda d: "test accuracy 99.60%" in d.find_element(By.ID, "model").text)
+    summary = json.loads(next(BUNDLED_MODEL.glob("best/*/summary/metadata")).read_text())
+    accuracy = f"test accuracy {100 * summary['best']['test_accuracy']:.2f}%"
+    wait.until(lambda d: accuracy in d.find_element(By.ID, "model").text)
 
     # Strokes of a real test digit, drawn with a pen (pointer events), from the canvas centre.
     actions = ActionBuilder(driver, mouse=PointerInput(interaction.POINTER_PEN, "pen"), duration=5)
