@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from user_digits import digit_fonts, save
+from user_digits import digit_fonts, encode
 
 KINDS = ("face", "text", "letter", "texture", "scribble")
 # Letters that are written like digits (O 0, l 1, S 5, Z 2, B 8, g 9...): a model that reads
@@ -235,7 +235,9 @@ def generate(out_dir: Path, per_kind: int, seed: int = 0) -> list[tuple[Path, st
                 image, suffix = texture(rng), (".jpg", ".png")[n % 2]
             else:
                 image, suffix = scribble(rng), ".png"
-            samples.append((save(image, folder / f"{kind}_{n:04d}{suffix}", rng), kind))
+            path = folder / f"{kind}_{n:04d}{suffix}"
+            path.write_bytes(encode(image, suffix, rng))
+            samples.append((path, kind))
     return samples
 
 

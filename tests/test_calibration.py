@@ -32,6 +32,8 @@ from digitjax.predict import Predictor
 from digitjax.train import Callbacks, train
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from non_digits import KINDS as NON_DIGIT_KINDS  # noqa: E402
+from non_digits import generate as generate_non_digits  # noqa: E402
 from user_digits import generate  # noqa: E402
 
 runner = CliRunner()
@@ -284,3 +286,14 @@ def test_bad_min_confidence_is_one_line(value, user_images):
     result = runner.invoke(app, ["predict", str(user_images[0]), "--min-confidence", value])
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "--min-confidence")
+
+
+def test_non_digit_generator_makes_every_kind_the_same_way_twice(tmp_path):
+    """The images `benchmarks/uncertain_rate.py` measures the uncertain rate on."""
+    first = generate_non_digits(tmp_path / "a", 2, seed=3)
+    again = generate_non_digits(tmp_path / "b", 2, seed=3)
+    assert [kind for _, kind in first] == [kind for kind in NON_DIGIT_KINDS for _ in range(2)]
+    for (path, _), (same, _) in zip(first, again, strict=True):
+        assert path.read_bytes() == same.read_bytes()
+        with Image.open(path) as image:
+            assert min(image.size) >= 28
