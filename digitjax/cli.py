@@ -330,9 +330,10 @@ def evaluate(
         render.err.print(f"plot written to {plot}", highlight=False)
 
 
-# predict marks predictions of a calibrated model whose top probability is lower as uncertain;
-# chosen with benchmarks/uncertain_rate.py (benchmarks/README.md).
-DEFAULT_MIN_CONFIDENCE = 0.9
+# predict marks predictions of a calibrated model whose top probability is lower as uncertain:
+# with the bundled model, the lowest threshold that leaves most images without a digit
+# uncertain, while few real digits are (benchmarks/uncertain_rate.py, benchmarks/README.md).
+DEFAULT_MIN_CONFIDENCE = 0.95
 
 
 def _probability(value: float | None) -> float | None:
