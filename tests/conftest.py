@@ -24,6 +24,18 @@ def tiny_train(data_dir: Path, run_dir: Path, *extra: str, epochs: int) -> list[
             "--out", str(run_dir), *extra]  # fmt: skip
 
 
+def trained_tiny_run(data_dir: Path, folder: Path, epochs: int) -> Path:
+    """A finished tiny run in `folder`, trained through the CLI."""
+    from typer.testing import CliRunner
+
+    from digitjax.cli import app
+
+    run_dir = folder / "run"
+    result = CliRunner().invoke(app, tiny_train(data_dir, run_dir, epochs=epochs))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
     with gzip.open(path, "wb") as f:

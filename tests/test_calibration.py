@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, tiny_train
+from conftest import ROOT, assert_one_line_error, trained_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -71,10 +71,7 @@ def test_expected_calibration_error_on_a_hand_worked_example():
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("calibrated") / "run"
-    result = runner.invoke(app, tiny_train(tiny_mnist, run_dir, epochs=2))
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("calibrated"), epochs=2)
 
 
 def held_out(config: Config) -> tuple[np.ndarray, np.ndarray]:

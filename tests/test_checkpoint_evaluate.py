@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import assert_one_line_error, run_digitjax, tiny_train
+from conftest import assert_one_line_error, run_digitjax, trained_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,10 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    result = runner.invoke(app, tiny_train(tiny_mnist, run_dir, epochs=3))
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("trained"), epochs=3)
 
 
 def step_dir(run_dir: Path, kind: str = "best") -> Path:
