@@ -237,7 +237,12 @@ def compute_metrics(
     confusion = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(confusion, (labels, predictions), 1)
     uncalibrated = log_probabilities(logits)
-    calibrated = uncalibrated if temperature is None else log_probabilities(logits, temperature)
+    plain = reliability(np.exp(uncalibrated), labels)
+    if temperature is None:
+        calibrated, calibrated_reliability = uncalibrated, plain
+    else:
+        calibrated = log_probabilities(logits, temperature)
+        calibrated_reliability = reliability(np.exp(calibrated), labels)
     return Metrics(
         accuracy=float((predictions == labels).mean()),
         loss=mean_nll(calibrated, labels),
@@ -245,9 +250,9 @@ def compute_metrics(
         predictions=predictions,
         class_names=class_names,
         temperature=temperature,
-        reliability=reliability(np.exp(calibrated), labels),
+        reliability=calibrated_reliability,
         uncalibrated_loss=mean_nll(uncalibrated, labels),
-        uncalibrated_ece=expected_calibration_error(np.exp(uncalibrated), labels),
+        uncalibrated_ece=plain.ece,
     )
 
 

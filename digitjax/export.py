@@ -110,18 +110,15 @@ def export_metadata(model: Any) -> dict:
 def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     import jax
 
-    from digitjax.model import IMAGE_SIZE, apply
+    from digitjax.model import IMAGE_SIZE, probabilities
 
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
-    def probabilities(images: jax.Array) -> jax.Array:
-        logits = apply(model.graphdef, model.params, images, conv_impls)
-        if model.temperature is not None:
-            logits = logits / model.temperature
-        return jax.nn.softmax(logits)
+    def calibrated(images: jax.Array) -> jax.Array:
+        return probabilities(model.graphdef, model.params, images, conv_impls, model.temperature)
 
     shape = jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}")
-    exported = jax.export.export(jax.jit(probabilities), platforms=PLATFORMS)(
+    exported = jax.export.export(jax.jit(calibrated), platforms=PLATFORMS)(
         jax.ShapeDtypeStruct(shape, np.float32)
     )
     archive = io.BytesIO()

@@ -203,5 +203,20 @@ def apply(
     return nnx.merge(graphdef, params)(images, conv_impls)
 
 
+def probabilities(
+    graphdef: nnx.GraphDef,
+    params: dict[str, Any],
+    images: jax.Array,
+    conv_impls: tuple[str, ...] | None = None,
+    temperature: float | None = None,
+) -> jax.Array:
+    """Class probabilities: the softmax of the logits divided by the checkpoint's temperature,
+    which calibrates them (None, a checkpoint without one: the plain softmax)."""
+    logits = apply(graphdef, params, images, conv_impls)
+    if temperature is not None:
+        logits = logits / temperature
+    return jax.nn.softmax(logits)
+
+
 def normalize(images_uint8: jax.Array) -> jax.Array:
     return images_uint8.astype(jnp.float32) / 255.0

@@ -73,7 +73,7 @@ class Predictor:
         import jax
 
         from digitjax.checkpoint import restore_model
-        from digitjax.model import apply, conv_impls_for
+        from digitjax.model import conv_impls_for, probabilities
 
         model = restore_model(checkpoint_path or default_checkpoint())
         if model.summary["num_classes"] != 10 or model.config.dataset != "mnist":
@@ -88,13 +88,11 @@ class Predictor:
             jax.default_backend(), training=False, num_layers=len(model.config.channels)
         )
 
-        def forward(params: dict, images: jax.Array) -> jax.Array:
-            logits = apply(model.graphdef, params, images, conv_impls)
-            if self.temperature is not None:
-                logits = logits / self.temperature
-            return jax.nn.softmax(logits)
-
-        self.forward = jax.jit(forward)
+        self.forward = jax.jit(
+            lambda params, images: probabilities(
+                model.graphdef, params, images, conv_impls, self.temperature
+            )
+        )
 
     @property
     def source(self) -> Path:

@@ -156,14 +156,14 @@ def predictions(source: Path, results: list, min_confidence: float | None) -> No
         path = path_tail(p.path, width)
         if p.error:
             table.add_row(path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
-        elif p.uncertain:
-            top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
-            table.add_row(
-                path, f"[yellow]{p.digit}?[/yellow]", f"[yellow]{100 * p.confidence:.1f}%", top
-            )
+            continue
+        top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
+        confidence = f"{100 * p.confidence:.1f}%"
+        if p.uncertain:
+            digit, confidence = f"[yellow]{p.digit}?[/yellow]", f"[yellow]{confidence}[/yellow]"
         else:
-            top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
-            table.add_row(path, f"[bold]{p.digit}[/bold]", f"{100 * p.confidence:.1f}%", top)
+            digit = f"[bold]{p.digit}[/bold]"
+        table.add_row(path, digit, confidence, top)
     out.print(table)
     digits = sum(p.error is None for p in results)
     uncertain = sum(p.uncertain for p in results)
