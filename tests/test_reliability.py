@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_digitjax, tiny_train
+from conftest import assert_one_line_error, run_digitjax, tiny_train, trained_tiny_run
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
@@ -54,10 +54,7 @@ def assert_complete_and_consistent(run_dir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = runner.invoke(app, flags(tiny_mnist, run_dir, "--json"))
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("reference"), epochs=EPOCHS)
 
 
 def tiny_config(tiny_mnist: Path, epochs: int = EPOCHS) -> Config:

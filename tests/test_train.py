@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, tiny_train
+from conftest import MNIST_DIR, assert_one_line_error, tiny_train, trained_tiny_run
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
@@ -95,10 +95,7 @@ def train_flags(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = runner.invoke(app, train_flags(tiny_mnist, run_dir, "--json"))
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("reference"), epochs=EPOCHS)
 
 
 def test_run_writes_checkpoints_metrics_and_curves(reference_run: Path):
