@@ -313,6 +313,20 @@ def test_a_crashed_preprocessing_worker_is_replaced(server, files):
     assert post_raw(server.url, png).json()["predictions"][0]["digit"] == 7
 
 
+def read_response(client: socket.socket) -> str:
+    """One whole HTTP response: its head and body may arrive in separate segments."""
+    reply = b""
+    while True:
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        if length and len(body) >= int(length.group(1)):
+            return reply.decode()
+        chunk = client.recv(4096)
+        if not chunk:  # closed by the server
+            return reply.decode()
+        reply += chunk
+
+
 def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files):
     # Batches wait 3 s for more images, so the first two requests sit in the queue until the
     # 1 s timeout answers them; the queue holds 2 images, so a third is refused at once.
@@ -348,7 +362,7 @@ def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files)
                 b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png"
                 b"\r\nContent-Length: 1000\r\n\r\n" + png[:10]
             )
-            reply = client.recv(4096).decode()
+            reply = read_response(client)
         assert reply.startswith("HTTP/1.1 408"), reply
         assert "took longer than 1 s to arrive." in reply
     finally:
