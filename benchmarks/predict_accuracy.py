@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from user_digits import KINDS, generate
+from digitjax.synthetic.user_digits import KINDS, generate
 
 from digitjax.parallel import preprocess_many
 from digitjax.predict import BUNDLED_MODEL, Predictor

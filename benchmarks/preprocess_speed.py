@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 from PIL import Image
-from user_digits import paper, pen_strokes, photograph, thin_strokes
+from digitjax.synthetic.user_digits import paper, pen_strokes, photograph, thin_strokes
 
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
 from digitjax.preprocess import load_grayscale, to_mnist

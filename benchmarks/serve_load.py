@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from user_digits import canvas
+from digitjax.synthetic.user_digits import canvas
 
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
 

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import user_digits
-from non_digits import generate as generate_non_digits
+from digitjax.synthetic import user_digits
+from digitjax.synthetic.non_digits import generate as generate_non_digits
 
 from digitjax.predict import Predictor, predict_files
 

@@ -31,10 +31,9 @@ from digitjax.evaluate import (
 from digitjax.predict import Predictor
 from digitjax.train import Callbacks, train
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from non_digits import KINDS as NON_DIGIT_KINDS  # noqa: E402
-from non_digits import generate as generate_non_digits  # noqa: E402
-from user_digits import generate  # noqa: E402
+from digitjax.synthetic.non_digits import KINDS as NON_DIGIT_KINDS
+from digitjax.synthetic.non_digits import generate as generate_non_digits
+from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
 

@@ -23,8 +23,7 @@ from digitjax.evaluate import make_logits_fn, pad_to_batches, probabilities, spl
 from digitjax.export import FORMATS
 from digitjax.predict import BUNDLED_MODEL
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from user_digits import generate  # noqa: E402
+from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
 MODELS = ("default", "best", "uncalibrated", "bundled")

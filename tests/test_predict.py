@@ -15,8 +15,7 @@ from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.predict import BUNDLED_MODEL
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from user_digits import generate  # noqa: E402
+from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
 

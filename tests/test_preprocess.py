@@ -234,8 +234,7 @@ def test_low_resolution_scan_enlarged_by_a_viewer(digits, resample):
 
 
 def test_user_image_generator_is_deterministic_and_makes_every_kind(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from user_digits import KINDS, generate
+    from digitjax.synthetic.user_digits import KINDS, generate
 
     first = generate(tmp_path / "a", per_kind=1, seed=4, mnist_dir=MNIST_DIR)
     second = generate(tmp_path / "b", per_kind=1, seed=4, mnist_dir=MNIST_DIR)

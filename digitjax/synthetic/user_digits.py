@@ -12,7 +12,7 @@ listed in OUT_DIR/fonts.txt and each `printed_fonts` file name ends with its fon
 four kinds draw from the random generator first, so their images are the same as before the
 later kinds were added.
 
-    python benchmarks/user_digits.py OUT_DIR --per-kind 200 --seed 0
+    python -m digitjax.synthetic.user_digits OUT_DIR --per-kind 200 --seed 0
 """
 
 import argparse

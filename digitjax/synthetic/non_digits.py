@@ -3,7 +3,7 @@ photos, printed text, single letters, textures, and scribbles and shapes. Drawn 
 and numpy alone (text in the machine's fonts, as `user_digits.py` finds them); nothing is
 downloaded. Deterministic per seed and font set.
 
-    python benchmarks/non_digits.py OUT_DIR --per-kind 100 --seed 0
+    python -m digitjax.synthetic.non_digits OUT_DIR --per-kind 100 --seed 0
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from user_digits import digit_fonts, encode
+from digitjax.synthetic.user_digits import digit_fonts, encode
 
 KINDS = ("face", "text", "letter", "texture", "scribble")
 # Letters that are written like digits (O 0, l 1, S 5, Z 2, B 8, g 9...): a model that reads
