@@ -223,6 +223,8 @@ def train(
     augment_blur: Annotated[float | None, _setting("augment_blur")] = None,
     augment_low_res: Annotated[float | None, _setting("augment_low_res")] = None,
     calibration_fraction: Annotated[float | None, _setting("calibration_fraction")] = None,
+    non_digit_fraction: Annotated[float | None, _setting("non_digit_fraction")] = None,
+    non_digit_images: Annotated[int | None, _setting("non_digit_images")] = None,
     channels: Annotated[str | None, _setting("channels", callback=_positive_ints)] = None,
     dense: Annotated[int | None, _setting("dense")] = None,
     dtype: Annotated[str | None, _setting("dtype")] = None,

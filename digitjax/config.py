@@ -56,6 +56,17 @@ class Config:
         "Share of the training images held out to calibrate the confidence (0: none).",
         RECIPE,
     )
+    non_digit_fraction: float = _field(
+        0.0,
+        "Generated images of no digit added to each batch, as a share of --batch-size, "
+        "trained toward the same probability for every class (0: none).",
+        RECIPE,
+    )
+    non_digit_images: int = _field(
+        10_000,
+        "How many non-digit images to generate (once, then cached) for --non-digit-fraction.",
+        RECIPE,
+    )
     ema_decay: float = _field(
         0.99, "Evaluate and keep a moving average of the weights (0: the raw weights).", RECIPE
     )
@@ -153,6 +164,8 @@ BOUNDS = (
     ("augment_blur", 0.0, 5.0),
     ("augment_low_res", 0.0, 1.0),
     ("calibration_fraction", 0.0, 0.5),
+    ("non_digit_fraction", 0.0, 1.0),
+    ("non_digit_images", 1, 1_000_000),
     ("dense", 1, 1_000_000),
     ("seed", 0, MAX_SEED),
     ("chunks_per_epoch", 1, 10_000),
@@ -169,6 +182,8 @@ ADDED_LATER: dict[str, Any] = {
     "augment_thickness": 0.0,
     "augment_blur": 0.0,
     "augment_low_res": 0.0,
+    "non_digit_fraction": 0.0,
+    "non_digit_images": 10_000,
 }
 
 # Named sets of settings for `digitjax train --preset`, each what it changes from the default
@@ -191,9 +206,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.999,
     },
     # For users' own images (the model bundled in the package): the best recipe with a
-    # narrower dense layer (a smaller, faster model to ship), four more epochs, and
-    # augmentation that imitates other hands, marker and pencil strokes, blurry photos and
-    # tiny scans.
+    # narrower dense layer (a smaller, faster model to ship), four more epochs, augmentation
+    # that imitates other hands, marker and pencil strokes, blurry photos and tiny scans, and
+    # generated images of no digit, so that it can refuse what is not a digit.
     "robust": {
         "channels": (32, 64, 128),
         "dense": 128,
@@ -208,6 +223,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "augment_thickness": 0.4,
         "augment_blur": 0.6,
         "augment_low_res": 0.1,
+        "non_digit_fraction": 0.25,
         "ema_decay": 0.999,
     },
 }

@@ -138,30 +138,57 @@ def training_conv_impls(config: Config) -> tuple[str, ...]:
     return conv_impls_for(jax.default_backend(), training=True, num_layers=len(config.channels))
 
 
+def non_digits_per_batch(config: Config) -> int:
+    """How many generated non-digit images each step adds to its batch of digits."""
+    return round(config.non_digit_fraction * config.batch_size)
+
+
 def make_train_step(
     config: Config,
     graphdef: Any,
     tx: optax.GradientTransformation,
     conv_impls: tuple[str, ...] | None = None,
-) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
-    """The pure step: fn(state, images (B, 28, 28) floats, labels (B,)) -> state."""
+) -> Callable[..., TrainState]:
+    """The pure step: fn(state, images (B, 28, 28) floats, labels (B,), non_digits (K, 28, 28)
+    floats or None) -> state."""
 
     compute_dtype = jnp.dtype(config.dtype)
 
-    def loss_fn(params: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def logits_of(params: Any, images: jax.Array) -> jax.Array:
         # Mixed precision: float32 params and optimizer, the forward and backward in
         # `compute_dtype`, the loss in float32.
         compute_params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         logits = apply(graphdef, compute_params, images.astype(compute_dtype), conv_impls)
-        logits = logits.astype(jnp.float32)
+        return logits.astype(jnp.float32)
+
+    def loss_fn(
+        params: Any, images: jax.Array, labels: jax.Array, non_digits: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        logits = logits_of(params, images)
         targets = optax.smooth_labels(
             jax.nn.one_hot(labels, logits.shape[-1]), config.label_smoothing
         )
-        return optax.softmax_cross_entropy(logits, targets).mean(), logits
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        if non_digits is not None:
+            # Outlier exposure: an image of no digit should get the same probability for every
+            # class, so that a low top probability is what refuses it. The cross-entropy to
+            # equal probabilities less its floor, log(classes): 0 when they are equal. Summed
+            # over the non-digits and divided by the digits' count: the digits' own gradient
+            # stays what it is without them, and the non-digits weigh `non_digit_fraction`.
+            classes = logits.shape[-1]
+            uniform = jnp.full((non_digits.shape[0], classes), 1 / classes)
+            outlier_loss = optax.softmax_cross_entropy(logits_of(params, non_digits), uniform)
+            loss = loss + (outlier_loss - jnp.log(classes)).sum() / images.shape[0]
+        return loss, logits
 
-    def train_step(state: TrainState, images: jax.Array, labels: jax.Array) -> TrainState:
+    def train_step(
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        non_digits: jax.Array | None = None,
+    ) -> TrainState:
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], images, labels
+            state["params"], images, labels, non_digits
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -195,11 +222,14 @@ def make_train_chunk(
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
 ) -> Callable:
-    """A jitted fn(state, images, labels, order, num_steps) -> state running `num_steps`
-    steps of the epoch whose example order (`epoch_order`) is `order`. With a mesh, every
-    device computes its slice of each global batch."""
+    """A jitted fn(state, images, labels, order, num_steps, non_digits=None) -> state running
+    `num_steps` steps of the epoch whose example order (`epoch_order`) is `order`. With a mesh,
+    every device computes its slice of each global batch. With `non_digits` (uint8 images of
+    no digit), each step adds `non_digits_per_batch` of them, drawn at random and augmented
+    like the digits, to its batch."""
     train_step = make_train_step(config, graphdef, tx, training_conv_impls(config))
     batch_size, steps_per_epoch = schedule.batch_size, schedule.steps_per_epoch
+    non_digit_count = non_digits_per_batch(config)
 
     def train_chunk(
         state: TrainState,
@@ -207,6 +237,7 @@ def make_train_chunk(
         labels: jax.Array,
         order: jax.Array,
         num_steps: jax.Array,
+        non_digits: jax.Array | None = None,
     ) -> TrainState:
         epoch_key = jax.random.fold_in(
             jax.random.key(config.seed), state["step"] // steps_per_epoch
@@ -222,14 +253,23 @@ def make_train_chunk(
                 batch_images, batch_labels = jax.lax.with_sharding_constraint(
                     (batch_images, batch_labels), batch_sharded(mesh)
                 )
-            batch_images = augment(
-                jax.random.fold_in(epoch_key, position), normalize(batch_images), config
-            )
-            return train_step(state, batch_images, batch_labels)
+            key = jax.random.fold_in(epoch_key, position)
+            batch_images = augment(key, normalize(batch_images), config)
+            if non_digits is None:
+                return train_step(state, batch_images, batch_labels)
+            # A key stream of their own: the digits' augmentation draws what it draws without.
+            pick_key, augment_key = jax.random.split(jax.random.fold_in(key, NON_DIGIT_STREAM))
+            picked = jax.random.randint(pick_key, (non_digit_count,), 0, non_digits.shape[0])
+            extra = augment(augment_key, normalize(non_digits[picked]), config)
+            return train_step(state, batch_images, batch_labels, extra)
 
         return jax.lax.fori_loop(0, num_steps, body, {**state, "epoch_totals": totals})
 
     return jax.jit(train_chunk, donate_argnums=0)
+
+
+# fold_in data for the non-digits' random numbers; `augment` folds in 1 to 4.
+NON_DIGIT_STREAM = 100
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -269,6 +309,7 @@ class TrainingSetup:
     calibration_images: jax.Array  # held out of training; padded to whole evaluation batches
     calibration_labels: np.ndarray
     class_names: tuple[str, ...]
+    non_digit_images: jax.Array | None = None  # with --non-digit-fraction: (N, 28, 28) uint8
 
     def init_state(self) -> TrainState:
         return init_state(self.config, self.tx, self.num_classes, self.mesh)
@@ -315,6 +356,11 @@ def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSe
     num_classes = len(dataset.class_names)
     graphdef, _ = abstract_model(config, num_classes)
     tx = make_optimizer(config, schedule)
+    non_digits = None
+    if non_digits_per_batch(config):
+        from digitjax.synthetic.non_digits import training_set
+
+        non_digits = put_replicated(training_set(config.non_digit_images), mesh)
     return TrainingSetup(
         config=config,
         schedule=schedule,
@@ -331,6 +377,7 @@ def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSe
         calibration_images=put_replicated(pad_to_batches(calibration_images), mesh),
         calibration_labels=calibration_labels,
         class_names=dataset.class_names,
+        non_digit_images=non_digits,
     )
 
 
@@ -344,7 +391,14 @@ def run_chunks(
         epoch = step // schedule.steps_per_epoch
         order = put_replicated(epoch_order(config.seed, epoch, schedule.num_train), setup.mesh)
         for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
-            state = setup.train_chunk(state, setup.train_images, setup.train_labels, order, length)
+            state = setup.train_chunk(
+                state,
+                setup.train_images,
+                setup.train_labels,
+                order,
+                length,
+                setup.non_digit_images,
+            )
             step += length
             yield state, step
 

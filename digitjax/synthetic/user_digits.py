@@ -97,9 +97,11 @@ def scan_small(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 def digit_fonts() -> list[Path]:
     """The DejaVu fonts: installed, else the ones matplotlib ships."""
-    installed = sorted(FONT_DIR.rglob("DejaVu*.ttf"))
-    if installed:
-        return installed
+    return sorted(FONT_DIR.rglob("DejaVu*.ttf")) or matplotlib_dejavu()
+
+
+def matplotlib_dejavu() -> list[Path]:
+    """The DejaVu fonts matplotlib ships: the same files on every machine."""
     import matplotlib
 
     shipped = Path(matplotlib.get_data_path()) / "fonts" / "ttf"

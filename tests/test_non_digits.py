@@ -1,0 +1,149 @@
+"""Refusing images of no digit: the generated non-digits, training with them, the policy that
+decides from the probabilities, and the bundled model's refusals."""
+
+import os
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_train
+from typer.testing import CliRunner
+
+from digitjax import checkpoint
+from digitjax.cli import app
+from digitjax.config import ADDED_LATER, Config, Interrupted, UserError
+from digitjax.data import load_dataset
+from digitjax.predict import BUNDLED_MODEL, Predictor, predict_files
+from digitjax.rejection import (
+    DIGIT,
+    MIN_CONFIDENCE,
+    NOT_A_DIGIT,
+    NOT_A_DIGIT_BELOW,
+    NOT_SURE,
+    verdicts,
+)
+from digitjax.synthetic import non_digits
+from digitjax.train import Callbacks, train
+
+runner = CliRunner()
+NON_DIGIT_FLAGS = ["--non-digit-fraction", "0.25", "--non-digit-images", "48"]
+
+
+def test_non_digit_settings_default_to_none_and_older_checkpoints_had_none():
+    assert Config().non_digit_fraction == 0.0 and ADDED_LATER["non_digit_fraction"] == 0.0
+    assert ADDED_LATER["non_digit_images"] == Config().non_digit_images
+    saved = Config(non_digit_fraction=0.5).to_dict()
+    del saved["non_digit_fraction"], saved["non_digit_images"]
+    assert Config.from_dict(saved).non_digit_fraction == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("non_digit_fraction", -0.1), ("non_digit_fraction", 1.5),
+     ("non_digit_fraction", float("nan")), ("non_digit_images", 0)],
+)  # fmt: skip
+def test_non_digit_settings_out_of_bounds_are_refused(name, value):
+    with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be in"):
+        Config(**{name: value})
+
+
+def test_train_help_shows_the_non_digit_flags():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "--non-digit-fraction" in result.stdout and "--non-digit-images" in result.stdout
+
+
+def test_held_out_and_training_kinds_are_disjoint_and_cover_every_kind():
+    assert not set(non_digits.HELD_OUT_KINDS) & set(non_digits.TRAINING_KINDS)
+    assert set(non_digits.HELD_OUT_KINDS) | set(non_digits.TRAINING_KINDS) == set(non_digits.KINDS)
+    assert len(non_digits.HELD_OUT_KINDS) >= 5 and len(non_digits.TRAINING_KINDS) >= 10
+
+
+@pytest.mark.parametrize("kind", non_digits.KINDS)
+def test_every_kind_draws_something_and_the_same_thing_twice(kind):
+    fonts = non_digits.fonts()
+    for number in range(3):
+        image = np.asarray(non_digits.draw(kind, 5, number, fonts).convert("L"), np.int16)
+        again = np.asarray(non_digits.draw(kind, 5, number, fonts).convert("L"), np.int16)
+        assert np.array_equal(image, again)
+        assert min(image.shape) >= 28
+        # Not blank: a part of the image differs from the rest (blank paper by its specks).
+        assert np.percentile(image, 99.9) - np.percentile(image, 0.1) > 20
+    other = np.asarray(non_digits.draw(kind, 6, 0, fonts).convert("L"))
+    assert not np.array_equal(other, np.asarray(non_digits.draw(kind, 5, 0, fonts).convert("L")))
+
+
+def test_training_set_is_preprocessed_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    images = non_digits.training_set(30, tmp_path)
+    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28)
+    assert 20 <= len(images) <= 30  # those with no digit found, or read as a 1, are left out
+    assert not any(non_digits.looks_like_a_one(image) for image in images)
+    made = non_digits._training_block
+    monkeypatch.setattr(non_digits, "_training_block", lambda numbers: pytest.fail("remade"))
+    assert np.array_equal(non_digits.training_set(30, tmp_path), images)
+    (cache,) = tmp_path.iterdir()
+    cache.write_bytes(b"damaged")
+    monkeypatch.setattr(non_digits, "_training_block", made)
+    assert np.array_equal(non_digits.training_set(30, tmp_path), images)
+
+
+def test_policy_decides_from_the_top_probability():
+    uniform = np.full(10, 0.1)
+    sure = np.eye(10)[3] * 0.97 + 0.003
+    middling = np.eye(10)[7] * 0.7 + 0.03
+    at_threshold = np.eye(10)[1] * MIN_CONFIDENCE + np.eye(10)[2] * (1 - MIN_CONFIDENCE)
+    probabilities = np.stack([uniform, sure, middling, at_threshold])
+    expected = [NOT_A_DIGIT, DIGIT, NOT_SURE, DIGIT]
+    assert verdicts(probabilities).tolist() == expected
+    assert jax.jit(verdicts)(jnp.asarray(probabilities)).tolist() == expected
+    # The levels can be given: under 0.99 not sure, under 0.8 not a digit.
+    assert verdicts(probabilities, 0.99, 0.8).tolist() == [2, 1, 2, 1]
+    assert 0.1 < NOT_A_DIGIT_BELOW < MIN_CONFIDENCE < 1
+
+
+def tiny_config(tiny_mnist: Path) -> Config:
+    return Config.from_flags(
+        {"data_dir": tiny_mnist, "channels": (4, 8), "dense": 16, "epochs": 2,
+         "non_digit_fraction": 0.25, "non_digit_images": 48}
+    )  # fmt: skip
+
+
+def test_training_with_non_digits_checkpoints_and_resumes_exactly(tiny_mnist, tmp_path):
+    reference = tmp_path / "reference"
+    flags = tiny_train(tiny_mnist, reference, *NON_DIGIT_FLAGS, epochs=2)
+    result = runner.invoke(app, [*flags, "--json"])
+    assert result.exit_code == 0, result.output
+    saved, summary = checkpoint.read_config(reference, checkpoint.LATEST)
+    assert saved.non_digit_fraction == 0.25 and saved.non_digit_images == 48
+    # Interrupted in its first epoch, then resumed: exactly the uninterrupted run's metrics.
+    run_dir = tmp_path / "run"
+
+    def interrupt(step: int) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(tiny_config(tiny_mnist), run_dir, callbacks=Callbacks(on_chunk=interrupt))
+    assert runner.invoke(app, ["train", "--out", str(run_dir), "--resume"]).exit_code == 0
+    resumed = checkpoint.read_config(run_dir, checkpoint.LATEST)[1]
+    assert resumed["history"] == summary["history"]
+    # The non-digits change the training: the same run without them ends elsewhere.
+    plain = tmp_path / "plain"
+    assert runner.invoke(app, tiny_train(tiny_mnist, plain, epochs=2)).exit_code == 0
+    plain_history = checkpoint.read_config(plain, checkpoint.LATEST)[1]["history"]
+    assert plain_history[-1]["train_loss"] != summary["history"][-1]["train_loss"]
+
+
+def test_bundled_model_refuses_held_out_non_digits_and_keeps_digits(tmp_path):
+    """Loose bounds that today's model meets with room, and the model bundled before non-digit
+    training (about half of these flagged) does not."""
+    predictor = Predictor(BUNDLED_MODEL)
+    samples = non_digits.generate(tmp_path, 4, seed=7, kinds=non_digits.HELD_OUT_KINDS)
+    predictions, _ = predict_files(predictor, [path for path, _ in samples])
+    flagged = [p.confidence is None or p.confidence < MIN_CONFIDENCE for p in predictions]
+    assert np.mean(flagged) >= 0.8, list(zip([kind for _, kind in samples], flagged))
+    images, _ = load_dataset("mnist").split("test")
+    tops = predictor.probabilities(images[:2000] / np.float32(255)).max(axis=1)
+    assert np.mean(tops < MIN_CONFIDENCE) <= 0.03
