@@ -21,8 +21,8 @@ import onnxruntime
 from PIL import Image
 
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
-from digitjax.export import export_model
-from digitjax.predict import BUNDLED_MODEL, Predictor
+from digitjax.inference.export import export_model
+from digitjax.inference.predict import BUNDLED_MODEL, Predictor
 
 BATCHES = (1, 256)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from digitjax.synthetic.user_digits import KINDS, generate
 
-from digitjax.parallel import preprocess_many
-from digitjax.predict import BUNDLED_MODEL, Predictor
-from digitjax.preprocess import load_grayscale
+from digitjax.inference.parallel import preprocess_many
+from digitjax.inference.predict import BUNDLED_MODEL, Predictor
+from digitjax.inference.preprocess import load_grayscale
+from digitjax.synthetic.user_digits import KINDS, generate
 
 
 def plain_resize(path: Path) -> np.ndarray:

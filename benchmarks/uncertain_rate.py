@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from digitjax.inference.predict import Predictor, predict_files
 from digitjax.synthetic import user_digits
 from digitjax.synthetic.non_digits import generate as generate_non_digits
-
-from digitjax.predict import Predictor, predict_files
 
 
 def rates(confidences: list[float | None], thresholds: list[float]) -> dict:

@@ -80,7 +80,7 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except Interrupted as e:
-            render.err.print(f"[yellow]{e}[/yellow]", highlight=False)
+            render.err.print(f"[yellow]{render.escape(str(e))}[/yellow]", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except (UserError, OSError) as e:
             render.error_line(str(e))
@@ -375,14 +375,20 @@ def predict(
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
-    from digitjax.predict import Predictor, collect_images, predict_files, save_seen, write_csv
+    from digitjax.inference.predict import (
+        Predictor,
+        collect_images,
+        predict_files,
+        save_seen,
+        write_csv,
+    )
 
     files, missing = collect_images(paths)
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
     if model is not None:
-        from digitjax.export import ExportedModel
+        from digitjax.inference.export import ExportedModel
 
         if checkpoint_path is not None:
             raise UserError("pass --checkpoint or --model, not both")
@@ -487,8 +493,8 @@ def export(
     as_json: JsonFlag = False,
 ) -> None:
     """Write the model as one file that runs without digitjax: StableHLO or ONNX."""
-    from digitjax.export import export_model
-    from digitjax.predict import default_checkpoint
+    from digitjax.inference.export import export_model
+    from digitjax.inference.predict import default_checkpoint
 
     written = export_model(checkpoint_path or default_checkpoint(), fmt, out_file, overwrite)
     if as_json:
@@ -519,9 +525,15 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a page to draw digits on and a batched prediction API over HTTP."""
-    from digitjax.parallel import available_cores
-    from digitjax.serve import Options, serve
-    from digitjax.uploads import Limits
+    try:
+        from digitjax.serving.app import Options, serve
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"digitjax serve needs the server's packages ({e.name} is missing): "
+            "pip install 'digitjax[serve]'"
+        ) from None
+    from digitjax.inference.parallel import available_cores
+    from digitjax.serving.uploads import Limits
 
     enable_compilation_cache()
     limits = Limits(max_in_flight=max_queue, timeout_s=timeout)

@@ -137,7 +137,7 @@ def plot_reliability(ax: plt.Axes, metrics: Metrics) -> None:
 
 def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int = 24) -> None:
     """Each input beside the 28x28 digit the model saw, titled with the prediction."""
-    from digitjax.preprocess import load_grayscale
+    from digitjax.inference.preprocess import load_grayscale
 
     shown = [p for p in predictions if Path(p.path) in seen][:max_images]
     columns = 4

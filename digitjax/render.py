@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,11 +30,12 @@ def print_json(document: Any) -> None:
 
 
 def note(message: str) -> None:
-    err.print(message, highlight=False)
+    err.print(message, highlight=False, markup=False)
 
 
 def error_line(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    # The message is plain text: `pip install 'digitjax[onnx]'` must not lose `[onnx]` as markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
 
 
 class TrainingProgress:
@@ -103,7 +105,7 @@ def training_done(summary: dict, run_dir: Path) -> None:
     best = summary["best"]
     err.print(
         f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
-        f"(epoch {best['epoch']}); checkpoints in {run_dir} "
+        f"(epoch {best['epoch']}); checkpoints in {escape(str(run_dir))} "
         f"[dim]({summary['wall_seconds']:.1f}s)[/dim]",
         highlight=False,
     )
@@ -111,7 +113,7 @@ def training_done(summary: dict, run_dir: Path) -> None:
 
 def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
     out.print(
-        f"[bold]{step_dir}[/bold] on {dataset} {split}: accuracy "
+        f"[bold]{escape(str(step_dir))}[/bold] on {dataset} {split}: accuracy "
         f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
         f"({int(metrics.confusion.sum())} images)",
         highlight=False,
@@ -147,7 +149,7 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
 def predictions(source: Path, results: list, min_confidence: float | None) -> None:
     """The table, then a line counting the digits, the uncertain ones and the failures."""
     width = path_column_width([p.path for p in results], out.width)
-    table = Table(title=f"{source}")
+    table = Table(title=escape(str(source)))
     table.add_column("file", width=width, no_wrap=True)
     table.add_column("digit", no_wrap=True)
     table.add_column("confidence", no_wrap=True)
@@ -155,7 +157,7 @@ def predictions(source: Path, results: list, min_confidence: float | None) -> No
     for p in results:
         path = path_tail(p.path, width)
         if p.error:
-            table.add_row(path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
+            table.add_row(path, "[red]—[/red]", "", f"[red]{escape(p.error)}[/red]")
             continue
         top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
         confidence = f"{100 * p.confidence:.1f}%"

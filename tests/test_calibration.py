@@ -6,12 +6,11 @@ import json
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, trained_tiny_run
+from conftest import assert_one_line_error, trained_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,12 +27,11 @@ from digitjax.evaluate import (
     reliability,
     split_logits,
 )
-from digitjax.predict import Predictor
-from digitjax.train import Callbacks, train
-
+from digitjax.inference.predict import Predictor
 from digitjax.synthetic.non_digits import KINDS as NON_DIGIT_KINDS
 from digitjax.synthetic.non_digits import generate as generate_non_digits
 from digitjax.synthetic.user_digits import generate
+from digitjax.train import Callbacks, train
 
 runner = CliRunner()
 

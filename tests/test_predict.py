@@ -2,19 +2,17 @@ import csv
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, ROOT, assert_one_line_error, huge_png, run_digitjax
+from conftest import MNIST_DIR, assert_one_line_error, huge_png, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.predict import BUNDLED_MODEL
-
+from digitjax.inference.predict import BUNDLED_MODEL
 from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()

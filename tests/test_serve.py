@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.predict import BUNDLED_MODEL
+from digitjax.inference.predict import BUNDLED_MODEL
 
 STARTUP_S = 180  # compiling every batch size on a busy 2-core machine
 

@@ -37,7 +37,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 MAX_FILE_BYTES = 2**31  # ONNX's protobuf limit; far above any model digitjax trains
 PREPROCESSING = (
     "(N, 28, 28) float32 in [0, 1]: a white digit on black, its longer side scaled to 20 px and "
-    "its centre of mass at the centre, as in MNIST (what digitjax.preprocess produces)"
+    "its centre of mass at the centre, as in MNIST (what digitjax.inference.preprocess produces)"
 )
 
 
@@ -239,7 +239,7 @@ class ExportedModel:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """images: (N, 28, 28) floats in [0, 1]; in chunks, to bound the runtime's memory."""
-        from digitjax.predict import MAX_BATCH
+        from digitjax.inference.predict import MAX_BATCH
 
         images = np.asarray(images, np.float32)
         chunks = [self._run(images[i : i + MAX_BATCH]) for i in range(0, len(images), MAX_BATCH)]

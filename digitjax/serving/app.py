@@ -36,11 +36,11 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException
 
-from digitjax.batcher import Batcher, QueueFull
 from digitjax.config import UserError
-from digitjax.parallel import Outcome, available_cores, preprocess_one, start_pool
-from digitjax.predict import MAX_BATCH, Predictor
-from digitjax.uploads import Limits, Rejected, Upload, read_uploads
+from digitjax.inference.parallel import Outcome, available_cores, preprocess_one, start_pool
+from digitjax.inference.predict import MAX_BATCH, Predictor
+from digitjax.serving.batcher import Batcher, QueueFull
+from digitjax.serving.uploads import Limits, Rejected, Upload, read_uploads
 
 STATIC_DIR = Path(__file__).parent / "static"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

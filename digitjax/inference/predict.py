@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from digitjax.config import UserError
+from digitjax.inference.parallel import preprocess_many
 from digitjax.outputs import write_file
-from digitjax.parallel import preprocess_many
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "model"
+BUNDLED_MODEL = Path(__file__).parents[1] / "assets" / "model"
 MAX_BATCH = 256
 TOP_K = 3
 
@@ -96,7 +96,7 @@ class Predictor:
 
     @property
     def source(self) -> Path:
-        """Where the model came from (`digitjax.export.ExportedModel` has one too)."""
+        """Where the model came from (`digitjax.inference.export.ExportedModel` has one too)."""
         return self.step_dir
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
