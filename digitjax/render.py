@@ -147,36 +147,38 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
 
 
 def predictions(source: Path, results: list, min_confidence: float | None) -> None:
-    """The table, then a line counting the digits, the uncertain ones and the failures."""
-    width = path_column_width([p.path for p in results], out.width)
+    """The table, then a line counting the digits, the flagged ones and the failures."""
+    width = path_column_width([p.name for p in results], out.width)
     table = Table(title=escape(str(source)))
     table.add_column("file", width=width, no_wrap=True)
     table.add_column("digit", no_wrap=True)
     table.add_column("confidence", no_wrap=True)
     table.add_column("top 3")
     for p in results:
-        path = path_tail(p.path, width)
+        path = path_tail(p.name, width)
         if p.error:
             table.add_row(path, "[red]—[/red]", "", f"[red]{escape(p.error)}[/red]")
             continue
-        top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
+        top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top())
         confidence = f"{100 * p.confidence:.1f}%"
-        if p.uncertain:
-            digit, confidence = f"[yellow]{p.digit}?[/yellow]", f"[yellow]{confidence}[/yellow]"
-        else:
-            digit = f"[bold]{p.digit}[/bold]"
+        digit = {
+            "digit": f"[bold]{p.digit}[/bold]",
+            "not_sure": f"[yellow]{p.digit}?[/yellow]",
+            "not_a_digit": "[yellow]not a digit[/yellow]",
+        }[p.verdict]
         table.add_row(path, digit, confidence, top)
     out.print(table)
-    digits = sum(p.error is None for p in results)
-    uncertain = sum(p.uncertain for p in results)
+    counts = {v: sum(p.verdict == v for p in results) for v in ("digit", "not_sure", "not_a_digit")}
     marked = (
-        f"[yellow]{uncertain} uncertain[/yellow] (?: confidence below {100 * min_confidence:g}%)"
+        f"[yellow]{counts['not_sure']} not sure[/yellow] (?: confidence below "
+        f"{100 * min_confidence:g}%), [yellow]{counts['not_a_digit']} not a digit[/yellow]"
         if min_confidence is not None
-        else "none marked uncertain (the model has no temperature; see --min-confidence)"
+        else "none marked (the model has no temperature; see --min-confidence)"
     )
+    errors = sum(p.error is not None for p in results)
     out.print(
-        f"{len(results)} image{'s' if len(results) != 1 else ''}: {digits - uncertain} "
-        f"recognized, {marked}, {len(results) - digits} without a digit",
+        f"{len(results)} image{'s' if len(results) != 1 else ''}: {counts['digit']} "
+        f"recognized, {marked}, {errors} without a digit found",
         highlight=False,
     )
 

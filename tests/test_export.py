@@ -20,8 +20,8 @@ from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.evaluate import make_logits_fn, pad_to_batches, probabilities, split_logits
+from digitjax.inference.classifier import BUNDLED_MODEL
 from digitjax.inference.export import FORMATS
-from digitjax.inference.predict import BUNDLED_MODEL
 from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
