@@ -1,4 +1,4 @@
-"""`digitjax export`: the exported files, run by the README's loaders in processes without
+"""`digitjax export`: the exported files, run by docs/export.md's loaders in processes without
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
@@ -106,7 +106,9 @@ def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str
 
 def readme_snippet(fmt: str) -> str:
     marker, _ = README_SNIPPETS[fmt]
-    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / "README.md").read_text(), re.S | re.M)
+    blocks = re.findall(
+        r"```python\n(.*?)^ *```", (ROOT / "docs" / "export.md").read_text(), re.S | re.M
+    )
     [snippet] = [block for block in blocks if marker in block]
     return textwrap.dedent(snippet)
 

@@ -2,8 +2,8 @@
 
 - a `Classifier` turns (N, 28, 28) images in [0, 1] into (N, 10) calibrated probabilities and
   says what it is (`ModelInfo`); a checkpoint (`CheckpointClassifier`) and a file written by
-  `digitjax export` (`export.ExportedModel`) are classifiers, and `load_classifier` opens
-  whichever the user named, checking that it reads digits;
+  `digitjax export` (`export.ExportedModel`) are classifiers (`predict.load_classifier` opens
+  whichever the user named);
 - `in_batches` runs a forward pass over padded power-of-two batches, so any number of images
   costs at most one compilation per batch size;
 - `judge` is the one policy that says whether an answer is a digit, not sure, or not a digit;
@@ -89,27 +89,6 @@ def check_digit_model(info: ModelInfo, source: Path) -> None:
             f"{source} is a {info.dataset} model, not a digit model: pass a digit model "
             "(a digitjax run on mnist, or a file exported from one)"
         )
-
-
-def default_checkpoint() -> Path:
-    """The newest run's best checkpoint, else the model shipped with the package."""
-    from digitjax.checkpoint import newest_run
-
-    return newest_run() or BUNDLED_MODEL
-
-
-def load_classifier(path: Path | None = None) -> Classifier:
-    """The model at `path`: a file written by `digitjax export` (told by its content), else a
-    run or checkpoint folder; by default the newest run, else the bundled model."""
-    path = default_checkpoint() if path is None else path
-    if path.is_file() or path.suffix.lower() in (".onnx", ".stablehlo"):
-        from digitjax.inference.export import ExportedModel
-
-        classifier: Classifier = ExportedModel(path)
-    else:
-        classifier = CheckpointClassifier(path)
-    check_digit_model(classifier.info, path)
-    return classifier
 
 
 class CheckpointClassifier:
