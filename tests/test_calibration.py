@@ -1,22 +1,22 @@
 """Calibrated confidence: the temperature fitted on held-out training images, the expected
 calibration error, and `predict --min-confidence`."""
 
+import collections
 import csv
 import json
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, trained_tiny_run
+from conftest import assert_one_line_error, trained_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
-from digitjax.cli import DEFAULT_MIN_CONFIDENCE, app
+from digitjax.cli import app
 from digitjax.config import Config, Interrupted
 from digitjax.data import load_dataset
 from digitjax.evaluate import (
@@ -28,12 +28,11 @@ from digitjax.evaluate import (
     reliability,
     split_logits,
 )
-from digitjax.predict import Predictor
-from digitjax.train import Callbacks, train
-
+from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, CheckpointClassifier
 from digitjax.synthetic.non_digits import KINDS as NON_DIGIT_KINDS
 from digitjax.synthetic.non_digits import generate as generate_non_digits
 from digitjax.synthetic.user_digits import generate
+from digitjax.train import Callbacks, train
 
 runner = CliRunner()
 
@@ -122,7 +121,7 @@ def test_predictor_probabilities_are_the_calibrated_softmax(tiny_run):
     logits = split_logits(
         make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
     )
-    got = Predictor(tiny_run).probabilities(images.astype(np.float32) / 255)
+    got = CheckpointClassifier(tiny_run).probabilities(images.astype(np.float32) / 255)
     np.testing.assert_allclose(got, probabilities(logits, model.temperature), atol=1e-5)
     assert (got.argmax(axis=1) == logits.argmax(axis=1)).all()
 
@@ -180,7 +179,7 @@ def test_a_checkpoint_without_a_temperature_evaluates_and_predicts_as_before(
     logits = split_logits(
         make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
     )
-    got = Predictor(old_run).probabilities(images.astype(np.float32) / 255)
+    got = CheckpointClassifier(old_run).probabilities(images.astype(np.float32) / 255)
     np.testing.assert_allclose(got, probabilities(logits), atol=1e-5)
 
 
@@ -245,9 +244,15 @@ def test_min_confidence_marks_uncertain_predictions(tiny_run, user_images, tmp_p
 
     result = runner.invoke(app, [*base, "--csv", str(csv_file)])
     assert result.exit_code == 0, result.output
-    assert f"{len(files)} images: {len(files) - 6} recognized, 6 uncertain" in result.stdout
+    verdicts = collections.Counter(p["verdict"] for p in predictions)
+    summary = " ".join(result.stdout.split())  # the terminal may wrap it
+    assert f"{len(files)} images: {len(files) - 6} recognized, {verdicts['not_sure']} not sure" in (
+        summary
+    )
+    assert f"{verdicts['not_a_digit']} not a digit" in summary
     digit_cells = [line.split("│")[2].strip() for line in result.stdout.splitlines() if "│" in line]
-    assert sum(cell.endswith("?") for cell in digit_cells) == 6
+    assert sum(cell.endswith("?") for cell in digit_cells) == verdicts["not_sure"]
+    assert sum(cell == "not a digit" for cell in digit_cells) == verdicts["not_a_digit"]
     with csv_file.open() as f:
         rows = list(csv.DictReader(f))
     assert [row["uncertain"] for row in rows] == [str(p["uncertain"]).lower() for p in predictions]
@@ -263,7 +268,7 @@ def test_min_confidence_default_and_bounds(tiny_run, old_run, user_images):
         assert p["uncertain"] is (p["confidence"] < DEFAULT_MIN_CONFIDENCE)
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(old_run)])
     assert result.exit_code == 0, result.output
-    assert "none marked uncertain (the model has no temperature" in result.stdout
+    assert "none marked (the model has no temperature" in result.stdout
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(old_run), "--json"])
     uncalibrated = json.loads(result.stdout)
     assert not any(p["uncertain"] for p in uncalibrated)

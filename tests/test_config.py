@@ -77,8 +77,8 @@ def test_presets_are_the_recipes_benchmarks_measured():
     best, robust = Config.from_flags({}, "best"), Config.from_flags({}, "robust")
     assert (best.channels, best.dense, best.epochs) == ((32, 64, 128), 256, 20)
     assert (best.augment_rotate, best.augment_scale, best.augment_elastic) == (15.0, 0.15, 0.0)
-    # The bundled model's recipe: best's, with a narrower dense layer, longer, and the
-    # user-image augmentations.
+    # The bundled model's recipe: best's, with a narrower dense layer, longer, the user-image
+    # augmentations and non-digit images.
     assert (
         dataclasses.replace(
             robust,
@@ -88,8 +88,10 @@ def test_presets_are_the_recipes_benchmarks_measured():
             augment_thickness=0.0,
             augment_blur=0.0,
             augment_low_res=0.0,
+            non_digit_fraction=0.0,
         )
         == best
     )
+    assert robust.non_digit_fraction > 0 and best.non_digit_fraction == 0
     assert min(robust.augment_elastic, robust.augment_thickness, robust.augment_blur) > 0
     assert set(PRESET_PURPOSES) == set(PRESETS)

@@ -1,4 +1,4 @@
-"""`digitjax export`: the exported files, run by the README's loaders in processes without
+"""`digitjax export`: the exported files, run by docs/export.md's loaders in processes without
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
@@ -20,9 +20,8 @@ from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.evaluate import make_logits_fn, pad_to_batches, probabilities, split_logits
-from digitjax.export import FORMATS
-from digitjax.predict import BUNDLED_MODEL
-
+from digitjax.inference.classifier import BUNDLED_MODEL
+from digitjax.inference.export import FORMATS
 from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
@@ -107,7 +106,9 @@ def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str
 
 def readme_snippet(fmt: str) -> str:
     marker, _ = README_SNIPPETS[fmt]
-    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / "README.md").read_text(), re.S | re.M)
+    blocks = re.findall(
+        r"```python\n(.*?)^ *```", (ROOT / "docs" / "export.md").read_text(), re.S | re.M
+    )
     [snippet] = [block for block in blocks if marker in block]
     return textwrap.dedent(snippet)
 

@@ -5,8 +5,6 @@ import os
 import signal
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_train
@@ -16,15 +14,13 @@ from digitjax import checkpoint
 from digitjax.cli import app
 from digitjax.config import ADDED_LATER, Config, Interrupted, UserError
 from digitjax.data import load_dataset
-from digitjax.predict import BUNDLED_MODEL, Predictor, predict_files
-from digitjax.rejection import (
-    DIGIT,
-    MIN_CONFIDENCE,
-    NOT_A_DIGIT,
+from digitjax.inference.classifier import (
+    BUNDLED_MODEL,
+    DEFAULT_MIN_CONFIDENCE,
     NOT_A_DIGIT_BELOW,
-    NOT_SURE,
-    verdicts,
+    judge,
 )
+from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import non_digits
 from digitjax.train import Callbacks, train
 
@@ -89,18 +85,14 @@ def test_training_set_is_preprocessed_once_then_read_from_its_cache(tmp_path, mo
     assert np.array_equal(non_digits.training_set(30, tmp_path), images)
 
 
-def test_policy_decides_from_the_top_probability():
-    uniform = np.full(10, 0.1)
-    sure = np.eye(10)[3] * 0.97 + 0.003
-    middling = np.eye(10)[7] * 0.7 + 0.03
-    at_threshold = np.eye(10)[1] * MIN_CONFIDENCE + np.eye(10)[2] * (1 - MIN_CONFIDENCE)
-    probabilities = np.stack([uniform, sure, middling, at_threshold])
-    expected = [NOT_A_DIGIT, DIGIT, NOT_SURE, DIGIT]
-    assert verdicts(probabilities).tolist() == expected
-    assert jax.jit(verdicts)(jnp.asarray(probabilities)).tolist() == expected
-    # The levels can be given: under 0.99 not sure, under 0.8 not a digit.
-    assert verdicts(probabilities, 0.99, 0.8).tolist() == [2, 1, 2, 1]
-    assert 0.1 < NOT_A_DIGIT_BELOW < MIN_CONFIDENCE < 1
+def test_policy_decides_from_the_top_probability_alone():
+    assert judge(0.999, DEFAULT_MIN_CONFIDENCE) == "digit"
+    assert judge(DEFAULT_MIN_CONFIDENCE, DEFAULT_MIN_CONFIDENCE) == "digit"
+    assert judge(DEFAULT_MIN_CONFIDENCE - 1e-6, DEFAULT_MIN_CONFIDENCE) == "not_sure"
+    assert judge(NOT_A_DIGIT_BELOW, DEFAULT_MIN_CONFIDENCE) == "not_sure"
+    assert judge(0.1, DEFAULT_MIN_CONFIDENCE) == "not_a_digit"  # ten equal probabilities
+    assert judge(0.1, None) == "digit"  # an uncalibrated model, no threshold asked for
+    assert 0.1 < NOT_A_DIGIT_BELOW < DEFAULT_MIN_CONFIDENCE < 1
 
 
 def tiny_config(tiny_mnist: Path) -> Config:
@@ -139,11 +131,11 @@ def test_training_with_non_digits_checkpoints_and_resumes_exactly(tiny_mnist, tm
 def test_bundled_model_refuses_held_out_non_digits_and_keeps_digits(tmp_path):
     """Loose bounds that today's model meets with room, and the model bundled before non-digit
     training (about half of these flagged) does not."""
-    predictor = Predictor(BUNDLED_MODEL)
+    classifier = load_classifier(BUNDLED_MODEL)
     samples = non_digits.generate(tmp_path, 4, seed=7, kinds=non_digits.HELD_OUT_KINDS)
-    predictions, _ = predict_files(predictor, [path for path, _ in samples])
-    flagged = [p.confidence is None or p.confidence < MIN_CONFIDENCE for p in predictions]
+    predictions, _ = predict_files(classifier, [path for path, _ in samples], None)
+    flagged = [p.confidence is None or p.confidence < DEFAULT_MIN_CONFIDENCE for p in predictions]
     assert np.mean(flagged) >= 0.8, list(zip([kind for _, kind in samples], flagged))
     images, _ = load_dataset("mnist").split("test")
-    tops = predictor.probabilities(images[:2000] / np.float32(255)).max(axis=1)
-    assert np.mean(tops < MIN_CONFIDENCE) <= 0.03
+    tops = classifier.probabilities(images[:2000] / np.float32(255)).max(axis=1)
+    assert np.mean(tops < DEFAULT_MIN_CONFIDENCE) <= 0.03

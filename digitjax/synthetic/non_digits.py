@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from digitjax.parallel import preprocess_one
+from digitjax.inference.parallel import preprocess_one
 from digitjax.synthetic.user_digits import encode, matplotlib_dejavu
 
 # Letters that are written like digits (O 0, l 1, S 5, Z 2, B 8, g 9...): a model that reads
@@ -733,8 +733,8 @@ def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     with no digit found are left out), made once on every core and cached on disk beside the
     decoded datasets; a cache that does not read back is made again."""
     from digitjax.data import DAMAGED, default_cache_dir
+    from digitjax.inference.parallel import available_cores, start_pool
     from digitjax.outputs import write_file
-    from digitjax.parallel import available_cores, start_pool
 
     cache = (cache_dir or default_cache_dir()) / (
         f"non_digits-v{GENERATOR_VERSION}-{count}-{TRAINING_SEED}.npy"

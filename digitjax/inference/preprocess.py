@@ -88,6 +88,15 @@ def preprocess_file(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.n
     return to_mnist(load_grayscale(path, max_pixels))
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """A [0, 1] grey image as a PNG file's bytes (what the model saw, for people to look at)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _locate(gray: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """The cleaned ink of the image reduced to WORK_SIZE, and the digit's box in it."""
     ink = _ink_map(_reduce(gray))

@@ -26,6 +26,7 @@ import numpy as np
 
 from digitjax import __version__
 from digitjax.config import UserError
+from digitjax.inference.classifier import ModelInfo, checkpoint_info, in_batches, step_record
 
 FORMATS = ("stablehlo", "onnx")
 SUFFIXES = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
@@ -37,7 +38,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 MAX_FILE_BYTES = 2**31  # ONNX's protobuf limit; far above any model digitjax trains
 PREPROCESSING = (
     "(N, 28, 28) float32 in [0, 1]: a white digit on black, its longer side scaled to 20 px and "
-    "its centre of mass at the centre, as in MNIST (what digitjax.preprocess produces)"
+    "its centre of mass at the centre, as in MNIST (what digitjax.inference.preprocess produces)"
 )
 
 
@@ -88,21 +89,20 @@ def export_model(checkpoint: Path, fmt: str | None, out: Path, overwrite: bool =
 
 
 def export_metadata(model: Any) -> dict:
-    step = int(model.step_dir.name)
-    record = next((r for r in model.summary.get("history", []) if r["step"] == step), None)
+    info = checkpoint_info(model)
     return {
         "digitjax_version": __version__,
         "checkpoint": "/".join(model.step_dir.parts[-3:]),  # run/kind/step, not the user's path
-        "step": step,
-        "epoch": record and record["epoch"],
-        "test_accuracy": record and record["test_accuracy"],  # on the dataset's test split
-        "dataset": model.config.dataset,
-        "num_classes": model.summary.get("num_classes", 10),
+        "step": info.step,
+        "epoch": step_record(model).get("epoch"),
+        "test_accuracy": info.test_accuracy,  # on the dataset's test split
+        "dataset": info.dataset,
+        "num_classes": info.num_classes,
         "weights": "moving average" if model.config.ema_decay else "trained",
         "temperature": model.temperature,  # the logits are divided by it before the softmax
         "config": model.config.to_dict(),
         "input": {"name": INPUT_NAME, "shape": ["N", 28, 28], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["N", model.summary.get("num_classes", 10)]},
+        "output": {"name": OUTPUT_NAME, "shape": ["N", info.num_classes]},
         "preprocessing": PREPROCESSING,
     }
 
@@ -220,30 +220,29 @@ def _flat_params(params: dict) -> dict[str, Any]:
 
 
 class ExportedModel:
-    """An exported file, run with onnxruntime (no JAX imported) or with jax.export."""
+    """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
+    jax.export. The format is told by the content (a zip archive is StableHLO), not the name."""
 
     def __init__(self, path: Path):
         self.source = path
         data = _read_limited(path)
-        self.format = _format_of(path, data)
+        self.format = "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
         if self.format == "onnx":
             self.metadata, self._run = _load_onnx(path, data)
         else:
             self.metadata, self._run = _load_stablehlo(path, data)
-        self.temperature = self.metadata.get("temperature")  # None: not calibrated
-        if self.metadata.get("num_classes") != 10 or self.metadata.get("dataset") != "mnist":
-            raise UserError(
-                f"{path} was exported from a {self.metadata.get('dataset')} model, not a digit "
-                "model: pass --model with a digit model"
-            )
+        self.info = ModelInfo(
+            name=path.name,
+            kind=self.format,
+            step=self.metadata.get("step"),
+            test_accuracy=self.metadata.get("test_accuracy"),
+            temperature=self.metadata.get("temperature"),
+            dataset=str(self.metadata.get("dataset")),
+            num_classes=self.metadata.get("num_classes", 0),
+        )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """images: (N, 28, 28) floats in [0, 1]; in chunks, to bound the runtime's memory."""
-        from digitjax.predict import MAX_BATCH
-
-        images = np.asarray(images, np.float32)
-        chunks = [self._run(images[i : i + MAX_BATCH]) for i in range(0, len(images), MAX_BATCH)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)
+        return in_batches(self._run, images)
 
 
 def _read_limited(path: Path) -> bytes:
@@ -253,14 +252,6 @@ def _read_limited(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _format_of(path: Path, data: bytes) -> str:
-    """By the suffix `export` gives its files, else by content (a zip archive is StableHLO)."""
-    for fmt, suffix in SUFFIXES.items():
-        if path.suffix.lower() == suffix:
-            return fmt
-    return "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
 
 
 def _not_an_export(path: Path, fmt: str, reason: str) -> UserError:

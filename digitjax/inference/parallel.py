@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitjax.preprocess import MAX_PIXELS, ImageError, preprocess_file
+from digitjax.inference.preprocess import MAX_PIXELS, ImageError, preprocess_file
 
 # The 28x28 digit, or None and why there is none.
 Outcome = tuple[np.ndarray | None, str | None]
