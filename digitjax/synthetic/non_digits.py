@@ -730,8 +730,10 @@ def _training_block(numbers: range) -> list[np.ndarray | None]:
 
 def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     """`count` images of TRAINING_KINDS, preprocessed (uint8, (N, 28, 28), N <= count: those
-    with no digit found are left out), made once on every core and cached on disk beside the
-    decoded datasets; a cache that does not read back is made again."""
+    with no digit found, or that look like a 1, are left out), made once on every core and
+    cached on disk beside the decoded datasets; a cache that does not read back is made
+    again."""
+    from digitjax.config import UserError
     from digitjax.data import DAMAGED, default_cache_dir
     from digitjax.inference.parallel import available_cores, start_pool
     from digitjax.outputs import write_file
@@ -760,7 +762,10 @@ def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     images = np.stack([image for block in results for image in block if image is not None])
     contents = io.BytesIO()
     np.save(contents, images)
-    write_file(cache, contents.getvalue())
+    try:
+        write_file(cache, contents.getvalue())
+    except OSError as e:
+        raise UserError(f"cannot write the non-digit cache {cache} ({e})") from None
     return images
 
 
