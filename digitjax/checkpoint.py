@@ -13,13 +13,11 @@ checksums catch what renaming cannot (flipped bits). Plain orbax restores one wi
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from digitjax import filelocks
 from digitjax.config import Config, UserError
 
 # Orbax logs routine notes as warnings, and the errors that we report in one line ourselves.
@@ -126,28 +125,24 @@ def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Holds the run folder for this process. The kernel releases an flock when its process
-    dies, however it dies, so a stale lock never blocks a later run."""
+    """Holds the run folder for this process (`filelocks`: released by the operating system
+    when the process dies, however it dies, so a stale lock never blocks a later run)."""
     created = not run_dir.exists()
+    lock = contextlib.ExitStack()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock.enter_context(filelocks.locked(run_dir / LOCK_FILE, wait=False))
+    except filelocks.Held as e:
+        raise UserError(
+            f"{run_dir} is in use by another digitjax run (process {e.holder}); "
+            "wait for it to end or stop it"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(
-                f"{run_dir} is in use by another digitjax run (process {holder}); "
-                "wait for it to end or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        lock.close()
         if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)  # the run never started: leave no trace
 

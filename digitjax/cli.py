@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from digitjax import __version__, render
+from digitjax import __version__, interrupts, render
 from digitjax.config import (
     PRESET_PURPOSES,
     RECIPE,
@@ -32,17 +33,23 @@ CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 
 class OneLineErrors(TyperGroup):
     """Flag errors (`--epochs abc`, a typo) read like every other error: one `error:` line
-    and exit status 2, instead of a boxed usage panel."""
+    and exit status 2, instead of a boxed usage panel. Ctrl-C and SIGTERM, wherever they land
+    (see digitjax/interrupts.py), end in one line and exit status 130 or 143."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
-        except CLICK_ERROR as e:
-            hint = f"; see '{e.ctx.command_path} --help'" if getattr(e, "ctx", None) else ""
-            render.error_line(f"{e.format_message().rstrip('.')}{hint}")
-            result = e.exit_code
-        except typer.Abort:
-            result = 130
+        with interrupts.stop_on_signals():
+            try:
+                result = super().main(*args, standalone_mode=False, **kwargs)
+            except CLICK_ERROR as e:
+                hint = f"; see '{e.ctx.command_path} --help'" if getattr(e, "ctx", None) else ""
+                render.error_line(f"{e.format_message().rstrip('.')}{hint}")
+                result = e.exit_code
+            except typer.Abort:
+                result = 130
+            signum = interrupts.received()
+            if signum is not None:  # Typer turns the interrupt into exit status 130, silently
+                render.err.print("[yellow]interrupted[/yellow]")
+                result = 128 + signum
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)
@@ -67,28 +74,36 @@ def _show_version(value: bool) -> None:
 def _options(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the version.",
+            metavar="",  # a flag: Typer would show a meaningless <bool>
+        ),
     ] = False,
 ) -> None:
     """Train, evaluate and use handwritten-digit CNNs with JAX."""
 
 
 def user_errors(command: Callable) -> Callable:
-    """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+    """Bad input ends in one line on stderr and a non-zero exit, never a traceback. A stop
+    signal wins over whatever else happened, even where its exception was swallowed on the
+    way (OneLineErrors reports it)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            try:
+                return command(*args, **kwargs)
+            finally:
+                interrupts.check()
         except Interrupted as e:
             render.err.print(f"[yellow]{render.escape(str(e))}[/yellow]", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except (UserError, OSError) as e:
             render.error_line(str(e))
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            render.err.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -283,19 +298,6 @@ def train(
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
-def checkpoint_or_newest(path: Path | None) -> Path:
-    from digitjax import checkpoint
-
-    if path is not None:
-        return path
-    newest = checkpoint.newest_run()
-    if newest is None:
-        raise UserError(
-            f"no runs in {checkpoint.DEFAULT_ROOT}/: train one first or pass a checkpoint path"
-        )
-    return newest
-
-
 @app.command()
 @user_errors
 def evaluate(
@@ -304,7 +306,7 @@ def evaluate(
         typer.Argument(
             metavar="[CHECKPOINT]",
             help="Run folder (its best step) or a step folder. "
-            "\\[default: newest run in checkpoints/]",
+            "\\[default: the newest run in checkpoints/, else the model bundled with digitjax]",
             show_default=False,
         ),
     ] = None,
@@ -326,12 +328,15 @@ def evaluate(
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
     from digitjax.evaluate import evaluate_checkpoint
+    from digitjax.inference.classifier import BUNDLED_MODEL, default_checkpoint
 
     check_writable("--plot", plot)
     enable_compilation_cache()
-    report = evaluate_checkpoint(
-        checkpoint_or_newest(checkpoint_path), split, dataset, data_dir, latest
-    )
+    if checkpoint_path is None:
+        checkpoint_path = default_checkpoint()
+        if checkpoint_path == BUNDLED_MODEL:
+            render.note("no runs in checkpoints/: evaluating the model bundled with digitjax")
+    report = evaluate_checkpoint(checkpoint_path, split, dataset, data_dir, latest)
     if as_json:
         render.print_json(report.to_dict())
     else:
@@ -406,14 +411,17 @@ def predict(
     if csv is not None:
         with writing("--csv", csv):
             write_csv(csv, predictions)
+        render.note(f"CSV written to {csv}")
     if save_preprocessed is not None:
         with writing("--save-preprocessed", save_preprocessed):
             save_seen(save_preprocessed, seen)
+        render.note(f"{len(seen)} preprocessed 28x28 images written to {save_preprocessed}")
     if plot is not None:
         from digitjax.plots import plot_predictions
 
         with writing("--plot", plot):
             plot_predictions(predictions, seen, plot)
+        render.note(f"plot written to {plot}")
     if any(p.error for p in predictions):
         raise typer.Exit(1)
 
@@ -544,6 +552,9 @@ def main() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     else:
         code = 0
+    # The command has ended and its exit status is decided: a signal now changes nothing.
+    for number in interrupts.STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
     distributed = sys.modules.get("digitjax.distributed")
