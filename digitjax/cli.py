@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from digitjax import __version__, interrupts, render
+from digitjax.compilation_cache import enable_compilation_cache
 from digitjax.config import (
     PRESET_PURPOSES,
     RECIPE,
@@ -106,27 +106,6 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache: a fresh process loads the programs an earlier one
-    compiled (benchmarks/README.md has the figures). The thresholds are lowered to zero
-    because predict's programs are small. Where the cache cannot be made, runs go on without."""
-    import jax
-
-    from digitjax.data import default_cache_dir
-
-    folder = default_cache_dir() / "jax-cache"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    # JAX writes an entry in place and never replaces it: one cut short by a kill is a
-    # recompile at each later start, and not worth a warning on every run.
-    warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry")
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -392,10 +371,7 @@ def predict(
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
-    path = chosen_model(checkpoint_path, model)
-    if model is None:
-        enable_compilation_cache()
-    classifier = load_classifier(path)
+    classifier = load_classifier(chosen_model(checkpoint_path, model))
     if min_confidence is None:
         min_confidence = default_min_confidence(classifier.info)
     predictions, seen = predict_files(classifier, files, min_confidence)

@@ -2,8 +2,10 @@
 
 import gzip
 import os
+import re
 import struct
 import subprocess
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -34,6 +36,13 @@ def trained_tiny_run(data_dir: Path, folder: Path, epochs: int) -> Path:
     result = CliRunner().invoke(app, tiny_train(data_dir, run_dir, epochs=epochs))
     assert result.exit_code == 0, result.output
     return run_dir
+
+
+def readme_block(marker: str) -> str:
+    """The README's one Python code block that contains `marker`, as a user copies it."""
+    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / "README.md").read_text(), re.S | re.M)
+    [block] = [block for block in blocks if marker in block]
+    return textwrap.dedent(block)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -2,11 +2,9 @@
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
-import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import MNIST_DIR, ROOT, assert_one_line_error, write_mnist_subset
+from conftest import MNIST_DIR, assert_one_line_error, readme_block, write_mnist_subset
 from typer.testing import CliRunner
 
 from digitjax.checkpoint import restore_model
@@ -108,9 +106,7 @@ def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str
 
 def readme_snippet(fmt: str) -> str:
     marker, _ = README_SNIPPETS[fmt]
-    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / "README.md").read_text(), re.S | re.M)
-    [snippet] = [block for block in blocks if marker in block]
-    return textwrap.dedent(snippet)
+    return readme_block(marker)
 
 
 @pytest.mark.slow

@@ -204,16 +204,22 @@ def largest_data_file(step_dir: Path) -> Path:
 
 
 def test_flipped_bits_in_a_checkpoint_are_detected(reference, tmp_path):
+    """In whatever arrays they land: evaluate reads (and checks) only the weights it uses,
+    resuming reads all the state."""
     run_dir = copy_of(reference, tmp_path)
-    data_file = largest_data_file(next((run_dir / "best").iterdir()))
-    raw = bytearray(data_file.read_bytes())
-    for position in range(len(raw) // 3, len(raw) // 3 + 64, 8):
-        raw[position] ^= 0x10
-    data_file.write_bytes(bytes(raw))
+    for kind in ("best", "latest"):
+        data_file = largest_data_file(next((run_dir / kind).iterdir()))
+        raw = bytearray(data_file.read_bytes())
+        for position in range(len(raw) // 64, len(raw), len(raw) // 32):
+            raw[position] ^= 0x10
+        data_file.write_bytes(bytes(raw))
     result = run_digitjax("evaluate", str(run_dir))
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "corrupt checkpoint")
     assert "nan" not in result.stdout.lower()
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "corrupt checkpoint")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

@@ -93,7 +93,7 @@ def check_digit_model(info: ModelInfo, source: Path) -> None:
 
 def default_checkpoint() -> Path:
     """The newest run's best checkpoint, else the model shipped with the package."""
-    from digitjax.checkpoint import newest_run
+    from digitjax.runs import newest_run
 
     return newest_run() or BUNDLED_MODEL
 
@@ -101,7 +101,14 @@ def default_checkpoint() -> Path:
 def load_classifier(path: Path | None = None) -> Classifier:
     """The model at `path`: a file written by `digitjax export` (told by its content), else a
     run or checkpoint folder; by default the newest run, else the bundled model."""
-    path = default_checkpoint() if path is None else path
+    if path is None:
+        path = default_checkpoint()
+        if path == BUNDLED_MODEL:
+            from digitjax.inference.bundled import bundled_classifier
+
+            bundled = bundled_classifier()  # on numpy: no JAX to import
+            if bundled is not None:
+                return bundled
     if path.is_file() or path.suffix.lower() in (".onnx", ".stablehlo"):
         from digitjax.inference.export import ExportedModel
 
@@ -120,8 +127,10 @@ class CheckpointClassifier:
         import jax
 
         from digitjax.checkpoint import restore_model
+        from digitjax.compilation_cache import enable_compilation_cache
         from digitjax.model import conv_impls_for, probabilities
 
+        enable_compilation_cache()
         model = restore_model(path)
         self.source = model.step_dir
         self.config, self.summary = model.config, model.summary

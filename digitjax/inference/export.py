@@ -133,7 +133,7 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     from digitjax.model import NUM_POOLS
 
     params = {
-        name: np.asarray(value, np.float32) for name, value in _flat_params(model.params).items()
+        name: np.asarray(value, np.float32) for name, value in flat_params(model.params).items()
     }
     initializers = [numpy_helper.from_array(np.array([1], np.int64), "channel_axis")]
     nodes = [helper.make_node("Unsqueeze", [INPUT_NAME, "channel_axis"], ["x0"])]
@@ -205,12 +205,12 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     return onnx_model.SerializeToString()
 
 
-def _flat_params(params: dict) -> dict[str, Any]:
+def flat_params(params: dict) -> dict[str, Any]:
     """{"convs/0/kernel": array, ...}"""
     flat = {}
     for key, value in params.items():
         if isinstance(value, dict):
-            flat.update({f"{key}/{k}": v for k, v in _flat_params(value).items()})
+            flat.update({f"{key}/{k}": v for k, v in flat_params(value).items()})
         else:
             flat[str(key)] = value
     return flat
