@@ -127,8 +127,9 @@ def write_bundle(run: Path, out: Path) -> Path:
         "num_classes": info.num_classes,
         "num_pools": NUM_POOLS,
     }
-    weights = {k: np.asarray(v, np.float32) for k, v in flat_params(model.params).items()}
-    np.savez(staging / WEIGHTS_FILE, **weights, **{METADATA_KEY: np.array(json.dumps(metadata))})
+    arrays = {k: np.asarray(v, np.float32) for k, v in flat_params(model.params).items()}
+    arrays[METADATA_KEY] = np.array(json.dumps(metadata))
+    np.savez(staging / WEIGHTS_FILE, allow_pickle=False, **arrays)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out / BEST / str(info.step)

@@ -328,8 +328,12 @@ def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
     )
 
     def signature(tensor: Any) -> Signature:
-        dtype = ONNX_DTYPES.get(tensor.type, tensor.type)
-        return tensor.name, dtype, tuple(d if isinstance(d, int) else None for d in tensor.shape)
+        dtype = ONNX_DTYPES.get(tensor.type, str(tensor.type))
+        return (
+            str(tensor.name),
+            dtype,
+            tuple(d if isinstance(d, int) else None for d in tensor.shape),
+        )
 
     _check_signature(
         path,
