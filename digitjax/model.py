@@ -203,7 +203,7 @@ def apply(
     return nnx.merge(graphdef, params)(images, conv_impls)
 
 
-def probabilities(
+def calibrated_probabilities(
     graphdef: nnx.GraphDef,
     params: dict[str, Any],
     images: jax.Array,
