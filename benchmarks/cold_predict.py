@@ -29,8 +29,14 @@ path = Path(sys.argv[1]) if sys.argv[1] else None
 if path is not None:
     import digitjax.checkpoint  # jax, flax, orbax
 marks["jax, flax, orbax imports"] = time.perf_counter()
-from digitjax.inference.classifier import load_classifier
-classifier = load_classifier(path)
+try:
+    from digitjax.inference.predict import load_classifier
+
+    classifier = load_classifier(path, quick_start=True)  # as `digitjax predict`
+except ImportError:  # digitjax before 2026-12-04
+    from digitjax.inference.classifier import load_classifier
+
+    classifier = load_classifier(path)
 marks["restore (or load)"] = time.perf_counter()
 from digitjax.inference.preprocess import preprocess_file
 image = preprocess_file(Path(sys.argv[2]))

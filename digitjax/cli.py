@@ -307,7 +307,8 @@ def evaluate(
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
     from digitjax.evaluate import evaluate_checkpoint
-    from digitjax.inference.classifier import BUNDLED_MODEL, default_checkpoint
+    from digitjax.inference.classifier import BUNDLED_MODEL
+    from digitjax.inference.predict import default_checkpoint
 
     check_writable("--plot", plot)
     enable_compilation_cache()
@@ -364,14 +365,20 @@ def predict(
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
-    from digitjax.inference.classifier import default_min_confidence, load_classifier
-    from digitjax.inference.predict import collect_images, predict_files, save_seen, write_csv
+    from digitjax.inference.classifier import default_min_confidence
+    from digitjax.inference.predict import (
+        collect_images,
+        load_classifier,
+        predict_files,
+        save_seen,
+        write_csv,
+    )
 
     files, missing = collect_images(paths)
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
-    classifier = load_classifier(chosen_model(checkpoint_path, model))
+    classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=True)
     if min_confidence is None:
         min_confidence = default_min_confidence(classifier.info)
     predictions, seen = predict_files(classifier, files, min_confidence)
@@ -472,8 +479,8 @@ def export(
     as_json: JsonFlag = False,
 ) -> None:
     """Write the model as one file that runs without digitjax: StableHLO or ONNX."""
-    from digitjax.inference.classifier import default_checkpoint
     from digitjax.inference.export import export_model
+    from digitjax.inference.predict import default_checkpoint
 
     written = export_model(checkpoint_path or default_checkpoint(), fmt, out_file, overwrite)
     if as_json:

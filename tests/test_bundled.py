@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, trained_tiny_run
+from helpers import MNIST_DIR, trained_tiny_run
 from PIL import Image
 
 from digitjax.checkpoint import restore_model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, readme_block, run_digitjax, trained_tiny_run
+from helpers import assert_one_line_error, python_block, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -15,19 +15,19 @@ from digitjax.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("trained"), epochs=3)
+@pytest.fixture
+def trained_run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 def step_dir(run_dir: Path, kind: str = "best") -> Path:
     return next((run_dir / kind).iterdir())
 
 
-def test_the_readmes_plain_orbax_snippet_restores_a_checkpoint_quietly(trained_run: Path):
+def test_the_documented_plain_orbax_snippet_restores_a_checkpoint_quietly(trained_run: Path):
     """As a user runs it: in a process of its own, where digitjax cannot quiet Orbax's
     warnings (it could not import digitjax if it tried)."""
-    snippet = readme_block("ocp.CheckpointManager").replace(
+    snippet = python_block("docs/checkpoints.md", "ocp.CheckpointManager").replace(
         "/abs/path/checkpoints/mnist-20261124-120000/best", str((trained_run / "best").absolute())
     )
     check = """

@@ -1,4 +1,4 @@
-"""`digitjax export`: the exported files, run by the README's loaders in processes without
+"""`digitjax export`: the exported files, run by docs/export.md's loaders in processes without
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, readme_block, write_mnist_subset
+from helpers import MNIST_DIR, assert_one_line_error, python_block, write_mnist_subset
 from typer.testing import CliRunner
 
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.evaluate import make_logits_fn, pad_to_batches, probabilities, split_logits
+from digitjax.evaluate import calibrated_softmax, make_logits_fn, pad_to_batches, split_logits
 from digitjax.inference.classifier import BUNDLED_MODEL
 from digitjax.inference.export import FORMATS
-from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
 MODELS = ("default", "best", "uncalibrated", "bundled")
@@ -100,13 +99,13 @@ def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str
         logits_fn = make_logits_fn(model.graphdef)
         images = mnist_test[0]
         logits = split_logits(logits_fn, model.params, pad_to_batches(images), len(images))
-        calibrated[name] = probabilities(logits, model.temperature)
+        calibrated[name] = calibrated_softmax(logits, model.temperature)
     return calibrated
 
 
 def readme_snippet(fmt: str) -> str:
     marker, _ = README_SNIPPETS[fmt]
-    return readme_block(marker)
+    return python_block("docs/export.md", marker)
 
 
 @pytest.mark.slow
@@ -162,11 +161,6 @@ def test_metadata_travels_with_both_formats(exports, checkpoints):
     assert batch.dim_param and not batch.dim_value  # a dynamic batch dimension
 
 
-@pytest.fixture(scope="module")
-def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return [path for path, _, _ in generate(tmp_path_factory.mktemp("user"), 1, 3, MNIST_DIR)]
-
-
 def predict_digits(*args: str, **kwargs) -> list[int]:
     result = subprocess.run(
         [sys.executable, *args, "--json"], capture_output=True, text=True, timeout=300, **kwargs
@@ -175,9 +169,9 @@ def predict_digits(*args: str, **kwargs) -> list[int]:
     return [r["digit"] for r in json.loads(result.stdout)], result.stderr
 
 
-def test_predict_with_exported_models(exports, user_images, tmp_path: Path):
+def test_predict_with_exported_models(exports, user_image_files, tmp_path: Path):
     """Same digits as with the checkpoint; the ONNX model without importing JAX."""
-    files = [str(p) for p in user_images]
+    files = [str(p) for p in user_image_files]
     cli = ["-m", "digitjax.cli", "predict", *files]
     with_checkpoint, _ = predict_digits(*cli, "--checkpoint", str(BUNDLED_MODEL))
     with_onnx, imports = predict_digits(
@@ -236,7 +230,7 @@ def test_export_errors(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "no-config"]
 
 
-def test_corrupt_or_foreign_exported_files(exports, user_images, tmp_path: Path):
+def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: Path):
     onnx_file, stablehlo_file = exports["bundled", "onnx"][0], exports["bundled", "stablehlo"][0]
     foreign_onnx = onnx.helper.make_model(
         onnx.helper.make_graph(
@@ -269,7 +263,7 @@ def test_corrupt_or_foreign_exported_files(exports, user_images, tmp_path: Path)
         ("missing.onnx", "cannot read"),
     ]:
         result = runner.invoke(
-            app, ["predict", str(user_images[0]), "--model", str(tmp_path / name)]
+            app, ["predict", str(user_image_files[0]), "--model", str(tmp_path / name)]
         )
         assert result.exit_code == 1, (name, result.output)
         assert_one_line_error(result.stderr, name, message)
@@ -318,7 +312,7 @@ def forged_stablehlo(path: Path, shape: str, columns: int) -> Path:
     return path
 
 
-def test_files_that_only_carry_the_metadata_are_refused(user_images, tmp_path: Path):
+def test_files_that_only_carry_the_metadata_are_refused(user_image_files, tmp_path: Path):
     """Each check of the contract in one line: input and output names, dtypes and shapes
     (a free batch dimension), and probabilities out of every run."""
     cases = [
@@ -333,13 +327,13 @@ def test_files_that_only_carry_the_metadata_are_refused(user_images, tmp_path: P
         (forged_stablehlo(tmp_path / "three.stablehlo", "N, 28, 28", 3), "returns float32 (N, 3)"),
     ]
     for path, message in cases:
-        result = runner.invoke(app, ["predict", str(user_images[0]), "--model", str(path)])
+        result = runner.invoke(app, ["predict", str(user_image_files[0]), "--model", str(path)])
         assert result.exit_code == 1, (path.name, result.output)
         assert_one_line_error(result.stderr, path.name, message)
         assert result.stdout == ""  # no confidence of 31.33 printed before the error
 
 
-def test_a_zip_bomb_is_refused_from_its_directory(user_images, tmp_path: Path):
+def test_a_zip_bomb_is_refused_from_its_directory(user_image_files, tmp_path: Path):
     """A .stablehlo archive whose member unpacks to 256 MiB of zeros from 256 kB: refused
     before anything is decompressed."""
     bomb = tmp_path / "bomb.stablehlo"
@@ -350,7 +344,7 @@ def test_a_zip_bomb_is_refused_from_its_directory(user_images, tmp_path: Path):
                 member.write(bytes(2**20))
     assert bomb.stat().st_size < 2**20
     started = time.monotonic()
-    result = runner.invoke(app, ["predict", str(user_images[0]), "--model", str(bomb)])
+    result = runner.invoke(app, ["predict", str(user_image_files[0]), "--model", str(bomb)])
     assert result.exit_code == 1
     assert_one_line_error(
         result.stderr, "bomb.stablehlo", "model.jax_exported unpacks to 268,435,456 bytes from"
@@ -358,8 +352,8 @@ def test_a_zip_bomb_is_refused_from_its_directory(user_images, tmp_path: Path):
     assert time.monotonic() - started < 2
 
 
-def test_the_format_is_told_by_the_content_not_the_name(exports, user_images, tmp_path: Path):
-    files = [str(p) for p in user_images]
+def test_the_format_is_told_by_the_content_not_the_name(exports, user_image_files, tmp_path: Path):
+    files = [str(p) for p in user_image_files]
     digits = {}
     for fmt, other in (("onnx", "stablehlo"), ("stablehlo", "onnx")):
         misnamed = Path(shutil.copy(exports["bundled", fmt][0], tmp_path / f"model.{other}"))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MNIST_DIR, run_digitjax
+from helpers import MNIST_DIR, run_digitjax
 from PIL import Image
 
 from digitjax.data import read_idx_split

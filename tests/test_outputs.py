@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error
+from helpers import MNIST_DIR, assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
 

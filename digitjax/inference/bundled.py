@@ -100,10 +100,9 @@ def write_bundle(run: Path, out: Path) -> Path:
     weights-only Orbax checkpoint and its `weights.npz`. Returns the checkpoint's folder."""
     import jax.numpy as jnp
 
-    from digitjax.checkpoint import RunCheckpointer, restore_model
+    from digitjax.checkpoint import RunCheckpointer, leaves_by_path, restore_model
     from digitjax.config import uses_ema
     from digitjax.inference.classifier import checkpoint_info
-    from digitjax.inference.export import flat_params
     from digitjax.model import NUM_POOLS
 
     model = restore_model(run)
@@ -127,7 +126,7 @@ def write_bundle(run: Path, out: Path) -> Path:
         "num_classes": info.num_classes,
         "num_pools": NUM_POOLS,
     }
-    arrays = {k: np.asarray(v, np.float32) for k, v in flat_params(model.params).items()}
+    arrays = {k: np.asarray(v, np.float32) for k, v in leaves_by_path(model.params).items()}
     arrays[METADATA_KEY] = np.array(json.dumps(metadata))
     np.savez(staging / WEIGHTS_FILE, allow_pickle=False, **arrays)
     shutil.rmtree(out, ignore_errors=True)

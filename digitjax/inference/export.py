@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from digitjax import __version__
-from digitjax.config import UserError
+from digitjax.config import UserError, reason
 from digitjax.inference.classifier import ModelInfo, checkpoint_info, in_batches, step_record
 from digitjax.outputs import check_writable, write_file, writing
 
@@ -107,12 +107,14 @@ def export_metadata(model: Any) -> dict:
 def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     import jax
 
-    from digitjax.model import IMAGE_SIZE, probabilities
+    from digitjax.model import IMAGE_SIZE, calibrated_probabilities
 
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
     def calibrated(images: jax.Array) -> jax.Array:
-        return probabilities(model.graphdef, model.params, images, conv_impls, model.temperature)
+        return calibrated_probabilities(
+            model.graphdef, model.params, images, conv_impls, model.temperature
+        )
 
     shape = jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}")
     exported = jax.export.export(jax.jit(calibrated), platforms=PLATFORMS)(
@@ -130,10 +132,11 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from digitjax.checkpoint import leaves_by_path
     from digitjax.model import NUM_POOLS
 
     params = {
-        name: np.asarray(value, np.float32) for name, value in flat_params(model.params).items()
+        name: np.asarray(value, np.float32) for name, value in leaves_by_path(model.params).items()
     }
     initializers = [numpy_helper.from_array(np.array([1], np.int64), "channel_axis")]
     nodes = [helper.make_node("Unsqueeze", [INPUT_NAME, "channel_axis"], ["x0"])]
@@ -205,17 +208,6 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     return onnx_model.SerializeToString()
 
 
-def flat_params(params: dict) -> dict[str, Any]:
-    """{"convs/0/kernel": array, ...}"""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}/{k}": v for k, v in flat_params(value).items()})
-        else:
-            flat[str(key)] = value
-    return flat
-
-
 class ExportedModel:
     """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
     jax.export. The format is told by the content (a zip archive is StableHLO), not the name.
@@ -247,7 +239,7 @@ class ExportedModel:
         try:
             outputs = np.asarray(self._run(batch))
         except Exception as e:  # the runtimes raise their own types for a model that fails
-            raise UserError(f"{self.source} failed to run: {_first_line(e)[:200]}") from None
+            raise UserError(f"{self.source} failed to run: {reason(e)[:200]}") from None
         expected = (len(batch), self.info.num_classes)
         if outputs.shape != expected:
             raise UserError(
@@ -322,7 +314,7 @@ def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types for any unreadable model
-        raise _not_an_export(path, "ONNX", _first_line(e)) from None
+        raise _not_an_export(path, "ONNX", reason(e)) from None
     metadata = _parse_metadata(
         path, "ONNX", session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     )
@@ -353,7 +345,7 @@ def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
     try:
         exported = jax.export.deserialize(bytearray(serialized))
     except Exception as e:  # flatbuffers raises anything on damaged bytes
-        raise _not_an_export(path, "StableHLO", _first_line(e)) from None
+        raise _not_an_export(path, "StableHLO", reason(e)) from None
 
     def signature(aval: Any) -> Signature:
         dims = tuple(d if isinstance(d, int) else None for d in aval.shape)  # None: symbolic
@@ -394,7 +386,7 @@ def _read_archive(path: Path, data: bytes) -> tuple[str, bytes]:
             with archive.open(EXPORTED_MEMBER) as member:
                 serialized = member.read(MAX_MEMBER_BYTES + 1)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
-        raise _not_an_export(path, fmt, _first_line(e)) from None
+        raise _not_an_export(path, fmt, reason(e)) from None
     if max(len(raw_metadata), len(serialized)) > MAX_MEMBER_BYTES:
         raise _not_an_export(path, fmt, "its contents are larger than its zip directory says")
     return raw_metadata, serialized
@@ -410,8 +402,3 @@ def _parse_metadata(path: Path, fmt: str, raw: str | None) -> dict:
     if not isinstance(metadata, dict):
         raise _not_an_export(path, fmt, "unreadable metadata")
     return metadata
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

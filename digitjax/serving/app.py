@@ -42,9 +42,9 @@ from digitjax.inference.classifier import (
     batch_sizes,
     default_min_confidence,
     failed,
-    load_classifier,
 )
 from digitjax.inference.parallel import Outcome, available_cores, preprocess_one, start_pool
+from digitjax.inference.predict import load_classifier
 from digitjax.inference.preprocess import png_bytes
 from digitjax.serving.batcher import Batcher, QueueFull
 from digitjax.serving.uploads import Limits, Rejected, Upload, read_uploads
