@@ -46,8 +46,14 @@ def left_on_disk(folder: Path) -> list[str]:
 
 
 def assert_stopped_in_one_line(code: int, stderr: str, signum: int) -> None:
+    """One line says it, after the notes of what was done before (a file written whole, the
+    server's address): no traceback, no "Exception ignored", no error line."""
     assert code == EXIT_CODES[signum], stderr
-    assert stderr.strip() == "interrupted", stderr  # one line: no traceback, no "ignored"
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == "interrupted", stderr
+    assert not [line for line in lines[:-1] if "interrupted" in line or line.startswith(" ")]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "error:" not in stderr, stderr
 
 
 # The command in a process of its own, with a gc callback that sends the signal at the first
