@@ -45,7 +45,7 @@ def left_on_disk(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def assert_stopped_in_one_line(code: int, stderr: str, signum: int) -> None:
+def assert_stopped_in_one_line(code: int, stderr: str, signum: signal.Signals) -> None:
     """One line says it, after the notes of what was done before (a file written whole, the
     server's address): no traceback, no "Exception ignored", no error line."""
     assert code == EXIT_CODES[signum], stderr
@@ -132,6 +132,7 @@ def test_signals_at_several_moments_stop_the_installed_command(
         # Python's start-up and the imports before the command runs (~0.3 s) are not
         # covered: a signal there gets Python's default traceback.
         delay = max(duration * fraction, MIN_DELAY)
+        running, code, stderr = False, 0, ""
         for _ in range(5):
             running, code, stderr = run_signalled(args, signum, delay, tmp_path)
             if code != 0:
