@@ -325,7 +325,8 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
         (signal.SIGKILL, "write"),
         (signal.SIGINT, "write"),
     ]
-    exit_codes = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 143}
+    # -signum: the signal came before Python started (the launcher script), which is a landing.
+    exit_codes = {signal.SIGKILL: {-9}, signal.SIGINT: {130, -2}, signal.SIGTERM: {143, -15}}
     scale, restarts = 1.0, 0
     while events:
         signum, moment = events[0]
@@ -348,7 +349,7 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
             shutil.rmtree(run_dir)
             scale /= 2
             continue
-        assert process.returncode == exit_codes[signum], stderr
+        assert process.returncode in exit_codes[signum], stderr
         events.pop(0)
     command = resume if checkpoint.usable_steps(run_dir / "latest") else start
     final = runner.invoke(app, command)

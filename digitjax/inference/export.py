@@ -129,8 +129,7 @@ def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
 
 def onnx_bytes(model: Any, metadata: dict) -> bytes:
     """The CNN of digitjax.model as an ONNX graph in NCHW layout (flax's is NHWC)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from digitjax.checkpoint import leaves_by_path
     from digitjax.model import NUM_POOLS
@@ -176,18 +175,22 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     hidden = hidden.reshape(side, side, channels, -1).transpose(2, 0, 1, 3).reshape(hidden.shape)
     add("Gemm", [x, weight("hidden.kernel", hidden), weight("hidden.bias", params["hidden/bias"])])
     add("Relu", [x])
-    add(
-        "Gemm",
-        [
-            x,
-            weight("logits.kernel", params["logits/kernel"]),
-            weight("logits.bias", params["logits/bias"]),
-        ],
-    )
+    logits = [
+        weight("logits.kernel", params["logits/kernel"]),
+        weight("logits.bias", params["logits/bias"]),
+    ]
+    add("Gemm", [x, *logits])
     if model.temperature is not None:
         add("Div", [x, weight("temperature", np.array(model.temperature, np.float32))])
     nodes.append(helper.make_node("Softmax", [x], [OUTPUT_NAME], axis=-1))
-    num_classes = params["logits/bias"].shape[0]
+    return _onnx_file(nodes, initializers, params["logits/bias"].shape[0], metadata)
+
+
+def _onnx_file(nodes: list, initializers: list, num_classes: int, metadata: dict) -> bytes:
+    """The graph as a checked ONNX model carrying digitjax's metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         nodes,
         "digitjax_cnn",
