@@ -13,13 +13,9 @@ checksums catch what renaming cannot (flipped bits). Plain orbax restores one wi
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import math
-import os
-import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -31,16 +27,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from digitjax.config import Config, UserError
+from digitjax import filelocks
+from digitjax.config import Config, UserError, reason
+from digitjax.runs import (
+    BEST,
+    DEFAULT_ROOT,
+    ITEMS,
+    LATEST,
+    has_checkpoint,
+    newest_run,
+    usable_steps,
+)
 
 # Orbax logs routine notes as warnings, and the errors that we report in one line ourselves.
 logging.set_verbosity(logging.FATAL)
 
-LATEST, BEST = "latest", "best"
 METRICS_FILE, CURVES_FILE, LOCK_FILE = "metrics.jsonl", "curves.png", ".digitjax.lock"
 RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
-ITEMS = ("state", "config", "summary")
-DEFAULT_ROOT = Path("checkpoints")
 
 
 # --- Run folders -------------------------------------------------------------------------
@@ -58,25 +61,6 @@ def choose_run_dir(out_dir: Path | None, resume: bool, dataset: str) -> Path:
             raise UserError(f"nothing to resume in {DEFAULT_ROOT}/; pass --out DIR")
         return newest
     return DEFAULT_ROOT / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def usable_steps(folder: Path) -> list[Path]:
-    """The complete checkpoints in a `latest`/`best` folder, oldest first. Orbax's temporary
-    folders (a write cut short) and leftovers of a deletion cut short do not count."""
-    if not folder.is_dir():
-        return []
-    steps = [
-        p
-        for p in folder.iterdir()
-        if p.name.isdigit()
-        and (p / "_CHECKPOINT_METADATA").is_file()
-        and all((p / item).is_dir() for item in ITEMS)
-    ]
-    return sorted(steps, key=lambda p: int(p.name))
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return any(usable_steps(run_dir / kind) for kind in (LATEST, BEST))
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -118,36 +102,26 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
-    """The most recently written run in `root` that holds a complete checkpoint."""
-    runs = [p for p in root.glob("*") if p.is_dir() and has_checkpoint(p)]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
-
-
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Holds the run folder for this process. The kernel releases an flock when its process
-    dies, however it dies, so a stale lock never blocks a later run."""
+    """Holds the run folder for this process (`filelocks`: released by the operating system
+    when the process dies, however it dies, so a stale lock never blocks a later run)."""
     created = not run_dir.exists()
+    lock = contextlib.ExitStack()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock.enter_context(filelocks.locked(run_dir / LOCK_FILE, wait=False))
+    except filelocks.Held as e:
+        raise UserError(
+            f"{run_dir} is in use by another digitjax run (process {e.holder}); "
+            "wait for it to end or stop it"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(
-                f"{run_dir} is in use by another digitjax run (process {holder}); "
-                "wait for it to end or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        lock.close()
         if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)  # the run never started: leave no trace
 
@@ -162,7 +136,7 @@ def state_checksums(state: dict[str, Any]) -> dict[str, str]:
 
 def _sha256(tree: Any) -> str:
     digest = hashlib.sha256()
-    for path, leaf in sorted(_by_path(tree).items()):
+    for path, leaf in sorted(leaves_by_path(tree).items()):
         value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
         digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
         digest.update(np.ascontiguousarray(value).tobytes())
@@ -203,7 +177,7 @@ class RunCheckpointer:
             previous = manager.latest_step()
             kept = f"step {previous} is kept" if previous is not None else "none was written"
             raise UserError(
-                f"cannot write checkpoint {manager.directory / str(step)}: {_reason(e)}; {kept}"
+                f"cannot write checkpoint {manager.directory / str(step)}: {reason(e)}; {kept}"
             ) from None
 
     def best_step(self) -> int | None:
@@ -239,20 +213,6 @@ def _quiet_late_callbacks() -> None:
 _quiet_late_callbacks()
 
 
-def _reason(error: BaseException) -> str:
-    """The root cause of an exception chain, in one short line."""
-    while error.__cause__ or error.__context__:
-        error = error.__cause__ or error.__context__
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = str(error).strip()
-    # TensorStore reports file system errors as text ending in "[os_error_code='28']".
-    code = re.search(r"os_error_code='(\d+)'", text)
-    if code:
-        return os.strerror(int(code.group(1)))
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
-
-
 # --- Reading -----------------------------------------------------------------------------
 
 
@@ -281,20 +241,35 @@ def _step_dirs(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def _read_items(step_dir: Path, state_target: Any = None, with_state: bool = True) -> dict:
+def _read_items(
+    step_dir: Path,
+    state_target: Any = None,
+    with_state: bool = True,
+    state_keys: tuple[str, ...] | None = None,
+) -> dict:
     """The checkpoint's items, each checked: config and summary, and unless told otherwise the
-    state. Without a target the state lands on this process's first device, whatever devices
-    wrote it (Orbax refuses to guess across topologies)."""
+    state: all of it, or only its `state_keys` that the checkpoint has (inference needs the
+    weights, not the optimizer state: reading less makes a cold `predict` faster). Without a
+    target the state lands on this process's first device, whatever devices wrote it (Orbax
+    refuses to guess across topologies)."""
     if not all((step_dir / item).is_dir() for item in ITEMS):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (it lacks an item)")
-    args = {"config": ocp.args.JsonRestore(), "summary": ocp.args.JsonRestore()}
+    args: dict[str, Any] = {"config": ocp.args.JsonRestore(), "summary": ocp.args.JsonRestore()}
     if with_state and state_target is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = _saved_state_metadata(step_dir)
+        if state_keys is not None and isinstance(saved, dict):
+            saved = {key: saved[key] for key in state_keys if key in saved}
         state_target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            _saved_state_metadata(step_dir),
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
         )
-    if with_state:
+    if with_state and state_keys is not None:
+        args["state"] = ocp.args.PyTreeRestore(
+            item=state_target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(state_target),
+            partial_restore=True,
+        )
+    elif with_state:
         args["state"] = ocp.args.StandardRestore(state_target)
     manager = ocp.CheckpointManager(step_dir.parent.absolute())
     try:
@@ -319,10 +294,10 @@ def _saved_state_metadata(step_dir: Path) -> Any:
 
 
 def _read_error(step_dir: Path, error: Exception) -> UserError:
-    reason = _reason(error)
-    if "ermission denied" in reason:
+    cause = reason(error)
+    if "ermission denied" in cause:
         return UserError(f"cannot read checkpoint {step_dir}: permission denied")
-    return UserError(f"corrupt checkpoint {step_dir}: {reason}")
+    return UserError(f"corrupt checkpoint {step_dir}: {cause}")
 
 
 def _check_summary(summary: Any, step_dir: Path) -> None:
@@ -361,7 +336,7 @@ def _config_of(items: dict[str, Any], step_dir: Path) -> Config:
         raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
 
 
-def _by_path(tree: Any) -> dict[str, Any]:
+def leaves_by_path(tree: Any) -> dict[str, Any]:
     """Leaves by their '/'-joined path, the same however the tree was restored: orbax turns
     sequence indices into string keys, and named tuples into dicts without a target."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -378,7 +353,7 @@ def _key_name(key: Any) -> str:
 def _match_tree(saved: Any, expected: Any, what: str, where: Path) -> Any:
     """`saved` arranged as `expected`, after checking every path and shape ourselves:
     orbax can restore a partial tree silently."""
-    got, want = _by_path(saved), _by_path(expected)
+    got, want = leaves_by_path(saved), leaves_by_path(expected)
     got_shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
     want_shapes = {k: tuple(v.shape) for k, v in want.items()}
     if got_shapes != want_shapes:
@@ -417,7 +392,8 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
     from digitjax.model import abstract_model
 
     step_dir = _step_dir(path, kind)
-    items = _read_items(step_dir)
+    weights = ("ema_params", "params") if average else ("params",)
+    items = _read_items(step_dir, state_keys=weights)
     config = _config_of(items, step_dir)
     graphdef, expected = abstract_model(config, items["summary"]["num_classes"])
     evaluated = "ema_params" if uses_ema(config) else "params"
@@ -441,7 +417,7 @@ def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
         raise UserError(f"{step_dir} is not a digitjax training checkpoint")
     _match_tree(saved["params"], abstract_state["params"], "model", step_dir)
     saved_shapes, wanted_shapes = (
-        {path: tuple(leaf.shape) for path, leaf in _by_path(tree).items()}
+        {path: tuple(leaf.shape) for path, leaf in leaves_by_path(tree).items()}
         for tree in (saved, abstract_state)
     )
     if saved_shapes != wanted_shapes:

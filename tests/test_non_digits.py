@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train
+from helpers import tiny_train
 from typer.testing import CliRunner
 
 from digitjax import checkpoint

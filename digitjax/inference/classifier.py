@@ -99,7 +99,7 @@ class CheckpointClassifier:
         import jax
 
         from digitjax.checkpoint import restore_model
-        from digitjax.model import conv_impls_for, probabilities
+        from digitjax.model import calibrated_probabilities, conv_impls_for
 
         model = restore_model(path)
         self.source = model.step_dir
@@ -111,7 +111,7 @@ class CheckpointClassifier:
         )
         temperature = model.temperature
         self._forward = jax.jit(
-            lambda params, images: probabilities(
+            lambda params, images: calibrated_probabilities(
                 model.graphdef, params, images, conv_impls, temperature
             )
         )
