@@ -225,7 +225,7 @@ def benchmark(results: dict) -> None:
             f"{reached['seconds']:.1f} s (epoch {reached['epochs']:.1f})"
             if reached["reached"]
             else f"not reached in {reached['seconds']:.0f} s "
-            f"(best {100 * reached['best_accuracy']:.2f}%)",
+            f"(final {100 * reached['final_accuracy']:.2f}%)",
         )
     out.print(table)
 
