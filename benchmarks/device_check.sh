@@ -10,5 +10,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# The `digitjax` command, which tests start as a process, without installing the package.
+mkdir -p /tmp/digitjax-bin
+printf '#!/bin/sh\nexec python3 -m digitjax.cli "$@"\n' > /tmp/digitjax-bin/digitjax
+chmod +x /tmp/digitjax-bin/digitjax
+export PATH="/tmp/digitjax-bin:$PATH" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 exec python3 benchmarks/device_check.py "$@"
