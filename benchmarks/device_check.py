@@ -34,15 +34,23 @@ DEVICE_TESTS = ["tests/test_model.py", "tests/test_train.py", "tests/test_evalua
 DEVICE_TESTS += ["tests/test_export.py"]
 
 
-def run_step(name: str, args: list[str], log: Path, json_out: bool = False) -> dict:
+def run_step(name: str, args: list[str], log: Path, timeout: float, json_out: bool = False) -> dict:
     """Runs one command from the repository's root, appending its output to the log; returns
-    its wall time, exit status and, with `json_out`, the JSON document it printed."""
+    its wall time, exit status (None if it ran past `timeout` seconds and was killed: the
+    later steps still run) and, with `json_out`, the JSON document it printed."""
     print(f"== {name}", file=sys.stderr, flush=True)
     # The subprocesses import digitjax from this repository, whatever is installed.
     paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     start = time.perf_counter()
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(
+            args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:
+        # What was read before the kill, as bytes (so even with text=True).
+        stdout, stderr = (x.decode(errors="replace") if x else "" for x in (e.stdout, e.stderr))
+        done = subprocess.CompletedProcess(args, None, stdout, f"{stderr}\ntimed out")
     seconds = time.perf_counter() - start
     with log.open("a") as f:
         f.write(f"== {name}: {' '.join(args)}\n{done.stdout}{done.stderr}\n")
@@ -114,11 +122,14 @@ def check(quick: bool, out: Path, data_dir: str | None) -> dict:
     }
     if not quick:
         results["tests"] = run_step(
-            "tests", [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *DEVICE_TESTS], log
+            "tests",
+            [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *DEVICE_TESTS],
+            log,
+            timeout=240,
         )
     bench_args = ["--steps", "5", "--repeats", "2"] if quick else ["--target", "0.99"]
     results["benchmark"] = run_step(
-        "benchmark", digitjax("benchmark", *bench_args, "--json"), log, json_out=True
+        "benchmark", digitjax("benchmark", *bench_args, "--json"), log, 180, json_out=True
     )
     train_args = ["--preset", "best", "--epochs", "1"]
     if quick:
@@ -130,11 +141,12 @@ def check(quick: bool, out: Path, data_dir: str | None) -> dict:
         "train",
         digitjax("train", *train_args, "--out", str(run_dir), "--json"),
         log,
+        120,
         json_out=True,
     )
     model_file = work / "model.stablehlo"
     results["export"] = run_step(
-        "export", digitjax("export", str(run_dir), "--out", str(model_file), "--json"), log
+        "export", digitjax("export", str(run_dir), "--out", str(model_file), "--json"), log, 60
     )
     if results["export"]["exit_code"] == 0:
         results["exported_model"] = run_exported(model_file, data_dir)
