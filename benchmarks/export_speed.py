@@ -21,8 +21,8 @@ import onnxruntime
 from PIL import Image
 
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
-from digitjax.export import export_model
-from digitjax.predict import BUNDLED_MODEL, Predictor
+from digitjax.inference.classifier import BUNDLED_MODEL, CheckpointClassifier
+from digitjax.inference.export import export_model
 
 BATCHES = (1, 256)
 
@@ -63,7 +63,7 @@ def measure(checkpoint: Path, folder: Path, image: Path, repeats: int) -> dict:
     with zipfile.ZipFile(files["stablehlo"]["path"]) as archive:
         exported = jax.export.deserialize(bytearray(archive.read("model.jax_exported")))
     exported_call = jax.jit(exported.call)
-    predictor = Predictor(checkpoint)
+    predictor = CheckpointClassifier(checkpoint)
     runners = {
         "onnxruntime": lambda x: session.run(None, {"images": x}),
         "jax_stablehlo": lambda x: exported_call(x).block_until_ready(),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from digitjax.synthetic.user_digits import KINDS, generate
 
-from digitjax.parallel import preprocess_many
-from digitjax.predict import BUNDLED_MODEL, Predictor
-from digitjax.preprocess import load_grayscale
+from digitjax.inference.classifier import BUNDLED_MODEL, CheckpointClassifier
+from digitjax.inference.parallel import preprocess_many
+from digitjax.inference.preprocess import load_grayscale
+from digitjax.synthetic.user_digits import KINDS, generate
 
 
 def plain_resize(path: Path) -> np.ndarray:
@@ -28,7 +28,7 @@ def plain_resize(path: Path) -> np.ndarray:
     return np.asarray(Image.fromarray(gray).resize((28, 28), Image.Resampling.BILINEAR))
 
 
-def score(predictor: Predictor, samples: list, seen: list, resized: np.ndarray) -> dict:
+def score(predictor: CheckpointClassifier, samples: list, seen: list, resized: np.ndarray) -> dict:
     """Per kind: images, accuracy, plain-resize accuracy and "no digit found" count."""
     found = [i for i, image in enumerate(seen) if image is not None]
     digits = np.full(len(samples), -1)
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, nargs="+", default=[BUNDLED_MODEL])
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args()
-    predictors = [Predictor(path) for path in args.checkpoint]
+    predictors = [CheckpointClassifier(path) for path in args.checkpoint]
     with tempfile.TemporaryDirectory() as folder:
         samples = generate(Path(folder), args.per_kind, args.seed, kinds=tuple(args.kinds))
         fonts = (Path(folder) / "fonts.txt").read_text().splitlines()

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 from PIL import Image
-from digitjax.synthetic.user_digits import paper, pen_strokes, photograph, thin_strokes
 
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
-from digitjax.preprocess import load_grayscale, to_mnist
+from digitjax.inference.preprocess import load_grayscale, to_mnist
+from digitjax.synthetic.user_digits import paper, pen_strokes, photograph, thin_strokes
 
 
 def jpeg(ink: np.ndarray, rng: np.random.Generator) -> bytes:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from digitjax.synthetic.user_digits import canvas
 
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
+from digitjax.synthetic.user_digits import canvas
 
 CONCURRENCIES = (1, 8, 32, 128)
 OPEN_LOOP_CLIENTS = 16

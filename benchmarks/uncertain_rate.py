@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import user_digits
 from digitjax.synthetic.non_digits import generate as generate_non_digits
-
-from digitjax.predict import Predictor, predict_files
 
 
 def rates(confidences: list[float | None], thresholds: list[float]) -> dict:
@@ -38,13 +38,13 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99")
     args = parser.parse_args()
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    predictor = Predictor(args.checkpoint)
+    predictor = load_classifier(args.checkpoint)
     with tempfile.TemporaryDirectory() as folder:
         non_digits = generate_non_digits(Path(folder) / "non_digits", args.per_kind, args.seed)
         digits = user_digits.generate(Path(folder) / "digits", args.per_kind, args.seed)
         samples = [(path, kind, None) for path, kind in non_digits]
         samples += [(path, kind, label) for path, label, kind in digits]
-        predictions, _ = predict_files(predictor, [path for path, _, _ in samples])
+        predictions, _ = predict_files(predictor, [path for path, _, _ in samples], None)
     by_kind: dict[str, list] = {}
     for (_, kind, label), prediction in zip(samples, predictions):
         by_kind.setdefault(kind, []).append((prediction, label))
@@ -70,8 +70,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "checkpoint": str(predictor.step_dir),
-                "temperature": predictor.temperature,
+                "model": predictor.info.to_dict(),
                 "seed": args.seed,
                 "kinds": report,
             },

@@ -23,6 +23,7 @@ from digitjax.config import (
     UserError,
     chosen_settings,
 )
+from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
 from digitjax.outputs import check_writable, write_file, writing
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
@@ -80,7 +81,7 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except Interrupted as e:
-            render.err.print(f"[yellow]{e}[/yellow]", highlight=False)
+            render.err.print(f"[yellow]{render.escape(str(e))}[/yellow]", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except (UserError, OSError) as e:
             render.error_line(str(e))
@@ -128,6 +129,19 @@ ModelCheckpointFlag = Annotated[
         show_default=False,
     ),
 ]
+ExportedModelFlag = Annotated[
+    Path | None,
+    typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
+]
+
+
+def chosen_model(checkpoint_path: Path | None, model: Path | None) -> Path | None:
+    """The model of --checkpoint or --model (None: the default one)."""
+    if model is not None and checkpoint_path is not None:
+        raise UserError("pass --checkpoint or --model, not both")
+    return model or checkpoint_path
+
+
 PresetFlag = Annotated[
     str | None,
     typer.Option(
@@ -330,12 +344,6 @@ def evaluate(
         render.err.print(f"plot written to {plot}", highlight=False)
 
 
-# predict marks predictions of a calibrated model whose top probability is lower as uncertain:
-# with the bundled model, the lowest threshold that leaves most images without a digit
-# uncertain, while few real digits are (benchmarks/uncertain_rate.py, benchmarks/README.md).
-DEFAULT_MIN_CONFIDENCE = 0.95
-
-
 def _probability(value: float | None) -> float | None:
     if value is not None and not 0 <= value <= 1:  # NaN fails both comparisons: refused too
         raise typer.BadParameter(f"must be in [0, 1], got {value}")
@@ -358,16 +366,13 @@ def predict(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG grid: input, what the model saw, prediction.")
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
-    ] = None,
+    model: ExportedModelFlag = None,
     min_confidence: Annotated[
         float | None,
         typer.Option(
-            help="Mark predictions whose confidence is below this as uncertain. \\[default: "
-            f"{DEFAULT_MIN_CONFIDENCE} with a calibrated model; none with a model that has no "
-            "temperature, whose confidences are not probabilities to trust]",
+            help="Mark answers whose confidence is below this as not sure (and, far below, "
+            f"not a digit). \\[default: {DEFAULT_MIN_CONFIDENCE} with a calibrated model; none "
+            "with a model that has no temperature, whose confidences are not probabilities]",
             show_default=False,
             callback=_probability,
         ),
@@ -375,32 +380,34 @@ def predict(
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
-    from digitjax.predict import Predictor, collect_images, predict_files, save_seen, write_csv
+    from digitjax.inference.classifier import default_min_confidence
+    from digitjax.inference.predict import (
+        collect_images,
+        load_classifier,
+        predict_files,
+        save_seen,
+        write_csv,
+    )
 
     files, missing = collect_images(paths)
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
-    if model is not None:
-        from digitjax.export import ExportedModel
-
-        if checkpoint_path is not None:
-            raise UserError("pass --checkpoint or --model, not both")
-        predictor = ExportedModel(model)
-    else:
+    path = chosen_model(checkpoint_path, model)
+    if model is None:
         enable_compilation_cache()
-        predictor = Predictor(checkpoint_path)
-    if min_confidence is None and predictor.temperature is not None:
-        min_confidence = DEFAULT_MIN_CONFIDENCE
-    predictions, seen = predict_files(predictor, files, min_confidence)
+    classifier = load_classifier(path)
+    if min_confidence is None:
+        min_confidence = default_min_confidence(classifier.info)
+    predictions, seen = predict_files(classifier, files, min_confidence)
     predictions += missing
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
     else:
-        render.predictions(predictor.source, predictions, min_confidence)
+        render.predictions(classifier.source, predictions, min_confidence)
     for p in predictions:
         if p.error:
-            render.err.print(f"error: {p.path}: {p.error}", highlight=False, soft_wrap=True)
+            render.err.print(f"error: {p.name}: {p.error}", highlight=False, soft_wrap=True)
     # Written after the results are printed, so that a failed write loses nothing else.
     if csv is not None:
         with writing("--csv", csv):
@@ -487,8 +494,8 @@ def export(
     as_json: JsonFlag = False,
 ) -> None:
     """Write the model as one file that runs without digitjax: StableHLO or ONNX."""
-    from digitjax.export import export_model
-    from digitjax.predict import default_checkpoint
+    from digitjax.inference.export import export_model
+    from digitjax.inference.predict import default_checkpoint
 
     written = export_model(checkpoint_path or default_checkpoint(), fmt, out_file, overwrite)
     if as_json:
@@ -501,6 +508,7 @@ def export(
 @user_errors
 def serve(
     checkpoint_path: ModelCheckpointFlag = None,
+    model: ExportedModelFlag = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per forward pass.")] = 256,
@@ -519,14 +527,20 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a page to draw digits on and a batched prediction API over HTTP."""
-    from digitjax.parallel import available_cores
-    from digitjax.serve import Options, serve
-    from digitjax.uploads import Limits
+    try:
+        from digitjax.serving.app import Options, serve
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"digitjax serve needs the server's packages ({e.name} is missing): "
+            "pip install 'digitjax[serve]'"
+        ) from None
+    from digitjax.inference.parallel import available_cores
+    from digitjax.serving.uploads import Limits
 
     enable_compilation_cache()
     limits = Limits(max_in_flight=max_queue, timeout_s=timeout)
     options = Options(host, port, max_batch, max_wait_ms, workers or available_cores(), limits)
-    serve(checkpoint_path, options, report=render.note)
+    serve(chosen_model(checkpoint_path, model), options, report=render.note)
 
 
 def main() -> None:

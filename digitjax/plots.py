@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from digitjax.evaluate import Metrics  # noqa: E402
 from digitjax.outputs import write_file  # noqa: E402
@@ -86,7 +88,7 @@ def plot_evaluation(
     _save(fig, path)
 
 
-def plot_reliability(ax: plt.Axes, metrics: Metrics) -> None:
+def plot_reliability(ax: Axes, metrics: Metrics) -> None:
     """Accuracy against confidence per bin (a calibrated model follows the diagonal), with
     each bin's share of the images on a log scale behind."""
     diagram = metrics.reliability
@@ -137,9 +139,9 @@ def plot_reliability(ax: plt.Axes, metrics: Metrics) -> None:
 
 def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int = 24) -> None:
     """Each input beside the 28x28 digit the model saw, titled with the prediction."""
-    from digitjax.preprocess import load_grayscale
+    from digitjax.inference.preprocess import load_grayscale
 
-    shown = [p for p in predictions if Path(p.path) in seen][:max_images]
+    shown = [p for p in predictions if Path(p.name) in seen][:max_images]
     columns = 4
     rows = max(1, -(-len(shown) // columns))
     fig, axes = plt.subplots(
@@ -152,15 +154,17 @@ def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int 
             axes[i // columns, 2 * (i % columns)],
             axes[i // columns, 2 * (i % columns) + 1],
         )
-        original_ax.imshow(load_grayscale(Path(prediction.path)), cmap="gray", vmin=0, vmax=1)
-        original_ax.set_title(Path(prediction.path).name[:18], fontsize=6)
-        digit_ax.imshow(seen[Path(prediction.path)], cmap="gray", vmin=0, vmax=1)
-        digit_ax.set_title(f"{prediction.digit} ({100 * prediction.confidence:.0f}%)", fontsize=8)
+        original_ax.imshow(load_grayscale(Path(prediction.name)), cmap="gray", vmin=0, vmax=1)
+        original_ax.set_title(Path(prediction.name).name[:18], fontsize=6)
+        digit_ax.imshow(seen[Path(prediction.name)], cmap="gray", vmin=0, vmax=1)
+        answer = {"digit": "", "not_sure": "?", "not_a_digit": " not a digit"}[prediction.verdict]
+        answer = answer if prediction.digit is None else f"{prediction.digit}{answer}"
+        digit_ax.set_title(f"{answer.strip()} ({100 * prediction.confidence:.0f}%)", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     image = io.BytesIO()
     fig.savefig(image, format=path.suffix[1:].lower() or "png", dpi=110)
     plt.close(fig)

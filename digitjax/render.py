@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.cells import cell_len
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,11 +30,12 @@ def print_json(document: Any) -> None:
 
 
 def note(message: str) -> None:
-    err.print(message, highlight=False)
+    err.print(message, highlight=False, markup=False)
 
 
 def error_line(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    # The message is plain text: `pip install 'digitjax[onnx]'` must not lose `[onnx]` as markup.
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
 
 
 class TrainingProgress:
@@ -103,7 +105,7 @@ def training_done(summary: dict, run_dir: Path) -> None:
     best = summary["best"]
     err.print(
         f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
-        f"(epoch {best['epoch']}); checkpoints in {run_dir} "
+        f"(epoch {best['epoch']}); checkpoints in {escape(str(run_dir))} "
         f"[dim]({summary['wall_seconds']:.1f}s)[/dim]",
         highlight=False,
     )
@@ -111,7 +113,7 @@ def training_done(summary: dict, run_dir: Path) -> None:
 
 def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
     out.print(
-        f"[bold]{step_dir}[/bold] on {dataset} {split}: accuracy "
+        f"[bold]{escape(str(step_dir))}[/bold] on {dataset} {split}: accuracy "
         f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
         f"({int(metrics.confusion.sum())} images)",
         highlight=False,
@@ -145,36 +147,38 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
 
 
 def predictions(source: Path, results: list, min_confidence: float | None) -> None:
-    """The table, then a line counting the digits, the uncertain ones and the failures."""
-    width = path_column_width([p.path for p in results], out.width)
-    table = Table(title=f"{source}")
+    """The table, then a line counting the digits, the flagged ones and the failures."""
+    width = path_column_width([p.name for p in results], out.width)
+    table = Table(title=escape(str(source)))
     table.add_column("file", width=width, no_wrap=True)
     table.add_column("digit", no_wrap=True)
     table.add_column("confidence", no_wrap=True)
     table.add_column("top 3")
     for p in results:
-        path = path_tail(p.path, width)
+        path = path_tail(p.name, width)
         if p.error:
-            table.add_row(path, "[red]—[/red]", "", f"[red]{p.error}[/red]")
+            table.add_row(path, "[red]—[/red]", "", f"[red]{escape(p.error)}[/red]")
             continue
-        top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top)
+        top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top())
         confidence = f"{100 * p.confidence:.1f}%"
-        if p.uncertain:
-            digit, confidence = f"[yellow]{p.digit}?[/yellow]", f"[yellow]{confidence}[/yellow]"
-        else:
-            digit = f"[bold]{p.digit}[/bold]"
+        digit = {
+            "digit": f"[bold]{p.digit}[/bold]",
+            "not_sure": f"[yellow]{p.digit}?[/yellow]",
+            "not_a_digit": "[yellow]not a digit[/yellow]",
+        }[p.verdict]
         table.add_row(path, digit, confidence, top)
     out.print(table)
-    digits = sum(p.error is None for p in results)
-    uncertain = sum(p.uncertain for p in results)
+    counts = {v: sum(p.verdict == v for p in results) for v in ("digit", "not_sure", "not_a_digit")}
     marked = (
-        f"[yellow]{uncertain} uncertain[/yellow] (?: confidence below {100 * min_confidence:g}%)"
+        f"[yellow]{counts['not_sure']} not sure[/yellow] (?: confidence below "
+        f"{100 * min_confidence:g}%), [yellow]{counts['not_a_digit']} not a digit[/yellow]"
         if min_confidence is not None
-        else "none marked uncertain (the model has no temperature; see --min-confidence)"
+        else "none marked (the model has no temperature; see --min-confidence)"
     )
+    errors = sum(p.error is not None for p in results)
     out.print(
-        f"{len(results)} image{'s' if len(results) != 1 else ''}: {digits - uncertain} "
-        f"recognized, {marked}, {len(results) - digits} without a digit",
+        f"{len(results)} image{'s' if len(results) != 1 else ''}: {counts['digit']} "
+        f"recognized, {marked}, {errors} without a digit found",
         highlight=False,
     )
 

@@ -8,7 +8,7 @@ import resource
 from pathlib import Path
 
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -97,7 +97,9 @@ def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "--plot out/grid.png: cannot write: File too large")
     assert result.stderr.splitlines()[-1].startswith("error: --plot")
-    table, _, rest = result.stdout.partition("path,digit,confidence,uncertain,top,error")
+    table, _, rest = result.stdout.partition(
+        "name,digit,confidence,uncertain,verdict,probabilities,error"
+    )
     assert "seven.png" in table and "│ 7 " in table
     rows = list(csv.reader(io.StringIO(rest.strip())))
     assert rows[0][:2] == ["seven.png", "7"]

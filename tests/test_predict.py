@@ -2,29 +2,19 @@ import csv
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, ROOT, assert_one_line_error, huge_png, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error, huge_png, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.predict import BUNDLED_MODEL
-
-from digitjax.synthetic.user_digits import generate
+from digitjax.inference.classifier import BUNDLED_MODEL
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, int, str]]:
-    """Realistic user images (photos, canvas drawings, scans, printed) made from MNIST test
-    digits and installed fonts."""
-    return generate(tmp_path_factory.mktemp("user-images"), per_kind=6, seed=0)
 
 
 @pytest.fixture
@@ -51,13 +41,17 @@ def test_bundled_model_restores_and_reaches_its_stated_accuracy(no_runs):
 def test_predicts_user_images_with_the_bundled_model(no_runs, user_images):
     code, results, _ = predict_json(*(str(path) for path, _, _ in user_images))
     assert code == 0
-    assert [r["path"] for r in results] == [str(path) for path, _, _ in user_images]
+    assert [r["name"] for r in results] == [str(path) for path, _, _ in user_images]
     correct = [r["digit"] == label for r, (_, label, _) in zip(results, user_images)]
     assert np.mean(correct) >= 0.9, results
     for r in results:
-        assert 0 < r["confidence"] <= 1 and len(r["top"]) == 3
-        assert r["top"][0] == [r["digit"], r["confidence"]]
-        assert r["top"][0][1] >= r["top"][1][1] >= r["top"][2][1]
+        assert 0 < r["confidence"] <= 1 and len(r["probabilities"]) == 10
+        assert sum(r["probabilities"]) == pytest.approx(1, abs=1e-4)
+        assert r["confidence"] == max(r["probabilities"])
+        assert r["verdict"] in ("digit", "not_sure", "not_a_digit") and r["error"] is None
+        assert r["uncertain"] is (r["verdict"] != "digit")
+        if r["verdict"] != "not_a_digit":
+            assert r["probabilities"][r["digit"]] == r["confidence"]
 
 
 def test_folder_glob_csv_preprocessed_and_plot(no_runs, user_images):
@@ -80,7 +74,7 @@ def test_folder_glob_csv_preprocessed_and_plot(no_runs, user_images):
     with csv_file.open() as f:
         rows = list(csv.DictReader(f))
     in_folder = [p for p, _, _ in user_images if p.parent == folder]
-    assert sorted(r["path"] for r in rows) == sorted(map(str, in_folder))
+    assert sorted(r["name"] for r in rows) == sorted(map(str, in_folder))
     saved = sorted(seen_dir.glob("*.png"))
     assert len(saved) == len(in_folder)
     assert Image.open(saved[0]).size == (28, 28)
@@ -112,7 +106,7 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
         ],
     )
     assert result.exit_code == 1
-    results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    results = {Path(r["name"]).name: r for r in json.loads(result.stdout)}
     assert results["seven.png"]["digit"] == labels[0] == 7
     assert results["blank.png"]["error"] == "no digit found"
     for name in ("notes.png", "truncated.png", "missing.png", "blank.png"):
@@ -146,7 +140,7 @@ def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(
         ],
     )
     assert result.exit_code == 1
-    results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    results = {Path(r["name"]).name: r for r in json.loads(result.stdout)}
     assert [results[name]["digit"] for name in ("seven.png", "two.png")] == list(labels[:2])
     assert results["huge.png"]["error"].startswith("image too large: over 178,956,970 pixels")
     assert results["bomb.png"]["error"] == "image too large: 10000x10000 pixels, limit 80,000,000"
@@ -209,4 +203,4 @@ def test_a_model_of_another_dataset_is_refused(no_runs):
     Image.new("L", (28, 28)).save(image)
     result = runner.invoke(app, ["predict", str(image), "--checkpoint", str(run)])
     assert result.exit_code == 1
-    assert_one_line_error(result.stderr, "was trained on fashion_mnist, not on digits")
+    assert_one_line_error(result.stderr, "is a fashion_mnist model, not a digit model")

@@ -1,14 +1,13 @@
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, ROOT, huge_png
+from helpers import MNIST_DIR, huge_png
 from PIL import Image, ImageDraw, ImageFilter
 
 from digitjax.data import read_idx_split
-from digitjax.preprocess import ImageError, load_grayscale, preprocess_file, to_mnist
+from digitjax.inference.preprocess import ImageError, load_grayscale, preprocess_file, to_mnist
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.predict import BUNDLED_MODEL
+from digitjax.inference.classifier import BUNDLED_MODEL
 
 STARTUP_S = 180  # compiling every batch size on a busy 2-core machine
 
@@ -172,9 +172,9 @@ def test_not_ready_until_compiled_then_ready(server):
     assert httpx.get(f"{server.url}/livez").json() == {"status": "alive"}
     info = httpx.get(f"{server.url}/api/info").json()
     assert info["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    assert info["ready"] and info["backend"] == "cpu" and info["config"]["dataset"] == "mnist"
-    assert info["model"]["test_accuracy"] >= 0.99
-    assert "assets/model" in info["model"]["checkpoint"]
+    assert info["ready"] and info["backend"] == "cpu" and info["model"]["dataset"] == "mnist"
+    assert info["model"]["test_accuracy"] >= 0.99 and info["model"]["name"] == "bundled"
+    assert "/" not in json.dumps(info["model"])  # no path of the host
 
 
 def test_raw_body_matches_predict_command(server, files, tmp_path, monkeypatch):
@@ -183,12 +183,12 @@ def test_raw_body_matches_predict_command(server, files, tmp_path, monkeypatch):
     body = response.json()
     [prediction] = body["predictions"]
     assert prediction["digit"] == 7 and prediction["error"] is None
-    assert prediction["filename"] is None and "image" not in prediction
+    assert prediction["name"] is None and "image" not in prediction
     assert len(prediction["probabilities"]) == 10
     assert sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-4)
     assert prediction["confidence"] == max(prediction["probabilities"])
     [bundled_step] = (BUNDLED_MODEL / "best").iterdir()
-    assert body["model"]["checkpoint"].endswith(f"assets/model/best/{bundled_step.name}")
+    assert body["model"]["name"] == "bundled" and body["model"]["step"] == int(bundled_step.name)
     # Same preprocessing and model as the command line.
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["predict", str(files["canvas"]), "--json"])
@@ -204,7 +204,7 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
     response = post_files(server.url, *(files[name] for name in names), params={"image": "true"})
     assert response.status_code == 200
     predictions = response.json()["predictions"]
-    assert [p["filename"] for p in predictions] == [files[name].name for name in names]
+    assert [p["name"] for p in predictions] == [files[name].name for name in names]
     by_name = dict(zip(names, predictions))
     assert by_name["photo"]["digit"] == 2 and by_name["canvas"]["digit"] == 7
     assert by_name["blank"]["error"] == "no digit found"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
 from digitjax.synthetic.user_digits import digit_fonts, encode
 
 KINDS = ("face", "text", "letter", "texture", "scribble")

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from digitjax import __version__
-from digitjax.config import UserError
+from digitjax.config import UserError, reason
+from digitjax.inference.classifier import ModelInfo, checkpoint_info, in_batches, step_record
 
 FORMATS = ("stablehlo", "onnx")
 SUFFIXES = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
@@ -37,7 +38,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 MAX_FILE_BYTES = 2**31  # ONNX's protobuf limit; far above any model digitjax trains
 PREPROCESSING = (
     "(N, 28, 28) float32 in [0, 1]: a white digit on black, its longer side scaled to 20 px and "
-    "its centre of mass at the centre, as in MNIST (what digitjax.preprocess produces)"
+    "its centre of mass at the centre, as in MNIST (what digitjax.inference.preprocess produces)"
 )
 
 
@@ -88,21 +89,20 @@ def export_model(checkpoint: Path, fmt: str | None, out: Path, overwrite: bool =
 
 
 def export_metadata(model: Any) -> dict:
-    step = int(model.step_dir.name)
-    record = next((r for r in model.summary.get("history", []) if r["step"] == step), None)
+    info = checkpoint_info(model)
     return {
         "digitjax_version": __version__,
         "checkpoint": "/".join(model.step_dir.parts[-3:]),  # run/kind/step, not the user's path
-        "step": step,
-        "epoch": record and record["epoch"],
-        "test_accuracy": record and record["test_accuracy"],  # on the dataset's test split
-        "dataset": model.config.dataset,
-        "num_classes": model.summary.get("num_classes", 10),
+        "step": info.step,
+        "epoch": step_record(model).get("epoch"),
+        "test_accuracy": info.test_accuracy,  # on the dataset's test split
+        "dataset": info.dataset,
+        "num_classes": info.num_classes,
         "weights": "moving average" if model.config.ema_decay else "trained",
         "temperature": model.temperature,  # the logits are divided by it before the softmax
         "config": model.config.to_dict(),
         "input": {"name": INPUT_NAME, "shape": ["N", 28, 28], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["N", model.summary.get("num_classes", 10)]},
+        "output": {"name": OUTPUT_NAME, "shape": ["N", info.num_classes]},
         "preprocessing": PREPROCESSING,
     }
 
@@ -110,12 +110,14 @@ def export_metadata(model: Any) -> dict:
 def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     import jax
 
-    from digitjax.model import IMAGE_SIZE, probabilities
+    from digitjax.model import IMAGE_SIZE, calibrated_probabilities
 
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
     def calibrated(images: jax.Array) -> jax.Array:
-        return probabilities(model.graphdef, model.params, images, conv_impls, model.temperature)
+        return calibrated_probabilities(
+            model.graphdef, model.params, images, conv_impls, model.temperature
+        )
 
     shape = jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}")
     exported = jax.export.export(jax.jit(calibrated), platforms=PLATFORMS)(
@@ -133,10 +135,11 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from digitjax.checkpoint import leaves_by_path
     from digitjax.model import NUM_POOLS
 
     params = {
-        name: np.asarray(value, np.float32) for name, value in _flat_params(model.params).items()
+        name: np.asarray(value, np.float32) for name, value in leaves_by_path(model.params).items()
     }
     initializers = [numpy_helper.from_array(np.array([1], np.int64), "channel_axis")]
     nodes = [helper.make_node("Unsqueeze", [INPUT_NAME, "channel_axis"], ["x0"])]
@@ -208,42 +211,30 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     return onnx_model.SerializeToString()
 
 
-def _flat_params(params: dict) -> dict[str, Any]:
-    """{"convs/0/kernel": array, ...}"""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}/{k}": v for k, v in _flat_params(value).items()})
-        else:
-            flat[str(key)] = value
-    return flat
-
-
 class ExportedModel:
-    """An exported file, run with onnxruntime (no JAX imported) or with jax.export."""
+    """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
+    jax.export. The format is told by the content (a zip archive is StableHLO), not the name."""
 
     def __init__(self, path: Path):
         self.source = path
         data = _read_limited(path)
-        self.format = _format_of(path, data)
+        self.format = "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
         if self.format == "onnx":
             self.metadata, self._run = _load_onnx(path, data)
         else:
             self.metadata, self._run = _load_stablehlo(path, data)
-        self.temperature = self.metadata.get("temperature")  # None: not calibrated
-        if self.metadata.get("num_classes") != 10 or self.metadata.get("dataset") != "mnist":
-            raise UserError(
-                f"{path} was exported from a {self.metadata.get('dataset')} model, not a digit "
-                "model: pass --model with a digit model"
-            )
+        self.info = ModelInfo(
+            name=path.name,
+            kind=self.format,
+            step=self.metadata.get("step"),
+            test_accuracy=self.metadata.get("test_accuracy"),
+            temperature=self.metadata.get("temperature"),
+            dataset=str(self.metadata.get("dataset")),
+            num_classes=self.metadata.get("num_classes", 0),
+        )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """images: (N, 28, 28) floats in [0, 1]; in chunks, to bound the runtime's memory."""
-        from digitjax.predict import MAX_BATCH
-
-        images = np.asarray(images, np.float32)
-        chunks = [self._run(images[i : i + MAX_BATCH]) for i in range(0, len(images), MAX_BATCH)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)
+        return in_batches(self._run, images)
 
 
 def _read_limited(path: Path) -> bytes:
@@ -253,14 +244,6 @@ def _read_limited(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _format_of(path: Path, data: bytes) -> str:
-    """By the suffix `export` gives its files, else by content (a zip archive is StableHLO)."""
-    for fmt, suffix in SUFFIXES.items():
-        if path.suffix.lower() == suffix:
-            return fmt
-    return "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
 
 
 def _not_an_export(path: Path, fmt: str, reason: str) -> UserError:
@@ -277,7 +260,7 @@ def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types for any unreadable model
-        raise _not_an_export(path, "ONNX", _first_line(e)) from None
+        raise _not_an_export(path, "ONNX", reason(e)) from None
     metadata = _parse_metadata(
         path, "ONNX", session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     )
@@ -297,14 +280,14 @@ def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
             raw_metadata = archive.read(METADATA_MEMBER).decode("utf-8", "replace")
             serialized = archive.read(EXPORTED_MEMBER)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-        raise _not_an_export(path, "StableHLO", _first_line(e)) from None
+        raise _not_an_export(path, "StableHLO", reason(e)) from None
     metadata = _parse_metadata(path, "StableHLO", raw_metadata)
     import jax
 
     try:
         exported = jax.export.deserialize(bytearray(serialized))
     except Exception as e:  # flatbuffers raises anything on damaged bytes
-        raise _not_an_export(path, "StableHLO", _first_line(e)) from None
+        raise _not_an_export(path, "StableHLO", reason(e)) from None
     forward = jax.jit(exported.call)
     return metadata, lambda images: np.asarray(forward(images))
 
@@ -319,8 +302,3 @@ def _parse_metadata(path: Path, fmt: str, raw: str | None) -> dict:
     if not isinstance(metadata, dict):
         raise _not_an_export(path, fmt, "unreadable metadata")
     return metadata
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

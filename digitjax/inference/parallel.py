@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitjax.preprocess import MAX_PIXELS, ImageError, preprocess_file
+from digitjax.inference.preprocess import MAX_PIXELS, ImageError, preprocess_file
 
 # The 28x28 digit, or None and why there is none.
 Outcome = tuple[np.ndarray | None, str | None]
@@ -34,7 +34,9 @@ def preprocess_one(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> Outcom
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def start_pool(workers: int) -> ProcessPoolExecutor:

@@ -10,22 +10,20 @@ import base64
 import contextlib
 import dataclasses
 import gc
-import io
 import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -36,11 +34,20 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException
 
-from digitjax.batcher import Batcher, QueueFull
 from digitjax.config import UserError
-from digitjax.parallel import Outcome, available_cores, preprocess_one, start_pool
-from digitjax.predict import MAX_BATCH, Predictor
-from digitjax.uploads import Limits, Rejected, Upload, read_uploads
+from digitjax.inference.classifier import (
+    MAX_BATCH,
+    Classifier,
+    answer,
+    batch_sizes,
+    default_min_confidence,
+    failed,
+)
+from digitjax.inference.parallel import Outcome, available_cores, preprocess_one, start_pool
+from digitjax.inference.predict import load_classifier
+from digitjax.inference.preprocess import png_bytes
+from digitjax.serving.batcher import Batcher, QueueFull
+from digitjax.serving.uploads import Limits, Rejected, Upload, read_uploads
 
 STATIC_DIR = Path(__file__).parent / "static"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -101,28 +108,24 @@ class Metrics:
 class Server:
     """The loaded model and what serves it: worker pool, batcher, metrics."""
 
-    def __init__(self, predictor: Predictor, options: Options, report: Callable[[str], None]):
-        self.predictor, self.options, self.report = predictor, options, report
+    def __init__(self, classifier: Classifier, options: Options, report: Callable[[str], None]):
+        self.classifier, self.options, self.report = classifier, options, report
         self.limits = options.limits
         self.metrics = Metrics()
         # A request's files form one queue item, so its size must be compiled as well.
         largest = min(MAX_BATCH, max(options.max_batch, self.limits.max_files))
-        self.batch_sizes = [2**i for i in range((largest - 1).bit_length() + 1)]
+        self.batch_sizes = batch_sizes(largest)
         self.ready = False
         self.pool = None
         self.batcher: Batcher | None = None
-        accuracy = predictor.summary.get("last", {}).get("test_accuracy")
-        self.model_info = {
-            "checkpoint": str(predictor.step_dir),
-            "test_accuracy": accuracy,
-            "temperature": predictor.temperature,  # the probabilities are softmax(logits / T)
-        }
+        self.model_info = classifier.info.to_dict()
+        self.default_min_confidence = default_min_confidence(classifier.info)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> Any:
         self.pool = start_pool(self.options.workers)
         self.batcher = Batcher(
-            self.predictor.probabilities,
+            self.classifier.probabilities,
             self.options.max_batch,
             self.options.max_wait_ms / 1000,
             self.limits.max_in_flight,
@@ -145,9 +148,9 @@ class Server:
 
         def compile_all() -> None:
             for size in self.batch_sizes:
-                self.predictor.probabilities(np.zeros((size, 28, 28), np.float32))
+                self.classifier.probabilities(np.zeros((size, 28, 28), np.float32))
 
-        sample = _png(np.pad(np.ones((8, 8), np.float32), 10))
+        sample = png_bytes(np.pad(np.ones((8, 8), np.float32), 10))
         await asyncio.gather(
             self.batcher.run_in_thread(compile_all),
             *(self.preprocess(sample) for _ in range(2 * self.options.workers)),
@@ -177,7 +180,9 @@ class Server:
         except Exception as e:  # PIL raises many types on hostile files; all mean "unreadable"
             return None, f"unreadable image: {type(e).__name__}: {e}"[:300]
 
-    async def predict(self, uploads: list[Upload], with_images: bool) -> dict:
+    async def predict(
+        self, uploads: list[Upload], with_images: bool, min_confidence: float | None
+    ) -> dict:
         with self.batcher.admit(len(uploads)):
             async with asyncio.timeout(self.limits.timeout_s):
                 outcomes = await asyncio.gather(*(self.preprocess(u.data) for u in uploads))
@@ -185,20 +190,27 @@ class Server:
                 probabilities = iter(
                     await self.batcher.probabilities(np.stack(found)) if found else []
                 )
-        return {
-            "predictions": [
-                _prediction(upload.filename, image, error, probabilities, with_images)
-                for upload, (image, error) in zip(uploads, outcomes)
-            ],
-            "model": self.model_info,
-        }
+        if min_confidence is None:
+            min_confidence = self.default_min_confidence
+        predictions = []
+        for upload, (image, error) in zip(uploads, outcomes):
+            if image is None:
+                predictions.append(failed(upload.filename, error or "no digit found").to_dict())
+                continue
+            prediction = answer(upload.filename, next(probabilities), min_confidence).to_dict()
+            if with_images:
+                prediction["image"] = (
+                    "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+                )
+            predictions.append(prediction)
+        return {"predictions": predictions, "model": self.model_info}
 
     def info(self) -> dict:
         import jax
 
         return {
             "model": self.model_info,
-            "config": self.predictor.config.to_dict(),
+            "min_confidence": self.default_min_confidence,
             "device": str(jax.devices()[0]),
             "backend": jax.default_backend(),
             "batch_sizes": self.batch_sizes,
@@ -208,41 +220,6 @@ class Server:
             "limits": dataclasses.asdict(self.limits),
             "ready": self.ready,
         }
-
-
-def _prediction(
-    filename: str | None,
-    image: np.ndarray | None,
-    error: str | None,
-    probabilities: Iterator[np.ndarray],
-    with_image: bool,
-) -> dict:
-    if image is None:
-        return {
-            "filename": filename,
-            "digit": None,
-            "confidence": None,
-            "probabilities": None,
-            "error": error,
-        }
-    probs = next(probabilities)
-    digit = int(np.argmax(probs))
-    result = {
-        "filename": filename,
-        "digit": digit,
-        "confidence": round(float(probs[digit]), 6),
-        "probabilities": [round(float(p), 6) for p in probs],
-        "error": None,
-    }
-    if with_image:
-        result["image"] = "data:image/png;base64," + base64.b64encode(_png(image)).decode()
-    return result
-
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 PREDICT_BODY = {
@@ -286,7 +263,11 @@ def create_app(server: Server) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     @app.post("/api/predict", openapi_extra={"requestBody": PREDICT_BODY})
-    async def predict(request: Request, image: bool = False) -> JSONResponse:
+    async def predict(
+        request: Request,
+        image: bool = False,
+        min_confidence: Annotated[float | None, Query(ge=0, le=1)] = None,
+    ) -> JSONResponse:
         """Digits in one or more images: multipart `file` parts, or one raw image body.
         `image=true` adds each 28x28 input the model saw, as a PNG data URL."""
         started, status = time.perf_counter(), 500
@@ -306,7 +287,7 @@ def create_app(server: Server) -> FastAPI:
                 ) from None
             metrics.images.inc(len(uploads))
             try:
-                result = await server.predict(uploads, image)
+                result = await server.predict(uploads, image, min_confidence)
             except QueueFull:
                 raise refuse(503, "queue_full", "The server is busy.", retry=True) from None
             except TimeoutError:
@@ -348,14 +329,14 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def serve(checkpoint: Path | None, options: Options, report: Callable[[str], None]) -> None:
+def serve(model: Path | None, options: Options, report: Callable[[str], None]) -> None:
     """Serves until Ctrl-C or SIGTERM, which let the requests in flight finish."""
     listener = _listen(options.host, options.port)
     host, port = listener.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    predictor = Predictor(checkpoint)
-    report(f"Serving {predictor.step_dir} at {url} (Ctrl-C to stop); compiling...")
-    server = Server(predictor, options, report)
+    classifier = load_classifier(model)
+    report(f"Serving {classifier.source} at {url} (Ctrl-C to stop); compiling...")
+    server = Server(classifier, options, report)
     config = uvicorn.Config(
         create_app(server), log_level="warning", access_log=False, timeout_keep_alive=30
     )

@@ -1,0 +1,111 @@
+"""Recognizing the user's own images: choose the model, find the files, preprocess them like
+MNIST, and run one compiled forward pass over all of them."""
+
+import glob
+from pathlib import Path
+
+import numpy as np
+
+from digitjax.inference.classifier import (
+    BUNDLED_MODEL,
+    CheckpointClassifier,
+    Classifier,
+    Prediction,
+    answer,
+    check_digit_model,
+    failed,
+)
+from digitjax.inference.parallel import preprocess_many
+from digitjax.inference.preprocess import png_bytes
+from digitjax.outputs import write_file
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def default_checkpoint() -> Path:
+    """The newest run's best checkpoint, else the model shipped with the package."""
+    from digitjax.checkpoint import newest_run
+
+    return newest_run() or BUNDLED_MODEL
+
+
+def load_classifier(path: Path | None = None) -> Classifier:
+    """The model at `path`: a file written by `digitjax export` (told by its content), else a
+    run or checkpoint folder; by default the newest run, else the bundled model."""
+    path = default_checkpoint() if path is None else path
+    if path.is_file() or path.suffix.lower() in (".onnx", ".stablehlo"):
+        from digitjax.inference.export import ExportedModel
+
+        classifier: Classifier = ExportedModel(path)
+    else:
+        classifier = CheckpointClassifier(path)
+    check_digit_model(classifier.info, path)
+    return classifier
+
+
+def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:
+    """Expands files, folders (recursively) and globs; returns the images and per-path errors."""
+    files, errors = [], []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors.append(failed(pattern, "folder holds no images"))
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                errors.append(failed(pattern, "no such file"))
+            files.extend(matches)
+    return list(dict.fromkeys(files)), errors
+
+
+def predict_files(
+    classifier: Classifier, files: list[Path], min_confidence: float | None
+) -> tuple[list[Prediction], dict[Path, np.ndarray]]:
+    """Predictions in input order, judged at `min_confidence`, and the 28x28 image the model
+    saw for each file in which preprocessing found a digit."""
+    outcomes = dict(zip(files, preprocess_many(files)))
+    seen = {path: image for path, (image, _) in outcomes.items() if image is not None}
+    probabilities = dict(
+        zip(seen, classifier.probabilities(np.stack(list(seen.values()))) if seen else [])
+    )
+    return [
+        answer(str(path), probabilities[path], min_confidence)
+        if path in seen
+        else failed(str(path), outcomes[path][1] or "no digit found")
+        for path in files
+    ], seen
+
+
+def write_csv(path: Path, predictions: list[Prediction]) -> None:
+    """The predictions in the schema of `--json`, a row each; probabilities space-separated."""
+    import csv
+    import io
+
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(Prediction(None).to_dict())  # the column names
+    for prediction in predictions:
+        row = prediction.to_dict()
+        row["probabilities"] = " ".join(map(str, row["probabilities"] or ()))
+        writer.writerow(
+            ["" if v is None else str(v).lower() if v in (True, False) else v for v in row.values()]
+        )
+    write_file(path, text.getvalue().encode())
+
+
+def save_seen(folder: Path, seen: dict[Path, np.ndarray]) -> None:
+    """The 28x28 image the model saw for each input, as `<input name>.png`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for path, image in seen.items():
+        name = path.stem
+        while name in used:  # same file name in different folders
+            name += "_"
+        used.add(name)
+        write_file(folder / f"{name}.png", png_bytes(image))
