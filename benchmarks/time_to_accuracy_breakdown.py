@@ -14,16 +14,16 @@ import time
 
 
 def breakdown(result: dict) -> dict[str, float]:
-    """Seconds per part of one run. The first chunk's time beyond a later chunk's is its
+    """Seconds per part of one run. The first chunk's time beyond the median chunk's is its
     compilation; the first evaluation's includes compiling the evaluation."""
     evaluations = result["evaluations"]
     ends = [result["setup_s"]] + [e["seconds"] for e in evaluations]
     chunks = [e["trained_s"] - end for e, end in zip(evaluations, ends, strict=False)]
-    steady = statistics.median(chunks[1:]) if len(chunks) > 1 else 0.0
-    return {
+    compile_s = chunks[0] - statistics.median(chunks[1:]) if len(chunks) > 1 else 0.0
+    return {  # the parts add up to the total
         "setup (data to device, initial state)": result["setup_s"],
-        "compiling the training chunk": chunks[0] - steady,
-        "training": steady * len(chunks),
+        "compiling the training chunk": compile_s,
+        "training": sum(chunks) - compile_s,
         "evaluation (its compile included)": sum(
             e["seconds"] - e["trained_s"] for e in evaluations
         ),
@@ -42,13 +42,13 @@ def import_seconds() -> float:
 def main() -> None:
     runs = [json.loads(open(path).read())["time_to_accuracy"] for path in sys.argv[1:]]
     parts = [breakdown(run) for run in runs]
-    print(f"{len(runs)} runs; crossing at epoch {', '.join(str(r['epochs']) for r in runs)}")
+    epochs = ", ".join(f"{run['epochs']:.1f}" for run in runs)
+    print(f"{len(runs)} runs; crossing at epoch {epochs}")
     rows = {"imports and dataset load (not in the total)": [import_seconds()]}
     rows |= {name: [p[name] for p in parts] for name in parts[0]}
     for name, values in rows.items():
-        print(
-            f"{name:<45} {statistics.median(values):5.2f} s ({min(values):.2f}..{max(values):.2f})"
-        )
+        median = statistics.median(values)
+        print(f"{name:<45} {median:5.2f} s ({min(values):.2f}..{max(values):.2f})")
 
 
 if __name__ == "__main__":
