@@ -26,8 +26,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import jax
-import numpy as np
+# Each step's process takes GPU memory as it needs it, instead of JAX's default 75% of the card
+# at its first use, which would leave too little to the next process while this one (or the
+# test runner) holds its share.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402  (after the environment variable it reads)
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_TESTS = ["tests/test_model.py", "tests/test_train.py", "tests/test_evaluate.py"]
