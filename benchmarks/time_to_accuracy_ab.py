@@ -34,11 +34,13 @@ PEER = Path(__file__).resolve().parent / "peer_trainer.py"
 def run_once(name: str, source: Path | None, target: float) -> dict:
     """One cold run: of the digitjax in `source`, or of the peer (no source)."""
     if source is None:
-        args, env = [sys.executable, str(PEER), "--target", str(target), "--json"], os.environ
+        args, cwd = [sys.executable, str(PEER), "--target", str(target), "--json"], None
     else:
+        # Run from the source tree: `python -c` imports from the current folder first.
         args = [sys.executable, "-c", TIME_TO_ACCURACY.replace("TARGET", str(target))]
-        env = {**os.environ, "PYTHONPATH": str(source.resolve())}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+        cwd = source.resolve()
+    env = {**os.environ, "PYTHONPATH": str(cwd or "")}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
