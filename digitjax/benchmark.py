@@ -189,18 +189,19 @@ def make_target_check(
     few batches instead of the whole set. The batches hold the images in a fixed random
     order, so that errors are not bunched at the end (MNIST's last 5,000 are the harder)."""
     count = len(dataset.test_labels)
+    allowed = allowed_errors(count, target)
     order = np.random.default_rng(0).permutation(count)
-    images = put_replicated(pad_to_batches(dataset.test_images[order]), setup.mesh)
-    padding = np.full(len(images) - count, -1, np.int32)  # a label no prediction matches
-    labels = put_replicated(np.concatenate([dataset.test_labels[order], padding]), setup.mesh)
+    test_images = put_replicated(pad_to_batches(dataset.test_images[order]), setup.mesh)
+    padding = np.full(len(test_images) - count, -1, np.int32)  # a label no prediction matches
+    test_labels = put_replicated(np.concatenate([dataset.test_labels[order], padding]), setup.mesh)
     batch_logits = make_batch_logits(setup.graphdef, setup.mesh)
-    num_batches = len(images) // EVAL_BATCH
+    num_batches = len(test_images) // EVAL_BATCH
 
     @jax.jit
     def check(params: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         def more(carry: tuple) -> jax.Array:
             batch, errors = carry
-            return (batch < num_batches) & (errors <= allowed_errors(count, target))
+            return (batch < num_batches) & (errors <= allowed)
 
         def evaluate_batch(carry: tuple) -> tuple:
             batch, errors = carry
@@ -215,7 +216,7 @@ def make_target_check(
         return jnp.minimum(batches * EVAL_BATCH, count), errors
 
     def evaluated_and_errors(params: Any) -> tuple[int, int]:
-        evaluated, errors = check(params, images, labels)
+        evaluated, errors = check(params, test_images, test_labels)
         return int(to_host(evaluated)), int(to_host(errors))
 
     return evaluated_and_errors
@@ -268,6 +269,7 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
         "reached": False,
         "seconds": time.perf_counter() - start,
         "final_accuracy": setup.test_metrics(state).accuracy,
+        "cpu_seconds": time.process_time() - cpu_start,
         "setup_s": setup_s,
         "evaluations": evaluations,
     }
