@@ -37,9 +37,14 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_TESTS = ["tests/test_model.py", "tests/test_train.py", "tests/test_evaluate.py"]
 DEVICE_TESTS += ["tests/test_export.py"]
+# Seconds each step may take on the device, so that the whole check ends within 8 minutes even
+# if one step hangs (the quick mode, on a loaded CPU, has none).
+TIME_LIMITS = {"tests": 150, "benchmark": 120, "train": 90, "export": 45}
 
 
-def run_step(name: str, args: list[str], log: Path, timeout: float, json_out: bool = False) -> dict:
+def run_step(
+    name: str, args: list[str], log: Path, timeout: float | None, json_out: bool = False
+) -> dict:
     """Runs one command from the repository's root, appending its output to the log; returns
     its wall time, exit status (None if it ran past `timeout` seconds and was killed: the
     later steps still run) and, with `json_out`, the JSON document it printed."""
@@ -114,6 +119,7 @@ def driver_info() -> str:
 
 
 def check(quick: bool, out: Path, data_dir: str | None) -> dict:
+    limits = dict.fromkeys(TIME_LIMITS) if quick else TIME_LIMITS
     out.mkdir(parents=True, exist_ok=True)
     log = out / "device_check.log"
     log.write_text("")
@@ -130,11 +136,15 @@ def check(quick: bool, out: Path, data_dir: str | None) -> dict:
             "tests",
             [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *DEVICE_TESTS],
             log,
-            timeout=240,
+            limits["tests"],
         )
     bench_args = ["--steps", "5", "--repeats", "2"] if quick else ["--target", "0.99"]
     results["benchmark"] = run_step(
-        "benchmark", digitjax("benchmark", *bench_args, "--json"), log, 180, json_out=True
+        "benchmark",
+        digitjax("benchmark", *bench_args, "--json"),
+        log,
+        limits["benchmark"],
+        json_out=True,
     )
     train_args = ["--preset", "best", "--epochs", "1"]
     if quick:
@@ -146,12 +156,15 @@ def check(quick: bool, out: Path, data_dir: str | None) -> dict:
         "train",
         digitjax("train", *train_args, "--out", str(run_dir), "--json"),
         log,
-        120,
+        limits["train"],
         json_out=True,
     )
     model_file = work / "model.stablehlo"
     results["export"] = run_step(
-        "export", digitjax("export", str(run_dir), "--out", str(model_file), "--json"), log, 60
+        "export",
+        digitjax("export", str(run_dir), "--out", str(model_file), "--json"),
+        log,
+        limits["export"],
     )
     if results["export"]["exit_code"] == 0:
         results["exported_model"] = run_exported(model_file, data_dir)
