@@ -12,7 +12,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 # The `digitjax` command, which tests start as a process, without installing the package.
 mkdir -p /tmp/digitjax-bin
-printf '#!/bin/sh\nexec python3 -m digitjax.cli "$@"\n' > /tmp/digitjax-bin/digitjax
+printf '#!/bin/sh\nexec python3 -c "from digitjax.launch import main; main()" "$@"\n' \
+    > /tmp/digitjax-bin/digitjax
 chmod +x /tmp/digitjax-bin/digitjax
 export PATH="/tmp/digitjax-bin:$PATH" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
