@@ -162,7 +162,7 @@ def inference_throughput(config: Config, dataset: Dataset, repeats: int) -> dict
     images = jnp.asarray(pad_to_batches(dataset.test_images))
     logits_fn = make_logits_fn(graphdef)
     start = time.perf_counter()
-    compiled = logits_fn.lower(params, images).compile()
+    compiled = jax.jit(logits_fn).lower(params, images).compile()
     compile_s = time.perf_counter() - start
     timing = timed(lambda: compiled(params, images), repeats)
     return {
@@ -212,7 +212,7 @@ def make_target_check(
             wrong = (predicted != batch_labels) & (batch_labels >= 0)
             return batch + 1, errors + wrong.sum()
 
-        batches, errors = jax.lax.while_loop(more, evaluate_batch, (0, 0))
+        batches, errors = jax.lax.while_loop(more, evaluate_batch, (0, jnp.int32(0)))
         return jnp.minimum(batches * EVAL_BATCH, count), errors
 
     def evaluated_and_errors(params: Any) -> tuple[int, int]:
@@ -236,6 +236,7 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
     initial_state = setup.init_state()
     setup_s = time.perf_counter() - start
     evaluations = []
+    state = initial_state
     for state, step in run_chunks(setup, initial_state, 0):
         jax.block_until_ready(state)  # the chunk's end: splits training from evaluation time
         trained = time.perf_counter() - start

@@ -25,11 +25,12 @@ def make_batch_logits(
 ) -> Callable[[jax.Array, Any], jax.Array]:
     """fn(images (EVAL_BATCH, 28, 28) uint8, params) -> logits, to call inside a jitted
     program. With a mesh, devices share the batch."""
-    split_batches = mesh is not None and EVAL_BATCH % mesh.size == 0
+    split = mesh is not None and EVAL_BATCH % mesh.size == 0
+    sharding = batch_sharded(mesh) if mesh is not None and split else None
 
     def batch_logits(images: jax.Array, params: Any) -> jax.Array:
-        if split_batches:
-            images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
+        if sharding is not None:
+            images = jax.lax.with_sharding_constraint(images, sharding)
         conv_impls = conv_impls_for(jax.default_backend(), False, len(params["convs"]))
         return apply(graphdef, params, normalize(images), conv_impls)
 
