@@ -247,7 +247,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "augment_thickness": 0.4,
         "augment_blur": 0.6,
         "augment_low_res": 0.1,
-        "non_digit_fraction": 0.25,
         "ema_decay": 0.999,
     },
 }

@@ -94,6 +94,8 @@ def test_presets_are_the_recipes_benchmarks_measured():
         )
         == best
     )
-    assert robust.non_digit_fraction > 0 and best.non_digit_fraction == 0
+    # Refusing non-digits is not part of any preset yet (benchmarks/README.md, Non-digit
+    # rejection: it costs user digits more than the bundled model may lose).
+    assert robust.non_digit_fraction == 0 and best.non_digit_fraction == 0
     assert min(robust.augment_elastic, robust.augment_thickness, robust.augment_blur) > 0
     assert set(PRESET_PURPOSES) == set(PRESETS)
