@@ -18,7 +18,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,7 @@ class RunCheckpointer:
             for kind in (LATEST, BEST)
         }
 
-    def save(self, kind: str, state: dict[str, Any], config: Config, summary: dict) -> None:
+    def save(self, kind: str, state: Mapping[str, Any], config: Config, summary: dict) -> None:
         manager = self.managers[kind]
         step = int(state["step"].addressable_data(0))
         if manager.latest_step() == step:

@@ -9,8 +9,8 @@ from typing import Any
 
 def reason(error: BaseException) -> str:
     """The root cause of an exception chain, in one short line for an `error:` message."""
-    while error.__cause__ or error.__context__:
-        error = error.__cause__ or error.__context__
+    while (cause := error.__cause__ or error.__context__) is not None:
+        error = cause
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     text = str(error).strip()
@@ -143,7 +143,7 @@ def chosen_settings(flags: dict[str, Any], preset: str | None) -> dict[str, Any]
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     given = {name: value for name, value in flags.items() if value is not None}
-    return {**PRESETS.get(preset, {}), **given}
+    return {**(PRESETS[preset] if preset else {}), **given}
 
 
 def uses_ema(config: Config) -> bool:

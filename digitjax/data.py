@@ -227,7 +227,8 @@ def _checked_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
         ):
             raise ValueError(f"unexpected {split} arrays {images.shape} and {labels.shape}")
         splits += [images, labels.astype(np.int32)]
-    return Dataset(name, *splits, class_names)
+    train_images, train_labels, test_images, test_labels = splits
+    return Dataset(name, train_images, train_labels, test_images, test_labels, class_names)
 
 
 def _write_cache(dataset: Dataset, cache_file: Path) -> None:
@@ -337,7 +338,8 @@ def make_builder(name: str, tfds_dir: Path):
     logging.set_verbosity(logging.ERROR)  # tfds warns about optional OpenCV on every read
     stock = {"mnist": mnist.MNIST, "fashion_mnist": mnist.FashionMNIST}[name]
 
-    class IdxBuilder(stock, skip_registration=True):
+    # tfds's builder metaclass takes skip_registration; its type stubs do not say so.
+    class IdxBuilder(stock, skip_registration=True):  # pyright: ignore[reportGeneralTypeIssues, reportCallIssue]
         VERSION = tfds.core.Version(TFDS_VERSION)
         RELEASE_NOTES = {
             TFDS_VERSION: f"Examples are blocks of {IMAGES_PER_EXAMPLE} raw uint8 images with "

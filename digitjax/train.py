@@ -114,7 +114,7 @@ def init_state(
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh) if mesh is not None else None)
     def fresh_state(params: Any) -> TrainState:
-        state = {
+        state: TrainState = {
             "params": params,
             "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
@@ -192,7 +192,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         totals = state["epoch_totals"]
-        new_state = {
+        new_state: TrainState = {
             "params": params,
             "opt_state": opt_state,
             "step": state["step"] + 1,

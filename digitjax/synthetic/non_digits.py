@@ -98,7 +98,9 @@ def _lit_background(rng: np.random.Generator, height: int, width: int) -> np.nda
     return rng.uniform(0.15, 0.95, 3) * (light * mottle)[..., None]
 
 
-def _font(fonts: list[Path], rng: np.random.Generator, low: int, high: int) -> ImageFont:
+def _font(
+    fonts: list[Path], rng: np.random.Generator, low: int, high: int
+) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), _level(rng, low, high))
 
 
@@ -110,7 +112,7 @@ def _printed(
     left, top, right, bottom = font.getbbox(characters)
     pad_x, pad_y = _level(rng, 10, 200), _level(rng, 10, 200)
     paper, ink = _paper_and_ink(rng)
-    image = Image.new("L", (right - left + pad_x, bottom - top + pad_y), paper)
+    image = Image.new("L", (int(right - left) + pad_x, int(bottom - top) + pad_y), paper)
     position = (_level(rng, 0, pad_x + 1) - left, _level(rng, 0, pad_y + 1) - top)
     ImageDraw.Draw(image).text(position, characters, fill=ink, font=font)
     image = image.rotate(rng.uniform(-6, 6), Image.Resampling.BICUBIC, fillcolor=paper)
@@ -195,7 +197,7 @@ def text(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     box = probe.multiline_textbbox((0, 0), "\n".join(lines), font=font)
     pad = _level(rng, 10, 80)
     paper = _level(rng, 200, 256)
-    image = Image.new("L", (box[2] + 2 * pad, box[3] + 2 * pad), paper)
+    image = Image.new("L", (int(box[2]) + 2 * pad, int(box[3]) + 2 * pad), paper)
     ImageDraw.Draw(image).multiline_text((pad, pad), "\n".join(lines), _level(rng, 0, 60), font)
     image = image.rotate(rng.uniform(-4, 4), Image.Resampling.BICUBIC, fillcolor=paper)
     return _maybe_photo(image, rng)
@@ -770,7 +772,7 @@ def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--per-kind", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
