@@ -522,7 +522,7 @@ def serve(
 ) -> None:
     """Serve a page to draw digits on and a batched prediction API over HTTP."""
     try:
-        from digitjax.serving.app import Options, serve
+        from digitjax.serving.server import Options, serve
     except ModuleNotFoundError as e:
         raise UserError(
             f"digitjax serve needs the server's packages ({e.name} is missing): "
