@@ -23,6 +23,7 @@ import collections
 import io
 import json
 import multiprocessing
+import queue
 import resource
 import struct
 import sys
@@ -181,17 +182,27 @@ def many_parts(url: str, seconds: float, concurrency: int = 2) -> Any:
     return post_loop(url, seconds, concurrency, body, content_type)
 
 
+# name: (what it does, the attack)
 ATTACKS = {
-    "slowloris": lambda url, seconds: slowloris(url, seconds),
-    "images, 64 per request, 4 at once": lambda url, s: slow_images(url, s, 64, 4),
-    "images, 2 per request, 8 at once": lambda url, s: slow_images(url, s, 2, 8),
-    "multipart, 150,000 parts, 2 at once": lambda url, s: many_parts(url, s),
+    "slowloris": ("2,500 connections sending half a head", lambda url, s: slowloris(url, s)),
+    "images64": (
+        "64 slow PNGs per request, 4 requests at once",
+        lambda u, s: slow_images(u, s, 64, 4),
+    ),
+    "images2": (
+        "2 slow PNGs per request, 8 requests at once",
+        lambda u, s: slow_images(u, s, 2, 8),
+    ),
+    "multipart": (
+        "150,000 tiny parts per request, 2 requests at once",
+        lambda u, s: many_parts(u, s),
+    ),
 }
 
 
 def _attacker(name: str, url: str, seconds: float, results: Any) -> None:
     raise_file_limit()
-    results.put(asyncio.run(ATTACKS[name](url, seconds)))
+    results.put(asyncio.run(ATTACKS[name][1](url, seconds)))
 
 
 def raise_file_limit() -> None:
@@ -212,9 +223,20 @@ def under_attack(
     attacker.start()
     time.sleep(1.5)  # the attacker's process starts and its connections open
     normal = asyncio.run(normal_client(url, seconds, keep_alive))
-    outcome = results.get(timeout=seconds + 120)
-    attacker.join(30)
-    return {"normal": normal, "attacker": outcome}
+    return {"normal": normal, "attacker": _result(attacker, results)}
+
+
+def _result(attacker: Any, results: Any) -> Any:
+    """What the attacker process reported when it ended."""
+    while True:
+        try:
+            outcome = results.get(timeout=1)
+        except queue.Empty:
+            if not attacker.is_alive():
+                raise RuntimeError(f"the attacker exited with {attacker.exitcode}") from None
+            continue
+        attacker.join(30)
+        return outcome
 
 
 def livez_during(name: str, url: str, seconds: float) -> dict[str, float]:
@@ -237,8 +259,7 @@ def livez_during(name: str, url: str, seconds: float) -> dict[str, float]:
     attacker.start()
     time.sleep(1.5)
     latencies = asyncio.run(probe())
-    results.get(timeout=seconds + 120)
-    attacker.join(30)
+    _result(attacker, results)
     return {"max_ms": 1000 * max(latencies), **percentiles(latencies)}
 
 
@@ -254,21 +275,31 @@ def main() -> None:
     try:
         for name in [None, *args.attacks.split(",")]:
             row = {"attack": name or "none", **under_attack(name, server.url, args.seconds)}
-            if name and name.startswith("multipart"):
+            if name == "multipart":
                 row["livez"] = livez_during(name, server.url, args.seconds)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     finally:
         server.stop()
-    print("| server | attack | normal client: requests | p50 ms | p99 ms | errors | attacker saw |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(table(rows, args.label))
+
+
+def table(rows: list[dict], label: str) -> str:
+    lines = [
+        "| server | attack | normal client: requests | p50 ms | p99 ms | errors | "
+        "/livez max ms | attacker saw |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         normal, attacker = row["normal"], row.get("attacker", {})
+        what = ATTACKS[row["attack"]][0] if row["attack"] in ATTACKS else "none"
         seen = attacker.get("outcome") or attacker.get("answers") or ""
-        print(
-            f"| {args.label} | {row['attack']} | {normal['requests']} | {normal['p50_ms']:.1f} | "
-            f"{normal['p99_ms']:.1f} | {normal['errors'] or 0} | {json.dumps(seen)} |"
+        livez = f"{row['livez']['max_ms']:.0f}" if "livez" in row else ""
+        lines.append(
+            f"| {label} | {what} | {normal['requests']} | {normal['p50_ms']:.1f} | "
+            f"{normal['p99_ms']:.1f} | {normal['errors'] or 0} | {livez} | {json.dumps(seen)} |"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -531,10 +531,10 @@ def serve(
     from digitjax.inference.parallel import available_cores
     from digitjax.serving.uploads import Limits
 
-    enable_compilation_cache()
     limits = Limits(max_in_flight=max_queue, timeout_s=timeout)
     options = Options(host, port, max_batch, max_wait_ms, workers or available_cores(), limits)
-    serve(chosen_model(checkpoint_path, model), options, report=render.note)
+    model_path = chosen_model(checkpoint_path, model)
+    serve(model_path, options, report=render.note, setup=enable_compilation_cache)
 
 
 def main() -> None:

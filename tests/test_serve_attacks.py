@@ -32,6 +32,13 @@ def assert_unharmed(normal: dict) -> None:
     assert normal["p99_ms"] <= MAX_P99_MS, normal
 
 
+def assert_refused(answers: dict) -> None:
+    """Every request got 413, or its connection closed after the 413 before all of the body
+    was sent (the server does not read the rest of a refused body)."""
+    assert "413" in answers or "ReadError" in answers, answers
+    assert set(answers) <= {"413", "ReadError", "WriteError", "RemoteProtocolError"}, answers
+
+
 def test_slowloris_connections_are_capped_and_timed_out(server):
     # 2,500 connections sending half a head, against a cap of 1,000: the oldest waiting ones
     # make room for newer ones (503), the rest get 408 at the head deadline; a normal client
@@ -46,12 +53,12 @@ def test_slowloris_connections_are_capped_and_timed_out(server):
 
 def test_slow_images_are_budgeted(server):
     # 64 images of 1 x 49,999,000 pixels per request: refused from their headers (413).
-    seen = under_attack("images, 64 per request, 4 at once", server.url, seconds=5)
+    seen = under_attack("images64", server.url, seconds=5)
     assert_unharmed(seen["normal"])
-    assert set(seen["attacker"]["answers"]) == {"413"}
+    assert_refused(seen["attacker"]["answers"])
     # Two per request, eight requests at once: the client's budget admits one request at a
     # time (429 for the others), and large images never take every worker.
-    seen = under_attack("images, 2 per request, 8 at once", server.url, seconds=8)
+    seen = under_attack("images2", server.url, seconds=8)
     assert_unharmed(seen["normal"])
     assert "429" in seen["attacker"]["answers"] and set(seen["attacker"]["answers"]) <= {
         "200",
@@ -61,9 +68,9 @@ def test_slow_images_are_budgeted(server):
 
 
 def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server):
-    seen = under_attack("multipart, 150,000 parts, 2 at once", server.url, seconds=5)
+    seen = under_attack("multipart", server.url, seconds=5)
     assert_unharmed(seen["normal"])
-    assert set(seen["attacker"]["answers"]) == {"413"}, seen["attacker"]
+    assert_refused(seen["attacker"]["answers"])
     assert seen["attacker"]["p99_ms"] < 1000  # refused as soon as the 65th part begins
 
 
@@ -100,6 +107,6 @@ def test_a_signal_while_starting_stops_at_once_with_one_line(tmp_path: Path, sig
     lines = log.read_text().splitlines()
     assert lines[-1] == f"Stopped by {signal.Signals(sig).name} before it was ready.", lines
     assert "Traceback" not in log.read_text() and "Exception ignored" not in log.read_text()
-    # Its preprocessing workers ended with it.
-    children = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True)
-    assert not children.stdout.split(), children.stdout
+    # Its preprocessing workers (and multiprocessing's resource tracker) end with it.
+    session = ["pgrep", "-s", str(process.pid)]
+    wait_until(lambda: subprocess.run(session, capture_output=True).returncode == 1, 10)

@@ -31,6 +31,8 @@ from digitjax.serving.uploads import Rejected, Upload, read_uploads
 
 STATIC_DIR = Path(__file__).parent / "static"
 RETRY_AFTER = {"Retry-After": "1"}
+# Refused while the body may be arriving still: closing the connection spares receiving the rest.
+CLOSE_AFTER = {400, 408, 413, 415}
 PREDICT_BODY = {
     "required": True,
     "content": {
@@ -166,7 +168,9 @@ async def info(server: Annotated[Server, Depends(get_server)]) -> InfoResponse:
 
 async def refused(request: Request, exc: Rejected) -> JSONResponse:
     get_server(request).metrics.rejections.labels(exc.reason).inc()
-    headers = RETRY_AFTER if exc.retry else None
+    headers = dict(RETRY_AFTER) if exc.retry else {}
+    if exc.status in CLOSE_AFTER:
+        headers["Connection"] = "close"
     return JSONResponse(ErrorOut(detail=exc.detail).model_dump(), exc.status, headers)
 
 

@@ -15,7 +15,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,17 +205,24 @@ def _data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def serve(model: Path | None, options: Options, report: Callable[[str], None]) -> None:
+def serve(
+    model: Path | None,
+    options: Options,
+    report: Callable[[str], None],
+    setup: Callable[[], None] = lambda: None,
+) -> None:
     """Serves until Ctrl-C or SIGTERM, which let the requests in flight finish; during
-    start-up they stop it at once, with the signal's exit status (130, 143)."""
+    start-up (`setup`, loading, compiling) they stop it at once, with the signal's exit status
+    (130, 143)."""
     from digitjax.serving.app import create_app
 
-    with _signals_recorded() as received:
+    with _StopSignals() as stops:
+        setup()
         listener = _listen(options.host, options.port)
         host, port = listener.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         classifier = load_classifier(model)
-        _stop_if_signalled(received)
+        stops.check()
         report(f"Serving {classifier.source} at {url} (Ctrl-C to stop); compiling...")
         server = Server(classifier, options, report)
         limits = options.limits
@@ -226,11 +233,13 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
             access_log=False,
             timeout_keep_alive=30,
         )
+        stops.uvicorn = uvicorn.Server(config)
+        stops.check()
         # uvicorn drains on SIGINT/SIGTERM, then raises the signal again for the handler it
         # found: ours, which records it.
-        uvicorn.Server(config).run(sockets=[listener])
+        stops.uvicorn.run(sockets=[listener])
         if not server.ready:
-            _stop_if_signalled(received)
+            stops.check()
     report("Stopped.")
 
 
@@ -260,22 +269,33 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
-@contextlib.contextmanager
-def _signals_recorded() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM are only recorded, never raised as exceptions: a KeyboardInterrupt
-    landing in JAX's garbage-collection callback would be printed and ignored, and loading
-    would go on. uvicorn replaces these handlers while it runs."""
-    received: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda sig, _: received.append(sig)) for sig in stops}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
+class _StopSignals:
+    """SIGINT and SIGTERM while starting are recorded, never raised as exceptions: a
+    KeyboardInterrupt landing in JAX's garbage-collection callback would be printed and ignored,
+    and loading would go on. `check` stops at the next step; once uvicorn exists, a signal asks
+    it to exit (while it runs, its own handlers do)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.uvicorn: uvicorn.Server | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def record(self, sig: int, frame: object) -> None:
+        self.received.append(sig)
+        if self.uvicorn is not None:
+            self.uvicorn.should_exit = True
 
-def _stop_if_signalled(received: list[int]) -> None:
-    if received:
-        name = signal.Signals(received[0]).name
-        raise Interrupted(f"Stopped by {name} before it was ready.", 128 + received[0])
+    def check(self) -> None:
+        """Raises Interrupted (exit status 128 + the signal) if a signal came."""
+        if self.received:
+            name = signal.Signals(self.received[0]).name
+            raise Interrupted(f"Stopped by {name} before it was ready.", 128 + self.received[0])

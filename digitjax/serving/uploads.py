@@ -9,6 +9,7 @@ loop, and no chunk costs the loop more than one network read's worth of parsing.
 
 import asyncio
 import dataclasses
+import struct
 from typing import TYPE_CHECKING
 
 from python_multipart import MultipartParser
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # only a type, defined for type checkers
 MiB = 1 << 20
 RAW_TYPES = ("image/", "application/octet-stream")
 MAX_PART_HEAD = 16 << 10  # a part's headers: a file name and a content type, never this long
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,25 @@ class Rejected(Exception):
 class Upload:
     filename: str | None
     data: bytes
+
+
+def png_pixels(data: bytes, max_pixels: int) -> int | None:
+    """The pixels a PNG will decode to, from its IHDR chunk, which the format puts first: 0 for
+    one over `max_pixels` (the decoder refuses it from that header, decoding nothing); None for
+    files that are not PNG."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return 0 if width * height > max_pixels else width * height
+
+
+def too_many_pixels(limits: Limits, pixels: int) -> Rejected:
+    return Rejected(
+        413,
+        "too_many_pixels",
+        f"The images of one request may hold {limits.max_request_pixels:,} pixels in all; "
+        f"these hold {pixels:,} or more.",
+    )
 
 
 def file_label(filename: str | None) -> str:
@@ -133,12 +154,13 @@ async def _read_multipart(request: Request, content_type: str, limits: Limits) -
 
 class _Form:
     """The parser's callbacks: they collect `file` parts and raise Rejected at the first part
-    over the limits, which stops the parsing there."""
+    over the limits, which stops the parsing there. PNG files count their pixels against the
+    request's budget here already (other formats' headers are read by the workers)."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
         self.uploads: list[Upload] = []
-        self.parts = 0
+        self.parts = self.pixels = 0
         self.ended = False
         self.headers: dict[bytes, bytes] = {}
         self.head_size = 0
@@ -182,8 +204,13 @@ class _Form:
             raise _too_large(file_label(self.filename()), self.limits.max_file)
 
     def on_part_end(self) -> None:
-        if self.disposition().get(b"name") == b"file":
-            self.uploads.append(Upload(self.filename(), bytes(self.data)))
+        if self.disposition().get(b"name") != b"file":
+            return
+        upload = Upload(self.filename(), bytes(self.data))
+        self.uploads.append(upload)
+        self.pixels += png_pixels(upload.data, self.limits.max_pixels) or 0
+        if self.pixels > self.limits.max_request_pixels:
+            raise too_many_pixels(self.limits, self.pixels)
 
     def on_end(self) -> None:
         self.ended = True
