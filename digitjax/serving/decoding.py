@@ -39,7 +39,7 @@ def header_pixels(head: bytes, whole: bool, max_pixels: int) -> int:
     try:
         with warnings.catch_warnings(action="ignore"), Image.open(io.BytesIO(head)) as image:
             pixels = image.size[0] * image.size[1]
-    except Exception:  # noqa: BLE001 - every failure means "size unknown from this head"
+    except Exception:  # every failure means "size unknown from this head"
         return 0 if whole else max_pixels
     return 0 if pixels > max_pixels else pixels
 
@@ -56,19 +56,24 @@ class Lane:
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         await self.places.acquire()  # cancelled while waiting: nothing was submitted
-        pool, loop = self.pool, asyncio.get_running_loop()
+        pool = self.pool
         try:
             job = pool.submit(function, *args)
         except BrokenProcessPool:
             self.places.release()
             self.replace(pool)
             raise
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.places.release))
         try:
             return await asyncio.wrap_future(job)
         except BrokenProcessPool:
             self.replace(pool)
             raise
+        finally:
+            if job.done():  # answered, or cancelled before it started
+                self.places.release()
+            else:  # the request stopped waiting, but a worker runs the job: its place is taken
+                loop = asyncio.get_running_loop()
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.places.release))
 
     def replace(self, pool: ProcessPoolExecutor) -> None:
         """A hostile file crashed a decoder (or the OS killed a worker): the pool is lost for
@@ -86,8 +91,9 @@ class Decoder:
 
     def __init__(self, workers: int, limits: Limits):
         self.limits = limits
-        # Two jobs per worker: the one it runs and the next, so it never waits for the event loop.
-        self.ordinary = Lane(workers, queued=2)
+        # Ordinary jobs take milliseconds: several per worker keep it busy while the event loop
+        # is, and those still queued in the pool are dropped there too (their futures cancel).
+        self.ordinary = Lane(workers, queued=8)
         self.large = Lane(1, queued=1, niceness=10)
         self.client_pixels: collections.Counter[str] = collections.Counter()
 

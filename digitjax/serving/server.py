@@ -177,7 +177,9 @@ class Server:
         predictions = []
         for upload, (image, error) in zip(uploads, outcomes, strict=True):
             if image is None:
-                predictions.append(PredictionOut.of(failed(upload.filename, error or "no digit")))
+                predictions.append(
+                    PredictionOut.of(failed(upload.filename, error or "no digit found"))
+                )
                 continue
             extra = {"image": _data_url(png_bytes(image))} if with_images else {}
             prediction = answer(upload.filename, next(probabilities), min_confidence)
