@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,22 +52,22 @@ PREDICT_BODY = {
 
 
 def create_app(server: Server) -> FastAPI:
-    from fastapi_offline import FastAPIOffline  # Swagger UI and ReDoc without a CDN
-
-    app = FastAPIOffline(
+    app = FastAPIOffline(  # FastAPI with Swagger UI and ReDoc served from the package, no CDN
         title="digitjax",
         summary="Handwritten-digit recognition: a page to draw on and a batched API.",
         lifespan=server.lifespan,
         favicon_url="/static/favicon.svg",
+        exception_handlers={
+            Rejected: refused,
+            QueueFull: busy,
+            TimeoutError: too_slow,
+            RequestValidationError: invalid,
+        },
     )
     app.state.server = server
     app.include_router(api)  # routes are matched in order: the busiest first
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_exception_handler(Rejected, refused)  # type: ignore[arg-type]
-    app.add_exception_handler(QueueFull, busy)  # type: ignore[arg-type]
-    app.add_exception_handler(TimeoutError, too_slow)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
     app.add_middleware(PredictMetrics, metrics=server.metrics)
     return app
 
