@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitjax.inference.classifier import load_classifier
-from digitjax.inference.predict import predict_files
+from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import user_digits
 from digitjax.synthetic.non_digits import generate as generate_non_digits
 

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import math
 import os
-import re
 import shutil
 import socket
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from digitjax.config import Config, UserError
+from digitjax.config import Config, UserError, reason
 
 # Orbax logs routine notes as warnings, and the errors that we report in one line ourselves.
 logging.set_verbosity(logging.FATAL)
@@ -162,7 +161,7 @@ def state_checksums(state: dict[str, Any]) -> dict[str, str]:
 
 def _sha256(tree: Any) -> str:
     digest = hashlib.sha256()
-    for path, leaf in sorted(_by_path(tree).items()):
+    for path, leaf in sorted(leaves_by_path(tree).items()):
         value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
         digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
         digest.update(np.ascontiguousarray(value).tobytes())
@@ -203,7 +202,7 @@ class RunCheckpointer:
             previous = manager.latest_step()
             kept = f"step {previous} is kept" if previous is not None else "none was written"
             raise UserError(
-                f"cannot write checkpoint {manager.directory / str(step)}: {_reason(e)}; {kept}"
+                f"cannot write checkpoint {manager.directory / str(step)}: {reason(e)}; {kept}"
             ) from None
 
     def best_step(self) -> int | None:
@@ -237,20 +236,6 @@ def _quiet_late_callbacks() -> None:
 
 
 _quiet_late_callbacks()
-
-
-def _reason(error: BaseException) -> str:
-    """The root cause of an exception chain, in one short line."""
-    while error.__cause__ or error.__context__:
-        error = error.__cause__ or error.__context__
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = str(error).strip()
-    # TensorStore reports file system errors as text ending in "[os_error_code='28']".
-    code = re.search(r"os_error_code='(\d+)'", text)
-    if code:
-        return os.strerror(int(code.group(1)))
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 # --- Reading -----------------------------------------------------------------------------
@@ -319,10 +304,10 @@ def _saved_state_metadata(step_dir: Path) -> Any:
 
 
 def _read_error(step_dir: Path, error: Exception) -> UserError:
-    reason = _reason(error)
-    if "ermission denied" in reason:
+    cause = reason(error)
+    if "ermission denied" in cause:
         return UserError(f"cannot read checkpoint {step_dir}: permission denied")
-    return UserError(f"corrupt checkpoint {step_dir}: {reason}")
+    return UserError(f"corrupt checkpoint {step_dir}: {cause}")
 
 
 def _check_summary(summary: Any, step_dir: Path) -> None:
@@ -361,7 +346,7 @@ def _config_of(items: dict[str, Any], step_dir: Path) -> Config:
         raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
 
 
-def _by_path(tree: Any) -> dict[str, Any]:
+def leaves_by_path(tree: Any) -> dict[str, Any]:
     """Leaves by their '/'-joined path, the same however the tree was restored: orbax turns
     sequence indices into string keys, and named tuples into dicts without a target."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -378,7 +363,7 @@ def _key_name(key: Any) -> str:
 def _match_tree(saved: Any, expected: Any, what: str, where: Path) -> Any:
     """`saved` arranged as `expected`, after checking every path and shape ourselves:
     orbax can restore a partial tree silently."""
-    got, want = _by_path(saved), _by_path(expected)
+    got, want = leaves_by_path(saved), leaves_by_path(expected)
     got_shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
     want_shapes = {k: tuple(v.shape) for k, v in want.items()}
     if got_shapes != want_shapes:
@@ -441,7 +426,7 @@ def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
         raise UserError(f"{step_dir} is not a digitjax training checkpoint")
     _match_tree(saved["params"], abstract_state["params"], "model", step_dir)
     saved_shapes, wanted_shapes = (
-        {path: tuple(leaf.shape) for path, leaf in _by_path(tree).items()}
+        {path: tuple(leaf.shape) for path, leaf in leaves_by_path(tree).items()}
         for tree in (saved, abstract_state)
     )
     if saved_shapes != wanted_shapes:

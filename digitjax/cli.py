@@ -380,8 +380,14 @@ def predict(
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
-    from digitjax.inference.classifier import default_min_confidence, load_classifier
-    from digitjax.inference.predict import collect_images, predict_files, save_seen, write_csv
+    from digitjax.inference.classifier import default_min_confidence
+    from digitjax.inference.predict import (
+        collect_images,
+        load_classifier,
+        predict_files,
+        save_seen,
+        write_csv,
+    )
 
     files, missing = collect_images(paths)
     check_writable("--csv", csv)
@@ -488,8 +494,8 @@ def export(
     as_json: JsonFlag = False,
 ) -> None:
     """Write the model as one file that runs without digitjax: StableHLO or ONNX."""
-    from digitjax.inference.classifier import default_checkpoint
     from digitjax.inference.export import export_model
+    from digitjax.inference.predict import default_checkpoint
 
     written = export_model(checkpoint_path or default_checkpoint(), fmt, out_file, overwrite)
     if as_json:

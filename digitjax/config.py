@@ -1,8 +1,24 @@
 """The one configuration of a run, saved with every checkpoint, and the errors users see."""
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 from typing import Any
+
+
+def reason(error: BaseException) -> str:
+    """The root cause of an exception chain, in one short line for an `error:` message."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    # TensorStore reports file system errors as text ending in "[os_error_code='28']".
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 class UserError(Exception):

@@ -84,7 +84,7 @@ def log_probabilities(logits: np.ndarray, temperature: float | None = None) -> n
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+def calibrated_softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
     """The class probabilities a model with this temperature shows."""
     return np.exp(log_probabilities(logits, temperature))
 

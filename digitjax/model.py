@@ -12,7 +12,7 @@ The measured speed-ups of each form are in README.md ("Why it is fast on a CPU")
 
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,10 @@ def conv_relu_pool_2x2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     # 2-D operands: with the 4-D windows XLA:CPU transposes the gradient slowly. Plain `@`:
     # with `matmul`'s weight gradient this layer measured slower in training.
     pre_pool = windows.reshape(-1, 16 * channels) @ window_kernel.reshape(16 * channels, -1)
-    pooled = max_over(pre_pool.reshape(batch, height // 2, width // 2, 4, features), 3)
+    # custom_vjp hides the return type from type checkers: it is max_over's, an Array.
+    pooled = cast(
+        jax.Array, max_over(pre_pool.reshape(batch, height // 2, width // 2, 4, features), 3)
+    )
     return jax.nn.relu(pooled + bias)
 
 
@@ -203,7 +206,7 @@ def apply(
     return nnx.merge(graphdef, params)(images, conv_impls)
 
 
-def probabilities(
+def calibrated_probabilities(
     graphdef: nnx.GraphDef,
     params: dict[str, Any],
     images: jax.Array,

@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from digitjax.evaluate import Metrics  # noqa: E402
 from digitjax.outputs import write_file  # noqa: E402
@@ -86,7 +88,7 @@ def plot_evaluation(
     _save(fig, path)
 
 
-def plot_reliability(ax: plt.Axes, metrics: Metrics) -> None:
+def plot_reliability(ax: Axes, metrics: Metrics) -> None:
     """Accuracy against confidence per bin (a calibrated model follows the diagonal), with
     each bin's share of the images on a log scale behind."""
     diagram = metrics.reliability
@@ -162,7 +164,7 @@ def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int 
     _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     image = io.BytesIO()
     fig.savefig(image, format=path.suffix[1:].lower() or "png", dpi=110)
     plt.close(fig)

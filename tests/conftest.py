@@ -1,56 +1,13 @@
-"""Shared fixtures: real MNIST (a small slice of it for speed) and an isolated data cache."""
+"""Shared fixtures: real MNIST (a small slice of it for speed), an isolated data cache, and the
+tiny reference run that several test files read (trained once per session)."""
 
-import gzip
 import os
-import struct
-import subprocess
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import trained_tiny_run, write_mnist_subset
 
-from digitjax.data import EMBEDDED_MNIST, IDX_FILES, read_idx_split
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = EMBEDDED_MNIST  # the copy shipped in the package: a fresh clone has everything
-# A tiny model and few steps keep a whole CLI run to a few seconds.
-TINY_FLAGS = ["--channels", "4,8", "--dense", "16", "--batch-size", "64"]
-
-
-def tiny_train(data_dir: Path, run_dir: Path, *extra: str, epochs: int) -> list[str]:
-    """`digitjax train` arguments for a tiny model on a folder of MNIST IDX files."""
-    return ["train", "--data-dir", str(data_dir), *TINY_FLAGS, "--epochs", str(epochs),
-            "--out", str(run_dir), *extra]  # fmt: skip
-
-
-def trained_tiny_run(data_dir: Path, folder: Path, epochs: int) -> Path:
-    """A finished tiny run in `folder`, trained through the CLI."""
-    from typer.testing import CliRunner
-
-    from digitjax.cli import app
-
-    run_dir = folder / "run"
-    result = CliRunner().invoke(app, tiny_train(data_dir, run_dir, epochs=epochs))
-    assert result.exit_code == 0, result.output
-    return run_dir
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
-
-
-def write_mnist_subset(folder: Path, num_train: int, num_test: int) -> Path:
-    """The first images of real MNIST as a folder of the four IDX files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", num_train), ("test", num_test)):
-        images, labels = read_idx_split(MNIST_DIR, split)
-        images_file, labels_file = IDX_FILES[split]
-        write_idx(folder / images_file, images[:count])
-        write_idx(folder / labels_file, labels[:count])
-    return folder
+from digitjax.synthetic.user_digits import generate
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,39 +23,19 @@ def tiny_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mnist_subset(tmp_path_factory.mktemp("tiny-mnist"), 2048, 1000)
 
 
-def run_digitjax(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """The installed console script, in its own process."""
-    return subprocess.run(
-        ["digitjax", *args], capture_output=True, text=True, cwd=cwd, timeout=600, **kwargs
-    )
+@pytest.fixture(scope="session")
+def tiny_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-epoch tiny run, calibrated. Tests that change a run work on a copy."""
+    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("tiny-run"), epochs=3)
 
 
-def assert_one_line_error(stderr: str, *fragments: str) -> None:
-    """The failure is explained in exactly one `error:` line, with no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    for fragment in fragments:
-        assert fragment in errors[0], stderr
+@pytest.fixture(scope="session")
+def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, int, str]]:
+    """Realistic user images of known label (photos, canvas drawings, scans, printed...): four
+    of each kind, made from MNIST test digits and fonts."""
+    return generate(tmp_path_factory.mktemp("user-images"), per_kind=4, seed=0)
 
 
-def huge_png(path: Path, width: int, height: int) -> Path:
-    """A valid all-black 1-bit PNG of any size, written without ever holding its pixels: a
-    20000x20000 one is 49 kB, a decompression bomb (400 million pixels once decoded)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    rows, compressor = b"\0" * (1 + -(-width // 8)) * 500, zlib.compressobj(9)
-    pixels = b"".join(compressor.compress(rows) for _ in range(height // 500))
-    pixels += compressor.compress(b"\0" * (1 + -(-width // 8)) * (height % 500))
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", pixels + compressor.flush())
-        + chunk(b"IEND", b"")
-    )
-    return path
+@pytest.fixture(scope="session")
+def user_image_files(user_images: list[tuple[Path, int, str]]) -> list[Path]:
+    return [path for path, _, _ in user_images]

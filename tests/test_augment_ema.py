@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from conftest import MNIST_DIR, TINY_FLAGS, assert_one_line_error
+from helpers import MNIST_DIR, TINY_FLAGS, assert_one_line_error
 from typer.testing import CliRunner
 
 from digitjax.augment import (

@@ -1,6 +1,6 @@
 import json
 
-from conftest import assert_one_line_error
+from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from digitjax.benchmark import BenchmarkPlan, run_benchmark

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, trained_tiny_run
+from helpers import assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,18 +20,17 @@ from digitjax.cli import app
 from digitjax.config import Config, Interrupted
 from digitjax.data import load_dataset
 from digitjax.evaluate import (
+    calibrated_softmax,
     expected_calibration_error,
     fit_temperature,
     make_logits_fn,
     pad_to_batches,
-    probabilities,
     reliability,
     split_logits,
 )
 from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, CheckpointClassifier
 from digitjax.synthetic.non_digits import KINDS as NON_DIGIT_KINDS
 from digitjax.synthetic.non_digits import generate as generate_non_digits
-from digitjax.synthetic.user_digits import generate
 from digitjax.train import Callbacks, train
 
 runner = CliRunner()
@@ -41,13 +40,13 @@ def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 4, (20_000, 10))
     for true_temperature in (0.5, 1.0, 2.5):
-        probs = probabilities(logits, true_temperature)
+        probs = calibrated_softmax(logits, true_temperature)
         labels = (probs.cumsum(axis=1) < rng.random((len(probs), 1))).sum(axis=1)
         fitted = fit_temperature(logits, labels)
         assert fitted == pytest.approx(true_temperature, rel=0.03)
         assert fit_temperature(logits, labels) == fitted  # deterministic
         # Calibrated, the labels' own distribution has almost no calibration error.
-        assert expected_calibration_error(probabilities(logits, fitted), labels) < 0.01
+        assert expected_calibration_error(calibrated_softmax(logits, fitted), labels) < 0.01
 
 
 def test_fit_temperature_stays_in_its_bracket_when_every_answer_is_right():
@@ -65,11 +64,6 @@ def test_expected_calibration_error_on_a_hand_worked_example():
     diagram = reliability(probs, labels)
     assert diagram.counts.sum() == 4 and diagram.counts[14] == 2 and diagram.counts[7] == 2
     assert diagram.accuracy[14] == 0.5 and diagram.confidence[7] == 0.5
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("calibrated"), epochs=2)
 
 
 def held_out(config: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +116,7 @@ def test_predictor_probabilities_are_the_calibrated_softmax(tiny_run):
         make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
     )
     got = CheckpointClassifier(tiny_run).probabilities(images.astype(np.float32) / 255)
-    np.testing.assert_allclose(got, probabilities(logits, model.temperature), atol=1e-5)
+    np.testing.assert_allclose(got, calibrated_softmax(logits, model.temperature), atol=1e-5)
     assert (got.argmax(axis=1) == logits.argmax(axis=1)).all()
 
 
@@ -180,7 +174,7 @@ def test_a_checkpoint_without_a_temperature_evaluates_and_predicts_as_before(
         make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
     )
     got = CheckpointClassifier(old_run).probabilities(images.astype(np.float32) / 255)
-    np.testing.assert_allclose(got, probabilities(logits), atol=1e-5)
+    np.testing.assert_allclose(got, calibrated_softmax(logits), atol=1e-5)
 
 
 def test_a_mid_epoch_checkpoint_holds_the_temperature_of_its_weights(tiny_mnist, tmp_path):
@@ -220,13 +214,8 @@ def test_an_invalid_temperature_in_a_summary_is_one_line(tiny_run, tmp_path):
     assert_one_line_error(result.stderr, "invalid temperature")
 
 
-@pytest.fixture(scope="module")
-def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return [path for path, _, _ in generate(tmp_path_factory.mktemp("digits"), 4, seed=1)]
-
-
-def test_min_confidence_marks_uncertain_predictions(tiny_run, user_images, tmp_path):
-    files = [str(path) for path in user_images]
+def test_min_confidence_marks_uncertain_predictions(tiny_run, user_image_files, tmp_path):
+    files = [str(path) for path in user_image_files]
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(tiny_run), "--json"])
     assert result.exit_code == 0, result.output
     confidences = sorted(p["confidence"] for p in json.loads(result.stdout))
@@ -258,10 +247,10 @@ def test_min_confidence_marks_uncertain_predictions(tiny_run, user_images, tmp_p
     assert [row["uncertain"] for row in rows] == [str(p["uncertain"]).lower() for p in predictions]
 
 
-def test_min_confidence_default_and_bounds(tiny_run, old_run, user_images):
+def test_min_confidence_default_and_bounds(tiny_run, old_run, user_image_files):
     """The default threshold applies to calibrated models; one without a temperature (an
     older checkpoint) marks nothing unless asked, as before."""
-    files = [str(path) for path in user_images]
+    files = [str(path) for path in user_image_files]
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(tiny_run), "--json"])
     assert result.exit_code == 0, result.output
     for p in json.loads(result.stdout):
@@ -283,8 +272,8 @@ def test_min_confidence_default_and_bounds(tiny_run, old_run, user_images):
 
 
 @pytest.mark.parametrize("value", ["nan", "-0.1", "1.5", "inf", "abc"])
-def test_bad_min_confidence_is_one_line(value, user_images):
-    result = runner.invoke(app, ["predict", str(user_images[0]), "--min-confidence", value])
+def test_bad_min_confidence_is_one_line(value, user_image_files):
+    result = runner.invoke(app, ["predict", str(user_image_files[0]), "--min-confidence", value])
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "--min-confidence")
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import assert_one_line_error, run_digitjax, trained_tiny_run
+from helpers import assert_one_line_error, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -14,9 +14,9 @@ from digitjax.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("trained"), epochs=3)
+@pytest.fixture
+def trained_run(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 def step_dir(run_dir: Path, kind: str = "best") -> Path:

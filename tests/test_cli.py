@@ -1,5 +1,5 @@
 import pytest
-from conftest import assert_one_line_error, run_digitjax
+from helpers import assert_one_line_error, run_digitjax
 from typer.testing import CliRunner
 
 from digitjax import __version__

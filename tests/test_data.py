@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, write_idx, write_mnist_subset
+from helpers import MNIST_DIR, assert_one_line_error, write_idx, write_mnist_subset
 from typer.testing import CliRunner
 
 from digitjax import data

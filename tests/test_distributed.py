@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_digitjax, tiny_train
+from helpers import assert_one_line_error, run_digitjax, tiny_train
 from typer.testing import CliRunner
 
 from digitjax import distributed

@@ -1,4 +1,4 @@
-"""`digitjax export`: the exported files, run by the README's loaders in processes without
+"""`digitjax export`: the exported files, run by docs/export.md's loaders in processes without
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import MNIST_DIR, ROOT, assert_one_line_error, write_mnist_subset
+from helpers import MNIST_DIR, ROOT, assert_one_line_error, write_mnist_subset
 from typer.testing import CliRunner
 
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.evaluate import make_logits_fn, pad_to_batches, probabilities, split_logits
+from digitjax.evaluate import calibrated_softmax, make_logits_fn, pad_to_batches, split_logits
 from digitjax.inference.classifier import BUNDLED_MODEL
 from digitjax.inference.export import FORMATS
-from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
 MODELS = ("default", "best", "uncalibrated", "bundled")
@@ -100,13 +99,15 @@ def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str
         logits_fn = make_logits_fn(model.graphdef)
         images = mnist_test[0]
         logits = split_logits(logits_fn, model.params, pad_to_batches(images), len(images))
-        calibrated[name] = probabilities(logits, model.temperature)
+        calibrated[name] = calibrated_softmax(logits, model.temperature)
     return calibrated
 
 
 def readme_snippet(fmt: str) -> str:
     marker, _ = README_SNIPPETS[fmt]
-    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / "README.md").read_text(), re.S | re.M)
+    blocks = re.findall(
+        r"```python\n(.*?)^ *```", (ROOT / "docs" / "export.md").read_text(), re.S | re.M
+    )
     [snippet] = [block for block in blocks if marker in block]
     return textwrap.dedent(snippet)
 
@@ -164,11 +165,6 @@ def test_metadata_travels_with_both_formats(exports, checkpoints):
     assert batch.dim_param and not batch.dim_value  # a dynamic batch dimension
 
 
-@pytest.fixture(scope="module")
-def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return [path for path, _, _ in generate(tmp_path_factory.mktemp("user"), 1, 3, MNIST_DIR)]
-
-
 def predict_digits(*args: str, **kwargs) -> list[int]:
     result = subprocess.run(
         [sys.executable, *args, "--json"], capture_output=True, text=True, timeout=300, **kwargs
@@ -177,9 +173,9 @@ def predict_digits(*args: str, **kwargs) -> list[int]:
     return [r["digit"] for r in json.loads(result.stdout)], result.stderr
 
 
-def test_predict_with_exported_models(exports, user_images, tmp_path: Path):
+def test_predict_with_exported_models(exports, user_image_files, tmp_path: Path):
     """Same digits as with the checkpoint; the ONNX model without importing JAX."""
-    files = [str(p) for p in user_images]
+    files = [str(p) for p in user_image_files]
     cli = ["-m", "digitjax.cli", "predict", *files]
     with_checkpoint, _ = predict_digits(*cli, "--checkpoint", str(BUNDLED_MODEL))
     with_onnx, imports = predict_digits(
@@ -237,7 +233,7 @@ def test_export_errors(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "no-config"]
 
 
-def test_corrupt_or_foreign_exported_files(exports, user_images, tmp_path: Path):
+def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: Path):
     onnx_file, stablehlo_file = exports["bundled", "onnx"][0], exports["bundled", "stablehlo"][0]
     foreign_onnx = onnx.helper.make_model(
         onnx.helper.make_graph(
@@ -270,7 +266,7 @@ def test_corrupt_or_foreign_exported_files(exports, user_images, tmp_path: Path)
         ("missing.onnx", "cannot read"),
     ]:
         result = runner.invoke(
-            app, ["predict", str(user_images[0]), "--model", str(tmp_path / name)]
+            app, ["predict", str(user_image_files[0]), "--model", str(tmp_path / name)]
         )
         assert result.exit_code == 1, (name, result.output)
         assert_one_line_error(result.stderr, name, message)

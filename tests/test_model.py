@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MNIST_DIR
+from helpers import MNIST_DIR
 
 from digitjax.config import Config
 from digitjax.data import read_idx_split

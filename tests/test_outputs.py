@@ -8,7 +8,7 @@ import resource
 from pathlib import Path
 
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 

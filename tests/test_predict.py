@@ -6,23 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, huge_png, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error, huge_png, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference.classifier import BUNDLED_MODEL
-from digitjax.synthetic.user_digits import generate
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def user_images(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, int, str]]:
-    """Realistic user images (photos, canvas drawings, scans, printed) made from MNIST test
-    digits and installed fonts."""
-    return generate(tmp_path_factory.mktemp("user-images"), per_kind=6, seed=0)
 
 
 @pytest.fixture

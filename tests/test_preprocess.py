@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, huge_png
+from helpers import MNIST_DIR, huge_png
 from PIL import Image, ImageDraw, ImageFilter
 
 from digitjax.data import read_idx_split

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_digitjax, tiny_train, trained_tiny_run
+from helpers import assert_one_line_error, history, run_digitjax, tiny_train
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
@@ -29,10 +29,6 @@ STEPS_PER_EPOCH = (2048 - round(2048 * Config().calibration_fraction)) // 64
 
 def flags(tiny_mnist: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
     return tiny_train(tiny_mnist, run_dir, *extra, epochs=epochs)
-
-
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def best_steps(run_dir: Path) -> list[str]:
@@ -52,9 +48,10 @@ def assert_complete_and_consistent(run_dir: Path, reference: Path) -> None:
     assert best_steps(run_dir) == best_steps(reference)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_tiny_run(tiny_mnist, tmp_path_factory.mktemp("reference"), epochs=EPOCHS)
+@pytest.fixture
+def reference(tiny_run: Path) -> Path:
+    """The session's tiny run: an uninterrupted run of EPOCHS epochs."""
+    return tiny_run
 
 
 def tiny_config(tiny_mnist: Path, epochs: int = EPOCHS) -> Config:
@@ -93,21 +90,28 @@ def test_signal_in_the_last_chunk_of_the_run_just_finishes(tiny_mnist, tmp_path)
 
 
 def test_sigterm_saves_and_resumes_like_ctrl_c(reference, tiny_mnist, tmp_path):
+    """SIGTERM after the first checkpoint; if the run finished before the signal landed, again
+    with the signal as soon as the run folder exists (then there may be nothing to resume)."""
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        ["digitjax", *flags(tiny_mnist, run_dir, epochs=EPOCHS)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(lambda: checkpoint.usable_steps(run_dir / "latest"), process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    if process.returncode == 0:
-        pytest.skip("the run ended before the signal arrived")
-    assert process.returncode == 143, stderr
-    assert "SIGTERM at step" in stderr and "Traceback" not in stderr
-    assert runner.invoke(app, ["train", "--out", str(run_dir), "--resume"]).exit_code == 0
+    moments = [lambda: checkpoint.usable_steps(run_dir / "latest"), run_dir.exists]
+    for ready in moments:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        process = subprocess.Popen(
+            ["digitjax", *flags(tiny_mnist, run_dir, epochs=EPOCHS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(ready, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        if process.returncode != 0:
+            break
+    assert process.returncode == 143, f"the signal never landed: {stderr}"
+    assert "SIGTERM" in stderr and "Traceback" not in stderr
+    resume, start = ["train", "--out", str(run_dir), "--resume"], flags(tiny_mnist, run_dir)
+    command = resume if checkpoint.usable_steps(run_dir / "latest") else start
+    assert runner.invoke(app, command).exit_code == 0
     assert_complete_and_consistent(run_dir, reference)
 
 
@@ -315,7 +319,10 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
         (signal.SIGKILL, "write"),
         (signal.SIGINT, "write"),
     ]
-    for signum, moment in events:
+    exit_codes = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 143}
+    scale, restarts = 1.0, 0
+    while events:
+        signum, moment = events[0]
         command = resume if checkpoint.usable_steps(run_dir / "latest") else start
         process = subprocess.Popen(
             ["digitjax", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -325,12 +332,18 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
             while process.poll() is None and not writing():
                 time.sleep(0.0005)
         else:
-            time.sleep(rng.uniform(1.0, 6.0))
+            time.sleep(scale * rng.uniform(1.0, 6.0))
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
         assert "Traceback" not in stderr, stderr
-        if process.returncode == 0:
-            break
+        if process.returncode == 0:  # the run finished first: start over, with earlier signals
+            restarts += 1
+            assert restarts <= 3, "the run kept finishing before the signals landed"
+            shutil.rmtree(run_dir)
+            scale /= 2
+            continue
+        assert process.returncode == exit_codes[signum], stderr
+        events.pop(0)
     command = resume if checkpoint.usable_steps(run_dir / "latest") else start
     final = runner.invoke(app, command)
     assert final.exit_code == 0, final.output

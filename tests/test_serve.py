@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 

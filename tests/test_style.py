@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])

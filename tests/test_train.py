@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import MNIST_DIR, assert_one_line_error, tiny_train, trained_tiny_run
+from helpers import MNIST_DIR, assert_one_line_error, history, tiny_train, trained_tiny_run
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
@@ -83,10 +83,6 @@ def test_one_train_step_matches_a_reference_written_out_by_hand():
     np.testing.assert_allclose(new["epoch_totals"]["loss"], 64 * loss, rtol=1e-5)
     assert int(new["epoch_totals"]["correct"]) == int((logits.argmax(-1) == labels).sum())
     assert int(new["epoch_totals"]["count"]) == 64
-
-
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_flags(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:

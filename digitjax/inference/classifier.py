@@ -2,8 +2,8 @@
 
 - a `Classifier` turns (N, 28, 28) images in [0, 1] into (N, 10) calibrated probabilities and
   says what it is (`ModelInfo`); a checkpoint (`CheckpointClassifier`) and a file written by
-  `digitjax export` (`export.ExportedModel`) are classifiers, and `load_classifier` opens
-  whichever the user named, checking that it reads digits;
+  `digitjax export` (`export.ExportedModel`) are classifiers (`predict.load_classifier` opens
+  whichever the user named);
 - `in_batches` runs a forward pass over padded power-of-two batches, so any number of images
   costs at most one compilation per batch size;
 - `judge` is the one policy that says whether an answer is a digit, not sure, or not a digit;
@@ -91,27 +91,6 @@ def check_digit_model(info: ModelInfo, source: Path) -> None:
         )
 
 
-def default_checkpoint() -> Path:
-    """The newest run's best checkpoint, else the model shipped with the package."""
-    from digitjax.checkpoint import newest_run
-
-    return newest_run() or BUNDLED_MODEL
-
-
-def load_classifier(path: Path | None = None) -> Classifier:
-    """The model at `path`: a file written by `digitjax export` (told by its content), else a
-    run or checkpoint folder; by default the newest run, else the bundled model."""
-    path = default_checkpoint() if path is None else path
-    if path.is_file() or path.suffix.lower() in (".onnx", ".stablehlo"):
-        from digitjax.inference.export import ExportedModel
-
-        classifier: Classifier = ExportedModel(path)
-    else:
-        classifier = CheckpointClassifier(path)
-    check_digit_model(classifier.info, path)
-    return classifier
-
-
 class CheckpointClassifier:
     """A restored checkpoint with one jitted forward pass: the softmax of the logits divided
     by the checkpoint's temperature, if it has one."""
@@ -120,7 +99,7 @@ class CheckpointClassifier:
         import jax
 
         from digitjax.checkpoint import restore_model
-        from digitjax.model import conv_impls_for, probabilities
+        from digitjax.model import calibrated_probabilities, conv_impls_for
 
         model = restore_model(path)
         self.source = model.step_dir
@@ -132,7 +111,7 @@ class CheckpointClassifier:
         )
         temperature = model.temperature
         self._forward = jax.jit(
-            lambda params, images: probabilities(
+            lambda params, images: calibrated_probabilities(
                 model.graphdef, params, images, conv_impls, temperature
             )
         )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from digitjax import __version__
-from digitjax.config import UserError
+from digitjax.config import UserError, reason
 from digitjax.inference.classifier import ModelInfo, checkpoint_info, in_batches, step_record
 
 FORMATS = ("stablehlo", "onnx")
@@ -110,12 +110,14 @@ def export_metadata(model: Any) -> dict:
 def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     import jax
 
-    from digitjax.model import IMAGE_SIZE, probabilities
+    from digitjax.model import IMAGE_SIZE, calibrated_probabilities
 
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
     def calibrated(images: jax.Array) -> jax.Array:
-        return probabilities(model.graphdef, model.params, images, conv_impls, model.temperature)
+        return calibrated_probabilities(
+            model.graphdef, model.params, images, conv_impls, model.temperature
+        )
 
     shape = jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}")
     exported = jax.export.export(jax.jit(calibrated), platforms=PLATFORMS)(
@@ -133,10 +135,11 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from digitjax.checkpoint import leaves_by_path
     from digitjax.model import NUM_POOLS
 
     params = {
-        name: np.asarray(value, np.float32) for name, value in _flat_params(model.params).items()
+        name: np.asarray(value, np.float32) for name, value in leaves_by_path(model.params).items()
     }
     initializers = [numpy_helper.from_array(np.array([1], np.int64), "channel_axis")]
     nodes = [helper.make_node("Unsqueeze", [INPUT_NAME, "channel_axis"], ["x0"])]
@@ -208,17 +211,6 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     return onnx_model.SerializeToString()
 
 
-def _flat_params(params: dict) -> dict[str, Any]:
-    """{"convs/0/kernel": array, ...}"""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}/{k}": v for k, v in _flat_params(value).items()})
-        else:
-            flat[str(key)] = value
-    return flat
-
-
 class ExportedModel:
     """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
     jax.export. The format is told by the content (a zip archive is StableHLO), not the name."""
@@ -268,7 +260,7 @@ def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types for any unreadable model
-        raise _not_an_export(path, "ONNX", _first_line(e)) from None
+        raise _not_an_export(path, "ONNX", reason(e)) from None
     metadata = _parse_metadata(
         path, "ONNX", session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     )
@@ -288,14 +280,14 @@ def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
             raw_metadata = archive.read(METADATA_MEMBER).decode("utf-8", "replace")
             serialized = archive.read(EXPORTED_MEMBER)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-        raise _not_an_export(path, "StableHLO", _first_line(e)) from None
+        raise _not_an_export(path, "StableHLO", reason(e)) from None
     metadata = _parse_metadata(path, "StableHLO", raw_metadata)
     import jax
 
     try:
         exported = jax.export.deserialize(bytearray(serialized))
     except Exception as e:  # flatbuffers raises anything on damaged bytes
-        raise _not_an_export(path, "StableHLO", _first_line(e)) from None
+        raise _not_an_export(path, "StableHLO", reason(e)) from None
     forward = jax.jit(exported.call)
     return metadata, lambda images: np.asarray(forward(images))
 
@@ -310,8 +302,3 @@ def _parse_metadata(path: Path, fmt: str, raw: str | None) -> dict:
     if not isinstance(metadata, dict):
         raise _not_an_export(path, fmt, "unreadable metadata")
     return metadata
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -34,7 +34,9 @@ def preprocess_one(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> Outcom
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def start_pool(workers: int, niceness: int = 0) -> ProcessPoolExecutor:

@@ -1,17 +1,46 @@
-"""Recognizing the user's own images: find the files, preprocess them like MNIST, and run one
-compiled forward pass over all of them."""
+"""Recognizing the user's own images: choose the model, find the files, preprocess them like
+MNIST, and run one compiled forward pass over all of them."""
 
 import glob
 from pathlib import Path
 
 import numpy as np
 
-from digitjax.inference.classifier import Classifier, Prediction, answer, failed
+from digitjax.inference.classifier import (
+    BUNDLED_MODEL,
+    CheckpointClassifier,
+    Classifier,
+    Prediction,
+    answer,
+    check_digit_model,
+    failed,
+)
 from digitjax.inference.parallel import preprocess_many
 from digitjax.inference.preprocess import png_bytes
 from digitjax.outputs import write_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def default_checkpoint() -> Path:
+    """The newest run's best checkpoint, else the model shipped with the package."""
+    from digitjax.checkpoint import newest_run
+
+    return newest_run() or BUNDLED_MODEL
+
+
+def load_classifier(path: Path | None = None) -> Classifier:
+    """The model at `path`: a file written by `digitjax export` (told by its content), else a
+    run or checkpoint folder; by default the newest run, else the bundled model."""
+    path = default_checkpoint() if path is None else path
+    if path.is_file() or path.suffix.lower() in (".onnx", ".stablehlo"):
+        from digitjax.inference.export import ExportedModel
+
+        classifier: Classifier = ExportedModel(path)
+    else:
+        classifier = CheckpointClassifier(path)
+    check_digit_model(classifier.info, path)
+    return classifier
 
 
 def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:

@@ -49,7 +49,8 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
                 image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:
         raise ImageError(
-            f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, limit {max_pixels:,}"
+            f"image too large: over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, "
+            f"limit {max_pixels:,}"
         ) from None
     except UnidentifiedImageError:
         raise ImageError("not an image (cannot identify the format)") from None
@@ -101,7 +102,7 @@ def _locate(gray: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | 
     """The cleaned ink of the image reduced to WORK_SIZE, and the digit's box in it."""
     ink = _ink_map(_reduce(gray))
     box = _ink_box(ink) if ink is not None else None
-    return (ink, box) if box is not None else None
+    return (ink, box) if ink is not None and box is not None else None
 
 
 def _spans(ink: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -115,8 +116,8 @@ def _reduce(gray: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:
     scale = size / max(height, width)
     if scale >= 1:
         return gray
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BOX), np.float32)
+    reduced = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(gray).resize(reduced, Image.Resampling.BOX), np.float32)
 
 
 def _ink_map(gray: np.ndarray) -> np.ndarray | None:

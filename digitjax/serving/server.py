@@ -31,9 +31,9 @@ from digitjax.inference.classifier import (
     batch_sizes,
     default_min_confidence,
     failed,
-    load_classifier,
 )
 from digitjax.inference.parallel import available_cores
+from digitjax.inference.predict import load_classifier
 from digitjax.inference.preprocess import png_bytes
 from digitjax.serving.batcher import Batcher
 from digitjax.serving.decoding import Decoder

@@ -125,7 +125,7 @@ def printed(label: int, rng: np.random.Generator, fonts: list[Path]) -> Image.Im
     left, top, right, bottom = font.getbbox(str(label))
     width, height = right - left, bottom - top
     pad_x, pad_y = int(rng.integers(10, 200)), int(rng.integers(10, 200))
-    image = Image.new("L", (width + pad_x, height + pad_y), int(rng.integers(200, 256)))
+    image = Image.new("L", (int(width) + pad_x, int(height) + pad_y), int(rng.integers(200, 256)))
     position = (int(rng.integers(0, pad_x + 1)) - left, int(rng.integers(0, pad_y + 1)) - top)
     ImageDraw.Draw(image).text(position, str(label), fill=int(rng.integers(0, 60)), font=font)
     return image.rotate(
@@ -184,7 +184,9 @@ def scan_lowres(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     top, left = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
     square[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
     margin = int(rng.integers(0, 2))  # 0 or 1 pixel of paper around the digit
-    small = Image.fromarray(square).resize((size - 2 * margin,) * 2, Image.Resampling.BOX)
+    small = Image.fromarray(square).resize(
+        (size - 2 * margin, size - 2 * margin), Image.Resampling.BOX
+    )
     scan = np.zeros((size, size), np.float32)
     scan[margin : size - margin, margin : size - margin] = np.asarray(small)
     scan = np.clip(scan / max(scan.max(), 1e-6) + rng.normal(0, 0.03, scan.shape), 0, 1)
@@ -194,7 +196,7 @@ def scan_lowres(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     image = Image.fromarray((levels * 255).astype(np.uint8))
     scale = int(rng.integers(64, 449)) // size
     resample = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR)[int(rng.integers(2))]
-    return image.resize((size * scale,) * 2, resample)
+    return image.resize((size * scale, size * scale), resample)
 
 
 def printed_fonts(label: int, rng: np.random.Generator, font: Path) -> Image.Image:
@@ -204,7 +206,7 @@ def printed_fonts(label: int, rng: np.random.Generator, font: Path) -> Image.Ima
     font_face = ImageFont.truetype(str(font), size)
     weight = int(rng.integers(1, max(2, size // 18))) if rng.random() < 0.3 else 0
     left, top, right, bottom = font_face.getbbox(str(label), stroke_width=weight)
-    glyph = Image.new("L", (right - left + 8, bottom - top + 8), 0)
+    glyph = Image.new("L", (int(right - left) + 8, int(bottom - top) + 8), 0)
     ImageDraw.Draw(glyph).text(
         (4 - left, 4 - top),
         str(label),
@@ -286,7 +288,7 @@ def small_in_large(
     else:
         font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), size)
         left, top, right, bottom = font.getbbox(str(label))
-        glyph = Image.new("L", (right - left, bottom - top), 0)
+        glyph = Image.new("L", (int(right - left), int(bottom - top)), 0)
         ImageDraw.Draw(glyph).text((-left, -top), str(label), fill=255, font=font)
         ink = np.asarray(glyph, np.float32) / 255 * np.float32(rng.uniform(0.6, 1.0))
     mask = np.zeros((height, width), np.float32)
@@ -314,7 +316,7 @@ def border(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     framed = framed[:, max(-left, 0) : framed.shape[1] - max(-right, 0)]
     if rng.random() < 0.3:  # drawn on a canvas, white on black
         return Image.fromarray((framed * 255).astype(np.uint8)).convert("RGB")
-    paper_rgb, light = paper(*framed.shape, rng)
+    paper_rgb, light = paper(framed.shape[0], framed.shape[1], rng)
     return photograph(paper_rgb, light, framed, np.array([0.1, 0.12, 0.35]), rng)
 
 
@@ -390,7 +392,7 @@ def generate(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--per-kind", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
