@@ -528,7 +528,8 @@ def serve(
 ) -> None:
     """Serve a page to draw digits on and a batched prediction API over HTTP."""
     try:
-        from digitjax.serving.server import Options, serve
+        from digitjax.serving.process import serve
+        from digitjax.serving.server import Options
     except ModuleNotFoundError as e:
         raise UserError(
             f"digitjax serve needs the server's packages ({e.name} is missing): "
