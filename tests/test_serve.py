@@ -728,6 +728,7 @@ def test_page_says_not_sure_or_not_a_digit(server, browser, files, tmp_path, scr
     are chosen here by asking the API, so a retrained model or new thresholds still find some;
     if the model calls every one a digit, a strict ?min_confidence= makes it unsure."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser
     candidates = non_digit_files(tmp_path)
@@ -752,6 +753,30 @@ def test_page_says_not_sure_or_not_a_digit(server, browser, files, tmp_path, scr
         pytest.fail("the model calls every non-digit drawing a digit, even at this threshold")
     upload(driver, files["canvas"])  # a digit beside the non-digit, for the screenshots
     save_screenshots(driver, screenshots, "non-digit")
+
+    # Whichever verdicts the bundled model gives today, the page's words for "not a digit":
+    # a canned answer in the API's schema stands in for the server.
+    canned = {
+        "name": None,
+        "digit": None,
+        "confidence": 0.31,
+        "uncertain": True,
+        "verdict": "not_a_digit",
+        "probabilities": [0.31, 0.29, 0.2, 0.1, 0.05, 0.02, 0.01, 0.01, 0.005, 0.005],
+        "error": None,
+    }
+    driver.execute_script(
+        "const body = JSON.stringify({predictions: [arguments[0]], model: {}});"
+        "window.fetch = async () => new Response(body, {status: 200});",
+        canned,
+    )
+    clear(driver)
+    draw(driver, NON_DIGIT_DRAWINGS[0])
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script("return result.dataset.verdict === 'not_a_digit'")
+    )
+    assert_page_shows(driver.find_element(By.ID, "result"), canned)
+    assert not driver.find_elements(By.CSS_SELECTOR, "#bars li.top")
 
 
 def test_predict_command_api_and_page_agree(server, browser, files, tmp_path, monkeypatch):
