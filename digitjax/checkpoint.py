@@ -13,12 +13,9 @@ checksums catch what renaming cannot (flipped bits). Plain orbax restores one wi
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import math
-import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -30,16 +27,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from digitjax import filelocks
 from digitjax.config import Config, UserError, reason
+from digitjax.runs import (
+    BEST,
+    DEFAULT_ROOT,
+    ITEMS,
+    LATEST,
+    has_checkpoint,
+    newest_run,
+    usable_steps,
+)
 
 # Orbax logs routine notes as warnings, and the errors that we report in one line ourselves.
 logging.set_verbosity(logging.FATAL)
 
-LATEST, BEST = "latest", "best"
 METRICS_FILE, CURVES_FILE, LOCK_FILE = "metrics.jsonl", "curves.png", ".digitjax.lock"
 RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
-ITEMS = ("state", "config", "summary")
-DEFAULT_ROOT = Path("checkpoints")
 
 
 # --- Run folders -------------------------------------------------------------------------
@@ -57,25 +61,6 @@ def choose_run_dir(out_dir: Path | None, resume: bool, dataset: str) -> Path:
             raise UserError(f"nothing to resume in {DEFAULT_ROOT}/; pass --out DIR")
         return newest
     return DEFAULT_ROOT / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def usable_steps(folder: Path) -> list[Path]:
-    """The complete checkpoints in a `latest`/`best` folder, oldest first. Orbax's temporary
-    folders (a write cut short) and leftovers of a deletion cut short do not count."""
-    if not folder.is_dir():
-        return []
-    steps = [
-        p
-        for p in folder.iterdir()
-        if p.name.isdigit()
-        and (p / "_CHECKPOINT_METADATA").is_file()
-        and all((p / item).is_dir() for item in ITEMS)
-    ]
-    return sorted(steps, key=lambda p: int(p.name))
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return any(usable_steps(run_dir / kind) for kind in (LATEST, BEST))
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -117,36 +102,26 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
-    """The most recently written run in `root` that holds a complete checkpoint."""
-    runs = [p for p in root.glob("*") if p.is_dir() and has_checkpoint(p)]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
-
-
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Holds the run folder for this process. The kernel releases an flock when its process
-    dies, however it dies, so a stale lock never blocks a later run."""
+    """Holds the run folder for this process (`filelocks`: released by the operating system
+    when the process dies, however it dies, so a stale lock never blocks a later run)."""
     created = not run_dir.exists()
+    lock = contextlib.ExitStack()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock.enter_context(filelocks.locked(run_dir / LOCK_FILE, wait=False))
+    except filelocks.Held as e:
+        raise UserError(
+            f"{run_dir} is in use by another digitjax run (process {e.holder}); "
+            "wait for it to end or stop it"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(
-                f"{run_dir} is in use by another digitjax run (process {holder}); "
-                "wait for it to end or stop it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)
+        lock.close()
         if created and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)  # the run never started: leave no trace
 
@@ -266,20 +241,35 @@ def _step_dirs(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def _read_items(step_dir: Path, state_target: Any = None, with_state: bool = True) -> dict:
+def _read_items(
+    step_dir: Path,
+    state_target: Any = None,
+    with_state: bool = True,
+    state_keys: tuple[str, ...] | None = None,
+) -> dict:
     """The checkpoint's items, each checked: config and summary, and unless told otherwise the
-    state. Without a target the state lands on this process's first device, whatever devices
-    wrote it (Orbax refuses to guess across topologies)."""
+    state: all of it, or only its `state_keys` that the checkpoint has (inference needs the
+    weights, not the optimizer state: reading less makes a cold `predict` faster). Without a
+    target the state lands on this process's first device, whatever devices wrote it (Orbax
+    refuses to guess across topologies)."""
     if not all((step_dir / item).is_dir() for item in ITEMS):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (it lacks an item)")
-    args = {"config": ocp.args.JsonRestore(), "summary": ocp.args.JsonRestore()}
+    args: dict[str, Any] = {"config": ocp.args.JsonRestore(), "summary": ocp.args.JsonRestore()}
     if with_state and state_target is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = _saved_state_metadata(step_dir)
+        if state_keys is not None and isinstance(saved, dict):
+            saved = {key: saved[key] for key in state_keys if key in saved}
         state_target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            _saved_state_metadata(step_dir),
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
         )
-    if with_state:
+    if with_state and state_keys is not None:
+        args["state"] = ocp.args.PyTreeRestore(
+            item=state_target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(state_target),
+            partial_restore=True,
+        )
+    elif with_state:
         args["state"] = ocp.args.StandardRestore(state_target)
     manager = ocp.CheckpointManager(step_dir.parent.absolute())
     try:
@@ -402,7 +392,8 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
     from digitjax.model import abstract_model
 
     step_dir = _step_dir(path, kind)
-    items = _read_items(step_dir)
+    weights = ("ema_params", "params") if average else ("params",)
+    items = _read_items(step_dir, state_keys=weights)
     config = _config_of(items, step_dir)
     graphdef, expected = abstract_model(config, items["summary"]["num_classes"])
     evaluated = "ema_params" if uses_ema(config) else "params"

@@ -1,12 +1,11 @@
 """The `digitjax` command: each command parses its flags, calls the library once and renders
 the result. Heavy imports (JAX, Orbax) happen inside the commands, so `--help` is instant."""
 
-import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,16 +13,27 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from digitjax import __version__, render
-from digitjax.config import (
-    PRESET_PURPOSES,
-    RECIPE,
-    Config,
-    Interrupted,
-    UserError,
-    chosen_settings,
+from digitjax import __version__, interrupts, render
+from digitjax.compilation_cache import enable_compilation_cache
+from digitjax.config import Config, Interrupted, UserError, chosen_settings
+from digitjax.flags import (
+    CONFIG_FIELDS,
+    CoordinatorFlag,
+    DevicesFlag,
+    DistributedFlag,
+    ExportedModelFlag,
+    JsonFlag,
+    MinConfidenceFlag,
+    ModelCheckpointFlag,
+    NumProcessesFlag,
+    OutFlag,
+    OverwriteFlag,
+    PresetFlag,
+    ProcessIdFlag,
+    ResumeFlag,
+    positive_ints,
+    setting,
 )
-from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
 from digitjax.outputs import check_writable, write_file, writing
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
@@ -32,17 +42,23 @@ CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Click
 
 class OneLineErrors(TyperGroup):
     """Flag errors (`--epochs abc`, a typo) read like every other error: one `error:` line
-    and exit status 2, instead of a boxed usage panel."""
+    and exit status 2, instead of a boxed usage panel. Ctrl-C and SIGTERM, wherever they land
+    (see digitjax/interrupts.py), end in one line and exit status 130 or 143."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
-        except CLICK_ERROR as e:
-            hint = f"; see '{e.ctx.command_path} --help'" if getattr(e, "ctx", None) else ""
-            render.error_line(f"{e.format_message().rstrip('.')}{hint}")
-            result = e.exit_code
-        except typer.Abort:
-            result = 130
+        with interrupts.stop_on_signals():
+            try:
+                result = super().main(*args, standalone_mode=False, **kwargs)
+            except CLICK_ERROR as e:
+                hint = f"; see '{e.ctx.command_path} --help'" if getattr(e, "ctx", None) else ""
+                render.error_line(f"{e.format_message().rstrip('.')}{hint}")
+                result = e.exit_code
+            except typer.Abort:
+                result = 130
+            signum = interrupts.received()
+            if signum is not None:  # Typer turns the interrupt into exit status 130, silently
+                render.err.print("[yellow]interrupted[/yellow]")
+                result = 128 + signum
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)
@@ -67,72 +83,46 @@ def _show_version(value: bool) -> None:
 def _options(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the version.",
+            metavar="",  # a flag: Typer would show a meaningless <bool>
+        ),
     ] = False,
 ) -> None:
     """Train, evaluate and use handwritten-digit CNNs with JAX."""
 
 
 def user_errors(command: Callable) -> Callable:
-    """Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+    """Bad input ends in one line on stderr and a non-zero exit, never a traceback. A stop
+    signal wins over whatever else happened, even where its exception was swallowed on the
+    way (OneLineErrors reports it)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            try:
+                return command(*args, **kwargs)
+            finally:
+                interrupts.check()
         except Interrupted as e:
             render.err.print(f"[yellow]{render.escape(str(e))}[/yellow]", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except (UserError, OSError) as e:
             render.error_line(str(e))
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            render.err.print("[yellow]interrupted[/yellow]")
-            raise typer.Exit(130) from None
 
     return wrapper
 
 
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache: a fresh process loads the programs an earlier one
-    compiled (benchmarks/README.md has the figures). The thresholds are lowered to zero
-    because predict's programs are small. Where the cache cannot be made, runs go on without."""
-    import jax
-
-    from digitjax.data import default_cache_dir
-
-    folder = default_cache_dir() / "jax-cache"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    # JAX writes an entry in place and never replaces it: one cut short by a kill is a
-    # recompile at each later start, and not worth a warning on every run.
-    warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry")
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-DevicesFlag = Annotated[
-    int | None,
-    typer.Option(help="Use only the first N devices. \\[default: all]", show_default=False),
-]
-RUN, HOSTS = "Run folder", "Multi-host"
-ModelCheckpointFlag = Annotated[
-    Path | None,
-    typer.Option(
-        "--checkpoint",
-        help="Run or checkpoint folder. \\[default: the newest run in checkpoints/, else the "
-        "model bundled with digitjax]",
-        show_default=False,
-    ),
-]
-ExportedModelFlag = Annotated[
-    Path | None,
-    typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
-]
+def write_output(flag: str, path: Path, what: str, write: Callable[..., Any], *args: Any) -> None:
+    """A file the user asked for, written after the results are shown (so that a failed write
+    loses nothing else) and named on stderr."""
+    with writing(flag, path):
+        write(*args)
+    render.note(f"{what} written to {path}")
 
 
 def chosen_model(checkpoint_path: Path | None, model: Path | None) -> Path | None:
@@ -142,104 +132,30 @@ def chosen_model(checkpoint_path: Path | None, model: Path | None) -> Path | Non
     return model or checkpoint_path
 
 
-PresetFlag = Annotated[
-    str | None,
-    typer.Option(
-        help="Named settings: "
-        + "; ".join(f"{name}, {purpose}" for name, purpose in PRESET_PURPOSES.items())
-        + " (see the README). Flags given beside it override it.",
-        show_default=False,
-        rich_help_panel=RECIPE,
-    ),
-]
-OutFlag = Annotated[
-    Path | None,
-    typer.Option(
-        "--out",
-        help="Run folder. \\[default: checkpoints/<dataset>-<time>]",
-        show_default=False,
-        rich_help_panel=RUN,
-    ),
-]
-ResumeFlag = Annotated[
-    bool,
-    typer.Option(
-        help="Continue the run in --out (default: the newest in checkpoints/).",
-        rich_help_panel=RUN,
-    ),
-]
-OverwriteFlag = Annotated[
-    bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN)
-]
-DistributedFlag = Annotated[
-    bool,
-    typer.Option(
-        help="Join a multi-process job (automatic under SLURM or Open MPI, or when "
-        "--coordinator is given).",
-        rich_help_panel=HOSTS,
-    ),
-]
-CoordinatorFlag = Annotated[
-    str | None,
-    typer.Option(help="host:port of process 0, for --distributed.", rich_help_panel=HOSTS),
-]
-NumProcessesFlag = Annotated[
-    int | None, typer.Option(help="Processes in the job.", rich_help_panel=HOSTS)
-]
-ProcessIdFlag = Annotated[
-    int | None, typer.Option(help="This process's index.", rich_help_panel=HOSTS)
-]
-
-
-def _setting(name: str, **extra: Any) -> Any:
-    """A `train` flag for a Config field: its help text and panel come from the field."""
-    field = next(f for f in dataclasses.fields(Config) if f.name == name)
-    default = field.default
-    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
-    return typer.Option(
-        help=f"{field.metadata['help']} \\[default: {shown}]",
-        show_default=False,
-        rich_help_panel=field.metadata["panel"],
-        **extra,
-    )
-
-
-def _positive_ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"takes comma-separated integers, got '{text}'") from None
-    if min(values) <= 0:
-        raise typer.BadParameter(f"takes positive integers, got '{text}'")
-    return values
-
-
 @app.command()
 @user_errors
 def train(
-    dataset: Annotated[str | None, _setting("dataset")] = None,
-    data_dir: Annotated[str | None, _setting("data_dir")] = None,
-    epochs: Annotated[int | None, _setting("epochs")] = None,
-    batch_size: Annotated[int | None, _setting("batch_size")] = None,
-    learning_rate: Annotated[float | None, _setting("learning_rate")] = None,
-    warmup_epochs: Annotated[float | None, _setting("warmup_epochs")] = None,
-    weight_decay: Annotated[float | None, _setting("weight_decay")] = None,
-    label_smoothing: Annotated[float | None, _setting("label_smoothing")] = None,
-    ema_decay: Annotated[float | None, _setting("ema_decay")] = None,
-    seed: Annotated[int | None, _setting("seed")] = None,
-    augment_shift: Annotated[int | None, _setting("augment_shift")] = None,
-    augment_rotate: Annotated[float | None, _setting("augment_rotate")] = None,
-    augment_scale: Annotated[float | None, _setting("augment_scale")] = None,
-    augment_elastic: Annotated[float | None, _setting("augment_elastic")] = None,
-    augment_thickness: Annotated[float | None, _setting("augment_thickness")] = None,
-    augment_blur: Annotated[float | None, _setting("augment_blur")] = None,
-    augment_low_res: Annotated[float | None, _setting("augment_low_res")] = None,
-    calibration_fraction: Annotated[float | None, _setting("calibration_fraction")] = None,
-    channels: Annotated[str | None, _setting("channels", callback=_positive_ints)] = None,
-    dense: Annotated[int | None, _setting("dense")] = None,
-    dtype: Annotated[str | None, _setting("dtype")] = None,
+    dataset: Annotated[str | None, setting("dataset")] = None,
+    data_dir: Annotated[str | None, setting("data_dir")] = None,
+    epochs: Annotated[int | None, setting("epochs")] = None,
+    batch_size: Annotated[int | None, setting("batch_size")] = None,
+    learning_rate: Annotated[float | None, setting("learning_rate")] = None,
+    warmup_epochs: Annotated[float | None, setting("warmup_epochs")] = None,
+    weight_decay: Annotated[float | None, setting("weight_decay")] = None,
+    label_smoothing: Annotated[float | None, setting("label_smoothing")] = None,
+    ema_decay: Annotated[float | None, setting("ema_decay")] = None,
+    seed: Annotated[int | None, setting("seed")] = None,
+    augment_shift: Annotated[int | None, setting("augment_shift")] = None,
+    augment_rotate: Annotated[float | None, setting("augment_rotate")] = None,
+    augment_scale: Annotated[float | None, setting("augment_scale")] = None,
+    augment_elastic: Annotated[float | None, setting("augment_elastic")] = None,
+    augment_thickness: Annotated[float | None, setting("augment_thickness")] = None,
+    augment_blur: Annotated[float | None, setting("augment_blur")] = None,
+    augment_low_res: Annotated[float | None, setting("augment_low_res")] = None,
+    calibration_fraction: Annotated[float | None, setting("calibration_fraction")] = None,
+    channels: Annotated[str | None, setting("channels", callback=positive_ints)] = None,
+    dense: Annotated[int | None, setting("dense")] = None,
+    dtype: Annotated[str | None, setting("dtype")] = None,
     preset: PresetFlag = None,
     out_dir: OutFlag = None,
     resume: ResumeFlag = False,
@@ -280,22 +196,6 @@ def train(
         render.training_done(summary, run_dir)
 
 
-CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
-
-
-def checkpoint_or_newest(path: Path | None) -> Path:
-    from digitjax import checkpoint
-
-    if path is not None:
-        return path
-    newest = checkpoint.newest_run()
-    if newest is None:
-        raise UserError(
-            f"no runs in {checkpoint.DEFAULT_ROOT}/: train one first or pass a checkpoint path"
-        )
-    return newest
-
-
 @app.command()
 @user_errors
 def evaluate(
@@ -304,7 +204,7 @@ def evaluate(
         typer.Argument(
             metavar="[CHECKPOINT]",
             help="Run folder (its best step) or a step folder. "
-            "\\[default: newest run in checkpoints/]",
+            "\\[default: the newest run in checkpoints/, else the model bundled with digitjax]",
             show_default=False,
         ),
     ] = None,
@@ -326,28 +226,25 @@ def evaluate(
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
     from digitjax.evaluate import evaluate_checkpoint
+    from digitjax.inference.classifier import BUNDLED_MODEL
+    from digitjax.inference.predict import default_checkpoint
 
     check_writable("--plot", plot)
     enable_compilation_cache()
-    report = evaluate_checkpoint(
-        checkpoint_or_newest(checkpoint_path), split, dataset, data_dir, latest
-    )
+    if checkpoint_path is None:
+        checkpoint_path = default_checkpoint()
+        if checkpoint_path == BUNDLED_MODEL:
+            render.note("no runs in checkpoints/: evaluating the model bundled with digitjax")
+    report = evaluate_checkpoint(checkpoint_path, split, dataset, data_dir, latest)
     if as_json:
         render.print_json(report.to_dict())
     else:
         render.evaluation(report.step_dir, report.dataset, split, report.metrics)
-    if plot is not None:  # after the results are printed: a failed write loses nothing else
+    if plot is not None:
         from digitjax.plots import plot_evaluation
 
-        with writing("--plot", plot):
-            plot_evaluation(report.metrics, report.images, report.labels, plot)
-        render.err.print(f"plot written to {plot}", highlight=False)
-
-
-def _probability(value: float | None) -> float | None:
-    if value is not None and not 0 <= value <= 1:  # NaN fails both comparisons: refused too
-        raise typer.BadParameter(f"must be in [0, 1], got {value}")
-    return value
+        write_output("--plot", plot, "plot", plot_evaluation, report.metrics, report.images,
+                     report.labels, plot)  # fmt: skip
 
 
 @app.command()
@@ -367,16 +264,7 @@ def predict(
         Path | None, typer.Option(help="Write a PNG grid: input, what the model saw, prediction.")
     ] = None,
     model: ExportedModelFlag = None,
-    min_confidence: Annotated[
-        float | None,
-        typer.Option(
-            help="Mark answers whose confidence is below this as not sure (and, far below, "
-            f"not a digit). \\[default: {DEFAULT_MIN_CONFIDENCE} with a calibrated model; none "
-            "with a model that has no temperature, whose confidences are not probabilities]",
-            show_default=False,
-            callback=_probability,
-        ),
-    ] = None,
+    min_confidence: MinConfidenceFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
@@ -393,10 +281,7 @@ def predict(
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
-    path = chosen_model(checkpoint_path, model)
-    if model is None:
-        enable_compilation_cache()
-    classifier = load_classifier(path)
+    classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=True)
     if min_confidence is None:
         min_confidence = default_min_confidence(classifier.info)
     predictions, seen = predict_files(classifier, files, min_confidence)
@@ -408,18 +293,17 @@ def predict(
     for p in predictions:
         if p.error:
             render.err.print(f"error: {p.name}: {p.error}", highlight=False, soft_wrap=True)
-    # Written after the results are printed, so that a failed write loses nothing else.
     if csv is not None:
-        with writing("--csv", csv):
-            write_csv(csv, predictions)
+        write_output("--csv", csv, "CSV", write_csv, csv, predictions)
     if save_preprocessed is not None:
-        with writing("--save-preprocessed", save_preprocessed):
-            save_seen(save_preprocessed, seen)
+        what = f"{len(seen)} preprocessed 28x28 images"
+        write_output(
+            "--save-preprocessed", save_preprocessed, what, save_seen, save_preprocessed, seen
+        )
     if plot is not None:
         from digitjax.plots import plot_predictions
 
-        with writing("--plot", plot):
-            plot_predictions(predictions, seen, plot)
+        write_output("--plot", plot, "plot", plot_predictions, predictions, seen, plot)
     if any(p.error for p in predictions):
         raise typer.Exit(1)
 
@@ -430,7 +314,7 @@ def benchmark(
     batch_sizes: Annotated[
         str,
         typer.Option(
-            help="Training batch sizes to measure, comma-separated.", callback=_positive_ints
+            help="Training batch sizes to measure, comma-separated.", callback=positive_ints
         ),
     ] = "128",
     steps: Annotated[int, typer.Option(min=1, help="Training steps per timed repeat.")] = 100,
@@ -463,10 +347,9 @@ def benchmark(
         render.print_json(results)
     else:
         render.benchmark(results)
-    if out_file is not None:  # after the results are printed: a failed write loses nothing else
-        with writing("--out", out_file):
-            write_file(out_file, (json.dumps(results, indent=2) + "\n").encode())
-        render.err.print(f"results written to {out_file}", highlight=False)
+    if out_file is not None:
+        data = (json.dumps(results, indent=2) + "\n").encode()
+        write_output("--out", out_file, "results", write_file, out_file, data)
 
 
 @app.command()
@@ -540,8 +423,7 @@ def serve(
 
     limits = Limits(max_in_flight=max_queue, timeout_s=timeout)
     options = Options(host, port, max_batch, max_wait_ms, workers or available_cores(), limits)
-    model_path = chosen_model(checkpoint_path, model)
-    serve(model_path, options, report=render.note, setup=enable_compilation_cache)
+    serve(chosen_model(checkpoint_path, model), options, report=render.note)
 
 
 def main() -> None:
@@ -551,6 +433,9 @@ def main() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     else:
         code = 0
+    # The command has ended and its exit status is decided: a signal now changes nothing.
+    for number in interrupts.STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
     distributed = sys.modules.get("digitjax.distributed")

@@ -12,7 +12,6 @@ does not read back is rebuilt.
 
 import contextlib
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import io
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from digitjax import filelocks
 from digitjax.config import UserError
 from digitjax.outputs import write_file
 
@@ -188,17 +188,17 @@ def _load_cached(name: str, cache_dir: Path) -> Dataset:
         pass
     except DAMAGED as e:
         _warn(f"the data cache {cache_file} is damaged ({e}); rebuilding it")
+    lock = contextlib.ExitStack()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(cache_file.with_suffix(".lock"), "a")  # closed by the with below
+        # Processes that start on a fresh machine together build the cache once, in turn.
+        lock.enter_context(filelocks.locked(cache_file.with_suffix(".lock")))
     except OSError as e:
         raise UserError(
             f"cannot create the data cache folder {cache_file.parent} ({e.strerror}); "
             "set DIGITJAX_DATA_DIR to a writable folder"
         ) from None
-    # Processes that start on a fresh machine together build the cache once, one at a time.
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(*DAMAGED):  # built by another process while this one waited
             return _read_cache(name, cache_file)
         dataset = _read_prepared(name, cache_dir / "tfds")
@@ -267,8 +267,10 @@ def _prepare_and_decode(name: str, tfds_dir: Path) -> Dataset:
     builder = make_builder(name, tfds_dir)
     if not builder.is_prepared():
         # The split generators fetch their own files: tfds's downloader retries forever
-        # offline. tfds announces the preparation on stdout, which belongs to --json.
-        with contextlib.redirect_stdout(sys.stderr):
+        # offline. tfds's own notes ("Downloading and preparing dataset Unknown size...") are
+        # wrong when nothing is downloaded, and stdout belongs to --json: say it ourselves.
+        print(f"preparing {name} for its first use, once", file=sys.stderr)
+        with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare()
     return decode_data_source(name, builder)
 

@@ -108,13 +108,19 @@ def to_host(array: jax.Array) -> np.ndarray:
 @contextlib.contextmanager
 def native_stdout_to_stderr() -> Iterator[None]:
     """In a multi-process job, Gloo prints connection notes from C++ straight to file
-    descriptor 1, which belongs to --json: point the descriptor at stderr meanwhile."""
+    descriptor 1, which belongs to --json: point the descriptor at stderr meanwhile. The other
+    processes' notes (`[Gloo] Rank N is connected to...`, one each) are dropped: process 0
+    speaks for the job, and they say nothing its own does not."""
     if jax.process_count() == 1:
         yield
         return
     sys.stdout.flush()
     saved = os.dup(1)
-    os.dup2(2, 1)
+    if is_main_process():
+        os.dup2(2, 1)
+    else:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from digitjax import interrupts
 from digitjax.config import UserError
 
 
@@ -46,8 +47,8 @@ def writing(flag: str, path: Path) -> Iterator[None]:
 
 def write_file(path: Path, data: bytes) -> None:
     """Writes through a temporary file renamed over `path`, creating missing folders: a failed
-    write leaves any earlier file intact and no partial one. Streams and devices (/dev/stdout)
-    are written directly."""
+    or interrupted write leaves any earlier file intact and no partial one. Streams and devices
+    (/dev/stdout) are written directly."""
     if path.exists() and not path.is_file():
         path.write_bytes(data)
         return
@@ -58,6 +59,7 @@ def write_file(path: Path, data: bytes) -> None:
         # Created like any new file (0o666 less the umask), unlike tempfile's private 0o600.
         with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(data)
+        interrupts.check()  # a Ctrl-C swallowed earlier still means: no new file
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from digitjax import checkpoint
+from digitjax import checkpoint, interrupts
 from digitjax.augment import augment
 from digitjax.config import Config, Interrupted, UserError, uses_ema
 from digitjax.data import Dataset, load_dataset
@@ -304,9 +303,21 @@ class TrainingSetup:
         return fit_temperature(logits, self.calibration_labels)
 
 
+# The fewest held-out images a temperature is fitted on: with fewer, one image moves it.
+MIN_CALIBRATION_IMAGES = 100
+
+
 def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSetup:
     check_batch_size(config.batch_size, mesh)
+    num_images = len(dataset.train_images)
     dataset, calibration_images, calibration_labels = dataset.hold_out(config.calibration_fraction)
+    if config.calibration_fraction and len(calibration_labels) < MIN_CALIBRATION_IMAGES:
+        raise UserError(
+            f"--calibration-fraction {config.calibration_fraction} holds out "
+            f"{len(calibration_labels)} of the {num_images} training images; a temperature "
+            f"fitted on fewer than {MIN_CALIBRATION_IMAGES} is noise: raise it, or pass 0 "
+            "to train without calibration"
+        )
     schedule = Schedule(len(dataset.train_images), config.batch_size, config.epochs)
     if schedule.steps_per_epoch == 0:
         raise UserError(
@@ -466,7 +477,11 @@ def train(
     locks the folder."""
     mesh = mesh or make_mesh()
     lock = checkpoint.run_lock(run_dir) if is_main_process() else contextlib.nullcontext()
-    with lock, stop_on_signals() as received_signal:
+    # Ctrl-C and SIGTERM (what `timeout`, SLURM and Kubernetes send) stop the run at the end
+    # of the current chunk, where the state is whole and can be saved; an exception could land
+    # inside Orbax mid-write instead. One that arrives once the last chunk is done lets the run
+    # finish. A second signal acts at once.
+    with lock, interrupts.deferred() as received_signal:
         checkpoint.check_run_dir(run_dir, resume, overwrite)
         config = resolve_config(run_dir, requested, resume, given)
         setup = prepare_training(
@@ -599,33 +614,6 @@ def _diverged_message(step: int, checkpointer: checkpoint.RunCheckpointer, run_d
         f"loss became NaN/inf at step {step}; stopped without saving it. {kept}. "
         "Try a lower --learning-rate"
     )
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[Callable[[], int | None]]:
-    """Ctrl-C and SIGTERM (what `timeout`, SLURM and Kubernetes send) ask the loop to stop at
-    the end of the current chunk, where the state is whole and can be saved; an exception
-    could land inside Orbax mid-write instead. One that arrives once the last chunk is done
-    lets the run finish. A second signal acts at once."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None  # signal handlers can only be set from the main thread
-        return
-
-    def request_stop(signum: int, frame: Any) -> None:
-        received.append(signum)
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
-    try:
-        yield lambda: received[0] if received else None
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def write_metrics_file(run_dir: Path, history: list[dict]) -> None:

@@ -2,8 +2,10 @@
 
 import gzip
 import json
+import re
 import struct
 import subprocess
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -33,6 +35,14 @@ def trained_tiny_run(data_dir: Path, folder: Path, epochs: int) -> Path:
     result = CliRunner().invoke(app, tiny_train(data_dir, run_dir, epochs=epochs))
     assert result.exit_code == 0, result.output
     return run_dir
+
+
+def python_block(doc: str, marker: str) -> str:
+    """The one Python code block of a page (README.md, docs/...) that contains `marker`, as a
+    user copies it."""
+    blocks = re.findall(r"```python\n(.*?)^ *```", (ROOT / doc).read_text(), re.S | re.M)
+    [block] = [block for block in blocks if marker in block]
+    return textwrap.dedent(block)
 
 
 def history(run_dir: Path) -> list[dict]:

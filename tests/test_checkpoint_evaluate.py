@@ -1,11 +1,12 @@
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from helpers import assert_one_line_error, run_digitjax
+from helpers import assert_one_line_error, python_block, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,14 +24,26 @@ def step_dir(run_dir: Path, kind: str = "best") -> Path:
     return next((run_dir / kind).iterdir())
 
 
-def test_plain_orbax_restores_a_checkpoint_without_digitjax(trained_run: Path):
-    manager = ocp.CheckpointManager((trained_run / "best").absolute())
-    restored = manager.restore(manager.latest_step())
-    assert restored["config"]["channels"] == [4, 8]
-    assert restored["summary"]["best"]["test_accuracy"] > 0.5
-    params = restored["state"]["params"]
-    assert np.asarray(params["convs"]["0"]["kernel"]).shape == (3, 3, 1, 4)
-    assert int(restored["state"]["step"]) == manager.latest_step()
+def test_the_documented_plain_orbax_snippet_restores_a_checkpoint_quietly(trained_run: Path):
+    """As a user runs it: in a process of its own, where digitjax cannot quiet Orbax's
+    warnings (it could not import digitjax if it tried)."""
+    snippet = python_block("docs/checkpoints.md", "ocp.CheckpointManager").replace(
+        "/abs/path/checkpoints/mnist-20261124-120000/best", str((trained_run / "best").absolute())
+    )
+    check = """
+import sys
+assert "digitjax" not in sys.modules
+params = restored["state"]["params"]
+assert restored["config"]["channels"] == [4, 8]
+assert restored["summary"]["best"]["test_accuracy"] > 0.5
+assert params["convs"]["0"]["kernel"].shape == (3, 3, 1, 4)
+assert int(restored["state"]["step"]) == manager.latest_step()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet + check], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no "WARNING:absl:Item ... could not be restored"
 
 
 def test_evaluate_json_matches_training_figures(trained_run: Path):

@@ -110,6 +110,7 @@ def test_two_processes_train_checkpoint_and_evaluate_in_one(
     assert [p.returncode for p in processes] == [0, 0], outputs
     summary = json.loads(outputs[0][0])  # process 0 reports; its stdout is pure JSON
     assert outputs[1][0] == ""
+    assert "[Gloo]" not in outputs[1][1], outputs[1][1]  # process 0 speaks for the job
     assert "2 cpu devices, 2 processes" in outputs[0][1]
     assert_same_training(summary["history"], single_device_history)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2

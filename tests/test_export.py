@@ -2,18 +2,17 @@
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
-import re
 import shutil
 import subprocess
 import sys
-import textwrap
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from helpers import MNIST_DIR, ROOT, assert_one_line_error, write_mnist_subset
+from helpers import MNIST_DIR, assert_one_line_error, python_block, write_mnist_subset
 from typer.testing import CliRunner
 
 from digitjax.checkpoint import restore_model
@@ -49,9 +48,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("export-runs")
     data = write_mnist_subset(folder / "mnist", 512, 100)
     runs = {"bundled": BUNDLED_MODEL}
+    calibrated = ["--calibration-fraction", "0.2"]  # the 100 images a temperature needs at least
     trained = {
-        "default": [],
-        "best": ["--preset", "best"],
+        "default": calibrated,
+        "best": ["--preset", "best", *calibrated],
         "uncalibrated": ["--calibration-fraction", "0"],  # no temperature, as older runs
     }
     for name, flags in trained.items():
@@ -105,11 +105,7 @@ def evaluate_probabilities(checkpoints: dict[str, Path], mnist_test) -> dict[str
 
 def readme_snippet(fmt: str) -> str:
     marker, _ = README_SNIPPETS[fmt]
-    blocks = re.findall(
-        r"```python\n(.*?)^ *```", (ROOT / "docs" / "export.md").read_text(), re.S | re.M
-    )
-    [snippet] = [block for block in blocks if marker in block]
-    return textwrap.dedent(snippet)
+    return python_block("docs/export.md", marker)
 
 
 @pytest.mark.slow
@@ -198,15 +194,14 @@ def test_export_defaults_to_the_bundled_model_and_never_overwrites(
     [bundled_step] = (BUNDLED_MODEL / "best").iterdir()
     assert f"model/best/{bundled_step.name} → model.onnx (onnx" in result.stdout
     exported = (tmp_path / "model.onnx").read_bytes()
-    result = runner.invoke(app, ["export", "--out", "model.onnx", "--format", "stablehlo"])
+    result = runner.invoke(app, ["export", "--out", "model.onnx", "--format", "onnx"])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "model.onnx exists", "--overwrite")
     assert (tmp_path / "model.onnx").read_bytes() == exported
-    result = runner.invoke(
-        app, ["export", "--out", "model.onnx", "--format", "stablehlo", "--overwrite"]
-    )
+    (tmp_path / "model.onnx").write_bytes(b"an older file")
+    result = runner.invoke(app, ["export", "--out", "model.onnx", "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert zipfile.is_zipfile(tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx").read_bytes() == exported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no partial files
 
 
@@ -221,8 +216,10 @@ def test_export_errors(
     cases = [
         (["--format", "tflite", "--out", "m.tflite"], "unknown format 'tflite'"),
         (["--out", "m.bin"], "give --format"),
-        (["--out", "a_file/m.onnx"], "cannot write a_file/m.onnx"),
+        (["--out", "a_file/m.onnx"], "--out a_file/m.onnx: a_file is a file, not a folder"),
         (["--format", "onnx", "--out", "."], "is a folder"),
+        (["--format", "onnx", "--out", "m.stablehlo"], "--format onnx contradicts --out"),
+        (["--format", "stablehlo", "--out", "m.ONNX"], "name the file .stablehlo"),
         ([str(tmp_path / "empty"), "--out", "m.onnx"], "no digitjax checkpoint"),
         ([str(no_config), "--out", "m.onnx"], "is not a digitjax checkpoint"),
     ]
@@ -270,3 +267,97 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
         )
         assert result.exit_code == 1, (name, result.output)
         assert_one_line_error(result.stderr, name, message)
+
+
+def forged_onnx(
+    path: Path, input_name: str = "images", batch: str | int = "N", columns: int = 10, **kw: bool
+) -> Path:
+    """An ONNX file carrying digitjax's metadata without being an export: a dense layer, with
+    a softmax unless `softmax=False`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).normal(scale=10, size=(28 * 28, columns)).astype(np.float32)
+    last = "logits" if kw.get("softmax", True) else "probabilities"
+    nodes = [
+        helper.make_node("Flatten", [input_name], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "weight"], [last]),
+    ]
+    if last == "logits":
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
+    graph = helper.make_graph(
+        nodes,
+        "forged",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, 28, 28])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, columns])],
+        [numpy_helper.from_array(weight, "weight")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    helper.set_model_props(model, {"digitjax": json.dumps({"dataset": "mnist", "num_classes": 10})})
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def forged_stablehlo(path: Path, shape: str, columns: int) -> Path:
+    """A StableHLO archive with digitjax's metadata around another function."""
+    import jax
+
+    def dense(images: jax.Array) -> jax.Array:
+        return jax.nn.softmax(images.reshape(images.shape[0], -1)[:, :columns])
+
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), np.float32)
+    exported = jax.export.export(jax.jit(dense))(spec)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("metadata.json", json.dumps({"dataset": "mnist", "num_classes": 10}))
+        archive.writestr("model.jax_exported", bytes(exported.serialize()))
+    return path
+
+
+def test_files_that_only_carry_the_metadata_are_refused(user_image_files, tmp_path: Path):
+    """Each check of the contract in one line: input and output names, dtypes and shapes
+    (a free batch dimension), and probabilities out of every run."""
+    cases = [
+        (forged_onnx(tmp_path / "x.onnx", input_name="x"), "it takes x float32 (N, 28, 28)"),
+        (forged_onnx(tmp_path / "one.onnx", batch=1), "takes images float32 (1, 28, 28), not"),
+        (
+            forged_onnx(tmp_path / "three.onnx", columns=3, softmax=False),
+            "it returns probabilities float32 (N, 3), not probabilities float32 (N, 10)",
+        ),
+        (forged_onnx(tmp_path / "raw.onnx", softmax=False), "returned values that are not"),
+        (forged_stablehlo(tmp_path / "one.stablehlo", "1, 28, 28", 10), "(1, 28, 28), not"),
+        (forged_stablehlo(tmp_path / "three.stablehlo", "N, 28, 28", 3), "returns float32 (N, 3)"),
+    ]
+    for path, message in cases:
+        result = runner.invoke(app, ["predict", str(user_image_files[0]), "--model", str(path)])
+        assert result.exit_code == 1, (path.name, result.output)
+        assert_one_line_error(result.stderr, path.name, message)
+        assert result.stdout == ""  # no confidence of 31.33 printed before the error
+
+
+def test_a_zip_bomb_is_refused_from_its_directory(user_image_files, tmp_path: Path):
+    """A .stablehlo archive whose member unpacks to 256 MiB of zeros from 256 kB: refused
+    before anything is decompressed."""
+    bomb = tmp_path / "bomb.stablehlo"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("metadata.json", json.dumps({"dataset": "mnist", "num_classes": 10}))
+        with archive.open("model.jax_exported", "w") as member:
+            for _ in range(256):
+                member.write(bytes(2**20))
+    assert bomb.stat().st_size < 2**20
+    started = time.monotonic()
+    result = runner.invoke(app, ["predict", str(user_image_files[0]), "--model", str(bomb)])
+    assert result.exit_code == 1
+    assert_one_line_error(
+        result.stderr, "bomb.stablehlo", "model.jax_exported unpacks to 268,435,456 bytes from"
+    )
+    assert time.monotonic() - started < 2
+
+
+def test_the_format_is_told_by_the_content_not_the_name(exports, user_image_files, tmp_path: Path):
+    files = [str(p) for p in user_image_files]
+    digits = {}
+    for fmt, other in (("onnx", "stablehlo"), ("stablehlo", "onnx")):
+        misnamed = Path(shutil.copy(exports["bundled", fmt][0], tmp_path / f"model.{other}"))
+        result = runner.invoke(app, ["predict", *files, "--model", str(misnamed), "--json"])
+        assert result.exit_code == 0, result.output
+        digits[fmt] = [r["digit"] for r in json.loads(result.stdout)]
+    assert digits["onnx"] == digits["stablehlo"]

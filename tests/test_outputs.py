@@ -4,11 +4,12 @@ before any work, in one line; a write that fails after the work loses none of th
 import csv
 import io
 import os
-import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
+from helpers import MNIST_DIR, assert_one_line_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -77,23 +78,19 @@ def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
     """Files over 4 kB cannot be written (as on a full disk): the plot fails, the CSV (on
     stdout, a stream) and the 28x28 images are written, and the results were printed first."""
 
-    def small_files_only() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000))
-
+    # The limit is set by the child itself before it becomes digitjax: a preexec_fn would
+    # fork this process, which JAX's threads make unsafe (and JAX warns about it).
+    small_files_only = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000)); "
+        "os.execvp('digitjax', ['digitjax', *sys.argv[1:]])"
+    )
     (workdir / "out").mkdir()
     (workdir / "out" / "grid.png").write_bytes(b"an earlier plot")
-    result = run_digitjax(
-        "predict",
-        "seven.png",
-        "--csv",
-        "/dev/stdout",
-        "--plot",
-        "out/grid.png",
-        "--save-preprocessed",
-        "out/seen",
-        cwd=workdir,
-        preexec_fn=small_files_only,
-    )
+    result = subprocess.run(
+        [sys.executable, "-c", small_files_only, "predict", "seven.png", "--csv", "/dev/stdout",
+         "--plot", "out/grid.png", "--save-preprocessed", "out/seen"],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "--plot out/grid.png: cannot write: File too large")
     assert result.stderr.splitlines()[-1].startswith("error: --plot")

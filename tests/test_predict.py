@@ -30,9 +30,13 @@ def predict_json(*args: str) -> tuple[int, list[dict], str]:
 
 
 def test_bundled_model_restores_and_reaches_its_stated_accuracy(no_runs):
-    result = runner.invoke(app, ["evaluate", str(BUNDLED_MODEL), "--json"])
+    """Without runs in checkpoints/, evaluate (as predict, serve and export) falls back to the
+    bundled model, and says so."""
+    result = runner.invoke(app, ["evaluate", "--json"])
     assert result.exit_code == 0, result.output
+    assert "evaluating the model bundled with digitjax" in result.stderr
     report = json.loads(result.stdout)
+    assert Path(report["checkpoint"]).is_relative_to(BUNDLED_MODEL)
     stated = json.loads(next(BUNDLED_MODEL.glob("best/*/summary/metadata")).read_text())
     assert report["accuracy"] == pytest.approx(stated["best"]["test_accuracy"])
     assert report["accuracy"] >= 0.994
@@ -71,6 +75,12 @@ def test_folder_glob_csv_preprocessed_and_plot(no_runs, user_images):
         ],
     )
     assert result.exit_code == 0, result.output
+    notes = result.stderr.splitlines()
+    assert notes == [
+        f"CSV written to {csv_file}",
+        f"{len(list(seen_dir.glob('*.png')))} preprocessed 28x28 images written to {seen_dir}",
+        f"plot written to {plot}",
+    ]
     with csv_file.open() as f:
         rows = list(csv.DictReader(f))
     in_folder = [p for p, _, _ in user_images if p.parent == folder]

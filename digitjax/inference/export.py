@@ -17,7 +17,6 @@ This module imports no JAX at the top: running an ONNX file must not pay for imp
 import importlib.util
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 from digitjax import __version__
 from digitjax.config import UserError, reason
 from digitjax.inference.classifier import ModelInfo, checkpoint_info, in_batches, step_record
+from digitjax.outputs import check_writable, write_file, writing
 
 FORMATS = ("stablehlo", "onnx")
 SUFFIXES = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
@@ -35,7 +35,13 @@ ONNX_OPSET, ONNX_IR_VERSION = 17, 8  # IR 8 is the one that came with opset 17 (
 METADATA_MEMBER, EXPORTED_MEMBER = "metadata.json", "model.jax_exported"
 METADATA_KEY = "digitjax"
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+IMAGE_SIDE = 28
 MAX_FILE_BYTES = 2**31  # ONNX's protobuf limit; far above any model digitjax trains
+# A StableHLO archive's members: the largest model digitjax trains (--preset best) serializes
+# to 7 MB, and float weights hardly compress (1.07x); far beyond either is not an export.
+MAX_MEMBER_BYTES = 2**30
+MAX_COMPRESSION_RATIO = 20
+ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(uint8)": "uint8"}
 PREPROCESSING = (
     "(N, 28, 28) float32 in [0, 1]: a white digit on black, its longer side scaled to 20 px and "
     "its centre of mass at the centre, as in MNIST (what digitjax.inference.preprocess produces)"
@@ -45,47 +51,38 @@ PREPROCESSING = (
 def export_model(checkpoint: Path, fmt: str | None, out: Path, overwrite: bool = False) -> dict:
     """Writes the checkpoint's model to `out` in format `fmt` (default: by the suffix of
     `out`); returns what was written."""
-    fmt = fmt or next((f for f, suffix in SUFFIXES.items() if out.suffix.lower() == suffix), None)
-    if fmt is None:
+    fmt = export_format(fmt, out)
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise UserError("exporting ONNX needs the onnx package: pip install 'digitjax[onnx]'")
+    check_writable("--out", out)  # before the slow part: a wrong path costs nothing
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists: pass --overwrite to replace it")
+    from digitjax.checkpoint import restore_model
+
+    model = restore_model(checkpoint)
+    metadata = export_metadata(model)
+    data = stablehlo_bytes(model, metadata) if fmt == "stablehlo" else onnx_bytes(model, metadata)
+    with writing("--out", out):
+        write_file(out, data)
+    return {"path": str(out), "format": fmt, "bytes": len(data), "metadata": metadata}
+
+
+def export_format(fmt: str | None, out: Path) -> str:
+    """--format, else the one --out's suffix names; they must not contradict each other (a
+    file named .stablehlo holding ONNX would mislead whoever opens it)."""
+    by_suffix = next((f for f, suffix in SUFFIXES.items() if out.suffix.lower() == suffix), None)
+    if fmt is None and by_suffix is None:
         raise UserError(
             f"give --format {' or '.join(FORMATS)} (or an --out ending in .stablehlo or .onnx)"
         )
+    fmt = fmt or by_suffix
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}': choose {' or '.join(FORMATS)}")
-    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
-        raise UserError("exporting ONNX needs the onnx package: pip install 'digitjax[onnx]'")
-    if out.is_dir():
-        raise UserError(f"{out} is a folder: give --out a file name")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: pass --overwrite to replace it")
-    # The file is opened before the slow part, so an unwritable path fails at once. It gets its
-    # name only when complete: an interrupted export leaves no partial model behind.
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        file = partial.open("xb")
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"cannot write {out}: part of its folder path is a file") from None
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    try:
-        from digitjax.checkpoint import restore_model
-
-        model = restore_model(checkpoint)
-        metadata = export_metadata(model)
-        data = (
-            stablehlo_bytes(model, metadata) if fmt == "stablehlo" else onnx_bytes(model, metadata)
+    if by_suffix is not None and by_suffix != fmt:
+        raise UserError(
+            f"--format {fmt} contradicts --out {out.name}: name the file {SUFFIXES[fmt]}"
         )
-        try:
-            with file:
-                file.write(data)
-            os.replace(partial, out)
-        except OSError as e:
-            raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        file.close()
-        partial.unlink(missing_ok=True)
-    return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "metadata": metadata}
+    return fmt
 
 
 def export_metadata(model: Any) -> dict:
@@ -132,8 +129,7 @@ def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
 
 def onnx_bytes(model: Any, metadata: dict) -> bytes:
     """The CNN of digitjax.model as an ONNX graph in NCHW layout (flax's is NHWC)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from digitjax.checkpoint import leaves_by_path
     from digitjax.model import NUM_POOLS
@@ -179,18 +175,22 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     hidden = hidden.reshape(side, side, channels, -1).transpose(2, 0, 1, 3).reshape(hidden.shape)
     add("Gemm", [x, weight("hidden.kernel", hidden), weight("hidden.bias", params["hidden/bias"])])
     add("Relu", [x])
-    add(
-        "Gemm",
-        [
-            x,
-            weight("logits.kernel", params["logits/kernel"]),
-            weight("logits.bias", params["logits/bias"]),
-        ],
-    )
+    logits = [
+        weight("logits.kernel", params["logits/kernel"]),
+        weight("logits.bias", params["logits/bias"]),
+    ]
+    add("Gemm", [x, *logits])
     if model.temperature is not None:
         add("Div", [x, weight("temperature", np.array(model.temperature, np.float32))])
     nodes.append(helper.make_node("Softmax", [x], [OUTPUT_NAME], axis=-1))
-    num_classes = params["logits/bias"].shape[0]
+    return _onnx_file(nodes, initializers, params["logits/bias"].shape[0], metadata)
+
+
+def _onnx_file(nodes: list, initializers: list, num_classes: int, metadata: dict) -> bytes:
+    """The graph as a checked ONNX model carrying digitjax's metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         nodes,
         "digitjax_cnn",
@@ -213,16 +213,18 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
 
 class ExportedModel:
     """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
-    jax.export. The format is told by the content (a zip archive is StableHLO), not the name."""
+    jax.export. The format is told by the content (a zip archive is StableHLO), not the name.
+
+    A file is taken for what it shows, not for its metadata alone: its input and output must
+    be those of a digitjax export (names, dtypes, shapes with a free batch dimension), and what
+    it returns must be probabilities, checked on every run."""
 
     def __init__(self, path: Path):
         self.source = path
         data = _read_limited(path)
         self.format = "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
-        if self.format == "onnx":
-            self.metadata, self._run = _load_onnx(path, data)
-        else:
-            self.metadata, self._run = _load_stablehlo(path, data)
+        load = _load_onnx if self.format == "onnx" else _load_stablehlo
+        self.metadata, self._run = load(path, data)
         self.info = ModelInfo(
             name=path.name,
             kind=self.format,
@@ -234,7 +236,35 @@ class ExportedModel:
         )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return in_batches(self._run, images)
+        return in_batches(self._checked_run, images)
+
+    def _checked_run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            outputs = np.asarray(self._run(batch))
+        except Exception as e:  # the runtimes raise their own types for a model that fails
+            raise UserError(f"{self.source} failed to run: {reason(e)[:200]}") from None
+        expected = (len(batch), self.info.num_classes)
+        if outputs.shape != expected:
+            raise UserError(
+                f"{self.source} returned an array of shape {outputs.shape}, not {expected}"
+            )
+        if not _are_probabilities(outputs):
+            raise UserError(
+                f"{self.source} returned values that are not probabilities (each row must be "
+                "finite, in [0, 1] and sum to 1): not a digitjax export"
+            )
+        return outputs
+
+
+def _are_probabilities(rows: np.ndarray) -> bool:
+    """float32 softmax rows: finite, in [0, 1] and summing to 1 up to rounding."""
+    rows = rows.astype(np.float64)
+    return bool(
+        np.isfinite(rows).all()
+        and (rows >= -1e-6).all()
+        and (rows <= 1 + 1e-6).all()
+        and (np.abs(rows.sum(axis=1) - 1) <= 1e-4).all()
+    )
 
 
 def _read_limited(path: Path) -> bytes:
@@ -248,6 +278,33 @@ def _read_limited(path: Path) -> bytes:
 
 def _not_an_export(path: Path, fmt: str, reason: str) -> UserError:
     return UserError(f"{path} is not a digitjax {fmt} export: {reason[:200]}")
+
+
+# A tensor as the checks below see it: name (None where the format has none), dtype, shape
+# with None for a free dimension.
+Signature = tuple[str | None, str, tuple[int | None, ...]]
+
+
+def _check_signature(
+    path: Path, fmt: str, inputs: list[Signature], outputs: list[Signature], num_classes: int
+) -> None:
+    """One (N, 28, 28) float32 input and one (N, num_classes) float32 output, N free, named
+    as an export names them (ONNX names its tensors; StableHLO does not)."""
+    named = fmt == "ONNX"
+    want_in = (INPUT_NAME if named else None, "float32", (None, IMAGE_SIDE, IMAGE_SIDE))
+    want_out = (OUTPUT_NAME if named else None, "float32", (None, num_classes))
+    if inputs != [want_in]:
+        got = ", ".join(map(_describe, inputs)) or "nothing"
+        raise _not_an_export(path, fmt, f"it takes {got}, not {_describe(want_in)}")
+    if outputs != [want_out]:
+        got = ", ".join(map(_describe, outputs)) or "nothing"
+        raise _not_an_export(path, fmt, f"it returns {got}, not {_describe(want_out)}")
+
+
+def _describe(tensor: Signature) -> str:
+    name, dtype, shape = tensor
+    dims = ", ".join("N" if d is None else str(d) for d in shape)
+    return f"{name + ' ' if name else ''}{dtype} ({dims})"
 
 
 def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
@@ -264,23 +321,27 @@ def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
     metadata = _parse_metadata(
         path, "ONNX", session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     )
+
+    def signature(tensor: Any) -> Signature:
+        dtype = ONNX_DTYPES.get(tensor.type, str(tensor.type))
+        return (
+            str(tensor.name),
+            dtype,
+            tuple(d if isinstance(d, int) else None for d in tensor.shape),
+        )
+
+    _check_signature(
+        path,
+        "ONNX",
+        [signature(t) for t in session.get_inputs()],
+        [signature(t) for t in session.get_outputs()],
+        metadata.get("num_classes", 0),
+    )
     return metadata, lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
 def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = {info.filename: info for info in archive.infolist()}
-            if EXPORTED_MEMBER not in members or METADATA_MEMBER not in members:
-                raise _not_an_export(path, "StableHLO", f"no {EXPORTED_MEMBER} in the archive")
-            if sum(members[m].file_size for m in (EXPORTED_MEMBER, METADATA_MEMBER)) > (
-                MAX_FILE_BYTES
-            ):  # a zip bomb
-                raise _not_an_export(path, "StableHLO", "its contents are too large")
-            raw_metadata = archive.read(METADATA_MEMBER).decode("utf-8", "replace")
-            serialized = archive.read(EXPORTED_MEMBER)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-        raise _not_an_export(path, "StableHLO", reason(e)) from None
+    raw_metadata, serialized = _read_archive(path, data)
     metadata = _parse_metadata(path, "StableHLO", raw_metadata)
     import jax
 
@@ -288,8 +349,50 @@ def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
         exported = jax.export.deserialize(bytearray(serialized))
     except Exception as e:  # flatbuffers raises anything on damaged bytes
         raise _not_an_export(path, "StableHLO", reason(e)) from None
+
+    def signature(aval: Any) -> Signature:
+        dims = tuple(d if isinstance(d, int) else None for d in aval.shape)  # None: symbolic
+        return None, str(aval.dtype), dims
+
+    _check_signature(
+        path,
+        "StableHLO",
+        [signature(a) for a in exported.in_avals],
+        [signature(a) for a in exported.out_avals],
+        metadata.get("num_classes", 0),
+    )
     forward = jax.jit(exported.call)
     return metadata, lambda images: np.asarray(forward(images))
+
+
+def _read_archive(path: Path, data: bytes) -> tuple[str, bytes]:
+    """The metadata and serialized program of a StableHLO archive. What is read is bounded by
+    the zip directory's sizes, checked before anything is decompressed (a zip bomb: gigabytes
+    that compress to a few megabytes), and again while reading (the directory may lie)."""
+    fmt = "StableHLO"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for name in (EXPORTED_MEMBER, METADATA_MEMBER):
+                if name not in members:
+                    raise _not_an_export(path, fmt, f"no {name} in the archive")
+                size, packed = members[name].file_size, members[name].compress_size
+                if size > MAX_MEMBER_BYTES or size > MAX_COMPRESSION_RATIO * max(packed, 1):
+                    raise _not_an_export(
+                        path,
+                        fmt,
+                        f"its {name} unpacks to {size:,} bytes from {packed:,}, "
+                        "more than a digitjax export holds",
+                    )
+            with archive.open(METADATA_MEMBER) as member:
+                raw_metadata = member.read(MAX_MEMBER_BYTES + 1).decode("utf-8", "replace")
+            with archive.open(EXPORTED_MEMBER) as member:
+                serialized = member.read(MAX_MEMBER_BYTES + 1)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
+        raise _not_an_export(path, fmt, reason(e)) from None
+    if max(len(raw_metadata), len(serialized)) > MAX_MEMBER_BYTES:
+        raise _not_an_export(path, fmt, "its contents are larger than its zip directory says")
+    return raw_metadata, serialized
 
 
 def _parse_metadata(path: Path, fmt: str, raw: str | None) -> dict:

@@ -7,10 +7,10 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 
+from digitjax import interrupts
 from digitjax.config import Interrupted, UserError
 from digitjax.inference.predict import load_classifier
 from digitjax.serving.app import create_app
@@ -21,22 +21,19 @@ from digitjax.serving.uploads import Limits
 SPARE_FILES = 256  # file descriptors kept for the workers' pipes, the model's files, logs
 
 
-def serve(
-    model: Path | None,
-    options: Options,
-    report: Callable[[str], None],
-    setup: Callable[[], None] = lambda: None,
-) -> None:
-    """Serves until Ctrl-C or SIGTERM, which let the requests in flight finish; during
-    start-up (`setup`, loading, compiling) they stop it at once, with the signal's exit status
-    (130, 143)."""
-    with _StopSignals() as stops:
-        setup()
+def serve(model: Path | None, options: Options, report: Callable[[str], None]) -> None:
+    """Serves until Ctrl-C or SIGTERM, which let the requests in flight finish; while starting
+    (loading, compiling) they stop it at once, with the signal's exit status (130, 143)."""
+    # While starting, a signal is only noted (`interrupts.deferred`), and acted on between the
+    # steps below: raised as an exception, it could land in JAX's garbage-collection callback
+    # and be dropped. uvicorn takes the signals over while it runs, and when it has drained, it
+    # raises them again for the handler it found: this one, which notes them.
+    with interrupts.deferred() as signalled:
         listener = _listen(options.host, options.port)
         host, port = listener.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         classifier = load_classifier(model)
-        stops.check()
+        _stop_if(signalled())
         report(f"Serving {classifier.source} at {url} (Ctrl-C to stop); compiling...")
         server = Server(classifier, options, report)
         limits = options.limits
@@ -47,14 +44,17 @@ def serve(
             access_log=False,
             timeout_keep_alive=30,
         )
-        stops.uvicorn = uvicorn.Server(config)
-        stops.check()
-        # uvicorn drains on SIGINT/SIGTERM, then raises the signal again for the handler it
-        # found: ours, which records it.
-        stops.uvicorn.run(sockets=[listener])
+        _stop_if(signalled())
+        uvicorn.Server(config).run(sockets=[listener])
         if not server.ready:
-            stops.check()
+            _stop_if(signalled())
     report("Stopped.")
+
+
+def _stop_if(signum: int | None) -> None:
+    if signum is not None:
+        name = signal.Signals(signum).name
+        raise Interrupted(f"Stopped by {name} before it was ready.", 128 + signum)
 
 
 def _connection_cap(limits: Limits) -> int:
@@ -81,35 +81,3 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return listener
-
-
-class _StopSignals:
-    """SIGINT and SIGTERM while starting are recorded, never raised as exceptions: a
-    KeyboardInterrupt landing in JAX's garbage-collection callback would be printed and ignored,
-    and loading would go on. `check` stops at the next step; once uvicorn exists, a signal asks
-    it to exit (while it runs, its own handlers do)."""
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self.uvicorn: uvicorn.Server | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.record)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def record(self, sig: int, frame: object) -> None:
-        self.received.append(sig)
-        if self.uvicorn is not None:
-            self.uvicorn.should_exit = True
-
-    def check(self) -> None:
-        """Raises Interrupted (exit status 128 + the signal) if a signal came."""
-        if self.received:
-            name = signal.Signals(self.received[0]).name
-            raise Interrupted(f"Stopped by {name} before it was ready.", 128 + self.received[0])

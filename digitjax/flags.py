@@ -1,0 +1,126 @@
+"""The flags several `digitjax` commands share, and the checks of flag values that typer
+leaves to us. Each train flag for a Config field takes its help text from the field."""
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from digitjax.config import PRESET_PURPOSES, RECIPE, Config
+from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DevicesFlag = Annotated[
+    int | None,
+    typer.Option(help="Use only the first N devices. \\[default: all]", show_default=False),
+]
+RUN, HOSTS = "Run folder", "Multi-host"
+ModelCheckpointFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="Run or checkpoint folder. \\[default: the newest run in checkpoints/, else the "
+        "model bundled with digitjax]",
+        show_default=False,
+    ),
+]
+ExportedModelFlag = Annotated[
+    Path | None,
+    typer.Option(help="Use a file written by `digitjax export` (.onnx runs without JAX)."),
+]
+
+
+PresetFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="Named settings: "
+        + "; ".join(f"{name}, {purpose}" for name, purpose in PRESET_PURPOSES.items())
+        + " (see the README). Flags given beside it override it.",
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+]
+OutFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Run folder. \\[default: checkpoints/<dataset>-<time>]",
+        show_default=False,
+        rich_help_panel=RUN,
+    ),
+]
+ResumeFlag = Annotated[
+    bool,
+    typer.Option(
+        help="Continue the run in --out (default: the newest in checkpoints/).",
+        rich_help_panel=RUN,
+    ),
+]
+OverwriteFlag = Annotated[
+    bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN)
+]
+DistributedFlag = Annotated[
+    bool,
+    typer.Option(
+        help="Join a multi-process job (automatic under SLURM or Open MPI, or when "
+        "--coordinator is given).",
+        rich_help_panel=HOSTS,
+    ),
+]
+CoordinatorFlag = Annotated[
+    str | None,
+    typer.Option(help="host:port of process 0, for --distributed.", rich_help_panel=HOSTS),
+]
+NumProcessesFlag = Annotated[
+    int | None, typer.Option(help="Processes in the job.", rich_help_panel=HOSTS)
+]
+ProcessIdFlag = Annotated[
+    int | None, typer.Option(help="This process's index.", rich_help_panel=HOSTS)
+]
+
+
+def setting(name: str, **extra: Any) -> Any:
+    """A `train` flag for a Config field: its help text and panel come from the field."""
+    field = next(f for f in dataclasses.fields(Config) if f.name == name)
+    default = field.default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return typer.Option(
+        help=f"{field.metadata['help']} \\[default: {shown}]",
+        show_default=False,
+        rich_help_panel=field.metadata["panel"],
+        **extra,
+    )
+
+
+def positive_ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"takes comma-separated integers, got '{text}'") from None
+    if min(values) <= 0:
+        raise typer.BadParameter(f"takes positive integers, got '{text}'")
+    return values
+
+
+def probability(value: float | None) -> float | None:
+    if value is not None and not 0 <= value <= 1:  # NaN fails both comparisons: refused too
+        raise typer.BadParameter(f"must be in [0, 1], got {value}")
+    return value
+
+
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+MinConfidenceFlag = Annotated[
+    float | None,
+    typer.Option(
+        help="Mark answers whose confidence is below this as not sure (and, far below, "
+        f"not a digit). \\[default: {DEFAULT_MIN_CONFIDENCE} with a calibrated model; none "
+        "with a model that has no temperature, whose confidences are not probabilities]",
+        show_default=False,
+        callback=probability,
+    ),
+]

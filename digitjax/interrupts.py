@@ -1,0 +1,107 @@
+"""Ctrl-C and SIGTERM end every command alike: exit status 130 or 143, one line, and nothing
+partial left on disk, whatever moment the signal lands.
+
+A Python signal handler runs in the main thread between two bytecodes, and the exception it
+raises lands wherever that thread happens to be. Where Python itself called the code (JAX's
+`_xla_gc_callback`, run by the garbage collector; a `__del__` method), the exception is printed
+as "Exception ignored in ..." and dropped, and the command would go on and finish with exit 0.
+So the handler also records the signal, and the record is checked where it matters: before an
+output file gets its name (`outputs.write_file`) and when the command ends (the CLI).
+
+SIGTERM raises the same exception as Ctrl-C: its default action kills the process at once,
+skipping the `finally` blocks that remove partial files.
+"""
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_received: list[int] = []  # the stop signals caught while a command runs, in order
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised where the main thread was when it arrived (a KeyboardInterrupt,
+    so that `except Exception` in libraries lets it through)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def received() -> int | None:
+    """The first stop signal received since the command started, if any."""
+    return _received[0] if _received else None
+
+
+def check() -> None:
+    """Raises `Stopped` if a stop signal arrived, even one whose exception was swallowed on
+    the way: called before anything is committed to disk."""
+    if _received:
+        raise Stopped(_received[0])
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """For a whole command: a stop signal is recorded and raises `Stopped`."""
+
+    def stop(signum: int, frame: Any) -> None:
+        _received.append(signum)
+        raise Stopped(signum)
+
+    _received.clear()
+    try:
+        with _handling(stop):
+            yield
+    finally:
+        _received.clear()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[Callable[[], int | None]]:
+    """For code that stops at a point of its own choosing (training, at the end of a chunk,
+    where its state is whole and can be saved): a first signal is only noted, for the function
+    yielded to report, and the code acts on it; a second one raises `Stopped` at once."""
+    noted: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        if len(noted) > 1:
+            raise Stopped(signum)
+
+    with _handling(note):
+        yield lambda: noted[0] if noted else None
+
+
+@contextlib.contextmanager
+def _handling(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """`handler` for the stop signals, then the previous handlers again. Handlers can only be
+    set from the main thread; elsewhere (a server's worker thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+
+
+def _quiet_swallowed_interrupts() -> None:
+    """A `Stopped` that Python had to drop (raised inside a garbage-collector callback) is not
+    worth its "Exception ignored" traceback: the signal is recorded, and acted on later."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_quiet_swallowed_interrupts()

@@ -1,0 +1,175 @@
+"""Ctrl-C and SIGTERM end every command in one line with exit status 130 or 143 and leave
+nothing partial on disk, wherever they land: in the installed command's own process at
+several moments, and inside a garbage-collector callback, where Python swallows the exception
+(as it did inside JAX's `_xla_gc_callback`). Training's own handling is in test_reliability."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import MNIST_DIR, run_digitjax
+from PIL import Image
+
+from digitjax.data import read_idx_split
+from digitjax.inference.classifier import BUNDLED_MODEL
+
+MIN_DELAY = 0.8  # past Python's start-up and the command's imports, on a loaded machine
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@pytest.fixture(scope="module")
+def digit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images, _ = read_idx_split(MNIST_DIR, "test")
+    path = tmp_path_factory.mktemp("digit") / "seven.png"
+    Image.fromarray(images[0]).resize((140, 140)).save(path)
+    return path
+
+
+def commands(digit: Path, tiny_mnist: Path, out: Path) -> dict[str, list[str]]:
+    """Commands that write files into `out`, with the bundled model."""
+    return {
+        "export onnx": ["export", str(BUNDLED_MODEL), "--out", str(out / "m.onnx")],
+        "export stablehlo": ["export", str(BUNDLED_MODEL), "--out", str(out / "m.stablehlo")],
+        "predict": ["predict", str(digit), "--checkpoint", str(BUNDLED_MODEL),
+                    "--csv", str(out / "p.csv"), "--plot", str(out / "p.png")],
+        "evaluate": ["evaluate", str(BUNDLED_MODEL), "--data-dir", str(tiny_mnist),
+                     "--plot", str(out / "e.png")],
+    }  # fmt: skip
+
+
+def left_on_disk(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def assert_stopped_in_one_line(code: int, stderr: str, signum: signal.Signals) -> None:
+    """One line says it, after the notes of what was done before (a file written whole, the
+    server's address): no traceback, no "Exception ignored", no error line."""
+    assert code == EXIT_CODES[signum], stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == "interrupted", stderr
+    assert not [line for line in lines[:-1] if "interrupted" in line or line.startswith(" ")]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "error:" not in stderr, stderr
+
+
+# The command in a process of its own, with a gc callback that sends the signal at the first
+# collection once the command runs (its handlers are installed) and notes it in a file.
+SIGNAL_IN_A_GC_CALLBACK = """
+import gc, os, signal, sys
+from digitjax.cli import main
+
+def signal_inside(phase, info):
+    handler = signal.getsignal({signum})
+    if callable(handler) and handler is not signal.default_int_handler:
+        gc.callbacks.remove(signal_inside)
+        open({marker!r}, "w").close()
+        os.kill(os.getpid(), {signum})  # the handler runs here, inside the callback
+
+gc.callbacks.append(signal_inside)
+sys.argv = ["digitjax", *{args!r}]
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("command", ["export onnx", "export stablehlo", "predict", "evaluate"])
+def test_a_signal_swallowed_in_a_gc_callback_still_stops_the_command(
+    command, signum, digit, tiny_mnist, tmp_path
+):
+    """Python prints and drops an exception raised inside a gc callback ("Exception ignored
+    in: <function _xla_gc_callback ...>"), and the command goes on: it must still neither
+    commit its output nor end with 0, and say so in one line."""
+    out, marker = tmp_path / "out", tmp_path / "delivered"
+    out.mkdir()
+    args = commands(digit, tiny_mnist, out)[command]
+    script = SIGNAL_IN_A_GC_CALLBACK.format(signum=int(signum), marker=str(marker), args=args)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert marker.exists(), "no signal was sent"
+    assert_stopped_in_one_line(result.returncode, result.stderr, signum)
+    assert left_on_disk(out) == []
+
+
+def run_signalled(args: list[str], signum: int, delay: float, cwd: Path) -> tuple[bool, int, str]:
+    """The installed command, sent `signum` after `delay` seconds: whether it was still
+    running then, its exit status and its stderr."""
+    process = subprocess.Popen(
+        ["digitjax", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(delay)
+    running = process.poll() is None
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    return running, process.returncode, stderr
+
+
+def remove_all(folder: Path) -> None:
+    for path in folder.iterdir():
+        path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("command", ["export onnx", "predict"])
+def test_signals_at_several_moments_stop_the_installed_command(
+    command, signum, digit, tiny_mnist, tmp_path
+):
+    """At moments spread over an uninterrupted run (restoring, compiling or converting,
+    writing). A signal that came too late (the command had finished) is sent again earlier,
+    so that each moment ends with a signal that landed."""
+    args = commands(digit, tiny_mnist, tmp_path)[command]
+    started = time.monotonic()
+    assert run_digitjax(*args, cwd=tmp_path).returncode == 0
+    duration = time.monotonic() - started
+    outputs = left_on_disk(tmp_path)
+    for fraction in (0.4, 0.65, 0.9):
+        remove_all(tmp_path)
+        # Python's start-up and the imports before the command runs (~0.3 s) are not
+        # covered: a signal there gets Python's default traceback.
+        delay = max(duration * fraction, MIN_DELAY)
+        running, code, stderr = False, 0, ""
+        for _ in range(5):
+            running, code, stderr = run_signalled(args, signum, delay, tmp_path)
+            if code != 0:
+                break
+            assert left_on_disk(tmp_path) == outputs  # it had finished: all complete
+            remove_all(tmp_path)
+            delay = max(delay * 0.7, MIN_DELAY)
+        assert running, "the command always ended before the signal"
+        assert_stopped_in_one_line(code, stderr, signum)
+        # Nothing partial; an output is there only if the signal came after its last rename.
+        assert set(left_on_disk(tmp_path)) <= set(outputs), left_on_disk(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_benchmark_without_its_results_file(tmp_path):
+    args = ["benchmark", "--batch-sizes", "8", "--steps", "1", "--repeats", "1"]
+    running, code, stderr = run_signalled([*args, "--out", "b.json"], signal.SIGTERM, 5, tmp_path)
+    assert running
+    assert_stopped_in_one_line(code, stderr, signal.SIGTERM)
+    assert left_on_disk(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_serve_starts_stops_it_in_one_line(signum, tmp_path):
+    """While it compiles, before uvicorn takes the signals over (then they drain the server
+    and end it with 0: test_serve)."""
+    process = subprocess.Popen(
+        ["digitjax", "serve", "--port", "0", "--checkpoint", str(BUNDLED_MODEL)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    first = process.stderr.readline()
+    assert "compiling" in first, first
+    process.send_signal(signum)
+    _, rest = process.communicate(timeout=120)
+    assert "Ready" not in rest, "the signal came after the start-up"
+    assert_stopped_in_one_line(process.returncode, rest, signum)
