@@ -5,7 +5,7 @@ import contextlib
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -45,10 +45,26 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
             timeout_keep_alive=30,
         )
         _stop_if(signalled())
-        uvicorn.Server(config).run(sockets=[listener])
+        _Uvicorn(config, signalled).run(sockets=[listener])
         if not server.ready:
             _stop_if(signalled())
     report("Stopped.")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, which also exits at once when a signal was noted just before it took the
+    signals over (between the last check and its own handlers)."""
+
+    def __init__(self, config: uvicorn.Config, signalled: Callable[[], int | None]):
+        super().__init__(config)
+        self.signalled = signalled
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            if self.signalled() is not None:
+                self.should_exit = True
+            yield
 
 
 def _stop_if(signum: int | None) -> None:
