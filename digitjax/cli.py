@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from typer.core import TyperGroup
@@ -37,7 +37,7 @@ from digitjax.flags import (
 from digitjax.outputs import check_writable, write_file, writing
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
-CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 class OneLineErrors(TyperGroup):
@@ -339,7 +339,8 @@ def benchmark(
     """Training/inference throughput, compile time, FLOP/s vs. matmul peak, time to accuracy."""
     from digitjax.benchmark import BenchmarkPlan, run_benchmark
 
-    plan = BenchmarkPlan(batch_sizes, steps, repeats, target, baseline, devices)
+    sizes = cast(tuple[int, ...], batch_sizes)  # the callback turned the text into integers
+    plan = BenchmarkPlan(sizes, steps, repeats, target, baseline, devices)
     check_writable("--out", out_file)
     with render.err.status("benchmarking") as status:
         results = run_benchmark(plan, report=lambda what: status.update(f"measuring {what}"))
@@ -355,6 +356,7 @@ def benchmark(
 @app.command()
 @user_errors
 def export(
+    out_file: Annotated[Path, typer.Option("--out", help="The file to write.")],
     checkpoint_path: Annotated[
         Path | None,
         typer.Argument(
@@ -372,7 +374,6 @@ def export(
             show_default=False,
         ),
     ] = None,
-    out_file: Annotated[Path, typer.Option("--out", help="The file to write.")] = ...,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     as_json: JsonFlag = False,
 ) -> None:

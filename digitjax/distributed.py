@@ -149,11 +149,20 @@ def runtime_info(mesh: Mesh) -> dict[str, Any]:
     """Where a run ran, for its record: devices, processes and the library versions."""
     import importlib.metadata
 
-    packages = ("digitjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+    from digitjax import __version__
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # importable, but not pip-installed
+            return "unknown"
+
+    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
     return {
         "backend": jax.default_backend(),
         "device_kind": mesh.devices.flat[0].device_kind,
         "devices": mesh.size,
         "processes": jax.process_count(),
-        "versions": {name: importlib.metadata.version(name) for name in packages},
+        # digitjax's own from the code that runs: a checkout (`python cli.py`) has no metadata.
+        "versions": {"digitjax": __version__} | {name: version(name) for name in packages},
     }

@@ -20,18 +20,29 @@ from digitjax.model import apply, conv_impls_for, normalize
 EVAL_BATCH = 200  # the fastest of the sizes measured (benchmarks/README.md)
 
 
+def make_batch_logits(
+    graphdef: nnx.GraphDef, mesh: Mesh | None = None
+) -> Callable[[jax.Array, Any], jax.Array]:
+    """fn(images (EVAL_BATCH, 28, 28) uint8, params) -> logits, to call inside a jitted
+    program. With a mesh, devices share the batch."""
+    split = mesh is not None and EVAL_BATCH % mesh.size == 0
+    sharding = batch_sharded(mesh) if mesh is not None and split else None
+
+    def batch_logits(images: jax.Array, params: Any) -> jax.Array:
+        if sharding is not None:
+            images = jax.lax.with_sharding_constraint(images, sharding)
+        conv_impls = conv_impls_for(jax.default_backend(), False, len(params["convs"]))
+        return apply(graphdef, params, normalize(images), conv_impls)
+
+    return batch_logits
+
+
 def make_logits_fn(
     graphdef: nnx.GraphDef, mesh: Mesh | None = None
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """A jitted fn(params, images (N, 28, 28) uint8 with N % EVAL_BATCH == 0) -> logits.
     With a mesh, devices share each batch and every process gets all the logits."""
-    split_batches = mesh is not None and EVAL_BATCH % mesh.size == 0
-
-    def batch_logits(images: jax.Array, params: Any) -> jax.Array:
-        if split_batches:
-            images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
-        conv_impls = conv_impls_for(jax.default_backend(), False, len(params["convs"]))
-        return apply(graphdef, params, normalize(images), conv_impls)
+    batch_logits = make_batch_logits(graphdef, mesh)
 
     def logits_fn(params: Any, images: jax.Array) -> jax.Array:
         batches = images.reshape(-1, EVAL_BATCH, *images.shape[1:])

@@ -14,6 +14,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -53,7 +54,7 @@ class TrainingProgress:
             console=err,
             disable=quiet,
         )
-        self.task = None
+        self.task: TaskID | None = None  # added when training starts
         self.started = time.perf_counter()
 
     def __enter__(self) -> "TrainingProgress":
@@ -88,7 +89,8 @@ class TrainingProgress:
         self.task = self.progress.add_task("train", total=total, completed=done_steps)
 
     def on_chunk(self, done_steps: int) -> None:
-        self.progress.update(self.task, completed=done_steps)
+        if self.task is not None:
+            self.progress.update(self.task, completed=done_steps)
 
     def on_epoch(self, record: dict) -> None:
         if not self.quiet:
@@ -229,7 +231,7 @@ def benchmark(results: dict) -> None:
             f"{reached['seconds']:.1f} s (epoch {reached['epochs']:.1f})"
             if reached["reached"]
             else f"not reached in {reached['seconds']:.0f} s "
-            f"(best {100 * reached['best_accuracy']:.2f}%)",
+            f"(final {100 * reached['final_accuracy']:.2f}%)",
         )
     out.print(table)
 

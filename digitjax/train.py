@@ -259,7 +259,7 @@ class TrainingSetup:
     num_classes: int
     graphdef: Any
     tx: optax.GradientTransformation
-    train_chunk: Callable
+    train_chunk: Any  # jax.jit-compiled: called, and lowered by the benchmarks
     logits_fn: Callable
     train_images: jax.Array
     train_labels: jax.Array

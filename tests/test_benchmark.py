@@ -1,12 +1,15 @@
 import json
 
+import pytest
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from digitjax.benchmark import BenchmarkPlan, run_benchmark
+from digitjax.benchmark import BenchmarkPlan, allowed_errors, make_target_check, run_benchmark
 from digitjax.cli import app
 from digitjax.config import Config
 from digitjax.data import load_dataset
+from digitjax.distributed import make_mesh
+from digitjax.train import prepare_training
 
 runner = CliRunner()
 
@@ -50,3 +53,20 @@ def test_benchmark_rejects_bad_values():
     result = runner.invoke(app, ["benchmark", "--batch-sizes", "0"])
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "'--batch-sizes': takes positive integers")
+
+
+def test_target_check_stops_only_when_the_target_is_out_of_reach(tiny_mnist):
+    """The time to accuracy's evaluation stops early, yet decides exactly as the whole test
+    set's accuracy would: at the boundary, one error more or less flips the answer."""
+    dataset = load_dataset("mnist", tiny_mnist)
+    setup = prepare_training(Config(channels=(4, 8), dense=16), dataset, make_mesh(1))
+    state = setup.init_state()
+    params, accuracy = setup.eval_params(state), setup.test_metrics(state).accuracy
+    count = len(dataset.test_labels)  # 1,000, of which an untrained model gets ~10% right
+    evaluated, errors = make_target_check(setup, dataset, 0.99)(params)
+    assert evaluated < count / 2 and errors > allowed_errors(count, 0.99)
+    evaluated, errors = make_target_check(setup, dataset, accuracy)(params)
+    assert evaluated == count and errors == allowed_errors(count, accuracy)
+    assert 1 - errors / count == pytest.approx(accuracy)
+    evaluated, errors = make_target_check(setup, dataset, accuracy + 1 / count)(params)
+    assert errors > allowed_errors(count, accuracy + 1 / count)

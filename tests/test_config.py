@@ -73,7 +73,9 @@ def test_presets_are_the_recipes_benchmarks_measured():
         0.05,
     )
     fast = Config.from_flags({}, "fast")
-    assert fast == Config(epochs=2, warmup_epochs=0.1, augment_shift=0, dense=64)
+    assert fast == Config(
+        epochs=2, warmup_epochs=0.1, augment_shift=0, dense=64, calibration_fraction=0.0
+    )
     best, robust = Config.from_flags({}, "best"), Config.from_flags({}, "robust")
     assert (best.channels, best.dense, best.epochs) == ((32, 64, 128), 256, 20)
     assert (best.augment_rotate, best.augment_scale, best.augment_elastic) == (15.0, 0.15, 0.0)

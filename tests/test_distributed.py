@@ -165,3 +165,19 @@ def test_failing_to_join_is_a_user_error(monkeypatch):
     monkeypatch.setattr(jax.config, "update", lambda *a: None)
     with pytest.raises(UserError, match="cannot join the distributed job: coordinator_address"):
         distributed.initialize(True)
+
+
+def test_runtime_info_needs_no_installed_metadata(monkeypatch):
+    """A checkout run as `python cli.py` (or on a device machine through PYTHONPATH) has no
+    package metadata for digitjax: the run record takes the version from the code."""
+    import importlib.metadata
+
+    from digitjax import __version__
+    from digitjax.distributed import make_mesh, runtime_info
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    versions = runtime_info(make_mesh(1))["versions"]
+    assert versions["digitjax"] == __version__ and versions["jax"] == "unknown"

@@ -13,6 +13,13 @@ from digitjax.model import apply, create_model, max_over, max_pool_2x2, normaliz
     "conv_impls", [("window", "im2col", "im2col"), ("window", "lax", "lax"), ("im2col",) * 3]
 )
 def test_layer_implementations_agree_with_lax_forward_and_backward(conv_impls):
+    """The same arithmetic in float32: GPUs would otherwise run these matmuls and convolutions
+    in TF32, whose rounding differs between the forms by ~1e-3."""
+    with jax.default_matmul_precision("float32"):
+        check_layer_implementations(conv_impls)
+
+
+def check_layer_implementations(conv_impls: tuple[str, ...]) -> None:
     config = Config(channels=(8, 16, 16), dense=32)
     graphdef, params = create_model(config)
     images = normalize(jnp.asarray(read_idx_split(MNIST_DIR, "test")[0][:16]))

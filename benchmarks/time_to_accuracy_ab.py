@@ -1,0 +1,78 @@
+"""Interleaved cold time to 99% of several versions of digitjax, and of the hand-written peer:
+each round runs every version once, in a fresh process, so that the shared machine's drift
+falls on all of them alike. Reports wall and process CPU seconds (steadier under load).
+
+    git worktree add /tmp/before <commit>    # or: git archive <commit> | tar -x -C /tmp/before
+    python benchmarks/time_to_accuracy_ab.py before=/tmp/before now=. --peer --rounds 3
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# What `digitjax benchmark --target` times, with the CPU seconds measured from outside, so
+# that versions from before `cpu_seconds` existed report it too.
+TIME_TO_ACCURACY = """
+import json, time
+from digitjax.benchmark import time_to_accuracy
+from digitjax.config import Config
+from digitjax.data import load_dataset
+from digitjax.distributed import make_mesh
+dataset, mesh = load_dataset("mnist"), make_mesh()
+cpu_start = time.process_time()
+result = time_to_accuracy(Config.from_flags({}, "fast"), dataset, TARGET, mesh)
+print(json.dumps({"seconds": result["seconds"], "cpu_seconds": time.process_time() - cpu_start,
+                  "epochs": result.get("epochs")}))
+"""
+PEER = Path(__file__).resolve().parent / "peer_trainer.py"
+
+
+def run_once(name: str, source: Path | None, target: float) -> dict:
+    """One cold run: of the digitjax in `source`, or of the peer (no source)."""
+    if source is None:
+        args, cwd = [sys.executable, str(PEER), "--target", str(target), "--json"], None
+    else:
+        # Run from the source tree: `python -c` imports from the current folder first.
+        args = [sys.executable, "-c", TIME_TO_ACCURACY.replace("TARGET", str(target))]
+        cwd = source.resolve()
+    env = {**os.environ, "PYTHONPATH": str(cwd or "")}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("versions", nargs="+", help="NAME=SOURCE_TREE")
+    parser.add_argument("--peer", action="store_true", help="also run peer_trainer.py")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.99)
+    args = parser.parse_args()
+    versions = {name: Path(tree) for name, tree in (v.split("=", 1) for v in args.versions)}
+    if args.peer:
+        versions["peer"] = None
+    runs: dict[str, list[dict]] = {name: [] for name in versions}
+    for round_number in range(args.rounds):
+        for name, source in versions.items():
+            run = run_once(name, source, args.target)
+            runs[name].append(run)
+            print(
+                f"round {round_number}: {name} {run['seconds']:.2f} s, "
+                f"CPU {run['cpu_seconds']:.2f} s, epoch {run['epochs']} "
+                f"(load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+    for name, measured in runs.items():
+        for key in ("seconds", "cpu_seconds"):
+            values = [run[key] for run in measured]
+            print(
+                f"{name} {key}: median {statistics.median(values):.2f} "
+                f"({min(values):.2f}..{max(values):.2f})"
+            )
+
+
+if __name__ == "__main__":
+    main()
