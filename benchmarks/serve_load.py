@@ -204,19 +204,21 @@ def measure_server(flags: list[str], pngs: list, labels: list, args) -> list[dic
     server = ServerProcess(*flags)
     rows = []
     try:
-        for concurrency in CONCURRENCIES:
+        for concurrency in args.concurrencies:
             requests = args.c32_requests if concurrency == 32 else args.requests
             cpu_before = server.cpu_seconds()
             row = asyncio.run(run_phase(server.url, pngs, labels, concurrency, requests, None))
             row["server_cpu"] = (server.cpu_seconds() - cpu_before) / row["wall_s"]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-        rate = max(r["req_per_s"] for r in rows) / 2
-        cpu_before = server.cpu_seconds()
-        row = asyncio.run(run_phase(server.url, pngs, labels, None, int(rate * args.open_s), rate))
-        row["server_cpu"] = (server.cpu_seconds() - cpu_before) / row["wall_s"]
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+        if args.open_s:
+            rate = max(r["req_per_s"] for r in rows) / 2
+            cpu_before = server.cpu_seconds()
+            requests = int(rate * args.open_s)
+            row = asyncio.run(run_phase(server.url, pngs, labels, None, requests, rate))
+            row["server_cpu"] = (server.cpu_seconds() - cpu_before) / row["wall_s"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
     finally:
         code = server.stop()
     if code != 0:
@@ -248,20 +250,32 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="Distinct canvas PNGs.")
     parser.add_argument("--requests", type=int, default=2000, help="Per closed-loop phase.")
     parser.add_argument("--c32-requests", type=int, default=20000)
-    parser.add_argument("--open-s", type=float, default=10, help="Open-loop duration.")
+    parser.add_argument("--open-s", type=float, default=10, help="Open-loop duration (0: none).")
+    parser.add_argument(
+        "--concurrencies",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=CONCURRENCIES,
+        help="Closed-loop clients, comma-separated.",
+    )
+    parser.add_argument(
+        "--servers", default="batching,--max-batch 1", help="Which servers, comma-separated."
+    )
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--offline-copies", type=int, default=10)
+    parser.add_argument("--offline-copies", type=int, default=10, help="0: no offline run.")
     parser.add_argument("--out", type=Path, help="Write the JSON results here.")
     args = parser.parse_args()
     pngs, labels = canvas_pngs(args.images)
     results, offline = [], []
+    servers = {"batching": [], "--max-batch 1": ["--max-batch", "1"]}
     for repeat in range(args.repeats):
-        offline.append(offline_predict_rate(pngs, args.offline_copies))
-        print(f"offline predict: {offline[-1][0]:.0f} img/s", file=sys.stderr)
-        for name, flags in (("batching", []), ("--max-batch 1", ["--max-batch", "1"])):
-            rows = measure_server(flags, pngs, labels, args)
+        if args.offline_copies:
+            offline.append(offline_predict_rate(pngs, args.offline_copies))
+            print(f"offline predict: {offline[-1][0]:.0f} img/s", file=sys.stderr)
+        for name in args.servers.split(","):
+            rows = measure_server(servers[name], pngs, labels, args)
             results.append({"server": name, "repeat": repeat, "rows": rows})
-    offline.append(offline_predict_rate(pngs, args.offline_copies))
+    if args.offline_copies:
+        offline.append(offline_predict_rate(pngs, args.offline_copies))
     print(table(results))
     for rate, cpu in offline:
         print(f"offline `digitjax predict`: {rate:,.0f} images/s, {cpu:.2f} CPU ms per image")

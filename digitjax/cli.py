@@ -414,7 +414,8 @@ def serve(
 ) -> None:
     """Serve a page to draw digits on and a batched prediction API over HTTP."""
     try:
-        from digitjax.serving.app import Options, serve
+        from digitjax.serving.process import serve
+        from digitjax.serving.server import Options
     except ModuleNotFoundError as e:
         raise UserError(
             f"digitjax serve needs the server's packages ({e.name} is missing): "
@@ -423,7 +424,6 @@ def serve(
     from digitjax.inference.parallel import available_cores
     from digitjax.serving.uploads import Limits
 
-    enable_compilation_cache()
     limits = Limits(max_in_flight=max_queue, timeout_s=timeout)
     options = Options(host, port, max_batch, max_wait_ms, workers or available_cores(), limits)
     serve(chosen_model(checkpoint_path, model), options, report=render.note)

@@ -39,15 +39,21 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def start_pool(workers: int) -> ProcessPoolExecutor:
+def start_pool(workers: int, niceness: int = 0) -> ProcessPoolExecutor:
+    """Spawned worker processes, at a lower CPU priority by `niceness` if given."""
     return ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(niceness,),
     )
 
 
-def _worker_init() -> None:
+def _worker_init(niceness: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what stops, and when.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if niceness:
+        os.nice(niceness)
 
 
 def preprocess_many(sources: list[Path], workers: int | None = None) -> list[Outcome]:

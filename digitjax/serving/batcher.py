@@ -42,14 +42,16 @@ class Batcher:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, wait: bool = True) -> None:
+        """Stops batching; `wait=False` leaves the thread's current work (a compilation of
+        minutes, when the server is stopped while starting) to end with the process."""
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        self.thread.shutdown(wait=True)
+        self.thread.shutdown(wait=wait, cancel_futures=True)
 
-    def run_in_thread(self, function: Callable[[], None]) -> asyncio.Future:
+    def run_in_thread(self, function: Callable[[], None]) -> asyncio.Future[None]:
         """Runs `function` on the inference thread (compiling belongs there too)."""
         return asyncio.get_running_loop().run_in_executor(self.thread, function)
 

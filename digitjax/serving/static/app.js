@@ -11,6 +11,7 @@ const confidenceOut = document.getElementById("confidence");
 const seenImg = document.getElementById("seen");
 const bars = document.getElementById("bars");
 const statusOut = document.getElementById("status");
+const result = document.getElementById("result");
 
 const strokes = []; // each stroke: a list of {x, y} in canvas pixels
 let drawing = null; // the stroke under the pointer, if any
@@ -19,11 +20,57 @@ let shown = 0; // sequence number of the answer on screen: older answers are dro
 let lastSentAt = 0;
 let timer = null;
 
-for (let d = 0; d < 10; d++) {
-  const li = document.createElement("li");
-  li.dataset.digit = d;
-  li.innerHTML = `<span class="label">${d}</span><span class="track"><span class="fill"></span></span><span class="pct">0%</span>`;
-  bars.appendChild(li);
+// The page passes its own ?min_confidence= on to the API (e.g. /?min_confidence=0.99).
+const API_QUERY = (() => {
+  const query = new URLSearchParams({ image: "true" });
+  const min = new URLSearchParams(location.search).get("min_confidence");
+  if (min !== null) query.set("min_confidence", min);
+  return `/api/predict?${query}`;
+})();
+
+makeBars(bars);
+
+// Ten bars, one per digit, in `list` (an <ol>): the main chart and each file's small one.
+function makeBars(list) {
+  for (let d = 0; d < 10; d++) {
+    const li = document.createElement("li");
+    li.dataset.digit = d;
+    li.innerHTML = `<span class="label">${d}</span><span class="track"><span class="fill"></span></span><span class="pct">0%</span>`;
+    list.appendChild(li);
+  }
+}
+
+function setBars(list, probabilities, top) {
+  list.querySelectorAll("li").forEach((li, d) => {
+    const percent = probabilities ? 100 * probabilities[d] : 0;
+    li.querySelector(".fill").style.setProperty("--p", `${percent}%`);
+    li.querySelector(".pct").textContent = `${percent.toFixed(1)}%`;
+    li.classList.toggle("top", d === top);
+    li.setAttribute("aria-label", `${d}: ${percent.toFixed(1)} percent`);
+  });
+}
+
+const percent = (p) => `${(100 * p).toFixed(1)}%`;
+
+// How an answer reads, from the server's verdict (never from thresholds of the page's own):
+// the digit to show big, one line of words, and whether to show both muted.
+function describe(p) {
+  if (p.verdict === null) return { digit: "?", line: p.error, muted: true };
+  if (p.verdict === "not_a_digit") {
+    return { digit: "?", line: "That does not look like a digit", muted: true };
+  }
+  if (p.verdict === "not_sure") {
+    return { digit: p.digit, line: `Not sure: maybe ${p.digit} (${percent(p.confidence)})`, muted: true };
+  }
+  return { digit: p.digit, line: `${percent(p.confidence)} sure`, muted: false };
+}
+
+// The raw answer on the element, for tests and for anyone inspecting the page.
+function tag(element, p) {
+  element.dataset.verdict = p.verdict ?? "error";
+  element.dataset.digit = p.digit ?? "";
+  element.dataset.confidence = p.confidence ?? "";
+  element.dataset.uncertain = p.uncertain ?? "";
 }
 
 function clearCanvas() {
@@ -107,7 +154,7 @@ function predictNow() {
   lastSentAt = performance.now();
   pad.toBlob(async (blob) => {
     try {
-      const response = await fetch("/api/predict?image=true", {
+      const response = await fetch(API_QUERY, {
         method: "POST",
         headers: { "Content-Type": "image/png" },
         body: blob,
@@ -129,31 +176,23 @@ function showStatus(message) {
 
 function showPrediction(p) {
   showStatus("");
-  if (p.digit === null) {
-    showEmpty(p.error);
-    return;
-  }
-  digitOut.textContent = p.digit;
-  confidenceOut.textContent = `${(100 * p.confidence).toFixed(1)}% sure`;
-  seenImg.src = p.image;
-  bars.querySelectorAll("li").forEach((li, d) => {
-    const percent = 100 * p.probabilities[d];
-    li.querySelector(".fill").style.width = `${percent}%`;
-    li.querySelector(".pct").textContent = `${percent.toFixed(1)}%`;
-    li.classList.toggle("top", d === p.digit);
-    li.setAttribute("aria-label", `${d}: ${percent.toFixed(1)} percent`);
-  });
+  const { digit, line, muted } = describe(p);
+  digitOut.textContent = digit;
+  confidenceOut.textContent = line;
+  result.classList.toggle("muted", muted);
+  tag(result, p);
+  if (p.image) seenImg.src = p.image;
+  else seenImg.removeAttribute("src");
+  setBars(bars, p.probabilities, p.verdict === "not_a_digit" ? null : p.digit);
 }
 
-function showEmpty(message) {
+function showEmpty() {
   digitOut.textContent = "?";
-  confidenceOut.textContent = message || "Draw a digit";
+  confidenceOut.textContent = "Draw a digit";
+  result.classList.remove("muted");
+  delete result.dataset.verdict;
   seenImg.removeAttribute("src");
-  bars.querySelectorAll("li").forEach((li) => {
-    li.querySelector(".fill").style.width = "0";
-    li.querySelector(".pct").textContent = "0%";
-    li.classList.remove("top");
-  });
+  setBars(bars, null, null);
 }
 
 function clearAll() {
@@ -207,62 +246,89 @@ async function uploadFiles(files) {
   if (!files.length) return;
   const form = new FormData();
   for (const file of files) form.append("file", file, file.name);
-  let answer;
+  let items;
   try {
-    const response = await fetch("/api/predict?image=true", { method: "POST", body: form });
-    answer = await response.json();
-    if (!response.ok) {
-      showStatus(answer.detail || `HTTP ${response.status}`);
-      return;
-    }
+    const response = await fetch(API_QUERY, { method: "POST", body: form });
+    const answer = await response.json();
+    if (response.ok) items = answer.predictions.map((p, i) => fileResult(files[i], p));
+    else items = [failedUpload(files, answer.detail || `HTTP ${response.status}`)];
   } catch (error) {
-    showStatus(`Cannot reach the server: ${error.message}`);
-    return;
+    items = [failedUpload(files, `Cannot reach the server: ${error.message}`)];
   }
-  answer.predictions.forEach((p, i) => fileResults.prepend(fileResult(files[i], p)));
+  fileResults.prepend(...items); // the newest upload first, its files in the order given
+}
+
+// An upload the server refused as a whole (too large, too many files...): one entry that names
+// its files and says why.
+function failedUpload(files, message) {
+  const li = document.createElement("li");
+  li.className = "failed";
+  li.dataset.verdict = "error";
+  const text = document.createElement("div");
+  text.append(textLine("name", files.map((file) => file.name).join(", ")));
+  text.append(textLine("error", message));
+  li.append(text);
+  return li;
+}
+
+function textLine(className, content) {
+  const div = document.createElement("div");
+  div.className = className;
+  div.textContent = content;
+  return div;
 }
 
 function fileResult(file, p) {
   const li = document.createElement("li");
+  tag(li, p);
   const original = document.createElement("img");
   original.src = URL.createObjectURL(file);
   original.alt = `${file.name} as uploaded`;
-  li.appendChild(original);
+  li.append(original);
   if (p.image) {
     const seen = document.createElement("img");
     seen.src = p.image;
     seen.className = "model-input";
     seen.alt = `${file.name} as the model saw it`;
-    li.appendChild(seen);
+    li.append(seen);
   }
   const text = document.createElement("div");
-  const name = document.createElement("div");
-  name.className = "name";
-  name.textContent = file.name;
-  text.appendChild(name);
-  const verdict = document.createElement("div");
-  if (p.digit === null) {
-    verdict.className = "error";
-    verdict.textContent = p.error;
-  } else {
-    verdict.innerHTML = `<span class="file-digit"></span> ${(100 * p.confidence).toFixed(1)}%`;
-    verdict.querySelector(".file-digit").textContent = p.digit;
+  text.append(textLine("name", file.name));
+  const { digit, line, muted } = describe(p);
+  const verdict = textLine(p.verdict === null ? "error" : "verdict", "");
+  verdict.classList.toggle("muted", muted && p.verdict !== null);
+  if (p.verdict !== null) {
+    const big = document.createElement("span");
+    big.className = "file-digit";
+    big.textContent = digit;
+    verdict.append(big, " ");
   }
-  text.appendChild(verdict);
-  li.appendChild(text);
+  verdict.append(line);
+  text.append(verdict);
+  if (p.probabilities) {
+    const chart = document.createElement("ol");
+    chart.className = "bars mini";
+    chart.setAttribute("aria-label", `Probability of each digit in ${file.name}`);
+    makeBars(chart);
+    setBars(chart, p.probabilities, p.verdict === "not_a_digit" ? null : p.digit);
+    text.append(chart);
+  }
+  li.append(text);
   return li;
 }
 
 async function showModel() {
+  const out = document.getElementById("model");
   try {
     const info = await (await fetch("/api/info")).json();
-    const accuracy = info.model.test_accuracy;
-    document.getElementById("model").textContent =
-      `${info.model.checkpoint}` +
+    const { name, step, test_accuracy: accuracy } = info.model;
+    out.textContent =
+      `${name}` +
+      (step == null ? "" : `, step ${step}`) +
       (accuracy == null ? "" : `, test accuracy ${(100 * accuracy).toFixed(2)}%`) +
       ` (${info.backend})`;
   } catch (error) {
-    document.getElementById("model").textContent = "unknown (server unreachable)";
+    out.textContent = "unknown (server unreachable)";
   }
 }
 

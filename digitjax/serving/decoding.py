@@ -1,0 +1,152 @@
+"""Decoding and preprocessing uploads on worker processes, within budgets of pixels.
+
+Decoding costs time by the pixel: an all-zero PNG of 1 x 49,999,000 pixels is 97 kB and keeps a
+worker busy for seconds. So the pixels a request's images will decode to are read from their
+headers first, and a request is refused when its images hold too many in all (413), or when its
+client (its address) already has too many waiting (429). Large images go to a worker of their
+own, at a low CPU priority, so they take neither a worker nor the CPU from ordinary ones.
+
+Jobs reach a process pool only as its workers free up; until then they wait here, on the event
+loop, where a request that times out or whose client leaves simply stops waiting: its images
+are never decoded.
+"""
+
+import asyncio
+import collections
+import contextlib
+import io
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from digitjax.inference.parallel import Outcome, preprocess_one, start_pool
+from digitjax.serving.uploads import Limits, Rejected, Upload, png_pixels, too_many_pixels
+
+LARGE_PIXELS = 4_000_000  # a large image: seconds of decoding rather than milliseconds
+HEADER_BYTES = 64 << 10  # where any image's size is told: JPEG's EXIF comes first, 64 KiB at most
+T = TypeVar("T")
+
+
+def header_pixels(head: bytes, whole: bool, max_pixels: int) -> int:
+    """The pixels an image will decode to, from the first bytes of its file (`whole`: all of
+    it). Files the decoder refuses before decoding (not an image, or over `max_pixels`) cost 0;
+    a header PIL cannot find in `head` costs `max_pixels`, the most any image may. Runs in a
+    worker: some formats' headers take PIL milliseconds to walk."""
+    try:
+        with warnings.catch_warnings(action="ignore"), Image.open(io.BytesIO(head)) as image:
+            pixels = image.size[0] * image.size[1]
+    except Exception:  # every failure means "size unknown from this head"
+        return 0 if whole else max_pixels
+    return 0 if pixels > max_pixels else pixels
+
+
+class Lane:
+    """A process pool and the places before it: `queued` jobs per worker may be submitted, the
+    others wait on the event loop. A place is given back when the worker is done with the job,
+    not when the request stops waiting for it: a job that already runs keeps its worker busy."""
+
+    def __init__(self, workers: int, queued: int, niceness: int = 0):
+        self.workers, self.niceness = workers, niceness
+        self.pool = start_pool(workers, niceness)
+        self.places = asyncio.Semaphore(queued * workers)
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        await self.places.acquire()  # cancelled while waiting: nothing was submitted
+        pool = self.pool
+        try:
+            job = pool.submit(function, *args)
+        except BrokenProcessPool:
+            self.places.release()
+            self.replace(pool)
+            raise
+        try:
+            return await asyncio.wrap_future(job)
+        except BrokenProcessPool:
+            self.replace(pool)
+            raise
+        finally:
+            if job.done():  # answered, or cancelled before it started
+                self.places.release()
+            else:  # the request stopped waiting, but a worker runs the job: its place is taken
+                loop = asyncio.get_running_loop()
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.places.release))
+
+    def replace(self, pool: ProcessPoolExecutor) -> None:
+        """A hostile file crashed a decoder (or the OS killed a worker): the pool is lost for
+        every request, so the first one to notice replaces it."""
+        if pool is self.pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = start_pool(self.workers, self.niceness)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Decoder:
+    """The worker pools and the pixels each client has waiting."""
+
+    def __init__(self, workers: int, limits: Limits):
+        self.limits = limits
+        # Ordinary jobs take milliseconds: several per worker keep it busy while the event loop
+        # is, and those still queued in the pool are dropped there too (their futures cancel).
+        self.ordinary = Lane(workers, queued=8)
+        self.large = Lane(1, queued=1, niceness=10)
+        self.client_pixels: collections.Counter[str] = collections.Counter()
+
+    def close(self) -> None:
+        self.ordinary.close()
+        self.large.close()
+
+    async def preprocess(self, uploads: list[Upload], client: str) -> list[Outcome]:
+        """Every upload as the model sees it, in order; Rejected when over a budget."""
+        pixels = await asyncio.gather(*(self.pixels(upload.data) for upload in uploads))
+        total = sum(pixels)
+        if total > self.limits.max_request_pixels:
+            raise too_many_pixels(self.limits, total)
+        with self.reserve(client, total):
+            return await asyncio.gather(
+                *(self.preprocess_one(u.data, p) for u, p in zip(uploads, pixels, strict=True))
+            )
+
+    @contextlib.contextmanager
+    def reserve(self, client: str, pixels: int) -> Iterator[None]:
+        """Counts `pixels` against `client` until its request is answered (or abandoned)."""
+        if self.client_pixels[client] + pixels > self.limits.max_client_pixels:
+            raise Rejected(
+                429,
+                "client_pixels",
+                f"Your requests in progress already hold over {self.limits.max_client_pixels:,} "
+                "pixels; send more when they are answered.",
+                retry=True,
+            )
+        self.client_pixels[client] += pixels
+        try:
+            yield
+        finally:
+            self.client_pixels[client] -= pixels
+            if not self.client_pixels[client]:
+                del self.client_pixels[client]
+
+    async def pixels(self, data: bytes) -> int:
+        pixels = png_pixels(data, self.limits.max_pixels)
+        if pixels is not None:
+            return pixels
+        head = data[:HEADER_BYTES]
+        whole = len(head) == len(data)
+        try:
+            return await self.ordinary.run(header_pixels, head, whole, self.limits.max_pixels)
+        except BrokenProcessPool:
+            return self.limits.max_pixels
+
+    async def preprocess_one(self, data: bytes, pixels: int) -> Outcome:
+        lane = self.large if pixels > LARGE_PIXELS else self.ordinary
+        try:
+            return await lane.run(preprocess_one, data, self.limits.max_pixels)
+        except BrokenProcessPool:
+            return None, "unreadable image: the decoder crashed"
+        except Exception as e:  # PIL raises many types on hostile files: all mean unreadable
+            return None, f"unreadable image: {type(e).__name__}: {e}"[:300]

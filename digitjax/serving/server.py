@@ -1,0 +1,198 @@
+"""The state of `digitjax serve`: the loaded model, the preprocessing workers
+(`decoding.Decoder`), the `Batcher`, metrics (`process.serve` runs it all on uvicorn).
+
+A request's images are decoded and preprocessed by the worker processes (never on the event
+loop), then wait in the `Batcher`'s queue for one compiled forward pass shared with every other
+request in flight. All batch sizes are compiled before `/readyz` says ready.
+"""
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import gc
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from digitjax.inference.classifier import (
+    MAX_BATCH,
+    Classifier,
+    answer,
+    batch_sizes,
+    default_min_confidence,
+    failed,
+)
+from digitjax.inference.parallel import available_cores
+from digitjax.inference.preprocess import png_bytes
+from digitjax.serving.batcher import Batcher
+from digitjax.serving.decoding import Decoder
+from digitjax.serving.schemas import InfoResponse, ModelInfoOut, PredictionOut, PredictResponse
+from digitjax.serving.uploads import Limits, Upload
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = tuple(2**i for i in range(11))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 256
+    max_wait_ms: float = 0.0
+    workers: int = dataclasses.field(default_factory=available_cores)
+    limits: Limits = Limits()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "digitjax_requests",
+            "Prediction requests, by HTTP status.",
+            ["status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "digitjax_request_seconds",
+            "Prediction request latency, arrival to answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.images = Counter("digitjax_images", "Images received.", registry=registry)
+        self.batch_size = Histogram(
+            "digitjax_batch_size",
+            "Images per forward pass.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "digitjax_inference_seconds",
+            "Time of one forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "digitjax_queue_depth", "Images admitted and not yet answered.", registry=registry
+        )
+        self.rejections = Counter(
+            "digitjax_rejections", "Requests refused, by reason.", ["reason"], registry=registry
+        )
+
+    def on_batch(self, images: int, seconds: float) -> None:
+        self.batch_size.observe(images)
+        self.inference.observe(seconds)
+
+
+class Server:
+    """The loaded model and what serves it. `lifespan` starts the workers and the batcher and
+    compiles in the background; `ready` turns true when everything is compiled."""
+
+    def __init__(self, classifier: Classifier, options: Options, report: Callable[[str], None]):
+        self.classifier, self.options, self.report = classifier, options, report
+        self.limits = options.limits
+        self.metrics = Metrics()
+        # A request's files form one queue item, so its size must be compiled as well.
+        largest = min(MAX_BATCH, max(options.max_batch, self.limits.max_files))
+        self.batch_sizes = batch_sizes(largest)
+        self.ready = False
+        self.model_info = ModelInfoOut.of(classifier.info)
+        self.default_min_confidence = default_min_confidence(classifier.info)
+        self.decoder: Decoder
+        self.batcher: Batcher
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        self.decoder = Decoder(self.options.workers, self.limits)
+        metrics = self.metrics
+        self.batcher = Batcher(
+            self.classifier.probabilities,
+            self.options.max_batch,
+            self.options.max_wait_ms / 1000,
+            self.limits.max_in_flight,
+            metrics.on_batch,
+            metrics.queue_depth.set,
+        )
+        self.batcher.start()
+        warm_up = asyncio.create_task(self.warm_up())
+        try:
+            yield
+        finally:
+            # Stopped while compiling: the compilation (minutes on a busy machine) is left to
+            # end with the process instead of being waited for.
+            warm_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warm_up
+            await self.batcher.stop(wait=self.ready)
+            self.decoder.close()
+
+    async def warm_up(self) -> None:
+        """Compiles every batch size and starts every worker, then declares readiness."""
+        started = time.perf_counter()
+
+        def compile_all() -> None:
+            for size in self.batch_sizes:
+                self.classifier.probabilities(np.zeros((size, 28, 28), np.float32))
+
+        sample = Upload(None, png_bytes(np.pad(np.ones((8, 8), np.float32), 10)))
+        await asyncio.gather(
+            self.batcher.run_in_thread(compile_all),
+            self.decoder.preprocess([sample] * 2 * self.options.workers, "warm-up"),
+        )
+        # The cyclic collector would otherwise keep rescanning the ~10^5 objects that JAX and
+        # Flax left behind, for every request's few new ones.
+        gc.freeze()
+        self.ready = True
+        self.report(
+            f"Ready: compiled batch sizes {self.batch_sizes[0]}-{self.batch_sizes[-1]} in "
+            f"{time.perf_counter() - started:.1f} s; {self.options.workers} preprocessing workers"
+        )
+
+    async def predict(
+        self, uploads: list[Upload], client: str, with_images: bool, min_confidence: float | None
+    ) -> PredictResponse:
+        """The answers for `uploads`; raises Rejected, QueueFull or TimeoutError."""
+        self.metrics.images.inc(len(uploads))
+        with self.batcher.admit(len(uploads)):
+            async with asyncio.timeout(self.limits.timeout_s):
+                outcomes = await self.decoder.preprocess(uploads, client)
+                found = [image for image, _ in outcomes if image is not None]
+                probabilities = iter(
+                    await self.batcher.probabilities(np.stack(found)) if found else []
+                )
+        if min_confidence is None:
+            min_confidence = self.default_min_confidence
+        predictions = []
+        for upload, (image, error) in zip(uploads, outcomes, strict=True):
+            if image is None:
+                predictions.append(
+                    PredictionOut.of(failed(upload.filename, error or "no digit found"))
+                )
+                continue
+            extra = {"image": _data_url(png_bytes(image))} if with_images else {}
+            prediction = answer(upload.filename, next(probabilities), min_confidence)
+            predictions.append(PredictionOut.of(prediction, **extra))
+        return PredictResponse(predictions=predictions, model=self.model_info)
+
+    def info(self) -> InfoResponse:
+        import jax
+
+        return InfoResponse(
+            model=self.model_info,
+            min_confidence=self.default_min_confidence,
+            device=str(jax.devices()[0]),
+            backend=jax.default_backend(),
+            batch_sizes=self.batch_sizes,
+            max_batch=self.options.max_batch,
+            max_wait_ms=self.options.max_wait_ms,
+            workers=self.options.workers,
+            limits=dataclasses.asdict(self.limits),
+            ready=self.ready,
+        )
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()

@@ -1,0 +1,112 @@
+"""`digitjax serve` under attack: a real server on a free loopback port, an attacker process
+(from 127.0.0.2) running one of `benchmarks/serve_attacks.py`'s attacks, and meanwhile a normal
+client (127.0.0.1, one ~1 kB PNG per request, closed loop) that must see no error and a p99
+latency of at most 250 ms. Every attack ends by itself within seconds."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from serve_attacks import under_attack
+from serve_load import ServerProcess
+
+MAX_P99_MS = 250
+HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerProcess()
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+def assert_unharmed(normal: dict) -> None:
+    assert normal["requests"] > 10, normal
+    assert not normal["errors"], normal
+    assert normal["p99_ms"] <= MAX_P99_MS, normal
+
+
+def assert_refused(answers: dict) -> None:
+    """Every request got 413, or its connection closed after the 413 before all of the body
+    was sent (the server does not read the rest of a refused body)."""
+    assert "413" in answers or "ReadError" in answers, answers
+    assert set(answers) <= {"413", "ReadError", "WriteError", "RemoteProtocolError"}, answers
+
+
+def test_slowloris_connections_are_capped_and_timed_out(server):
+    # 2,500 connections sending half a head, against a cap of 1,000: the oldest waiting ones
+    # make room for newer ones (503), the rest get 408 at the head deadline; a normal client
+    # opening a new connection for every request gets in all along.
+    seen = under_attack("slowloris", server.url, seconds=HEAD_TIMEOUT_S + 3, keep_alive=False)
+    assert_unharmed(seen["normal"])
+    outcome = seen["attacker"]["outcome"]
+    assert set(outcome) <= {"408", "503"}, outcome
+    assert outcome.get("408", 0) > 0 and outcome.get("503", 0) >= 1500 - 50, outcome
+    assert seen["attacker"]["max_s_to_close"] <= HEAD_TIMEOUT_S + 2
+
+
+def test_slow_images_are_budgeted(server):
+    # 64 images of 1 x 49,999,000 pixels per request: refused from their headers (413).
+    seen = under_attack("images64", server.url, seconds=5)
+    assert_unharmed(seen["normal"])
+    assert_refused(seen["attacker"]["answers"])
+    # Two per request, eight requests at once: the client's budget admits one request at a
+    # time (429 for the others), and large images never take every worker.
+    seen = under_attack("images2", server.url, seconds=8)
+    assert_unharmed(seen["normal"])
+    assert "429" in seen["attacker"]["answers"] and set(seen["attacker"]["answers"]) <= {
+        "200",
+        "429",
+        "503",
+    }
+
+
+def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server):
+    seen = under_attack("multipart", server.url, seconds=5)
+    assert_unharmed(seen["normal"])
+    assert_refused(seen["attacker"]["answers"])
+    assert seen["attacker"]["p99_ms"] < 1000  # refused as soon as the 65th part begins
+
+
+def wait_until(condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("when", ["loading", "compiling"])
+def test_a_signal_while_starting_stops_at_once_with_one_line(tmp_path: Path, sig, status, when):
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            ["digitjax", "serve", "--port", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    try:
+        if when == "loading":  # JAX is imported: the model is loading, or about to
+            wait_until(lambda: "jaxlib" in Path(f"/proc/{process.pid}/maps").read_text())
+        else:
+            wait_until(lambda: "compiling..." in log.read_text())
+        assert "Ready" not in log.read_text()
+        process.send_signal(sig)
+        assert process.wait(60) == status
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    lines = log.read_text().splitlines()
+    assert lines[-1] == f"Stopped by {signal.Signals(sig).name} before it was ready.", lines
+    assert "Traceback" not in log.read_text() and "Exception ignored" not in log.read_text()
+    # Its preprocessing workers (and multiprocessing's resource tracker) end with it.
+    session = ["pgrep", "-s", str(process.pid)]
+    wait_until(lambda: subprocess.run(session, capture_output=True).returncode == 1, 10)
