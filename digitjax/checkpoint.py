@@ -129,7 +129,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 # --- Writing -----------------------------------------------------------------------------
 
 
-def state_checksums(state: dict[str, Any]) -> dict[str, str]:
+def state_checksums(state: Mapping[str, Any]) -> dict[str, str]:
     """A SHA-256 per top-level state item over every array's path, dtype, shape and bytes."""
     return {key: _sha256(value) for key, value in state.items()}
 

@@ -183,15 +183,9 @@ def train(
     run_dir = checkpoint.choose_run_dir(out_dir, resume, config.dataset)
     main = dist.is_main_process()
     with dist.native_stdout_to_stderr(), render.TrainingProgress(quiet=as_json or not main) as bar:
-        summary = run_training(
-            config,
-            run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            given=frozenset(chosen_settings(flags, preset)),
-            callbacks=bar.callbacks(),
-            mesh=dist.make_mesh(devices),
-        )
+        summary = run_training(config, run_dir, resume=resume, overwrite=overwrite,
+                               given=frozenset(chosen_settings(flags, preset)),
+                               callbacks=bar.callbacks(), mesh=dist.make_mesh(devices))  # fmt: skip
     if main and as_json:
         render.print_json({"run_dir": str(run_dir), **summary})
     elif main:

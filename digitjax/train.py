@@ -169,15 +169,7 @@ def make_train_step(
         )
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         if non_digits is not None:
-            # Outlier exposure: an image of no digit should get the same probability for every
-            # class, so that a low top probability is what refuses it. The cross-entropy to
-            # equal probabilities less its floor, log(classes): 0 when they are equal. Summed
-            # over the non-digits and divided by the digits' count: the digits' own gradient
-            # stays what it is without them, and the non-digits weigh `non_digit_fraction`.
-            classes = logits.shape[-1]
-            uniform = jnp.full((non_digits.shape[0], classes), 1 / classes)
-            outlier_loss = optax.softmax_cross_entropy(logits_of(params, non_digits), uniform)
-            loss = loss + (outlier_loss - jnp.log(classes)).sum() / images.shape[0]
+            loss = loss + outlier_exposure_loss(logits_of(params, non_digits), images.shape[0])
         return loss, logits
 
     def train_step(
@@ -190,7 +182,7 @@ def make_train_step(
             state["params"], images, labels, non_digits
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params: Any = optax.apply_updates(state["params"], updates)
         totals = state["epoch_totals"]
         new_state: TrainState = {
             "params": params,
@@ -203,15 +195,32 @@ def make_train_step(
             },
         }
         if uses_ema(config):
-            # The usual warm-up of the decay, so the average does not start out all init.
-            step = state["step"].astype(jnp.float32)
-            decay = jnp.minimum(config.ema_decay, (1 + step) / (10 + step))
-            new_state["ema_params"] = jax.tree.map(
-                lambda average, p: decay * average + (1 - decay) * p, state["ema_params"], params
+            new_state["ema_params"] = moving_average(
+                state["ema_params"], params, state["step"], config.ema_decay
             )
         return new_state
 
     return train_step
+
+
+def outlier_exposure_loss(non_digit_logits: jax.Array, num_digits: int) -> jax.Array:
+    """An image of no digit should get the same probability for every class, so that a low top
+    probability is what refuses it: the cross-entropy to equal probabilities less its floor,
+    log(classes), 0 when they are equal. Summed over the non-digits and divided by the digits'
+    count: the digits' own gradient stays what it is without them, and the non-digits weigh
+    `non_digit_fraction` (outlier exposure)."""
+    classes = non_digit_logits.shape[-1]
+    uniform = jnp.full((non_digit_logits.shape[0], classes), 1 / classes)
+    outlier_loss = optax.softmax_cross_entropy(non_digit_logits, uniform)
+    return (outlier_loss - jnp.log(classes)).sum() / num_digits
+
+
+def moving_average(average: Any, params: Any, step: jax.Array, max_decay: float) -> Any:
+    """The weights' moving average after one more step, with the usual warm-up of the decay,
+    so that the average does not start out all initialization."""
+    step = step.astype(jnp.float32)
+    decay = jnp.minimum(max_decay, (1 + step) / (10 + step))
+    return jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, average, params)
 
 
 def make_train_chunk(
