@@ -309,12 +309,19 @@ def grid(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     return _maybe_photo(image, rng)
 
 
-def scribble(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
-    """Random pen scribbles: wandering lines, on paper or a canvas."""
-    size = _level(rng, 100, 500)
+def _page(
+    rng: np.random.Generator, low: int, high: int
+) -> tuple[int, int, int, Image.Image, ImageDraw.ImageDraw]:
+    """A square grey page of a random size in [low, high), its paper and ink levels, and a pen."""
+    size = _level(rng, low, high)
     paper, ink = _paper_and_ink(rng)
     image = Image.new("L", (size, size), paper)
-    draw = ImageDraw.Draw(image)
+    return size, paper, ink, image, ImageDraw.Draw(image)
+
+
+def scribble(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
+    """Random pen scribbles: wandering lines, on paper or a canvas."""
+    size, paper, ink, image, draw = _page(rng, 100, 500)
     width = max(1, int(size * rng.uniform(0.01, 0.04)))
     for _ in range(rng.integers(1, 4)):
         steps = rng.normal(0, size * 0.08, (_level(rng, 15, 60), 2)).cumsum(axis=0)
@@ -340,10 +347,7 @@ def cursive(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
 
 def hatching(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """Pen hatching, cross-hatching or zigzags filling part of the page, as in a sketch."""
-    size = _level(rng, 120, 500)
-    paper, ink = _paper_and_ink(rng)
-    image = Image.new("L", (size, size), paper)
-    draw = ImageDraw.Draw(image)
+    size, paper, ink, image, draw = _page(rng, 120, 500)
     left, top = rng.uniform(0, 0.4, 2) * size
     span = rng.uniform(0.4, 0.95) * size - max(left, top) * 0.5
     pen = max(1, int(size * rng.uniform(0.005, 0.02)))
@@ -367,10 +371,7 @@ def hatching(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
 
 def shape(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """One to four geometric shapes (polygons, stars, crosses, arrows), outlined or filled."""
-    size = _level(rng, 100, 500)
-    paper, ink = _paper_and_ink(rng)
-    image = Image.new("L", (size, size), paper)
-    draw = ImageDraw.Draw(image)
+    size, paper, ink, image, draw = _page(rng, 100, 500)
     width = max(1, int(size * rng.uniform(0.01, 0.05)))
     count = int(rng.integers(1, 5))
     for _ in range(count):
@@ -578,10 +579,7 @@ def partial_stroke(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """A single pen stroke that is no digit: an L, a lone arc, an angle, a horizontal line, a
     wave, or the slanted stroke and bar of a 4 without its stem. (No lone upright line, a 1,
     nor a bar with a stroke down from its end, a 7.)"""
-    size = _level(rng, 100, 400)
-    paper, ink = _paper_and_ink(rng)
-    image = Image.new("L", (size, size), paper)
-    draw = ImageDraw.Draw(image)
+    size, paper, ink, image, draw = _page(rng, 100, 400)
     pen = max(2, int(size * rng.uniform(0.03, 0.1)))
     a, b = rng.uniform(0.15, 0.35) * size, rng.uniform(0.65, 0.85) * size
     kind = int(rng.integers(6))
