@@ -718,7 +718,7 @@ def non_digit_files(folder: Path) -> list[Path]:
     paths = []
     for n in range(12):
         path = folder / f"scribble_{n}.png"
-        non_digits.scribble(rng).save(path)
+        non_digits.scribble(rng, []).save(path)
         paths.append(path)
     return paths
 
