@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -290,40 +290,54 @@ class BenchmarkPlan:
             raise UserError(f"--target is an accuracy in (0, 1), got {self.target}")
 
 
+class BenchmarkResults(TypedDict):
+    """Everything `digitjax benchmark` measured, as `--json` prints it."""
+
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    plan: dict[str, Any]
+    devices_used: int
+    matmul_peak: dict[str, float]
+    training: list[dict[str, Any]]  # one per batch size
+    inference: dict[str, Any]
+    time_to_accuracy: NotRequired[dict[str, Any]]  # with --target
+
+
 def run_benchmark(
     plan: BenchmarkPlan,
     report: Callable[[str], None] = lambda message: None,
     config: Config | None = None,
     dataset: Dataset | None = None,
-) -> dict:
+) -> BenchmarkResults:
     """Every measurement of `plan`, as one JSON-ready dict: of `--preset fast` (the quickest
     to 99%) on MNIST unless told otherwise."""
     config = config or Config.from_flags({}, "fast")
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
     mesh = make_mesh(plan.devices)
-    results: dict[str, Any] = {
-        "machine": machine_info(mesh),
-        "config": config.to_dict(),
-        "plan": dataclasses.asdict(plan),
-        "devices_used": mesh.size,
-    }
     report("matmul peak")
-    results["matmul_peak"] = matmul_peak()
-    peak = results["matmul_peak"]["gflops"]
-    results["training"] = []
+    peak = matmul_peak()
+    training = []
     for batch_size in plan.batch_sizes:
         report(f"training throughput, batch {batch_size}")
         sized = dataclasses.replace(config, batch_size=batch_size)
         measured = training_throughput(sized, dataset, plan.steps, plan.repeats, mesh)
-        measured["fraction_of_peak"] = measured["gflops"] / peak
+        measured["fraction_of_peak"] = measured["gflops"] / peak["gflops"]
         if plan.baseline:
             report(f"host-fed baseline, batch {batch_size}")
             baseline = host_fed_throughput(sized, dataset, plan.steps, plan.repeats)
             measured["host_fed_baseline"] = baseline
             measured["speedup_over_host_fed"] = measured["images_per_s"] / baseline["images_per_s"]
-        results["training"].append(measured)
+        training.append(measured)
     report("inference throughput")
-    results["inference"] = inference_throughput(config, dataset, plan.repeats)
+    results: BenchmarkResults = {
+        "machine": machine_info(mesh),
+        "config": config.to_dict(),
+        "plan": dataclasses.asdict(plan),
+        "devices_used": mesh.size,
+        "matmul_peak": peak,
+        "training": training,
+        "inference": inference_throughput(config, dataset, plan.repeats),
+    }
     if plan.target is not None:
         report(f"time to {100 * plan.target:.1f}% test accuracy")
         results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target, mesh)

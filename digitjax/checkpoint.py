@@ -160,7 +160,9 @@ class RunCheckpointer:
             for kind in (LATEST, BEST)
         }
 
-    def save(self, kind: str, state: Mapping[str, Any], config: Config, summary: dict) -> None:
+    def save(
+        self, kind: str, state: Mapping[str, Any], config: Config, summary: Mapping[str, Any]
+    ) -> None:
         manager = self.managers[kind]
         step = int(state["step"].addressable_data(0))
         if manager.latest_step() == step:

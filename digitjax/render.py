@@ -5,7 +5,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
 from rich.console import Console
@@ -21,6 +21,10 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:  # train imports JAX: not at start-up
+    from digitjax.benchmark import BenchmarkResults
+    from digitjax.train import RunSummary
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any width
@@ -103,8 +107,8 @@ class TrainingProgress:
             )
 
 
-def training_done(summary: dict, run_dir: Path) -> None:
-    best = summary["best"]
+def training_done(summary: "RunSummary", run_dir: Path) -> None:
+    best = summary["best"] or {"test_accuracy": float("nan"), "epoch": None}
     err.print(
         f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
         f"(epoch {best['epoch']}); checkpoints in {escape(str(run_dir))} "
@@ -206,7 +210,7 @@ def path_tail(path: str, width: int) -> Text:
     return Text("…" + path[start:])
 
 
-def benchmark(results: dict) -> None:
+def benchmark(results: "BenchmarkResults") -> None:
     machine = results["machine"]
     table = Table(
         "measurement",

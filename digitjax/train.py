@@ -74,6 +74,25 @@ class TrainState(TypedDict):
     ema_params: NotRequired[dict[str, Any]]  # with uses_ema(config): the weights evaluated
 
 
+class RunSummary(TypedDict):
+    """A run's record: the `summary` item of every checkpoint, and what `train --json` prints."""
+
+    num_classes: int
+    history: list[dict[str, Any]]  # one record per epoch, as in metrics.jsonl
+    last: dict[str, Any] | None
+    best: dict[str, Any] | None  # the epoch best/ holds; ties keep the earlier one
+    curve: list[dict[str, Any]]  # training loss and accuracy per chunk
+    environment: dict[str, Any]  # where it ran: backend, devices, versions
+    wall_seconds: float  # over all its sessions
+    temperature: float | None  # that of the weights saved with this summary
+
+
+class TrainResult(RunSummary):
+    """What `train` returns: the run's summary and its config."""
+
+    config: dict[str, Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     num_train: int
@@ -499,13 +518,12 @@ class RunLog:
     def epoch_recorded(self) -> bool:
         return bool(self.history) and self.history[-1]["step"] == self.step
 
-    def summary(self, temperature: float | None) -> dict:
+    def summary(self, temperature: float | None) -> RunSummary:
         """`temperature`: that of the weights saved with this summary."""
         return {
             "num_classes": self.num_classes,
             "history": self.history,
             "last": self.history[-1] if self.history else None,
-            # ties keep the earlier epoch
             "best": max(self.history, key=lambda r: r["test_accuracy"], default=None),
             "curve": self.curve,
             "environment": self.environment,
@@ -533,7 +551,7 @@ def train(
     callbacks: Callbacks | None = None,
     dataset: Dataset | None = None,
     mesh: Mesh | None = None,
-) -> dict:
+) -> TrainResult:
     """Trains (or resumes) the run in `run_dir` on `mesh` (default: all devices) and returns
     its summary and config. `given` names the settings the user chose, which must agree with
     a resumed run's. In a multi-process job every process calls this; process 0 reports and
@@ -584,7 +602,7 @@ def _run(
     checkpointer: checkpoint.RunCheckpointer,
     callbacks: Callbacks,
     received_signal: Callable[[], int | None],
-) -> dict:
+) -> TrainResult:
     """The loop: chunks, an evaluation and checkpoint at each epoch end, and a checkpoint
     at the first chunk end after a stop signal."""
     initial_state, log = _start(setup, run_dir, resume, checkpointer)
