@@ -27,7 +27,7 @@ from digitjax.serving.schemas import (
     Status,
     error_responses,
 )
-from digitjax.serving.server import Metrics, Server
+from digitjax.serving.server import Server, ServerMetrics
 from digitjax.serving.uploads import Rejected, Upload, read_uploads
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -204,7 +204,7 @@ class PredictMetrics:
     """Counts prediction requests by status and times them, arrival to answer: a plain ASGI
     middleware, cheaper than Starlette's BaseHTTPMiddleware."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -47,7 +47,7 @@ class Options:
     limits: Limits = Limits()
 
 
-class Metrics:
+class ServerMetrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
@@ -94,7 +94,7 @@ class Server:
     def __init__(self, classifier: Classifier, options: Options, report: Callable[[str], None]):
         self.classifier, self.options, self.report = classifier, options, report
         self.limits = options.limits
-        self.metrics = Metrics()
+        self.metrics = ServerMetrics()
         # A request's files form one queue item, so its size must be compiled as well.
         largest = min(MAX_BATCH, max(options.max_batch, self.limits.max_files))
         self.batch_sizes = batch_sizes(largest)
