@@ -103,7 +103,6 @@ class CheckpointClassifier:
 
         model = restore_model(path)
         self.source = model.step_dir
-        self.config, self.summary = model.config, model.summary
         self.info = checkpoint_info(model)
         self.params = model.params
         conv_impls = conv_impls_for(
