@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import jax
@@ -26,6 +27,8 @@ from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import make_mesh, put_replicated, runtime_info, to_host
 from digitjax.evaluate import EVAL_BATCH, make_batch_logits, make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, create_model, normalize
+from digitjax.outputs import check_writable
+from digitjax.tracking import PROFILED_CHUNKS
 from digitjax.train import (
     TrainingSetup,
     epoch_order,
@@ -79,9 +82,16 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 def training_throughput(
-    config: Config, dataset: Dataset, steps: int, repeats: int, mesh: Mesh
+    config: Config,
+    dataset: Dataset,
+    steps: int,
+    repeats: int,
+    mesh: Mesh,
+    profile: Path | None = None,
 ) -> dict:
-    """On-device training (the `digitjax train` loop): img/s, compile time and FLOP/s."""
+    """On-device training (the `digitjax train` loop): img/s, compile time and FLOP/s. With
+    `profile`, a jax.profiler trace of PROFILED_CHUNKS more runs of the timed chunk, after
+    the timing (which the tracing would slow)."""
     setup = prepare_training(config, dataset, mesh)
     if steps > setup.schedule.steps_per_epoch:
         raise UserError(
@@ -108,6 +118,10 @@ def training_throughput(
         return state
 
     timing = timed(run, repeats)
+    if profile is not None:
+        with jax.profiler.trace(str(profile), create_perfetto_trace=True):
+            for _ in range(PROFILED_CHUNKS):
+                jax.block_until_ready(run())
     images_per_s = steps * config.batch_size / timing["median_s"]
     return {
         "batch_size": config.batch_size,
@@ -284,6 +298,7 @@ class BenchmarkPlan:
     target: float | None = None
     baseline: bool = False
     devices: int | None = None  # default: all
+    profile: Path | None = None  # a folder: traces of the training chunks, one per batch size
 
     def __post_init__(self) -> None:
         if self.target is not None and not 0 < self.target < 1:
@@ -311,6 +326,7 @@ def run_benchmark(
 ) -> BenchmarkResults:
     """Every measurement of `plan`, as one JSON-ready dict: of `--preset fast` (the quickest
     to 99%) on MNIST unless told otherwise."""
+    check_writable("--profile", plan.profile, folder=True)
     config = config or Config.from_flags({}, "fast")
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
     mesh = make_mesh(plan.devices)
@@ -320,7 +336,8 @@ def run_benchmark(
     for batch_size in plan.batch_sizes:
         report(f"training throughput, batch {batch_size}")
         sized = dataclasses.replace(config, batch_size=batch_size)
-        measured = training_throughput(sized, dataset, plan.steps, plan.repeats, mesh)
+        profile = None if plan.profile is None else plan.profile / f"batch-{batch_size}"
+        measured = training_throughput(sized, dataset, plan.steps, plan.repeats, mesh, profile)
         measured["fraction_of_peak"] = measured["gflops"] / peak["gflops"]
         if plan.baseline:
             report(f"host-fed baseline, batch {batch_size}")
@@ -332,7 +349,7 @@ def run_benchmark(
     results: BenchmarkResults = {
         "machine": machine_info(mesh),
         "config": config.to_dict(),
-        "plan": dataclasses.asdict(plan),
+        "plan": {**dataclasses.asdict(plan), "profile": plan.profile and str(plan.profile)},
         "devices_used": mesh.size,
         "matmul_peak": peak,
         "training": training,

@@ -44,6 +44,7 @@ logging.set_verbosity(logging.FATAL)
 
 METRICS_FILE, CURVES_FILE, LOCK_FILE = "metrics.jsonl", "curves.png", ".digitjax.lock"
 RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's names for them (tracking.py)
 
 
 # --- Run folders -------------------------------------------------------------------------
@@ -100,6 +101,8 @@ def clear_run(run_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    for path in run_dir.glob(EVENT_FILES):
+        path.unlink()
 
 
 @contextlib.contextmanager

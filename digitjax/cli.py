@@ -30,6 +30,7 @@ from digitjax.flags import (
     OverwriteFlag,
     PresetFlag,
     ProcessIdFlag,
+    ProfileFlag,
     ResumeFlag,
     positive_ints,
     setting,
@@ -167,9 +168,10 @@ def train(
     coordinator: CoordinatorFlag = None,
     num_processes: NumProcessesFlag = None,
     process_id: ProcessIdFlag = None,
+    profile: ProfileFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Train the CNN; writes latest and best Orbax checkpoints, metrics.jsonl and curves.png."""
+    """Train the CNN; writes Orbax checkpoints, metrics.jsonl, curves.png, TensorBoard events."""
     # The Config fields among the flags (None where not given), before any other local.
     flags = {name: value for name, value in locals().items() if name in CONFIG_FIELDS}
     from digitjax import checkpoint
@@ -184,7 +186,7 @@ def train(
     main = dist.is_main_process()
     with dist.native_stdout_to_stderr(), render.TrainingProgress(quiet=as_json or not main) as bar:
         summary = run_training(config, run_dir, resume=resume, overwrite=overwrite,
-                               given=frozenset(chosen_settings(flags, preset)),
+                               given=frozenset(chosen_settings(flags, preset)), profile=profile,
                                callbacks=bar.callbacks(), mesh=dist.make_mesh(devices))  # fmt: skip
     if main and as_json:
         render.print_json({"run_dir": str(run_dir), **summary})
@@ -330,13 +332,14 @@ def benchmark(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write the JSON results to this file.")
     ] = None,
+    profile: ProfileFlag = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Training/inference throughput, compile time, FLOP/s vs. matmul peak, time to accuracy."""
     from digitjax.benchmark import BenchmarkPlan, run_benchmark
 
     sizes = cast(tuple[int, ...], batch_sizes)  # the callback turned the text into integers
-    plan = BenchmarkPlan(sizes, steps, repeats, target, baseline, devices)
+    plan = BenchmarkPlan(sizes, steps, repeats, target, baseline, devices, profile)
     check_writable("--out", out_file)
     with render.err.status("benchmarking") as status:
         results = run_benchmark(plan, report=lambda what: status.update(f"measuring {what}"))

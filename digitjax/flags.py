@@ -78,6 +78,14 @@ NumProcessesFlag = Annotated[
 ProcessIdFlag = Annotated[
     int | None, typer.Option(help="This process's index.", rich_help_panel=HOSTS)
 ]
+ProfileFlag = Annotated[
+    Path | None,
+    typer.Option(
+        help="Write a jax.profiler trace of a few training chunks, after the first (which "
+        "compiles), into this folder: for TensorBoard's profile plugin (xprof) or Perfetto.",
+        show_default=False,
+    ),
+]
 
 
 def setting(name: str, **extra: Any) -> Any:

@@ -42,24 +42,47 @@ def plot_evaluation(
 ) -> None:
     """Confusion matrix, reliability diagram and a grid of misclassified digits (true ->
     predicted)."""
-    wrong = np.flatnonzero(metrics.predictions != labels)[:max_errors]
     fig = plt.figure(figsize=(20, 6.5))
-    matrix_ax = fig.add_subplot(1, 3, 1)
-    matrix_ax.imshow(metrics.confusion, cmap="Blues")
+    draw_confusion(fig.add_subplot(1, 3, 1), metrics)
+    plot_reliability(fig.add_subplot(1, 3, 2), metrics)
+    draw_misclassified(fig, metrics, images, labels, max_errors, left=0.68, title_x=0.83)
+    _save(fig, path)
+
+
+def confusion_figure(metrics: Metrics) -> Figure:
+    """The confusion matrix alone (TensorBoard's image of it)."""
+    fig = plt.figure(figsize=(7, 6.5))
+    draw_confusion(fig.add_subplot(1, 1, 1), metrics)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(
+    metrics: Metrics, images: np.ndarray, labels: np.ndarray, max_errors: int = 36
+) -> Figure:
+    """The grid of misclassified digits alone (TensorBoard's image of it)."""
+    fig = plt.figure(figsize=(7, 6.5))
+    draw_misclassified(fig, metrics, images, labels, max_errors, left=0.05, title_x=0.5)
+    return fig
+
+
+def draw_confusion(ax: Axes, metrics: Metrics) -> None:
+    """Counts of [true, predicted] classes, each cell labelled."""
+    ax.imshow(metrics.confusion, cmap="Blues")
     ticks = range(len(metrics.class_names))
-    matrix_ax.set(
+    ax.set(
         xticks=ticks,
         yticks=ticks,
         xlabel="predicted",
         ylabel="true",
         title=f"Confusion matrix (accuracy {100 * metrics.accuracy:.2f}%)",
     )
-    matrix_ax.set_xticklabels(metrics.class_names, rotation=45, ha="right")
-    matrix_ax.set_yticklabels(metrics.class_names)
+    ax.set_xticklabels(metrics.class_names, rotation=45, ha="right")
+    ax.set_yticklabels(metrics.class_names)
     threshold = metrics.confusion.max() / 2
     for (true, pred), count in np.ndenumerate(metrics.confusion):
         if count:
-            matrix_ax.text(
+            ax.text(
                 pred,
                 true,
                 str(count),
@@ -68,9 +91,23 @@ def plot_evaluation(
                 fontsize=7,
                 color="white" if count > threshold else "black",
             )
-    plot_reliability(fig.add_subplot(1, 3, 2), metrics)
+
+
+def draw_misclassified(
+    fig: Figure,
+    metrics: Metrics,
+    images: np.ndarray,
+    labels: np.ndarray,
+    max_errors: int,
+    left: float,
+    title_x: float,
+) -> None:
+    """The first `max_errors` misclassified digits, titled true→predicted, in a square grid
+    from `left` to the figure's right edge."""
+    misclassified = np.flatnonzero(metrics.predictions != labels)
+    wrong = misclassified[:max_errors]
     side = max(1, int(np.ceil(np.sqrt(len(wrong)))))
-    grid = fig.add_gridspec(side, side, left=0.68, right=0.98, top=0.9, bottom=0.05)
+    grid = fig.add_gridspec(side, side, left=left, right=0.98, top=0.9, bottom=0.05)
     for i, index in enumerate(wrong):
         ax = fig.add_subplot(grid[i // side, i % side])
         ax.imshow(images[index], cmap="gray")
@@ -81,11 +118,9 @@ def plot_evaluation(
         )
         ax.axis("off")
     fig.suptitle(
-        f"{len(np.flatnonzero(metrics.predictions != labels))} misclassified; "
-        f"first {len(wrong)} shown as true→predicted",
-        x=0.83,
+        f"{len(misclassified)} misclassified; first {len(wrong)} shown as true→predicted",
+        x=title_x,
     )
-    _save(fig, path)
 
 
 def plot_reliability(ax: Axes, metrics: Metrics) -> None:

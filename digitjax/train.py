@@ -53,6 +53,7 @@ from digitjax.evaluate import (
 )
 from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
 from digitjax.outputs import write_file
+from digitjax.tracking import RunTracker
 
 
 class EpochTotals(TypedDict):
@@ -108,15 +109,20 @@ class Schedule:
         return self.steps_per_epoch * self.epochs
 
 
-def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransformation:
+def learning_rate_schedule(config: Config, schedule: Schedule) -> optax.Schedule:
+    """The learning rate of each step (counted from 0): linear warmup, then cosine decay."""
     warmup = int(config.warmup_epochs * schedule.steps_per_epoch)
-    learning_rate = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
         warmup_steps=min(warmup, schedule.total_steps - 1),
         decay_steps=schedule.total_steps,
         end_value=config.learning_rate / 100,
     )
+
+
+def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransformation:
+    learning_rate = learning_rate_schedule(config, schedule)
     # One vector for all parameters: one fused update instead of one per array, which
     # compiles and runs faster on CPU.
     return optax.flatten(optax.adamw(learning_rate, weight_decay=config.weight_decay))
@@ -327,6 +333,7 @@ class TrainingSetup:
     num_classes: int
     graphdef: Any
     tx: optax.GradientTransformation
+    learning_rate: optax.Schedule  # tx's, per step
     train_chunk: Any  # jax.jit-compiled: called, and lowered by the benchmarks
     logits_fn: Callable
     train_images: jax.Array
@@ -407,6 +414,7 @@ def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSe
         num_classes=num_classes,
         graphdef=graphdef,
         tx=tx,
+        learning_rate=learning_rate_schedule(config, schedule),
         train_chunk=make_train_chunk(config, schedule, graphdef, tx, mesh),
         logits_fn=make_logits_fn(graphdef, mesh),
         train_images=put_replicated(dataset.train_images, mesh),
@@ -447,11 +455,31 @@ def run_chunks(
 
 @dataclasses.dataclass
 class Callbacks:
-    """How the loop reports progress (process 0 only); the CLI renders these."""
+    """How the loop reports progress (process 0 only): the CLI renders these, and
+    `tracking.RunTracker` writes the run's TensorBoard events and --profile trace from them."""
 
     on_start: Callable[[TrainingSetup, Path, int], None] = lambda setup, run_dir, step: None
     on_chunk: Callable[[int], None] = lambda done_steps: None
-    on_epoch: Callable[[dict], None] = lambda record: None
+    on_epoch: Callable[[dict], None] = lambda record: None  # after the epoch's checkpoint
+    # The chunk's point of the training curve (as in `RunLog.curve`).
+    on_curve: Callable[[dict], None] = lambda point: None
+    # The epoch's record and full test metrics, before its checkpoint is saved: what is
+    # written here is on disk before any checkpoint that a resumed run starts from.
+    on_evaluated: Callable[[dict, Metrics], None] = lambda record, metrics: None
+
+    def then(self, other: "Callbacks") -> "Callbacks":
+        """These callbacks, each followed by `other`'s."""
+
+        def both(name: str) -> Callable[..., None]:
+            first, second = getattr(self, name), getattr(other, name)
+
+            def call(*args: Any) -> None:
+                first(*args)
+                second(*args)
+
+            return call
+
+        return Callbacks(**{field.name: both(field.name) for field in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass
@@ -551,11 +579,13 @@ def train(
     callbacks: Callbacks | None = None,
     dataset: Dataset | None = None,
     mesh: Mesh | None = None,
+    profile: Path | None = None,
 ) -> TrainResult:
     """Trains (or resumes) the run in `run_dir` on `mesh` (default: all devices) and returns
     its summary and config. `given` names the settings the user chose, which must agree with
-    a resumed run's. In a multi-process job every process calls this; process 0 reports and
-    locks the folder."""
+    a resumed run's. In a multi-process job every process calls this; process 0 reports,
+    locks the folder and writes its TensorBoard events (and, into `profile`, a trace of a
+    few chunks)."""
     mesh = mesh or make_mesh()
     lock = checkpoint.run_lock(run_dir) if is_main_process() else contextlib.nullcontext()
     # Ctrl-C and SIGTERM (what `timeout`, SLURM and Kubernetes send) stop the run at the end
@@ -574,10 +604,18 @@ def train(
             checkpoint.prepare_run_dir(run_dir, resume)
         sync("run dir ready")
         checkpointer = checkpoint.RunCheckpointer(run_dir)
+        tracker = RunTracker(profile)
         try:
-            callbacks = callbacks or Callbacks()
+            tracked = Callbacks(
+                on_start=tracker.on_start,
+                on_chunk=tracker.on_chunk,
+                on_curve=tracker.on_curve,
+                on_evaluated=tracker.on_evaluated,
+            )
+            callbacks = (callbacks or Callbacks()).then(tracked)
             return _run(setup, run_dir, resume, checkpointer, callbacks, received_signal)
         finally:
+            tracker.close()
             checkpointer.close()
 
 
@@ -617,6 +655,7 @@ def _run(
         except Diverged:
             raise UserError(_diverged_message(step, checkpointer, run_dir)) from None
         if main:
+            callbacks.on_curve(log.curve[-1])
             callbacks.on_chunk(step)
         if step % schedule.steps_per_epoch == 0:
             _end_epoch(setup, state, log, checkpointer, run_dir, callbacks)
@@ -673,7 +712,10 @@ def _end_epoch(
 ) -> None:
     """Calibrates and evaluates, then saves latest/ and, for a new best epoch, best/ (in that
     order: a kill between the two is repaired on resume), then the metrics file."""
-    record = log.add_epoch(setup.test_metrics(state, setup.temperature(state)))
+    metrics = setup.test_metrics(state, setup.temperature(state))
+    record = log.add_epoch(metrics)
+    if is_main_process():
+        callbacks.on_evaluated(record, metrics)
     summary = log.summary(record["temperature"])
     checkpointer.save(checkpoint.LATEST, state, setup.config, summary)
     if summary["best"] is record:

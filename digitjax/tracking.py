@@ -1,0 +1,208 @@
+"""What a run shows outside the terminal: TensorBoard event files in its folder, and with
+--profile a `jax.profiler` trace of a few of its chunks. `train` feeds `RunTracker` through
+its callbacks, which run on process 0 only.
+
+The events are written synchronously, one flush per chunk, with tensorboardX's event file
+writer and summary protos rather than its `SummaryWriter`: that one writes from a background
+thread whose failure (a full disk) leaves the run waiting on a queue forever, and whose flush
+does not wait for the events still queued. So every event of a chunk or an epoch is on disk
+before the next chunk starts, and before any checkpoint that covers it (`train.Callbacks`).
+
+A resumed run starts its new event file with TensorBoard's purge marker (a SessionLog START
+one step past its checkpoint): TensorBoard's readers drop whatever the interrupted session
+wrote after that checkpoint, which the resumed run writes again, so every step shows once and
+none is missing. A record that a kill cut in half only ends its file; readers go on to the
+next one.
+"""
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from digitjax.config import UserError, reason
+from digitjax.distributed import to_host
+from digitjax.evaluate import Metrics
+from digitjax.outputs import check_writable
+
+# The chunks traced by --profile: those after the first, which compiles.
+PROFILED_CHUNKS = 3
+# The scalars that TensorBoard's HParams tab shows beside each run's settings.
+HPARAM_METRICS = ("test/accuracy", "test/loss", "test/ece")
+
+
+class RunTracker:
+    """`train.Callbacks` that write the run's events into its folder and, into `profile`, a
+    trace of chunks 2 to 1 + PROFILED_CHUNKS of this session. `close` ends both, on every
+    way out of the run."""
+
+    def __init__(self, profile: Path | None = None):
+        check_writable("--profile", profile, folder=True)
+        self.profile = profile
+        self.chunks = 0  # ended in this session
+        self.tracing = False
+        self.events: EventFile | None = None
+        self.setup: Any = None  # train.TrainingSetup, given at the start
+        self.learning_rate: Any = None
+        self.last_chunk: tuple[int, float] | None = None  # its step, and when it ended
+        self.timed_images, self.timed_seconds = 0, 0.0  # this epoch's, for images/s
+
+    def on_start(self, setup: Any, run_dir: Path, step: int) -> None:
+        self.setup = setup
+        self.learning_rate = setup.learning_rate
+        self.events = EventFile(run_dir, purge_after=step if step else None)
+        if not step:
+            self.events.write_hparams(setup.config.to_dict())
+
+    def on_curve(self, point: dict) -> None:
+        """Training loss and accuracy of the chunk, and the learning rate of its last step."""
+        step, now = point["step"], time.perf_counter()
+        steps_per_epoch = self.setup.schedule.steps_per_epoch
+        # Images/s counts the chunks that followed another of the same epoch in this session:
+        # not the session's first (it compiles) nor an epoch's first (the previous epoch's
+        # evaluation and checkpoint ran between it and its predecessor).
+        if self.last_chunk is not None and self.last_chunk[0] % steps_per_epoch:
+            self.timed_images += (step - self.last_chunk[0]) * self.setup.config.batch_size
+            self.timed_seconds += now - self.last_chunk[1]
+        self.last_chunk = (step, now)
+        self._require_events().write_scalars(
+            step,
+            {
+                "train/loss": point["train_loss"],
+                "train/accuracy": point["train_accuracy"],
+                "train/learning_rate": float(self.learning_rate(step - 1)),
+            },
+        )
+
+    def on_chunk(self, done_steps: int) -> None:
+        """Starts the trace after the session's first chunk and stops it PROFILED_CHUNKS
+        later. The loop has read each chunk's results back (its epoch totals) before this
+        runs, so the traced chunks' work is all inside the trace."""
+        self.chunks += 1
+        if self.profile is not None and self.chunks == 1:
+            jax.profiler.start_trace(str(self.profile), create_perfetto_trace=True)
+            self.tracing = True
+        elif self.tracing and self.chunks == 1 + PROFILED_CHUNKS:
+            self._stop_trace()
+
+    def on_evaluated(self, record: dict, metrics: Metrics) -> None:
+        """The epoch's test figures and training throughput; after the last epoch, the
+        confusion matrix and the misclassified test digits as images."""
+        scalars = {
+            "test/loss": record["test_loss"],
+            "test/accuracy": record["test_accuracy"],
+            "test/ece": record["test_ece"],
+        }
+        if record["temperature"] is not None:
+            scalars["test/temperature"] = record["temperature"]
+        if self.timed_seconds:
+            scalars["train/images_per_second"] = self.timed_images / self.timed_seconds
+        self.timed_images, self.timed_seconds = 0, 0.0
+        events = self._require_events()
+        events.write_scalars(record["step"], scalars)
+        if record["step"] == self.setup.schedule.total_steps:
+            from digitjax.plots import confusion_figure, misclassified_figure
+
+            labels = self.setup.test_labels
+            images = to_host(self.setup.test_images)[: len(labels)]
+            events.write_figures(
+                record["step"],
+                {
+                    "test/confusion_matrix": confusion_figure(metrics),
+                    "test/misclassified": misclassified_figure(metrics, images, labels),
+                },
+            )
+
+    def close(self) -> None:
+        if self.tracing:
+            self._stop_trace()
+        if self.events is not None:
+            self.events.close()
+
+    def _stop_trace(self) -> None:
+        self.tracing = False
+        jax.profiler.stop_trace()
+
+    def _require_events(self) -> "EventFile":
+        if self.events is None:
+            raise RuntimeError("the event file opens in on_start, before any chunk")
+        return self.events
+
+
+class EventFile:
+    """This session's event file in the run folder: events.out.tfevents.<time>.<host>.<pid>
+    (the process id keeps two sessions started in the same second apart)."""
+
+    def __init__(self, run_dir: Path, purge_after: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self.run_dir = run_dir
+        self.writer = self._writing(EventsWriter, str(run_dir / "events"), f".{os.getpid()}")
+        if purge_after is not None:
+            from tensorboardX.proto.event_pb2 import (
+                SessionLog,  # pyright: ignore[reportAttributeAccessIssue]
+            )
+
+            self._write(purge_after + 1, session_log=SessionLog(status=SessionLog.START))
+
+    def write_hparams(self, config: dict[str, Any]) -> None:
+        """The run's settings, for the HParams tab (a tuple as its flag writes it; data_dir
+        None, the default dataset, as "")."""
+        from tensorboardX.summary import hparams
+
+        shown = {
+            name: ",".join(map(str, value)) if isinstance(value, tuple) else value
+            for name, value in config.items()
+        }
+        shown = {name: "" if value is None else value for name, value in shown.items()}
+        experiment, session_start, _ = hparams(shown, dict.fromkeys(HPARAM_METRICS))
+        self._write_summaries(0, [experiment, session_start])
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.summary import scalar
+
+        self._write_summaries(step, [scalar(tag, value) for tag, value in scalars.items()])
+
+    def write_figures(self, step: int, figures: dict[str, Any]) -> None:
+        """Matplotlib figures, as images (closed once drawn)."""
+        from tensorboardX.summary import image
+        from tensorboardX.utils import figure_to_image
+
+        self._write_summaries(
+            step, [image(tag, figure_to_image(figure)) for tag, figure in figures.items()]
+        )
+
+    def close(self) -> None:
+        """Everything was flushed as it was written: a failure to close loses nothing, and
+        must not hide the error that may be ending the run."""
+        try:
+            self.writer.close()
+        except OSError:
+            pass
+
+    def _write_summaries(self, step: int, summaries: list[Any]) -> None:
+        """Summaries of one step, as one event."""
+        summary, *others = summaries
+        for other in others:
+            summary.value.extend(other.value)
+        self._write(step, summary=summary)
+
+    def _write(self, step: int, **content: Any) -> None:
+        """An event, flushed: on disk before the loop goes on."""
+        # A generated protobuf module, whose classes appear at run time, out of pyright's sight.
+        from tensorboardX.proto.event_pb2 import (
+            Event,  # pyright: ignore[reportAttributeAccessIssue]
+        )
+
+        self._writing(self.writer.write_event, Event(wall_time=time.time(), step=step, **content))
+        self._writing(self.writer.flush)
+
+    def _writing(self, write: Any, *args: Any) -> Any:
+        try:
+            return write(*args)
+        except OSError as e:
+            raise UserError(
+                f"cannot write TensorBoard events in {self.run_dir}: {reason(e)}"
+            ) from None
