@@ -587,6 +587,7 @@ def train(
     locks the folder and writes its TensorBoard events (and, into `profile`, a trace of a
     few chunks)."""
     mesh = mesh or make_mesh()
+    tracker = RunTracker(profile)  # checks --profile before any work
     lock = checkpoint.run_lock(run_dir) if is_main_process() else contextlib.nullcontext()
     # Ctrl-C and SIGTERM (what `timeout`, SLURM and Kubernetes send) stop the run at the end
     # of the current chunk, where the state is whole and can be saved; an exception could land
@@ -604,7 +605,6 @@ def train(
             checkpoint.prepare_run_dir(run_dir, resume)
         sync("run dir ready")
         checkpointer = checkpoint.RunCheckpointer(run_dir)
-        tracker = RunTracker(profile)
         try:
             tracked = Callbacks(
                 on_start=tracker.on_start,

@@ -114,6 +114,7 @@ def test_two_processes_train_checkpoint_and_evaluate_in_one(
     assert "2 cpu devices, 2 processes" in outputs[0][1]
     assert_same_training(summary["history"], single_device_history)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # process 0's alone
     report = runner.invoke(app, ["evaluate", str(run_dir), "--json"])
     assert report.exit_code == 0, report.output
     assert json.loads(report.stdout)["accuracy"] == summary["best"]["test_accuracy"]
