@@ -18,14 +18,18 @@ next one.
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from digitjax.config import UserError, reason
 from digitjax.distributed import to_host
 from digitjax.evaluate import Metrics
 from digitjax.outputs import check_writable
+
+if TYPE_CHECKING:  # train imports this module
+    from digitjax.train import TrainingSetup
 
 # The chunks traced by --profile: those after the first, which compiles.
 PROFILED_CHUNKS = 3
@@ -44,14 +48,12 @@ class RunTracker:
         self.chunks = 0  # ended in this session
         self.tracing = False
         self.events: EventFile | None = None
-        self.setup: Any = None  # train.TrainingSetup, given at the start
-        self.learning_rate: Any = None
+        self.setup: TrainingSetup | None = None
         self.last_chunk: tuple[int, float] | None = None  # its step, and when it ended
         self.timed_images, self.timed_seconds = 0, 0.0  # this epoch's, for images/s
 
-    def on_start(self, setup: Any, run_dir: Path, step: int) -> None:
+    def on_start(self, setup: "TrainingSetup", run_dir: Path, step: int) -> None:
         self.setup = setup
-        self.learning_rate = setup.learning_rate
         self.events = EventFile(run_dir, purge_after=step if step else None)
         if not step:
             self.events.write_hparams(setup.config.to_dict())
@@ -59,20 +61,21 @@ class RunTracker:
     def on_curve(self, point: dict) -> None:
         """Training loss and accuracy of the chunk, and the learning rate of its last step."""
         step, now = point["step"], time.perf_counter()
-        steps_per_epoch = self.setup.schedule.steps_per_epoch
+        setup, events = self._started()
+        steps_per_epoch = setup.schedule.steps_per_epoch
         # Images/s counts the chunks that followed another of the same epoch in this session:
         # not the session's first (it compiles) nor an epoch's first (the previous epoch's
         # evaluation and checkpoint ran between it and its predecessor).
         if self.last_chunk is not None and self.last_chunk[0] % steps_per_epoch:
-            self.timed_images += (step - self.last_chunk[0]) * self.setup.config.batch_size
+            self.timed_images += (step - self.last_chunk[0]) * setup.config.batch_size
             self.timed_seconds += now - self.last_chunk[1]
         self.last_chunk = (step, now)
-        self._require_events().write_scalars(
+        events.write_scalars(
             step,
             {
                 "train/loss": point["train_loss"],
                 "train/accuracy": point["train_accuracy"],
-                "train/learning_rate": float(self.learning_rate(step - 1)),
+                "train/learning_rate": float(np.asarray(setup.learning_rate(step - 1))),
             },
         )
 
@@ -100,13 +103,13 @@ class RunTracker:
         if self.timed_seconds:
             scalars["train/images_per_second"] = self.timed_images / self.timed_seconds
         self.timed_images, self.timed_seconds = 0, 0.0
-        events = self._require_events()
+        setup, events = self._started()
         events.write_scalars(record["step"], scalars)
-        if record["step"] == self.setup.schedule.total_steps:
+        if record["step"] == setup.schedule.total_steps:
             from digitjax.plots import confusion_figure, misclassified_figure
 
-            labels = self.setup.test_labels
-            images = to_host(self.setup.test_images)[: len(labels)]
+            labels = setup.test_labels
+            images = to_host(setup.test_images)[: len(labels)]
             events.write_figures(
                 record["step"],
                 {
@@ -125,10 +128,10 @@ class RunTracker:
         self.tracing = False
         jax.profiler.stop_trace()
 
-    def _require_events(self) -> "EventFile":
-        if self.events is None:
-            raise RuntimeError("the event file opens in on_start, before any chunk")
-        return self.events
+    def _started(self) -> tuple["TrainingSetup", "EventFile"]:
+        if self.setup is None or self.events is None:
+            raise RuntimeError("on_start comes before any chunk")
+        return self.setup, self.events
 
 
 class EventFile:
