@@ -67,7 +67,8 @@ def assert_events_match_the_run(run_dir: Path, epochs: int) -> None:
     learning_rate = learning_rate_schedule(config, schedule)
     steps, values = steps_and_values(events, "train/learning_rate")
     assert steps == [p["step"] for p in points]
-    assert values == pytest.approx([float(learning_rate(s - 1)) for s in steps], rel=1e-6)
+    # float32, compiled in the run and op by op here: equal to rounding.
+    assert values == pytest.approx([float(learning_rate(s - 1)) for s in steps], rel=1e-5)
     assert max(values) == pytest.approx(config.learning_rate, rel=0.05)  # warmed up, decays
     steps, values = steps_and_values(events, "train/images_per_second")
     assert len(set(steps)) == len(steps) and set(steps) <= {r["step"] for r in records}
