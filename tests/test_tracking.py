@@ -107,8 +107,12 @@ def stop_when(process: subprocess.Popen, ready, what: str) -> None:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"never {what}"
         process.send_signal(signal.SIGSTOP)
-        if ready():
-            return
+        try:
+            if ready():
+                return
+        except BaseException:
+            process.kill()  # never leave it stopped
+            raise
         process.send_signal(signal.SIGCONT)
         time.sleep(0.02)
 
