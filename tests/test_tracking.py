@@ -23,6 +23,7 @@ from digitjax.cli import app
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh
+from digitjax.tracking import PROFILED_CHUNKS
 from digitjax.train import Schedule, learning_rate_schedule
 
 runner = CliRunner()
@@ -193,12 +194,15 @@ def test_profile_traces_a_few_chunks_and_changes_nothing(tiny_run, tiny_mnist, t
 
 
 def assert_trace(profile: Path) -> None:
-    """One trace, in both forms: XProf's (.xplane.pb) and Perfetto's (.json.gz)."""
+    """One trace, in both forms: XProf's (.xplane.pb) and Perfetto's (.json.gz), holding the
+    calls of the compiled chunk that it traced (the first chunk, which compiles, is not)."""
     [trace_dir] = (profile / "plugins" / "profile").iterdir()
     [xplane] = trace_dir.glob("*.xplane.pb")
     assert xplane.stat().st_size > 10_000
     with gzip.open(trace_dir / "perfetto_trace.json.gz") as f:
-        assert len(json.load(f)["traceEvents"]) > 100
+        names = [event.get("name", "") for event in json.load(f)["traceEvents"]]
+    calls = [name for name in names if name.startswith("PjitFunction") and "train_chunk" in name]
+    assert len(calls) >= PROFILED_CHUNKS, calls
 
 
 def test_benchmark_profiles_the_timed_chunk(tiny_mnist, tmp_path):
