@@ -20,6 +20,10 @@ from digitjax.inference.preprocess import png_bytes
 from digitjax.outputs import write_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Up to this many images, `predict` runs its model on numpy: JAX's, Flax's and Orbax's imports
+# and the restore (~1.5 s) cost more than numpy's slower forward pass (~1 ms more per image of
+# the bundled model than JAX's; benchmarks/README.md, "Cold predict").
+NUMPY_UP_TO = 1000
 
 
 def default_checkpoint() -> Path:
