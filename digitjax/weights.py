@@ -125,11 +125,10 @@ class StoredWeights:
 
 
 def read_weights(step_dir: Path) -> StoredWeights | None:
-    """The weights `checkpoint.restore_model` would restore from `step_dir`, or None where the
-    checkpoint is not laid out as Orbax lays out what `digitjax train` writes (OCDBT, one
-    zarr array per leaf), or TensorStore cannot read it: the caller then restores it through
-    Orbax, which reads any layout and names what is wrong with a damaged one. Raises the
-    UserError of restore_model when the checks fail."""
+    """The weights `checkpoint.restore_model` would restore from `step_dir`, or None where
+    its items are not laid out as Orbax lays them out (`_read_arrays`) or TensorStore cannot
+    read them: the caller then restores it through Orbax, which names what is wrong with a
+    damaged checkpoint. Raises the UserError of restore_model when a check fails."""
     state = step_dir / "state"
     try:
         config_raw = json.loads((step_dir / "config" / "metadata").read_text())
@@ -169,7 +168,11 @@ def _read_arrays(state: Path, layout: Any, key: str) -> dict[str, np.ndarray] | 
 
     def kvstore(name: str) -> dict[str, Any]:
         if layout.get("use_ocdbt"):
-            return {"driver": "ocdbt", "base": f"file://{folder}/", "path": name}
+            return {
+                "driver": "ocdbt",
+                "base": {"driver": "file", "path": f"{folder}/"},
+                "path": name,
+            }
         return {"driver": "file", "path": f"{folder}/{name}/"}
 
     try:

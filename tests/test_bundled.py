@@ -120,8 +120,9 @@ def trained_tiny_run_with(data_dir, folder, *extra: str):
 
 @pytest.mark.parametrize("layout", [{"use_ocdbt": False}, {"use_zarr3": True}])
 def test_every_layout_orbax_writes_is_read(layout, tiny_run, tmp_path, mnist_test_images):
-    """A folder per array (Orbax before OCDBT), and zarr v3 arrays (a later Orbax default)."""
-    run = shutil.copytree(tiny_run, tmp_path / "run")
+    """A folder per array (Orbax before OCDBT), and zarr v3 arrays (a later Orbax default);
+    in a folder whose name a URL would garble."""
+    run = shutil.copytree(tiny_run, tmp_path / "a run #1?")
     state_dir = next(run.glob("best/*/state")).absolute()
     state = ocp.StandardCheckpointer().restore(state_dir)
     shutil.rmtree(state_dir)
