@@ -181,5 +181,5 @@ def _read_arrays(state: Path, layout: Any, key: str) -> dict[str, np.ndarray] | 
         ]
         reads = [store.result().read() for store in opening]
         return {"/".join(p[1:]): np.asarray(read.result()) for p, read in zip(paths, reads)}
-    except (ValueError, RuntimeError, OSError):  # TensorStore's errors: left to Orbax
+    except Exception:  # whatever TensorStore raises, Orbax's restore then names it
         return None
