@@ -21,12 +21,16 @@ from pathlib import Path
 PHASES = """
 import sys, time
 started = time.perf_counter()
+from importlib.util import find_spec
 from pathlib import Path
 import digitjax.cli
 from digitjax.inference.predict import predict_files
 marks = {"command's imports": time.perf_counter()}
 path = Path(sys.argv[1]) if sys.argv[1] else None
 if path is not None:
+    import tensorstore  # reads the arrays: through Orbax before, alone now
+marks["TensorStore import"] = time.perf_counter()
+if path is not None and find_spec("digitjax.weights") is None:  # restores through Orbax
     import digitjax.checkpoint  # jax, flax, orbax
 marks["jax, flax, orbax imports"] = time.perf_counter()
 try:
@@ -91,7 +95,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": root}
         for checkpoint in ([], [args.checkpoint]):
             label = f"{version}, {'--checkpoint' if checkpoint else 'default model'}"
-            phases = [[] for _ in range(6)]
+            phases = [[] for _ in range(7)]
             for _ in range(3):
                 out = subprocess.run(
                     [sys.executable, "-c", PHASES, *(checkpoint or [""]), args.image],

@@ -32,6 +32,13 @@ VARIANTS = {
     "--batch-size 128 --learning-rate 6e-3": {"batch_size": 128, "learning_rate": 6e-3},
     "--channels 16,16,32": {"channels": (16, 16, 32)},
     "--channels 16,32": {"channels": (16, 32)},
+    "--learning-rate 1e-2": {"learning_rate": 1e-2},
+    "--batch-size 128 --learning-rate 1e-2": {"batch_size": 128, "learning_rate": 1e-2},
+    "--channels 8,16": {"channels": (8, 16)},
+    "--ema-decay 0.98": {"ema_decay": 0.98},
+    "--label-smoothing 0": {"label_smoothing": 0.0},
+    "--warmup-epochs 0.05": {"warmup_epochs": 0.05},
+    "--learning-rate 7e-3 --warmup-epochs 0.05": {"learning_rate": 7e-3, "warmup_epochs": 0.05},
 }
 
 
@@ -53,6 +60,7 @@ def main() -> None:
                     "flags": VARIANTS[name],
                     "reached": result["reached"],
                     "seconds": round(result["seconds"], 2),
+                    "cpu_seconds": round(result["cpu_seconds"], 2),  # steadier under load
                     "epochs": round(result["epochs"], 2) if result["reached"] else None,
                     "accuracy": result["evaluations"][-1]["test_accuracy"]
                     if result["reached"]

@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -194,14 +195,17 @@ def allowed_errors(count: int, target: float) -> int:
 
 
 def make_target_check(
-    setup: TrainingSetup, dataset: Dataset, target: float
+    setup: TrainingSetup, dataset: Dataset, target: float, params_like: Any = None
 ) -> Callable[[Any], tuple[int, int]]:
     """fn(params) -> (test images evaluated, errors among them), evaluating the test set one
     batch at a time on the device until it ends or holds more errors than `target` allows.
     Exact: a set stopped early cannot reach the target whatever its other images, and a set
     evaluated to its end has its exact accuracy; an evaluation far below the target costs a
     few batches instead of the whole set. The batches hold the images in a fixed random
-    order, so that errors are not bunched at the end (MNIST's last 5,000 are the harder)."""
+    order, so that errors are not bunched at the end (MNIST's last 5,000 are the harder).
+    Given `params_like` (arrays shaped and placed as the params to check), it compiles at
+    once on a thread of its own while the caller goes on to compile the training chunk:
+    XLA:CPU compiles a program on one core, so on two the evaluation's compile is hidden."""
     count = len(dataset.test_labels)
     allowed = allowed_errors(count, target)
     order = np.random.default_rng(0).permutation(count)
@@ -229,8 +233,20 @@ def make_target_check(
         batches, errors = jax.lax.while_loop(more, evaluate_batch, (0, jnp.int32(0)))
         return jnp.minimum(batches * EVAL_BATCH, count), errors
 
+    compiled: Future | None = None
+    if params_like is not None:
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params_like
+        )
+        compiler = ThreadPoolExecutor(1)
+        compiled = compiler.submit(
+            lambda: check.lower(abstract, test_images, test_labels).compile()
+        )
+        compiler.shutdown(wait=False)  # its thread ends with the compile
+
     def evaluated_and_errors(params: Any) -> tuple[int, int]:
-        evaluated, errors = check(params, test_images, test_labels)
+        run = check if compiled is None else compiled.result()
+        evaluated, errors = run(params, test_images, test_labels)
         return int(to_host(evaluated)), int(to_host(errors))
 
     return evaluated_and_errors
@@ -245,9 +261,9 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
     jax.clear_caches()  # cold: nothing compiled by earlier measurements in this process
     start, cpu_start = time.perf_counter(), time.process_time()
     setup = prepare_training(config, dataset, mesh)
-    check = make_target_check(setup, dataset, target)
-    count, allowed = len(dataset.test_labels), allowed_errors(len(dataset.test_labels), target)
     initial_state = setup.init_state()
+    check = make_target_check(setup, dataset, target, setup.eval_params(initial_state))
+    count, allowed = len(dataset.test_labels), allowed_errors(len(dataset.test_labels), target)
     setup_s = time.perf_counter() - start
     evaluations = []
     state = initial_state

@@ -13,8 +13,6 @@ checksums catch what renaming cannot (flipped bits). Plain orbax restores one wi
 
 import contextlib
 import dataclasses
-import hashlib
-import math
 import shutil
 import sys
 import time
@@ -36,7 +34,16 @@ from digitjax.runs import (
     LATEST,
     has_checkpoint,
     newest_run,
+    step_dir_of,
     usable_steps,
+)
+from digitjax.weights import (
+    check_shapes,
+    check_summary,
+    checksum,
+    chosen_weights,
+    config_of,
+    verify_checksums,
 )
 
 # Orbax logs routine notes as warnings, and the errors that we report in one line ourselves.
@@ -134,16 +141,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def state_checksums(state: Mapping[str, Any]) -> dict[str, str]:
     """A SHA-256 per top-level state item over every array's path, dtype, shape and bytes."""
-    return {key: _sha256(value) for key, value in state.items()}
+    return {key: checksum(host_leaves(value)) for key, value in state.items()}
 
 
-def _sha256(tree: Any) -> str:
-    digest = hashlib.sha256()
-    for path, leaf in sorted(leaves_by_path(tree).items()):
-        value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-        digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
+def host_leaves(tree: Any) -> dict[str, np.ndarray]:
+    """A tree's leaves on the host, by '/'-joined path (of a sharded array, this process's
+    first copy)."""
+    return {
+        path: np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        for path, leaf in leaves_by_path(tree).items()
+    }
 
 
 class RunCheckpointer:
@@ -221,31 +228,6 @@ _quiet_late_callbacks()
 # --- Reading -----------------------------------------------------------------------------
 
 
-def _step_dir(path: Path, kind: str) -> Path:
-    """Accepts a run dir, a `latest`/`best` dir, or one step's dir."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path}")
-    if not path.is_dir():
-        raise UserError(f"{path} is a file, not a checkpoint folder")
-    if (path / "_CHECKPOINT_METADATA").exists():
-        return path
-    folder = path / kind if (path / kind).is_dir() else path
-    steps = _step_dirs(folder)
-    if not steps and folder == path / BEST:
-        steps = _step_dirs(path / LATEST)  # the first best/ write was cut short: latest is it
-    if not steps:
-        raise UserError(f"no digitjax checkpoint in {path}")
-    return steps[-1]
-
-
-def _step_dirs(folder: Path) -> list[Path]:
-    """Step folders, complete or not (a damaged newest one must be reported, not skipped);
-    Orbax's temporary folders do not count."""
-    steps = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
-    return sorted(steps, key=lambda p: int(p.name))
-
-
 def _read_items(
     step_dir: Path,
     state_target: Any = None,
@@ -284,7 +266,7 @@ def _read_items(
     finally:
         manager.close()
     items = dict(restored)
-    _check_summary(items["summary"], step_dir)
+    check_summary(items["summary"], step_dir)
     if with_state:
         _verify_checksums(items, step_dir)
     return items
@@ -305,40 +287,11 @@ def _read_error(step_dir: Path, error: Exception) -> UserError:
     return UserError(f"corrupt checkpoint {step_dir}: {cause}")
 
 
-def _check_summary(summary: Any, step_dir: Path) -> None:
-    records = summary.get("history") if isinstance(summary, dict) else None
-    if not isinstance(records, list) or not all(
-        isinstance(r, dict) and {"epoch", "step", "test_accuracy"} <= set(r) for r in records
-    ):
-        raise UserError(f"{step_dir} is not a digitjax checkpoint (its summary has no history)")
-    if not isinstance(summary.get("num_classes"), int):
-        raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
-    temperature = summary.get("temperature")
-    if temperature is not None and not (
-        isinstance(temperature, int | float)
-        and not isinstance(temperature, bool)
-        and 0 < temperature < math.inf
-    ):
-        raise UserError(f"{step_dir} has an invalid temperature {temperature!r} in its summary")
-
-
 def _verify_checksums(items: dict[str, Any], step_dir: Path) -> None:
-    """Checkpoints written before checksums existed (and the bundled model) have none."""
     saved = items["summary"].get("checksums", {})
     state = items["state"] if isinstance(items["state"], dict) else {}
-    damaged = [key for key in saved if key in state and _sha256(state[key]) != saved[key]]
-    if damaged:
-        raise UserError(
-            f"corrupt checkpoint {step_dir}: {', '.join(sorted(damaged))} "
-            "do not match their checksums (damaged on disk)"
-        )
-
-
-def _config_of(items: dict[str, Any], step_dir: Path) -> Config:
-    try:
-        return Config.from_dict(items["config"])
-    except (TypeError, UserError) as e:
-        raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
+    read = {key: host_leaves(value) for key, value in state.items() if key in saved}
+    verify_checksums(items["summary"], read, step_dir)
 
 
 def leaves_by_path(tree: Any) -> dict[str, Any]:
@@ -360,21 +313,15 @@ def _match_tree(saved: Any, expected: Any, what: str, where: Path) -> Any:
     orbax can restore a partial tree silently."""
     got, want = leaves_by_path(saved), leaves_by_path(expected)
     got_shapes = {k: tuple(np.shape(v)) for k, v in got.items()}
-    want_shapes = {k: tuple(v.shape) for k, v in want.items()}
-    if got_shapes != want_shapes:
-        differing = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:3]
-        raise UserError(
-            f"checkpoint {where} does not match its config's {what}: "
-            f"differs at {', '.join(f'{k} {s}' for k, s in differing)}"
-        )
+    check_shapes(got_shapes, {k: tuple(v.shape) for k, v in want.items()}, what, where)
     return jax.tree.unflatten(jax.tree.structure(expected), [got[k] for k in want])
 
 
 def read_config(path: Path, kind: str = BEST) -> tuple[Config, dict]:
     """A checkpoint's config and summary, without reading its arrays."""
-    step_dir = _step_dir(path, kind)
+    step_dir = step_dir_of(path, kind)
     items = _read_items(step_dir, with_state=False)
-    return _config_of(items, step_dir), items["summary"]
+    return config_of(items["config"], step_dir), items["summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,30 +340,25 @@ class TrainedModel:
 def restore_model(path: Path, kind: str = BEST, average: bool = True) -> TrainedModel:
     """A model for evaluation or prediction, its params checked against its saved config:
     the moving average of the weights if the run kept one and `average`, else the weights."""
-    from digitjax.config import uses_ema
     from digitjax.model import abstract_model
 
-    step_dir = _step_dir(path, kind)
+    step_dir = step_dir_of(path, kind)
     weights = ("ema_params", "params") if average else ("params",)
     items = _read_items(step_dir, state_keys=weights)
-    config = _config_of(items, step_dir)
+    config = config_of(items["config"], step_dir)
     graphdef, expected = abstract_model(config, items["summary"]["num_classes"])
-    evaluated = "ema_params" if uses_ema(config) else "params"
-    kept = evaluated if average else "params"
+    kept, temperature = chosen_weights(config, items["summary"], average)
     params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no {kept})")
     params = _match_tree(params, expected, "model", step_dir)
-    # The temperature was fitted for the weights the run evaluates.
-    temperature = items["summary"].get("temperature") if kept == evaluated else None
-    temperature = None if temperature is None else float(temperature)
     return TrainedModel(config, graphdef, params, items["summary"], step_dir, temperature)
 
 
 def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
     """The full training state of the latest checkpoint, for resuming, placed as
     `abstract_state`'s shardings say; its layout is checked before anything is read."""
-    step_dir = _step_dir(run_dir, LATEST)
+    step_dir = step_dir_of(run_dir, LATEST)
     saved = _saved_state_metadata(step_dir)
     if not isinstance(saved, dict) or "params" not in saved or "opt_state" not in saved:
         raise UserError(f"{step_dir} is not a digitjax training checkpoint")

@@ -268,6 +268,7 @@ def predict(
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
     from digitjax.inference.classifier import default_min_confidence
     from digitjax.inference.predict import (
+        NUMPY_UP_TO,
         collect_images,
         load_classifier,
         predict_files,
@@ -279,7 +280,8 @@ def predict(
     check_writable("--csv", csv)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
     check_writable("--plot", plot)
-    classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=True)
+    quick_start = len(files) <= NUMPY_UP_TO
+    classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=quick_start)
     if min_confidence is None:
         min_confidence = default_min_confidence(classifier.info)
     predictions, seen = predict_files(classifier, files, min_confidence)

@@ -20,9 +20,7 @@ import numpy as np
 from flax import nnx
 
 from digitjax.config import Config
-
-IMAGE_SIZE = 28
-NUM_POOLS = 2  # 28 -> 14 -> 7; deeper layers keep 7x7
+from digitjax.weights import NUM_POOLS, parameter_shapes
 
 
 def conv_impls_for(backend: str, training: bool, num_layers: int) -> tuple[str, ...]:
@@ -142,14 +140,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 class CNN(nnx.Module):
     def __init__(self, channels: tuple[int, ...], dense: int, num_classes: int, rngs: nnx.Rngs):
-        in_channels = 1
+        shapes = parameter_shapes(channels, dense, num_classes)
         self.convs = nnx.List()
-        for out_channels in channels:
-            self.convs.append(nnx.Conv(in_channels, out_channels, (3, 3), rngs=rngs))
-            in_channels = out_channels
-        side = IMAGE_SIZE // 2 ** min(len(channels), NUM_POOLS)
-        self.hidden = nnx.Linear(side * side * in_channels, dense, rngs=rngs)
-        self.logits = nnx.Linear(dense, num_classes, rngs=rngs)
+        for i in range(len(channels)):
+            *kernel_size, in_channels, out_channels = shapes[f"convs/{i}/kernel"]
+            self.convs.append(nnx.Conv(in_channels, out_channels, tuple(kernel_size), rngs=rngs))
+        self.hidden = nnx.Linear(*shapes["hidden/kernel"], rngs=rngs)
+        self.logits = nnx.Linear(*shapes["logits/kernel"], rngs=rngs)
 
     def __call__(self, images: jax.Array, conv_impls: tuple[str, ...] | None = None) -> jax.Array:
         """images: (B, 28, 28) floats in [0, 1]; returns (B, num_classes) logits.

@@ -3,6 +3,8 @@
 
 from pathlib import Path
 
+from digitjax.config import UserError
+
 LATEST, BEST = "latest", "best"
 ITEMS = ("state", "config", "summary")  # the Orbax items of every checkpoint
 DEFAULT_ROOT = Path("checkpoints")
@@ -31,3 +33,29 @@ def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
     """The most recently written run in `root` that holds a complete checkpoint."""
     runs = [p for p in root.glob("*") if p.is_dir() and has_checkpoint(p)]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def step_dir_of(path: Path, kind: str = BEST) -> Path:
+    """The checkpoint that `path` names: a run folder's newest `kind` one, a `latest`/`best`
+    folder's newest, or one step's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a checkpoint folder")
+    if (path / "_CHECKPOINT_METADATA").exists():
+        return path
+    folder = path / kind if (path / kind).is_dir() else path
+    steps = _step_dirs(folder)
+    if not steps and folder == path / BEST:
+        steps = _step_dirs(path / LATEST)  # the first best/ write was cut short: latest is it
+    if not steps:
+        raise UserError(f"no digitjax checkpoint in {path}")
+    return steps[-1]
+
+
+def _step_dirs(folder: Path) -> list[Path]:
+    """Step folders, complete or not (a damaged newest one must be reported, not skipped);
+    Orbax's temporary folders do not count."""
+    steps = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
+    return sorted(steps, key=lambda p: int(p.name))

@@ -9,7 +9,7 @@ from digitjax.cli import app
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh
-from digitjax.train import prepare_training
+from digitjax.train import prepare_training, run_chunks
 
 runner = CliRunner()
 
@@ -70,3 +70,22 @@ def test_target_check_stops_only_when_the_target_is_out_of_reach(tiny_mnist):
     assert 1 - errors / count == pytest.approx(accuracy)
     evaluated, errors = make_target_check(setup, dataset, accuracy + 1 / count)(params)
     assert errors > allowed_errors(count, accuracy + 1 / count)
+
+
+def test_target_check_compiled_ahead_on_its_thread_answers_the_same(tiny_mnist):
+    """Compiled while the caller goes on (as time_to_accuracy's first chunk compiles), and
+    run on params made after the ones it was shaped on were donated and deleted."""
+    dataset = load_dataset("mnist", tiny_mnist)
+    setup = prepare_training(Config(channels=(4, 8), dense=16), dataset, make_mesh(1))
+    state = setup.init_state()
+    accuracy = setup.test_metrics(state).accuracy
+    ahead = make_target_check(setup, dataset, accuracy, setup.eval_params(state))
+    later = next(run_chunks(setup, state, 0))[0]  # the initial state is donated to it
+    assert ahead(setup.eval_params(later)) == make_target_check(setup, dataset, accuracy)(
+        setup.eval_params(later)
+    )
+    fresh = setup.init_state()
+    assert ahead(setup.eval_params(fresh)) == (
+        len(dataset.test_labels),
+        allowed_errors(len(dataset.test_labels), accuracy),
+    )

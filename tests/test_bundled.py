@@ -1,19 +1,32 @@
-"""The bundled model: weights only, run by numpy without importing JAX for a cold `predict`,
-and the same answers as the JAX forward pass."""
+"""Models on numpy, run without importing JAX for a cold `predict`: the bundled model (weights
+only) and any checkpoint, read and checked by TensorStore alone; the same answers as the JAX
+forward pass."""
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from helpers import MNIST_DIR, trained_tiny_run
+from helpers import MNIST_DIR, assert_one_line_error, tiny_train, trained_tiny_run
 from PIL import Image
+from typer.testing import CliRunner
 
 from digitjax.checkpoint import restore_model
+from digitjax.cli import app
 from digitjax.data import read_idx_split
-from digitjax.inference.bundled import WEIGHTS_FILE, bundled_classifier, write_bundle
+from digitjax.inference.bundled import (
+    WEIGHTS_FILE,
+    bundled_classifier,
+    checkpoint_classifier,
+    write_bundle,
+)
 from digitjax.inference.classifier import BUNDLED_MODEL, CheckpointClassifier
+from digitjax.inference.predict import predict_files
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +85,122 @@ def test_a_cold_predict_with_the_bundled_model_imports_no_jax(tmp_path):
     assert json.loads(result.stdout)[0]["digit"] == labels[0]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert not {m for m in imported if m.split(".")[0] in ("jax", "jaxlib", "flax", "orbax")}
+
+
+def test_a_checkpoint_on_numpy_matches_the_jax_forward(tiny_run, mnist_test_images):
+    """Any run's checkpoint, read by TensorStore alone, answers as its Flax model does."""
+    on_numpy, on_jax = checkpoint_classifier(tiny_run), CheckpointClassifier(tiny_run)
+    assert on_numpy is not None
+    assert on_numpy.info == on_jax.info and on_numpy.source == on_jax.source
+    assert on_numpy.info.temperature is not None  # calibrated: the temperature is applied
+    images = mnist_test_images[:2000]
+    got, want = on_numpy.probabilities(images), on_jax.probabilities(images)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+
+
+def test_raw_weights_of_a_run_without_averaging(tiny_mnist, tmp_path, mnist_test_images):
+    run = trained_tiny_run_with(tiny_mnist, tmp_path, "--ema-decay", "0")
+    on_numpy, on_jax = checkpoint_classifier(run), CheckpointClassifier(run)
+    assert on_numpy is not None and on_numpy.info == on_jax.info
+    np.testing.assert_allclose(
+        on_numpy.probabilities(mnist_test_images[:500]),
+        on_jax.probabilities(mnist_test_images[:500]),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def trained_tiny_run_with(data_dir, folder, *extra: str):
+    run_dir = folder / "run"
+    result = CliRunner().invoke(app, tiny_train(data_dir, run_dir, *extra, epochs=1))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.mark.parametrize("layout", [{"use_ocdbt": False}, {"use_zarr3": True}])
+def test_every_layout_orbax_writes_is_read(layout, tiny_run, tmp_path, mnist_test_images):
+    """A folder per array (Orbax before OCDBT), and zarr v3 arrays (a later Orbax default);
+    in a folder whose name a URL would garble."""
+    run = shutil.copytree(tiny_run, tmp_path / "a run #1?")
+    state_dir = next(run.glob("best/*/state")).absolute()
+    state = ocp.StandardCheckpointer().restore(state_dir)
+    shutil.rmtree(state_dir)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**layout)) as checkpointer:
+        checkpointer.save(state_dir, state)
+    on_numpy, on_jax = checkpoint_classifier(run), CheckpointClassifier(run)
+    assert on_numpy is not None and on_numpy.info == on_jax.info
+    np.testing.assert_allclose(
+        on_numpy.probabilities(mnist_test_images[:500]),
+        on_jax.probabilities(mnist_test_images[:500]),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_a_cold_predict_of_a_checkpoint_imports_no_jax(tiny_run, tmp_path):
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    Image.fromarray(images[0]).save(tmp_path / "seven.png")
+    command = ["predict", "seven.png", "--checkpoint", str(tiny_run), "--json"]
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "digitjax.cli", *command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)[0]
+    assert answer["digit"] == labels[0]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert not {m for m in imported if m.split(".")[0] in ("jax", "jaxlib", "flax", "orbax")}
+    assert "tensorstore" in imported
+    # The same answer, to the 6 decimals shown, as through Orbax and JAX.
+    [expected] = predict_files(CheckpointClassifier(tiny_run), [tmp_path / "seven.png"], None)[0]
+    assert answer["probabilities"] == pytest.approx(list(expected.probabilities), abs=2e-6)
+
+
+def flip_bits(step_dir: Path) -> None:
+    for data_file in (step_dir / "state").rglob("*"):
+        if data_file.is_file() and data_file.parent.name == "d":
+            raw = bytearray(data_file.read_bytes())
+            for position in range(len(raw) // 64, len(raw), max(1, len(raw) // 32)):
+                raw[position] ^= 0x10
+            data_file.write_bytes(bytes(raw))
+
+
+def truncate(step_dir: Path) -> None:
+    for data_file in (step_dir / "state").rglob("*"):
+        if data_file.is_file() and data_file.parent.name == "d":
+            data_file.write_bytes(data_file.read_bytes()[:100])
+
+
+def edit_json(item: str, edit) -> Callable[[Path], None]:
+    def damage(step_dir: Path) -> None:
+        item_file = step_dir / item / "metadata"
+        item_file.write_text(json.dumps(edit(json.loads(item_file.read_text()))))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (flip_bits, "corrupt checkpoint"),
+        (truncate, "corrupt checkpoint"),
+        (edit_json("config", lambda c: {**c, "channels": [4, 16]}), "does not match its config"),
+        (edit_json("config", lambda c: {**c, "epochs": "5"}), "epochs = '5' has the wrong type"),
+        (edit_json("summary", lambda s: {**s, "history": None}), "has no history"),
+        (edit_json("summary", lambda s: {**s, "temperature": -1}), "invalid temperature -1"),
+    ],
+)
+def test_predict_checks_a_checkpoint_on_numpy_as_orbax_restores_do(
+    damage, message, tiny_run, tmp_path
+):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    damage(next(run.glob("best/*")))
+    image = tmp_path / "x.png"
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(image)
+    result = CliRunner().invoke(app, ["predict", str(image), "--checkpoint", str(run)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, message)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
+from digitjax.inference import predict as predict_module
 from digitjax.inference.classifier import BUNDLED_MODEL
 
 runner = CliRunner()
@@ -214,3 +215,23 @@ def test_a_model_of_another_dataset_is_refused(no_runs):
     result = runner.invoke(app, ["predict", str(image), "--checkpoint", str(run)])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "is a fashion_mnist model, not a digit model")
+
+
+def test_many_images_run_on_jax_a_few_on_numpy(no_runs, monkeypatch):
+    """Past NUMPY_UP_TO images, JAX's faster forward pass pays for its imports."""
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    for i in range(3):
+        Image.fromarray(images[i]).save(no_runs / f"{i}.png")
+    monkeypatch.setattr(predict_module, "NUMPY_UP_TO", 2)
+    used_numpy = []
+    quick_classifier = predict_module.quick_classifier
+    monkeypatch.setattr(
+        predict_module,
+        "quick_classifier",
+        lambda path: used_numpy.append(path) or quick_classifier(path),
+    )
+    for count, numpy in ((2, True), (3, False)):
+        used_numpy.clear()
+        code, results, _ = predict_json(*[str(no_runs / f"{i}.png") for i in range(count)])
+        assert code == 0 and [r["digit"] for r in results] == list(labels[:count])
+        assert bool(used_numpy) == numpy

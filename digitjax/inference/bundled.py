@@ -1,10 +1,12 @@
-"""The model bundled with digitjax, run by numpy alone, and how it is made from a run.
+"""Models run by numpy alone: the model bundled with digitjax, any checkpoint in a one-off
+`predict`, and how the bundled model is made from a run.
 
-A one-image `digitjax predict` with the bundled model must not pay for importing JAX, which
-alone costs more than the whole prediction: so the bundled model folder holds, beside its
-Orbax checkpoint (what evaluate, export and serve read), `weights.npz`: the same weights, its
-temperature and what `ModelInfo` says, and `NumpyClassifier` runs them (convolutions as
-im2col matmuls, 2x2 max-pooling as a reshape). A test holds it to the JAX forward pass on the
+A one-image `digitjax predict` must not pay for importing JAX, which alone costs more than the
+whole prediction: so the bundled model folder holds, beside its Orbax checkpoint (what
+evaluate, export and serve read), `weights.npz`: the same weights, its temperature and what
+`ModelInfo` says; and a checkpoint the user names has its weights read by TensorStore alone
+(`digitjax.weights`: no JAX, Flax or Orbax). `NumpyClassifier` runs either (convolutions as
+im2col matmuls, 2x2 max-pooling as a reshape). Tests hold it to the JAX forward pass on the
 MNIST test set.
 
 `write_bundle` makes both from a run's best checkpoint, keeping only what inference needs
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from digitjax.inference.classifier import BUNDLED_MODEL, ModelInfo, in_batches
-from digitjax.runs import BEST
+from digitjax.inference.classifier import BUNDLED_MODEL, ModelInfo, checkpoint_info, in_batches
+from digitjax.runs import BEST, step_dir_of
+from digitjax.weights import NUM_POOLS, read_weights
 
 WEIGHTS_FILE = "weights.npz"
 METADATA_KEY = "metadata"  # the npz entry holding the JSON document; the others are weights
@@ -33,23 +36,17 @@ class NumpyClassifier:
     after the first `num_pools` of them, a ReLU dense layer, the logits divided by the
     temperature, and the softmax."""
 
-    def __init__(self, weights_file: Path, step_dir: Path):
-        with np.load(weights_file, allow_pickle=False) as stored:
-            metadata = json.loads(str(stored[METADATA_KEY]))
-            self.params = {k: stored[k] for k in stored.files if k != METADATA_KEY}
-        self.num_pools = metadata["num_pools"]
-        self.temperature = metadata["temperature"]
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        temperature: float | None,
+        num_pools: int,
+        info: ModelInfo,
+        source: Path,
+    ):
+        self.params, self.temperature, self.num_pools = params, temperature, num_pools
         self.num_convs = sum(1 for k in self.params if k.startswith("convs/") and "kernel" in k)
-        self.source = step_dir
-        self.info = ModelInfo(
-            name="bundled",
-            kind="checkpoint",
-            step=metadata["step"],
-            test_accuracy=metadata["test_accuracy"],
-            temperature=self.temperature,
-            dataset=metadata["dataset"],
-            num_classes=metadata["num_classes"],
-        )
+        self.info, self.source = info, source
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return in_batches(self._forward, images)
@@ -91,8 +88,31 @@ def bundled_classifier(folder: Path = BUNDLED_MODEL) -> NumpyClassifier | None:
     weights_file = folder / WEIGHTS_FILE
     if len(steps) != 1 or not weights_file.is_file():
         return None
-    classifier = NumpyClassifier(weights_file, steps[0])
-    return classifier if classifier.info.step == int(steps[0].name) else None
+    with np.load(weights_file, allow_pickle=False) as stored:
+        metadata = json.loads(str(stored[METADATA_KEY]))
+        params = {k: stored[k] for k in stored.files if k != METADATA_KEY}
+    if metadata["step"] != int(steps[0].name):
+        return None
+    info = ModelInfo(
+        name="bundled",
+        kind="checkpoint",
+        step=metadata["step"],
+        test_accuracy=metadata["test_accuracy"],
+        temperature=metadata["temperature"],
+        dataset=metadata["dataset"],
+        num_classes=metadata["num_classes"],
+    )
+    return NumpyClassifier(params, metadata["temperature"], metadata["num_pools"], info, steps[0])
+
+
+def checkpoint_classifier(path: Path) -> NumpyClassifier | None:
+    """The checkpoint at `path` (a run, a `latest`/`best` folder or a step's) on numpy, its
+    weights read and checked without JAX; None if only Orbax can read it."""
+    stored = read_weights(step_dir_of(path))
+    if stored is None:
+        return None
+    info = checkpoint_info(stored)
+    return NumpyClassifier(stored.params, stored.temperature, NUM_POOLS, info, stored.step_dir)
 
 
 def write_bundle(run: Path, out: Path) -> Path:
@@ -102,8 +122,6 @@ def write_bundle(run: Path, out: Path) -> Path:
 
     from digitjax.checkpoint import RunCheckpointer, leaves_by_path, restore_model
     from digitjax.config import uses_ema
-    from digitjax.inference.classifier import checkpoint_info
-    from digitjax.model import NUM_POOLS
 
     model = restore_model(run)
     info = checkpoint_info(model)

@@ -107,7 +107,8 @@ def export_metadata(model: Any) -> dict:
 def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     import jax
 
-    from digitjax.model import IMAGE_SIZE, calibrated_probabilities
+    from digitjax.model import calibrated_probabilities
+    from digitjax.weights import IMAGE_SIZE
 
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
@@ -132,7 +133,7 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     from onnx import helper, numpy_helper
 
     from digitjax.checkpoint import leaves_by_path
-    from digitjax.model import NUM_POOLS
+    from digitjax.weights import NUM_POOLS
 
     params = {
         name: np.asarray(value, np.float32) for name, value in leaves_by_path(model.params).items()

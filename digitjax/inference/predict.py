@@ -20,6 +20,10 @@ from digitjax.inference.preprocess import png_bytes
 from digitjax.outputs import write_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Up to this many images, `predict` runs its model on numpy: JAX's, Flax's and Orbax's imports
+# and the restore (~1.5 s) cost more than numpy's slower forward pass (~1 ms more per image of
+# the bundled model than JAX's; benchmarks/README.md, "Cold predict").
+NUMPY_UP_TO = 1000
 
 
 def default_checkpoint() -> Path:
@@ -32,20 +36,17 @@ def default_checkpoint() -> Path:
 def load_classifier(path: Path | None = None, quick_start: bool = False) -> Classifier:
     """The model at `path`: a file written by `digitjax export` (told by its content), else a
     run or checkpoint folder; by default the newest run, else the bundled model. With
-    `quick_start` (a one-off command), the bundled model runs on numpy: importing JAX costs
-    more than its numpy forward pass; a server keeps JAX's, ~3x faster on large batches."""
+    `quick_start` (a one-off command), a checkpoint runs on numpy where it can: importing JAX
+    (and Flax and Orbax) costs more than a numpy forward pass; a server keeps JAX's, ~3x
+    faster on large batches."""
     if path is None:
         path = default_checkpoint()
-        if path == BUNDLED_MODEL and quick_start:
-            from digitjax.inference.bundled import bundled_classifier
-
-            bundled = bundled_classifier()  # on numpy: no JAX to import
-            if bundled is not None:
-                return bundled
     if path.is_file() or path.suffix.lower() in (".onnx", ".stablehlo"):
         from digitjax.inference.export import ExportedModel
 
         classifier: Classifier = ExportedModel(path)
+    elif quick_start and (quick := quick_classifier(path)) is not None:
+        classifier = quick
     else:
         from digitjax.compilation_cache import enable_compilation_cache
 
@@ -53,6 +54,18 @@ def load_classifier(path: Path | None = None, quick_start: bool = False) -> Clas
         classifier = CheckpointClassifier(path)
     check_digit_model(classifier.info, path)
     return classifier
+
+
+def quick_classifier(path: Path) -> Classifier | None:
+    """The checkpoint at `path` on numpy, without importing JAX: the bundled model from its
+    `weights.npz`, any other from its weights read by TensorStore; None where neither can."""
+    from digitjax.inference.bundled import bundled_classifier, checkpoint_classifier
+
+    if path == BUNDLED_MODEL:
+        bundled = bundled_classifier()
+        if bundled is not None:
+            return bundled
+    return checkpoint_classifier(path)
 
 
 def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:

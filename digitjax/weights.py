@@ -1,0 +1,185 @@
+"""A checkpoint's weights without JAX, Flax or Orbax: the shapes a config's CNN has, the
+checksum of a tree of arrays, the checks of a checkpoint's JSON items, and `read_weights`,
+which reads one weights tree of a checkpoint with TensorStore alone.
+
+Importing JAX costs ~1 s and Orbax and Flax ~0.8 s more; TensorStore, which Orbax writes its
+arrays with, costs ~0.6 s. So a one-off `predict` of a checkpoint reads its weights here and
+runs them on numpy (`inference.bundled.NumpyClassifier`), with every check that
+`checkpoint.restore_model` makes; anything else restores through Orbax (`checkpoint.py`).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digitjax.config import Config, UserError, uses_ema
+
+IMAGE_SIZE = 28
+NUM_POOLS = 2  # 28 -> 14 -> 7; deeper layers keep 7x7
+KERNEL_SIZE = 3
+
+
+def parameter_shapes(
+    channels: tuple[int, ...], dense: int, num_classes: int
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight of the CNN (`model.CNN` is built from these), by its
+    '/'-joined path in the model's parameter tree."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    in_channels = 1
+    for i, out_channels in enumerate(channels):
+        shapes[f"convs/{i}/kernel"] = (KERNEL_SIZE, KERNEL_SIZE, in_channels, out_channels)
+        shapes[f"convs/{i}/bias"] = (out_channels,)
+        in_channels = out_channels
+    side = IMAGE_SIZE // 2 ** min(len(channels), NUM_POOLS)
+    shapes["hidden/kernel"], shapes["hidden/bias"] = (side * side * in_channels, dense), (dense,)
+    shapes["logits/kernel"], shapes["logits/bias"] = (dense, num_classes), (num_classes,)
+    return shapes
+
+
+def check_shapes(
+    got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], what: str, where: Path
+) -> None:
+    """Every path and shape of a restored tree against those its config expects."""
+    if dict(got) != dict(want):
+        differing = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise UserError(
+            f"checkpoint {where} does not match its config's {what}: "
+            f"differs at {', '.join(f'{k} {s}' for k, s in differing)}"
+        )
+
+
+def checksum(leaves: Mapping[str, np.ndarray]) -> str:
+    """The SHA-256 of a tree's leaves (by '/'-joined path) over each path, dtype, shape and
+    bytes: what a checkpoint's summary holds for each top-level state item."""
+    digest = hashlib.sha256()
+    for path, value in sorted(leaves.items()):
+        digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def verify_checksums(
+    summary: dict, items: Mapping[str, Mapping[str, np.ndarray]], step_dir: Path
+) -> None:
+    """The state items read (their leaves by path) against the summary's checksums;
+    checkpoints written before checksums existed (and the bundled model) have none."""
+    saved = summary.get("checksums", {})
+    damaged = [key for key in saved if key in items and checksum(items[key]) != saved[key]]
+    if damaged:
+        raise UserError(
+            f"corrupt checkpoint {step_dir}: {', '.join(sorted(damaged))} "
+            "do not match their checksums (damaged on disk)"
+        )
+
+
+def check_summary(summary: Any, step_dir: Path) -> None:
+    records = summary.get("history") if isinstance(summary, dict) else None
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and {"epoch", "step", "test_accuracy"} <= set(r) for r in records
+    ):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (its summary has no history)")
+    if not isinstance(summary.get("num_classes"), int):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
+    temperature = summary.get("temperature")
+    if temperature is not None and not (
+        isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and 0 < temperature < math.inf
+    ):
+        raise UserError(f"{step_dir} has an invalid temperature {temperature!r} in its summary")
+
+
+def config_of(raw: Any, step_dir: Path) -> Config:
+    try:
+        return Config.from_dict(raw)
+    except (TypeError, UserError) as e:
+        raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
+
+
+def chosen_weights(config: Config, summary: dict, average: bool) -> tuple[str, float | None]:
+    """Which weights to restore, "ema_params" (the moving average, if the run kept one and
+    `average`) or "params", and the temperature that calibrates them: the run fitted it for
+    the weights it evaluates, so the raw weights of a run that averages have none."""
+    evaluated = "ema_params" if uses_ema(config) else "params"
+    kept = evaluated if average else "params"
+    temperature = summary.get("temperature") if kept == evaluated else None
+    return kept, None if temperature is None else float(temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredWeights:
+    """A checkpoint's evaluated weights as numpy arrays by '/'-joined path, checked against
+    their checksum and their config; as `checkpoint.TrainedModel`, without the graph."""
+
+    config: Config
+    params: dict[str, np.ndarray]
+    summary: dict
+    step_dir: Path
+    temperature: float | None
+
+
+def read_weights(step_dir: Path) -> StoredWeights | None:
+    """The weights `checkpoint.restore_model` would restore from `step_dir`, or None where
+    its items are not laid out as Orbax lays them out (`_read_arrays`) or TensorStore cannot
+    read them: the caller then restores it through Orbax, which names what is wrong with a
+    damaged checkpoint. Raises the UserError of restore_model when a check fails."""
+    state = step_dir / "state"
+    try:
+        config_raw = json.loads((step_dir / "config" / "metadata").read_text())
+        summary = json.loads((step_dir / "summary" / "metadata").read_text())
+        layout = json.loads((state / "_METADATA").read_text())
+    except (OSError, ValueError):
+        return None
+    check_summary(summary, step_dir)
+    config = config_of(config_raw, step_dir)
+    key, temperature = chosen_weights(config, summary, average=True)
+    arrays = _read_arrays(state, layout, key)
+    if arrays is None:
+        return None
+    verify_checksums(summary, {key: arrays}, step_dir)
+    expected = parameter_shapes(config.channels, config.dense, summary["num_classes"])
+    check_shapes({k: v.shape for k, v in arrays.items()}, expected, "model", step_dir)
+    return StoredWeights(config, arrays, summary, step_dir, temperature)
+
+
+def _read_arrays(state: Path, layout: Any, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays under `key` in an Orbax state item, by their path below it, read with
+    TensorStore as Orbax stores them (its checkpoint format guide): each a zarr (or zarr3)
+    array named by its path joined with '.', in one OCDBT database or (older Orbax) a folder
+    of its own, as the item's `_METADATA` says."""
+    try:
+        leaves = layout["tree_metadata"].values()
+        paths = [[str(k["key"]) for k in leaf["key_metadata"]] for leaf in leaves]
+        paths = [path for path in paths if path[0] == key]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not paths:
+        return None
+    import tensorstore as ts
+
+    folder = state.absolute()
+    driver = "zarr3" if layout.get("use_zarr3") else "zarr"
+
+    def kvstore(name: str) -> dict[str, Any]:
+        if layout.get("use_ocdbt"):
+            return {
+                "driver": "ocdbt",
+                "base": {"driver": "file", "path": f"{folder}/"},
+                "path": name,
+            }
+        return {"driver": "file", "path": f"{folder}/{name}/"}
+
+    try:
+        opening = [
+            ts.open({"driver": driver, "kvstore": kvstore(".".join(p))}, read=True) for p in paths
+        ]
+        reads = [store.result().read() for store in opening]
+        return {"/".join(p[1:]): np.asarray(read.result()) for p, read in zip(paths, reads)}
+    except Exception:  # whatever TensorStore raises, Orbax's restore then names it
+        return None
