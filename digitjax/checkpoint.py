@@ -34,8 +34,10 @@ from digitjax.runs import (
     DEFAULT_ROOT,
     ITEMS,
     LATEST,
+    SEEDS_FILE,
     has_checkpoint,
     newest_run,
+    seed_run_dirs,
     usable_steps,
 )
 
@@ -43,7 +45,7 @@ from digitjax.runs import (
 logging.set_verbosity(logging.FATAL)
 
 METRICS_FILE, CURVES_FILE, LOCK_FILE = "metrics.jsonl", "curves.png", ".digitjax.lock"
-RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
+RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE, SEEDS_FILE)
 
 
 # --- Run folders -------------------------------------------------------------------------
@@ -93,13 +95,26 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Removes a previous run's items, and nothing else the folder may hold."""
-    for item in RUN_ITEMS:
-        path = run_dir / item
+    """Removes a previous run's items (with a `--seeds` run's runs), and nothing else the
+    folder may hold."""
+    for path in seed_run_dirs(run_dir) + [run_dir / item for item in RUN_ITEMS]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def discard_steps_after(run_dir: Path, step: int) -> None:
+    """Removes the run's checkpoints (latest/ and best/) of later steps than `step`. Each is
+    renamed first, as a temporary folder of Orbax's (which the next RunCheckpointer removes),
+    so that a kill midway leaves no step folder that Orbax or digitjax would count."""
+    for kind in (LATEST, BEST):
+        folder = run_dir / kind
+        later = [p for p in _step_dirs(folder) if int(p.name) > step] if folder.is_dir() else []
+        for path in later:
+            discarded = path.with_name(f"{path.name}{ocp.utils.TMP_DIR_SUFFIX}-discarded")
+            path.rename(discarded)
+            shutil.rmtree(discarded)
 
 
 @contextlib.contextmanager
@@ -146,11 +161,12 @@ def _sha256(tree: Any) -> str:
 class RunCheckpointer:
     """Writes the latest and best checkpoints of one training run. Writes are synchronous,
     so a failure (a full disk) surfaces at the save that caused it, and the previous
-    checkpoint of each kind stays until the new one is complete."""
+    checkpoint of each kind stays until the new one is complete. `keep`: how many of each
+    kind stay (a `--seeds` run keeps the one before too: digitjax/seeds.py)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep: int = 1):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=1,
+            max_to_keep=keep,
             create=True,
             cleanup_tmp_directories=True,  # the leftovers of a write cut short
             enable_async_checkpointing=False,
@@ -227,6 +243,9 @@ def _step_dir(path: Path, kind: str) -> Path:
         raise UserError(f"{path} is a file, not a checkpoint folder")
     if (path / "_CHECKPOINT_METADATA").exists():
         return path
+    if (path / SEEDS_FILE).exists():
+        seed_runs = ", ".join(p.name for p in seed_run_dirs(path))
+        raise UserError(f"{path} holds one run per seed ({seed_runs}): pass one of them")
     folder = path / kind if (path / kind).is_dir() else path
     steps = _step_dirs(folder)
     if not steps and folder == path / BEST:

@@ -31,6 +31,7 @@ from digitjax.flags import (
     PresetFlag,
     ProcessIdFlag,
     ResumeFlag,
+    SeedsFlag,
     positive_ints,
     setting,
 )
@@ -145,6 +146,7 @@ def train(
     label_smoothing: Annotated[float | None, setting("label_smoothing")] = None,
     ema_decay: Annotated[float | None, setting("ema_decay")] = None,
     seed: Annotated[int | None, setting("seed")] = None,
+    seeds: SeedsFlag = None,
     augment_shift: Annotated[int | None, setting("augment_shift")] = None,
     augment_rotate: Annotated[float | None, setting("augment_rotate")] = None,
     augment_scale: Annotated[float | None, setting("augment_scale")] = None,
@@ -185,7 +187,8 @@ def train(
     with dist.native_stdout_to_stderr(), render.TrainingProgress(quiet=as_json or not main) as bar:
         summary = run_training(config, run_dir, resume=resume, overwrite=overwrite,
                                given=frozenset(chosen_settings(flags, preset)),
-                               callbacks=bar.callbacks(), mesh=dist.make_mesh(devices))  # fmt: skip
+                               callbacks=bar.callbacks(), mesh=dist.make_mesh(devices),
+                               seeds=cast(tuple[int, ...] | None, seeds))  # fmt: skip
     if main and as_json:
         render.print_json({"run_dir": str(run_dir), **summary})
     elif main:
@@ -235,7 +238,7 @@ def evaluate(
     if as_json:
         render.print_json(report.to_dict())
     else:
-        render.evaluation(report.step_dir, report.dataset, split, report.metrics)
+        render.evaluation(report)
     if plot is not None:
         from digitjax.plots import plot_evaluation
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from digitjax.config import PRESET_PURPOSES, RECIPE, Config
+from digitjax.config import MAX_SEED, PRESET_PURPOSES, RECIPE, Config
 from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -103,6 +103,33 @@ def positive_ints(text: str | None) -> tuple[int, ...] | None:
     if min(values) <= 0:
         raise typer.BadParameter(f"takes positive integers, got '{text}'")
     return values
+
+
+def seed_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"takes comma-separated seeds, got '{text}'") from None
+    if min(values) < 0 or max(values) > MAX_SEED:
+        raise typer.BadParameter(f"takes seeds in [0, {MAX_SEED}], got '{text}'")
+    if len(set(values)) < len(values):
+        raise typer.BadParameter(f"takes distinct seeds, got '{text}'")
+    return values
+
+
+SeedsFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="Train one model per seed at once, in one compiled program (e.g. 0,1,2,3): one "
+        "run per seed in --out, whose `digitjax evaluate` reports their ensemble. "
+        "Not with --seed.",
+        callback=seed_list,
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+]
 
 
 def probability(value: float | None) -> float | None:

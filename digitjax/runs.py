@@ -6,6 +6,9 @@ from pathlib import Path
 LATEST, BEST = "latest", "best"
 ITEMS = ("state", "config", "summary")  # the Orbax items of every checkpoint
 DEFAULT_ROOT = Path("checkpoints")
+# A `digitjax train --seeds` run: this record, and one ordinary run per seed in a folder
+# named SEED_PREFIX + the seed (digitjax/seeds.py).
+SEEDS_FILE, SEED_PREFIX = "seeds.json", "seed-"
 
 
 def usable_steps(folder: Path) -> list[Path]:
@@ -24,7 +27,19 @@ def usable_steps(folder: Path) -> list[Path]:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return any(usable_steps(run_dir / kind) for kind in (LATEST, BEST))
+    """Whether the folder holds a run with a checkpoint (a `--seeds` run: any of its runs)."""
+    if any(usable_steps(run_dir / kind) for kind in (LATEST, BEST)):
+        return True
+    return any(has_checkpoint(folder) for folder in seed_run_dirs(run_dir))
+
+
+def seed_run_dirs(run_dir: Path) -> list[Path]:
+    """The runs of a `--seeds` run, by seed; none where the folder has no SEEDS_FILE (written
+    before the runs' folders, removed after them)."""
+    if not (run_dir / SEEDS_FILE).is_file():
+        return []
+    folders = [p for p in run_dir.glob(f"{SEED_PREFIX}*") if p.name[len(SEED_PREFIX) :].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len(SEED_PREFIX) :]))
 
 
 def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
