@@ -179,7 +179,7 @@ def train(
 
     dist.initialize(distributed, coordinator, num_processes, process_id)
     enable_compilation_cache()
-    from digitjax.train import train as run_training
+    from digitjax.seeds import train as run_training
 
     config = Config.from_flags(flags, preset)
     run_dir = checkpoint.choose_run_dir(out_dir, resume, config.dataset)
@@ -224,9 +224,9 @@ def evaluate(
     as_json: JsonFlag = False,
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
-    from digitjax.evaluate import evaluate_checkpoint
     from digitjax.inference.classifier import BUNDLED_MODEL
     from digitjax.inference.predict import default_checkpoint
+    from digitjax.seeds import evaluate_run
 
     check_writable("--plot", plot)
     enable_compilation_cache()
@@ -234,7 +234,7 @@ def evaluate(
         checkpoint_path = default_checkpoint()
         if checkpoint_path == BUNDLED_MODEL:
             render.note("no runs in checkpoints/: evaluating the model bundled with digitjax")
-    report = evaluate_checkpoint(checkpoint_path, split, dataset, data_dir, latest)
+    report = evaluate_run(checkpoint_path, split, dataset, data_dir, latest)
     if as_json:
         render.print_json(report.to_dict())
     else:

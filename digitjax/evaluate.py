@@ -285,9 +285,7 @@ class Evaluation:
             **self.metrics.to_dict(),
         }
         if self.seeds:
-            document["seeds"] = [
-                {"checkpoint": str(each.step_dir), **each.metrics.to_dict()} for each in self.seeds
-            ]
+            document["seeds"] = [each.to_dict() for each in self.seeds]
         return document
 
 
@@ -299,11 +297,7 @@ def evaluate_checkpoint(
     latest: bool = False,
 ) -> Evaluation:
     """A checkpoint's metrics on a split of its own dataset (or of another one, given by name
-    or folder). A `--seeds` run's folder: each seed's, and their ensemble's."""
-    from digitjax.seeds import evaluate_seeds, is_multi_seed_run
-
-    if is_multi_seed_run(Path(path)):
-        return evaluate_seeds(Path(path), split, dataset, data_dir, latest)
+    or folder). (A `--seeds` run's folder: digitjax/seeds.py.)"""
     model = checkpoint.restore_model(path, checkpoint.LATEST if latest else checkpoint.BEST)
     data = evaluation_data(model, dataset, data_dir)
     images, labels = data.split(split)

@@ -27,10 +27,12 @@ from jax.sharding import Mesh
 from digitjax import checkpoint
 from digitjax.config import MAX_SEED, Config, UserError
 from digitjax.data import Dataset, load_dataset
+from digitjax.distributed import make_mesh
 from digitjax.evaluate import (
     Evaluation,
     calibrated_softmax,
     compute_metrics,
+    evaluate_checkpoint,
     evaluation_data,
     make_logits_fn,
     pad_to_batches,
@@ -46,6 +48,7 @@ from digitjax.train import (
     run_session,
     train_runs,
 )
+from digitjax.train import train as train_one
 
 
 class SeedsResult(TypedDict):
@@ -79,6 +82,39 @@ def read_seeds(run_dir: Path) -> tuple[int, ...]:
         return check_seeds(tuple(seeds))
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{run_dir / SEEDS_FILE} is damaged ({e}): not a --seeds run") from None
+
+
+def train(
+    requested: Config,
+    run_dir: Path,
+    *,
+    seeds: tuple[int, ...] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    given: frozenset[str] = frozenset(),
+    callbacks: Callbacks | None = None,
+    dataset: Dataset | None = None,
+    mesh: Mesh | None = None,
+) -> "TrainResult | SeedsResult":
+    """`train.train`; with `seeds`, or to resume a run that has them, `train_seeds`."""
+    options: dict[str, Any] = {"resume": resume, "overwrite": overwrite, "given": given}
+    options.update(callbacks=callbacks, dataset=dataset)
+    if seeds is None and not (resume and is_multi_seed_run(run_dir)):
+        return train_one(requested, run_dir, mesh=mesh, **options)
+    return train_seeds(requested, run_dir, seeds, mesh=mesh or make_mesh(), **options)
+
+
+def evaluate_run(
+    path: Path,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    latest: bool = False,
+) -> Evaluation:
+    """`evaluate_checkpoint`, or for a `--seeds` run's folder, `evaluate_seeds`."""
+    if is_multi_seed_run(Path(path)):
+        return evaluate_seeds(Path(path), split, dataset, data_dir, latest)
+    return evaluate_checkpoint(path, split, dataset, data_dir, latest)
 
 
 def train_seeds(

@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +53,6 @@ from digitjax.evaluate import (
 )
 from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
 from digitjax.outputs import write_file
-
-if TYPE_CHECKING:
-    from digitjax.seeds import SeedsResult
 
 
 class EpochTotals(TypedDict):
@@ -606,19 +603,12 @@ def train(
     callbacks: Callbacks | None = None,
     dataset: Dataset | None = None,
     mesh: Mesh | None = None,
-    seeds: tuple[int, ...] | None = None,
-) -> "TrainResult | SeedsResult":
+) -> TrainResult:
     """Trains (or resumes) the run in `run_dir` on `mesh` (default: all devices) and returns
     its summary and config. `given` names the settings the user chose, which must agree with
     a resumed run's. In a multi-process job every process calls this; process 0 reports and
-    locks the folder. With `seeds`, or to resume a run that has them: one run per seed in one
-    program (digitjax/seeds.py)."""
-    from digitjax.seeds import is_multi_seed_run, train_seeds
-
+    locks the folder. (Many seeds at once: digitjax/seeds.py.)"""
     mesh = mesh or make_mesh()
-    options = {"resume": resume, "overwrite": overwrite, "given": given, "callbacks": callbacks}
-    if seeds is not None or (resume and is_multi_seed_run(run_dir)):
-        return train_seeds(requested, run_dir, seeds, dataset=dataset, mesh=mesh, **options)
     with run_session(run_dir) as received_signal:
         checkpoint.check_run_dir(run_dir, resume, overwrite)
         config = resolve_config(run_dir, requested, resume, given)

@@ -1,0 +1,222 @@
+"""`digitjax train --seeds`: each seed's run equals its single-seed run, the seeds differ, each
+seed's folder is an ordinary run, `evaluate` of the whole run reports the ensemble, and a
+signal or a kill between the seeds' saves is repaired on resume."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_error, history, run_digitjax, tiny_train
+from typer.testing import CliRunner
+
+from digitjax import checkpoint
+from digitjax.cli import app
+from digitjax.data import load_dataset
+from digitjax.inference.classifier import CheckpointClassifier
+
+runner = CliRunner()
+EPOCHS = 2
+SEEDS = (0, 1, 2)
+# Per-seed figures of a --seeds run against the single-seed runs. The programs differ only in
+# the shapes of their matmuls (batched over the seeds), which XLA may sum in another order:
+# float32 rounding, ~1e-7 relative per operation, that a few hundred steps can grow to ~1e-5.
+# Another seed's randomness changes the figures by far more (the seeds differ by > 1e-3).
+RELATIVE_TOLERANCE = 1e-4
+
+
+def seeds_train(tiny_mnist: Path, run_dir: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
+    seeds = ",".join(map(str, SEEDS))
+    return tiny_train(tiny_mnist, run_dir, "--seeds", seeds, *extra, epochs=epochs)
+
+
+def train_ok(flags: list[str]) -> None:
+    result = runner.invoke(app, flags)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("seeds") / "run"
+    train_ok(seeds_train(tiny_mnist, run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_runs(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    folder = tmp_path_factory.mktemp("single")
+    for seed in SEEDS:
+        train_ok(tiny_train(tiny_mnist, folder / str(seed), "--seed", str(seed), epochs=EPOCHS))
+    return {seed: folder / str(seed) for seed in SEEDS}
+
+
+def assert_same_history(got: list[dict], expected: list[dict]) -> None:
+    assert [r.keys() for r in got] == [r.keys() for r in expected]
+    for got_record, expected_record in zip(got, expected, strict=True):
+        for key, value in expected_record.items():
+            assert math.isclose(got_record[key], value, rel_tol=RELATIVE_TOLERANCE), key
+
+
+def test_each_seed_equals_its_single_seed_run(seeds_run: Path, single_runs: dict[int, Path]):
+    assert json.loads((seeds_run / "seeds.json").read_text()) == {"seeds": list(SEEDS)}
+    for seed, single in single_runs.items():
+        seed_dir = seeds_run / f"seed-{seed}"
+        assert_same_history(history(seed_dir), history(single))
+        config, _ = checkpoint.read_config(seed_dir)
+        assert config == checkpoint.read_config(single)[0]
+        got, expected = (checkpoint.restore_model(run).params for run in (seed_dir, single))
+        for got_leaf, expected_leaf in zip(
+            checkpoint.leaves_by_path(got).values(),
+            checkpoint.leaves_by_path(expected).values(),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-3, atol=1e-5)
+        assert (seed_dir / "curves.png").is_file()
+    losses = {history(seeds_run / f"seed-{seed}")[-1]["test_loss"] for seed in SEEDS}
+    assert len(losses) == len(SEEDS), "every seed must train a different model"
+
+
+def test_evaluate_reports_each_seed_and_the_ensemble(seeds_run: Path, tiny_mnist: Path):
+    result = runner.invoke(app, ["evaluate", str(seeds_run), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    images, labels = load_dataset("mnist", str(tiny_mnist)).split("test")
+    probabilities = []
+    for seed, each in zip(SEEDS, report["seeds"], strict=True):
+        seed_dir = seeds_run / f"seed-{seed}"
+        alone = json.loads(runner.invoke(app, ["evaluate", str(seed_dir), "--json"]).stdout)
+        assert each == alone
+        # The ensemble checked through another path: the classifier that predict uses.
+        probabilities.append(CheckpointClassifier(seed_dir).probabilities(images / 255.0))
+    mean = np.mean(probabilities, axis=0)
+    assert report["accuracy"] == pytest.approx(float((mean.argmax(1) == labels).mean()))
+    nll = -np.log(mean[np.arange(len(labels)), labels]).mean()
+    assert report["loss"] == pytest.approx(nll, rel=1e-4)
+    text = runner.invoke(app, ["evaluate", str(seeds_run)])
+    assert text.exit_code == 0 and "their ensemble" in text.stdout
+
+
+def test_each_seed_is_an_ordinary_run(seeds_run: Path, tmp_path: Path, user_image_files):
+    seed_dir = seeds_run / "seed-1"
+    predicted = run_digitjax("predict", "--checkpoint", str(seed_dir), str(user_image_files[0]))
+    assert predicted.returncode == 0, predicted.stderr
+    exported = runner.invoke(app, ["export", str(seed_dir), "--out", str(tmp_path / "m.stablehlo")])
+    assert exported.exit_code == 0, exported.output
+    whole = run_digitjax("predict", "--checkpoint", str(seeds_run), str(user_image_files[0]))
+    assert whole.returncode == 1
+    assert_one_line_error(whole.stderr, "holds one run per seed (seed-0, seed-1, seed-2)")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--seed", "3"], "pass --seed or --seeds, not both"),
+        (["--seeds", "1,1"], "takes distinct seeds"),
+        (["--seeds", "0,x"], "takes comma-separated seeds"),
+    ],
+)
+def test_bad_seeds_are_one_line_errors(tiny_mnist: Path, tmp_path: Path, extra, fragment):
+    result = runner.invoke(app, [*seeds_train(tiny_mnist, tmp_path / "run"), *extra])
+    assert result.exit_code != 0
+    assert_one_line_error(result.stderr, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_devices_are_refused_with_one_line(tiny_mnist: Path, tmp_path: Path):
+    flags = seeds_train(tiny_mnist, tmp_path / "run")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = run_digitjax(*flags, env=env)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "--seeds trains on one device (4 are in use)")
+
+
+def test_resume_refuses_other_seeds_and_a_finished_run_stays(seeds_run: Path):
+    before = history(seeds_run / "seed-0")
+    result = runner.invoke(app, ["train", "--out", str(seeds_run), "--resume", "--seeds", "0,1"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "cannot resume with different --seeds")
+    again = runner.invoke(app, ["train", "--out", str(seeds_run), "--seeds", "0,1"])
+    assert again.exit_code == 1
+    assert_one_line_error(again.stderr, "already holds a run")
+    assert history(seeds_run / "seed-0") == before
+
+
+def _latest_steps(run_dir: Path) -> dict[int, list[int]]:
+    return {
+        seed: [int(p.name) for p in checkpoint.usable_steps(run_dir / f"seed-{seed}" / "latest")]
+        for seed in SEEDS
+    }
+
+
+@pytest.mark.slow
+def test_sigterm_saves_every_seed_then_resume_matches(seeds_run: Path, tiny_mnist, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        ["digitjax", *seeds_train(tiny_mnist, run_dir, epochs=20)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not checkpoint.usable_steps(run_dir / f"seed-{SEEDS[-1]}" / "latest"):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM at step" in stderr and "Traceback" not in stderr
+    newest = {seed: steps[-1] for seed, steps in _latest_steps(run_dir).items()}
+    assert len(set(newest.values())) == 1, newest  # every seed saved at the one step
+    assert len(history(run_dir / "seed-0")) < 20, "stopped before the end"
+    # The settings are the saved ones: --resume alone finishes the run.
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    finished = tmp_path / "finished"
+    train_ok(seeds_train(tiny_mnist, finished, epochs=20))
+    for seed in SEEDS:
+        assert history(run_dir / f"seed-{seed}") == history(finished / f"seed-{seed}")
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_seeds_saves_is_repaired(seeds_run: Path, tiny_mnist, tmp_path):
+    """A kill after the first seeds saved an epoch end and before the others did: seed 0 has
+    the last epoch, the others not. Resume goes back to the step they all have, and ends as
+    the uninterrupted run did."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(seeds_run, run_dir)
+    steps = _latest_steps(run_dir)
+    assert all(len(each) == 2 for each in steps.values()), steps  # the one before is kept
+    last = steps[0][-1]
+    for seed in SEEDS[1:]:
+        for kind in ("latest", "best"):
+            shutil.rmtree(run_dir / f"seed-{seed}" / kind / str(last), ignore_errors=True)
+        records = history(run_dir / f"seed-{seed}")[:-1]
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (run_dir / f"seed-{seed}" / "metrics.jsonl").write_text(lines)
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume", "--json"])
+    assert result.exit_code == 0, result.output
+    for seed in SEEDS:
+        assert history(run_dir / f"seed-{seed}") == history(seeds_run / f"seed-{seed}")
+        assert _latest_steps(run_dir)[seed][-1] == last
+        assert not list((run_dir / f"seed-{seed}" / "latest").glob("*tmp*"))
+    summary = json.loads(result.stdout)
+    assert summary["seeds"] == list(SEEDS) and len(summary["runs"]) == len(SEEDS)
+
+
+@pytest.mark.slow
+def test_a_kill_before_every_seed_had_a_checkpoint_starts_again(seeds_run: Path, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(seeds_run, run_dir)
+    for seed in SEEDS[1:]:
+        shutil.rmtree(run_dir / f"seed-{seed}")
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    for seed in SEEDS:
+        assert history(run_dir / f"seed-{seed}") == history(seeds_run / f"seed-{seed}")
