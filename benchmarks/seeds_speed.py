@@ -40,7 +40,7 @@ def best_accuracies(result: dict) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Times train of one seed against --seeds.")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seeds", default="0,1,2,3", help="the --seeds of the many-seed runs")
     parser.add_argument("train_flags", nargs="*", help="flags for every digitjax train")

@@ -5,6 +5,7 @@ signal or a kill between the seeds' saves is repaired on resume."""
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -154,15 +155,48 @@ def _latest_steps(run_dir: Path) -> dict[int, list[int]]:
     }
 
 
-@pytest.mark.slow
-def test_sigterm_saves_every_seed_then_resume_matches(seeds_run: Path, tiny_mnist, tmp_path):
-    run_dir = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        ["digitjax", *seeds_train(tiny_mnist, run_dir, epochs=20)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+LONG_EPOCHS = 12  # long enough to interrupt many times
+
+
+@pytest.fixture(scope="module")
+def long_run(tiny_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of LONG_EPOCHS, for the interrupted ones to end as."""
+    run_dir = tmp_path_factory.mktemp("long") / "run"
+    train_ok(seeds_train(tiny_mnist, run_dir, epochs=LONG_EPOCHS))
+    return run_dir
+
+
+def assert_ends_as(run_dir: Path, reference: Path) -> None:
+    """Every seed ended exactly as in the uninterrupted run, its best/ newest checkpoint is the
+    step its summary calls best, and no temporary folder is left."""
+    for seed in SEEDS:
+        seed_dir, expected = run_dir / f"seed-{seed}", reference / f"seed-{seed}"
+        assert history(seed_dir) == history(expected)
+        summary = checkpoint.read_config(seed_dir, checkpoint.LATEST)[1]
+        assert summary["history"] == history(expected)
+        best = [p.name for p in checkpoint.usable_steps(seed_dir / "best")]
+        assert best[-1] == str(summary["best"]["step"])
+        assert not list(seed_dir.glob("*/*tmp*"))
+        got, want = (checkpoint.restore_model(run).params for run in (seed_dir, expected))
+        for got_leaf, want_leaf in zip(
+            checkpoint.leaves_by_path(got).values(), checkpoint.leaves_by_path(want).values()
+        ):
+            np.testing.assert_array_equal(got_leaf, want_leaf)
+
+
+def start(tiny_mnist: Path, run_dir: Path) -> subprocess.Popen:
+    command = ["train", "--out", str(run_dir), "--resume"]
+    if not checkpoint.has_checkpoint(run_dir):
+        command = seeds_train(tiny_mnist, run_dir, "--overwrite", epochs=LONG_EPOCHS)
+    return subprocess.Popen(
+        ["digitjax", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+@pytest.mark.slow
+def test_sigterm_saves_every_seed_then_resume_matches(long_run: Path, tiny_mnist, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    process = start(tiny_mnist, run_dir)
     deadline = time.monotonic() + 300
     while not checkpoint.usable_steps(run_dir / f"seed-{SEEDS[-1]}" / "latest"):
         assert process.poll() is None, process.communicate()
@@ -174,14 +208,53 @@ def test_sigterm_saves_every_seed_then_resume_matches(seeds_run: Path, tiny_mnis
     assert "SIGTERM at step" in stderr and "Traceback" not in stderr
     newest = {seed: steps[-1] for seed, steps in _latest_steps(run_dir).items()}
     assert len(set(newest.values())) == 1, newest  # every seed saved at the one step
-    assert len(history(run_dir / "seed-0")) < 20, "stopped before the end"
+    assert len(history(run_dir / "seed-0")) < LONG_EPOCHS, "stopped before the end"
     # The settings are the saved ones: --resume alone finishes the run.
     result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
     assert result.exit_code == 0, result.output
-    finished = tmp_path / "finished"
-    train_ok(seeds_train(tiny_mnist, finished, epochs=20))
-    for seed in SEEDS:
-        assert history(run_dir / f"seed-{seed}") == history(finished / f"seed-{seed}")
+    assert_ends_as(run_dir, long_run)
+
+
+@pytest.mark.slow
+def test_chaos_kills_and_signals_never_lose_a_seed(long_run: Path, tiny_mnist, tmp_path):
+    """As test_reliability's chaos test for one seed: kill -9, SIGINT and SIGTERM at random
+    (seeded) moments, some while a seed's checkpoint is being written; resuming after each,
+    every seed ends exactly as in the uninterrupted run."""
+    rng = random.Random(7)
+    run_dir = tmp_path / "run"
+    events = [
+        (signal.SIGKILL, "write"),
+        (signal.SIGTERM, "time"),
+        (signal.SIGKILL, "time"),
+        (signal.SIGKILL, "write"),
+        (signal.SIGINT, "write"),
+    ]
+    exit_codes = {signal.SIGKILL: {-9}, signal.SIGINT: {130, -2}, signal.SIGTERM: {143, -15}}
+    scale, restarts = 1.0, 0
+    while events:
+        signum, moment = events[0]
+        process = start(tiny_mnist, run_dir)
+        if moment == "write":
+            writing = lambda: list(run_dir.glob("seed-*/*/*.orbax-checkpoint-tmp*"))  # noqa: E731
+            while process.poll() is None and not writing():
+                time.sleep(0.0005)
+        else:
+            time.sleep(scale * rng.uniform(2.0, 8.0))
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        assert "Traceback" not in stderr, stderr
+        if process.returncode == 0:  # the run finished first: start over, with earlier signals
+            restarts += 1
+            assert restarts <= 3, "the run kept finishing before the signals landed"
+            shutil.rmtree(run_dir)
+            scale /= 2
+            continue
+        assert process.returncode in exit_codes[signum], stderr
+        events.pop(0)
+    final = start(tiny_mnist, run_dir)
+    _, stderr = final.communicate(timeout=300)
+    assert final.returncode == 0, stderr
+    assert_ends_as(run_dir, long_run)
 
 
 @pytest.mark.slow
