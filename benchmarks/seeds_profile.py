@@ -19,7 +19,13 @@ from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh, put_replicated
 from digitjax.model import normalize
-from digitjax.train import TrainingSetup, chunk_lengths, make_train_step, prepare_training
+from digitjax.train import (
+    TrainingSetup,
+    chunk_lengths,
+    make_train_chunk,
+    make_train_step,
+    prepare_training,
+)
 
 
 @dataclasses.dataclass
@@ -32,10 +38,14 @@ class Profile:
     evaluation: list[float] = dataclasses.field(default_factory=list)
 
 
-def prepared(config: Config, count: int) -> Profile:
+def prepared(config: Config, count: int, batching: str) -> Profile:
     dataset = load_dataset(config.dataset, config.data_dir)
     seeds = None if count == 1 else tuple(range(count))
     setup = prepare_training(config, dataset, make_mesh(1), seeds)
+    chunk = make_train_chunk(
+        config, setup.schedule, setup.graphdef, setup.tx, None, seeds, batching
+    )
+    setup = dataclasses.replace(setup, train_chunk=chunk)
     state, steps = setup.init_state(), chunk_lengths(0, setup.schedule, config.chunks_per_epoch)[0]
     order = put_replicated(setup.epoch_orders(0), setup.mesh)
     start = time.perf_counter()
@@ -73,28 +83,29 @@ def step_flops(setup: TrainingSetup) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Where the time of train --seeds goes.")
-    parser.add_argument("--seed-counts", default="1,4")
+    parser.add_argument("--runs", default="1,4:vmap,4:map", help="seed count[:batching]")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     config = Config()
-    counts = [int(n) for n in args.seed_counts.split(",")]
-    profiles = {count: prepared(config, count) for count in counts}
+    runs = [(int(run.split(":")[0]), (run.split(":") + ["map"])[1]) for run in args.runs.split(",")]
+    profiles = {run: prepared(config, *run) for run in runs}
     for _ in range(args.repeats):
-        for count in counts:
-            measure(profiles[count])
+        for run in runs:
+            measure(profiles[run])
     peak = matmul_peak()["gflops"]
-    flops = step_flops(profiles[counts[0]].setup)
+    flops = step_flops(profiles[runs[0]].setup)
     print(f"matmul peak {peak:.1f} GFLOP/s; {flops / 1e6:.1f} MFLOP per seed per step")
-    print("| seeds | compile s | chunk wall s | chunk CPU s | cores busy | s per seed-step "
-          "| GFLOP/s | % of peak | epoch-end evaluation s |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for count, profile in profiles.items():
+    print("| seeds | batching | compile s | chunk wall s | chunk CPU s | cores busy "
+          "| per seed-step | GFLOP/s | % of peak | epoch-end evaluation s |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (count, batching), profile in profiles.items():
         setup = profile.setup
         steps = chunk_lengths(0, setup.schedule, config.chunks_per_epoch)[0]
         wall, cpu = (statistics.median(profile.chunk[k]) for k in ("wall", "cpu"))
         gflops = flops * count * steps / wall / 1e9
         print(
-            f"| {count} | {profile.compile_s:.1f} | {wall:.2f} | {cpu:.2f} | {cpu / wall:.2f} "
+            f"| {count} | {batching if count > 1 else '-'} | {profile.compile_s:.1f} "
+            f"| {wall:.2f} | {cpu:.2f} | {cpu / wall:.2f} "
             f"| {wall / (steps * count) * 1e3:.2f} ms | {gflops:.1f} | {100 * gflops / peak:.0f}% "
             f"| {statistics.median(profile.evaluation):.2f} |"
         )

@@ -249,6 +249,7 @@ def make_train_chunk(
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
     seeds: tuple[int, ...] | None = None,
+    seed_batching: str | None = None,
 ) -> Callable:
     """A jitted fn(state, images, labels, order, num_steps, non_digits=None) -> state running
     `num_steps` steps of the epoch whose example order (`epoch_order`) is `order`. With a mesh,
@@ -307,10 +308,24 @@ def make_train_chunk(
         if seed_array is None:
             return train_chunk(state, images, labels, order, num_steps, non_digits, config.seed)
         # The data and the step count are shared; the state, the order and the seed are not.
-        each_seed = jax.vmap(train_chunk, in_axes=(0, None, None, 0, None, None, 0))
-        return each_seed(state, images, labels, order, num_steps, non_digits, seed_array)
+        if (seed_batching or seed_batching_for(jax.default_backend())) == "vmap":
+            each_seed = jax.vmap(train_chunk, in_axes=(0, None, None, 0, None, None, 0))
+            return each_seed(state, images, labels, order, num_steps, non_digits, seed_array)
+
+        def one_seed(seed_args: tuple) -> TrainState:
+            seed_state, seed_order, seed = seed_args
+            return train_chunk(seed_state, images, labels, seed_order, num_steps, non_digits, seed)
+
+        return jax.lax.map(one_seed, (state, order, seed_array))
 
     return jax.jit(train_chunk_of, donate_argnums=0)
+
+
+def seed_batching_for(backend: str) -> str:
+    """How one `--seeds` program trains its seeds: "vmap", all at once (every matmul batched
+    over the seeds: wider work, which fills a GPU or TPU), or "map", one after another (each
+    seed's steps are a single seed's program)."""
+    return "vmap" if backend != "cpu" else "map"
 
 
 # fold_in data for the non-digits' random numbers; `augment` folds in 1 to 4.
