@@ -231,7 +231,7 @@ def evaluate(
     check_writable("--plot", plot)
     enable_compilation_cache()
     if checkpoint_path is None:
-        checkpoint_path = default_checkpoint()
+        checkpoint_path = default_checkpoint(ensemble=True)
         if checkpoint_path == BUNDLED_MODEL:
             render.note("no runs in checkpoints/: evaluating the model bundled with digitjax")
     report = evaluate_run(checkpoint_path, split, dataset, data_dir, latest)

@@ -1,6 +1,6 @@
-"""`digitjax train --seeds 0,1,2,3`: one model per seed, trained at once by one compiled program
-(`jax.vmap` over the parameters, the optimizer state and each seed's random numbers, with the
-data on the device once), and the ensemble of their models.
+"""`digitjax train --seeds 0,1,2,3`: one model per seed, trained by one compiled program (the
+parameters, optimizer state, example orders and random numbers of every seed stacked, the data
+on the device once; `train.make_train_chunk`), and the ensemble of their models.
 
 A run folder of this kind holds SEEDS_FILE, the record that names its seeds, and one ordinary
 run per seed in `seed-<seed>/` (latest/, best/, metrics.jsonl, curves.png; its config is the
@@ -15,6 +15,7 @@ every checkpoint past the step that all the seeds have, then goes on from there:
 ahead compute again, exactly, the step they had reached.
 """
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -143,9 +144,12 @@ def train_seeds(
         setup = prepare_training(config, data, mesh, seeds)
         # Only now, with every input checked, may the folders change.
         _prepare_folders(run_dir, seeds, folders, restart_step)
-        results = train_runs(
-            setup, run_dir, folders, restart_step is not None, callbacks, received_signal
-        )
+        with contextlib.ExitStack() as locks:
+            for folder in folders:  # each seed's run is a run: another `train` must not write it
+                locks.enter_context(checkpoint.run_lock(folder))
+            results = train_runs(
+                setup, run_dir, folders, restart_step is not None, callbacks, received_signal
+            )
     accuracies = [result["best"]["test_accuracy"] for result in results if result["best"]]
     return {
         "seeds": list(seeds),

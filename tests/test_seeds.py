@@ -139,6 +139,17 @@ def test_each_seed_is_an_ordinary_run(seeds_run: Path, tmp_path: Path, user_imag
     assert_one_line_error(whole.stderr, "holds one run per seed (seed-0, seed-1, seed-2)")
 
 
+def test_the_newest_run_by_default(seeds_run: Path, tmp_path: Path, user_image_files):
+    """evaluate: the ensemble; predict (and serve, export): the first seed's model."""
+    shutil.copytree(seeds_run, tmp_path / "checkpoints" / "run")
+    evaluated = run_digitjax("evaluate", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert len(json.loads(evaluated.stdout)["seeds"]) == len(SEEDS)
+    predicted = run_digitjax("predict", str(user_image_files[0]), cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    assert "checkpoints/run/seed-0/best" in predicted.stdout
+
+
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
@@ -227,6 +238,10 @@ def test_sigterm_saves_every_seed_then_resume_matches(long_run: Path, tiny_mnist
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
+    # Each seed's run is locked as a run: resuming one alone meanwhile is refused.
+    alone = runner.invoke(app, ["train", "--out", str(run_dir / "seed-0"), "--resume"])
+    assert alone.exit_code == 1
+    assert_one_line_error(alone.stderr, "is in use by another digitjax run")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
