@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from digitjax.config import MAX_SEED, PRESET_PURPOSES, RECIPE, Config
+from digitjax.config import PRESET_PURPOSES, RECIPE, Config, UserError, check_seeds
 from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -109,14 +109,11 @@ def seed_list(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        values = tuple(int(part) for part in text.split(","))
+        return check_seeds(tuple(int(part) for part in text.split(",")))
     except ValueError:
         raise typer.BadParameter(f"takes comma-separated seeds, got '{text}'") from None
-    if min(values) < 0 or max(values) > MAX_SEED:
-        raise typer.BadParameter(f"takes seeds in [0, {MAX_SEED}], got '{text}'")
-    if len(set(values)) < len(values):
-        raise typer.BadParameter(f"takes distinct seeds, got '{text}'")
-    return values
+    except UserError as e:
+        raise typer.BadParameter(str(e).removeprefix("--seeds ")) from None
 
 
 SeedsFlag = Annotated[

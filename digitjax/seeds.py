@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from digitjax import checkpoint
-from digitjax.config import MAX_SEED, Config, UserError
+from digitjax.config import Config, UserError, check_seeds
 from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import make_mesh
 from digitjax.evaluate import (
@@ -67,14 +67,6 @@ def is_multi_seed_run(run_dir: Path) -> bool:
 
 def seed_run_dir(run_dir: Path, seed: int) -> Path:
     return run_dir / f"{SEED_PREFIX}{seed}"
-
-
-def check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
-    if not seeds or not all(isinstance(s, int) and 0 <= s <= MAX_SEED for s in seeds):
-        raise UserError(f"--seeds takes seeds in [0, {MAX_SEED}], got {list(seeds)}")
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds takes distinct seeds, got {list(seeds)}")
-    return seeds
 
 
 def read_seeds(run_dir: Path) -> tuple[int, ...]:
