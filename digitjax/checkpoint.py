@@ -32,9 +32,12 @@ from digitjax.runs import (
     DEFAULT_ROOT,
     ITEMS,
     LATEST,
+    SEEDS_FILE,
     has_checkpoint,
     newest_run,
+    seed_run_dirs,
     step_dir_of,
+    step_dirs,
     usable_steps,
 )
 from digitjax.weights import (
@@ -50,7 +53,7 @@ from digitjax.weights import (
 logging.set_verbosity(logging.FATAL)
 
 METRICS_FILE, CURVES_FILE, LOCK_FILE = "metrics.jsonl", "curves.png", ".digitjax.lock"
-RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE)
+RUN_ITEMS = (LATEST, BEST, METRICS_FILE, CURVES_FILE, SEEDS_FILE)
 EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's names for them (tracking.py)
 
 
@@ -101,15 +104,28 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Removes a previous run's items, and nothing else the folder may hold."""
-    for item in RUN_ITEMS:
-        path = run_dir / item
+    """Removes a previous run's items (with a `--seeds` run's runs), and nothing else the
+    folder may hold."""
+    for path in seed_run_dirs(run_dir) + [run_dir / item for item in RUN_ITEMS]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
     for path in run_dir.glob(EVENT_FILES):
         path.unlink()
+
+
+def discard_steps_after(run_dir: Path, step: int) -> None:
+    """Removes the run's checkpoints (latest/ and best/) of later steps than `step`. Each is
+    renamed first, as a temporary folder of Orbax's (which the next RunCheckpointer removes),
+    so that a kill midway leaves no step folder that Orbax or digitjax would count."""
+    for kind in (LATEST, BEST):
+        folder = run_dir / kind
+        later = [p for p in step_dirs(folder) if int(p.name) > step] if folder.is_dir() else []
+        for path in later:
+            discarded = path.with_name(f"{path.name}{ocp.utils.TMP_DIR_SUFFIX}-discarded")
+            path.rename(discarded)
+            shutil.rmtree(discarded)
 
 
 @contextlib.contextmanager
@@ -156,11 +172,12 @@ def host_leaves(tree: Any) -> dict[str, np.ndarray]:
 class RunCheckpointer:
     """Writes the latest and best checkpoints of one training run. Writes are synchronous,
     so a failure (a full disk) surfaces at the save that caused it, and the previous
-    checkpoint of each kind stays until the new one is complete."""
+    checkpoint of each kind stays until the new one is complete. `keep`: how many of each
+    kind stay (a `--seeds` run keeps the one before too: digitjax/seeds.py)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep: int = 1):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=1,
+            max_to_keep=keep,
             create=True,
             cleanup_tmp_directories=True,  # the leftovers of a write cut short
             enable_async_checkpointing=False,

@@ -18,6 +18,7 @@ from digitjax.compilation_cache import enable_compilation_cache
 from digitjax.config import Config, Interrupted, UserError, chosen_settings
 from digitjax.flags import (
     CONFIG_FIELDS,
+    BatchSizesFlag,
     CoordinatorFlag,
     DevicesFlag,
     DistributedFlag,
@@ -32,6 +33,8 @@ from digitjax.flags import (
     ProcessIdFlag,
     ProfileFlag,
     ResumeFlag,
+    SeedsFlag,
+    TargetFlag,
     positive_ints,
     setting,
 )
@@ -146,6 +149,7 @@ def train(
     label_smoothing: Annotated[float | None, setting("label_smoothing")] = None,
     ema_decay: Annotated[float | None, setting("ema_decay")] = None,
     seed: Annotated[int | None, setting("seed")] = None,
+    seeds: SeedsFlag = None,
     augment_shift: Annotated[int | None, setting("augment_shift")] = None,
     augment_rotate: Annotated[float | None, setting("augment_rotate")] = None,
     augment_scale: Annotated[float | None, setting("augment_scale")] = None,
@@ -179,7 +183,7 @@ def train(
 
     dist.initialize(distributed, coordinator, num_processes, process_id)
     enable_compilation_cache()
-    from digitjax.train import train as run_training
+    from digitjax.seeds import train as run_training
 
     config = Config.from_flags(flags, preset)
     run_dir = checkpoint.choose_run_dir(out_dir, resume, config.dataset)
@@ -187,7 +191,8 @@ def train(
     with dist.native_stdout_to_stderr(), render.TrainingProgress(quiet=as_json or not main) as bar:
         summary = run_training(config, run_dir, resume=resume, overwrite=overwrite,
                                given=frozenset(chosen_settings(flags, preset)), profile=profile,
-                               callbacks=bar.callbacks(), mesh=dist.make_mesh(devices))  # fmt: skip
+                               callbacks=bar.callbacks(), mesh=dist.make_mesh(devices),
+                               seeds=cast(tuple[int, ...] | None, seeds))  # fmt: skip
     if main and as_json:
         render.print_json({"run_dir": str(run_dir), **summary})
     elif main:
@@ -223,21 +228,21 @@ def evaluate(
     as_json: JsonFlag = False,
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
-    from digitjax.evaluate import evaluate_checkpoint
     from digitjax.inference.classifier import BUNDLED_MODEL
     from digitjax.inference.predict import default_checkpoint
+    from digitjax.seeds import evaluate_run
 
     check_writable("--plot", plot)
     enable_compilation_cache()
     if checkpoint_path is None:
-        checkpoint_path = default_checkpoint()
+        checkpoint_path = default_checkpoint(ensemble=True)
         if checkpoint_path == BUNDLED_MODEL:
             render.note("no runs in checkpoints/: evaluating the model bundled with digitjax")
-    report = evaluate_checkpoint(checkpoint_path, split, dataset, data_dir, latest)
+    report = evaluate_run(checkpoint_path, split, dataset, data_dir, latest)
     if as_json:
         render.print_json(report.to_dict())
     else:
-        render.evaluation(report.step_dir, report.dataset, split, report.metrics)
+        render.evaluation(report)
     if plot is not None:
         from digitjax.plots import plot_evaluation
 
@@ -311,22 +316,10 @@ def predict(
 @app.command()
 @user_errors
 def benchmark(
-    batch_sizes: Annotated[
-        str,
-        typer.Option(
-            help="Training batch sizes to measure, comma-separated.", callback=positive_ints
-        ),
-    ] = "128",
+    batch_sizes: BatchSizesFlag = "128",
     steps: Annotated[int, typer.Option(min=1, help="Training steps per timed repeat.")] = 100,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median reported).")] = 5,
-    target: Annotated[
-        float | None,
-        typer.Option(
-            help="Also train --preset fast from scratch and time it to this test accuracy "
-            "(e.g. 0.99).",
-            show_default=False,
-        ),
-    ] = None,
+    target: TargetFlag = None,
     baseline: Annotated[
         bool, typer.Option(help="Also time a conventional host-fed training loop, for the speedup.")
     ] = False,

@@ -146,6 +146,17 @@ def chosen_settings(flags: dict[str, Any], preset: str | None) -> dict[str, Any]
     return {**(PRESETS[preset] if preset else {}), **given}
 
 
+def check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The seeds of `train --seeds`: at least one, each a valid --seed, no two alike."""
+    shown = ",".join(map(str, seeds))
+    valid = (isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds)
+    if not seeds or not all(valid):
+        raise UserError(f"--seeds takes seeds in [0, {MAX_SEED}], got '{shown}'")
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds takes distinct seeds, got '{shown}'")
+    return seeds
+
+
 def uses_ema(config: Config) -> bool:
     """Whether the run keeps a moving average of its weights (the weights it evaluates)."""
     return config.ema_decay > 0

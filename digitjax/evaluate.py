@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from digitjax import checkpoint
 from digitjax.config import UserError
-from digitjax.data import load_dataset
+from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import batch_sharded, replicated, to_host
 from digitjax.model import apply, conv_impls_for, normalize
 
@@ -269,20 +269,24 @@ def compute_metrics(
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    step_dir: Path
+    step_dir: Path  # of a `--seeds` run: its folder
     dataset: str
     split: str
-    metrics: Metrics
+    metrics: Metrics  # of a `--seeds` run: its ensemble's
     images: np.ndarray  # the split evaluated, for the report's misclassified digits
     labels: np.ndarray
+    seeds: tuple["Evaluation", ...] = ()  # of a `--seeds` run: each seed's (digitjax/seeds.py)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "checkpoint": str(self.step_dir),
             "dataset": self.dataset,
             "split": self.split,
             **self.metrics.to_dict(),
         }
+        if self.seeds:
+            document["seeds"] = [each.to_dict() for each in self.seeds]
+        return document
 
 
 def evaluate_checkpoint(
@@ -293,17 +297,25 @@ def evaluate_checkpoint(
     latest: bool = False,
 ) -> Evaluation:
     """A checkpoint's metrics on a split of its own dataset (or of another one, given by name
-    or folder)."""
+    or folder). (A `--seeds` run's folder: digitjax/seeds.py.)"""
     model = checkpoint.restore_model(path, checkpoint.LATEST if latest else checkpoint.BEST)
-    config, num_classes = model.config, model.summary["num_classes"]
-    if dataset is None and data_dir is None:
-        dataset, data_dir = config.dataset, config.data_dir
-    data = load_dataset(dataset or config.dataset, data_dir)
-    if len(data.class_names) != num_classes:
-        raise UserError(f"{data.name} has {len(data.class_names)} classes, the model {num_classes}")
+    data = evaluation_data(model, dataset, data_dir)
     images, labels = data.split(split)
     logits_fn = make_logits_fn(model.graphdef)
     metrics = split_metrics(
         logits_fn, model.params, pad_to_batches(images), labels, data.class_names, model.temperature
     )
     return Evaluation(model.step_dir, data.name, split, metrics, images, labels)
+
+
+def evaluation_data(
+    model: checkpoint.TrainedModel, dataset: str | None, data_dir: str | None
+) -> Dataset:
+    """The dataset to evaluate `model` on: its own, or the one given by name or folder."""
+    config, num_classes = model.config, model.summary["num_classes"]
+    if dataset is None and data_dir is None:
+        dataset, data_dir = config.dataset, config.data_dir
+    data = load_dataset(dataset or config.dataset, data_dir)
+    if len(data.class_names) != num_classes:
+        raise UserError(f"{data.name} has {len(data.class_names)} classes, the model {num_classes}")
+    return data

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from digitjax.config import PRESET_PURPOSES, RECIPE, Config
+from digitjax.config import PRESET_PURPOSES, RECIPE, Config, UserError, check_seeds
 from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -113,6 +113,30 @@ def positive_ints(text: str | None) -> tuple[int, ...] | None:
     return values
 
 
+def seed_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return check_seeds(tuple(int(part) for part in text.split(",")))
+    except ValueError:
+        raise typer.BadParameter(f"takes comma-separated seeds, got '{text}'") from None
+    except UserError as e:
+        raise typer.BadParameter(str(e).removeprefix("--seeds ")) from None
+
+
+SeedsFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="Train one model per seed at once, in one compiled program (e.g. 0,1,2,3): one "
+        "run per seed in --out, whose `digitjax evaluate` reports their ensemble. "
+        "Not with --seed.",
+        callback=seed_list,
+        show_default=False,
+        rich_help_panel=RECIPE,
+    ),
+]
+
+
 def probability(value: float | None) -> float | None:
     if value is not None and not 0 <= value <= 1:  # NaN fails both comparisons: refused too
         raise typer.BadParameter(f"must be in [0, 1], got {value}")
@@ -130,5 +154,19 @@ MinConfidenceFlag = Annotated[
         "with a model that has no temperature, whose confidences are not probabilities]",
         show_default=False,
         callback=probability,
+    ),
+]
+
+
+# `digitjax benchmark`'s.
+BatchSizesFlag = Annotated[
+    str,
+    typer.Option(help="Training batch sizes to measure, comma-separated.", callback=positive_ints),
+]
+TargetFlag = Annotated[
+    float | None,
+    typer.Option(
+        help="Also train --preset fast from scratch and time it to this test accuracy (e.g. 0.99).",
+        show_default=False,
     ),
 ]

@@ -2,6 +2,7 @@
 stdout for results and stderr for progress and messages)."""
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from rich.text import Text
 
 if TYPE_CHECKING:  # train imports JAX: not at start-up
     from digitjax.benchmark import BenchmarkResults
+    from digitjax.evaluate import Evaluation
+    from digitjax.seeds import SeedsResult
     from digitjax.train import RunSummary
 
 out = Console()
@@ -77,8 +80,9 @@ class TrainingProgress:
         import jax
 
         devices, processes = setup.mesh.size, jax.process_count()
+        seeds = f"seeds {','.join(map(str, setup.seeds))} at once, " if setup.seeds else ""
         err.print(
-            f"Training on {setup.config.dataset} → {run_dir} ({devices} "
+            f"Training on {setup.config.dataset} → {run_dir} ({seeds}{devices} "
             f"{jax.default_backend()} device{'s' if devices > 1 else ''}, {processes} "
             f"process{'es' if processes > 1 else ''})",
             highlight=False,
@@ -98,8 +102,9 @@ class TrainingProgress:
 
     def on_epoch(self, record: dict) -> None:
         if not self.quiet:
+            seed = f"seed {record['seed']} " if "seed" in record else ""  # with --seeds
             self.progress.console.print(
-                f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
+                f"{seed}epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} "
                 f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
                 f"acc {100 * record['test_accuracy']:.2f}% ECE {100 * record['test_ece']:.2f}%  "
                 f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]",
@@ -107,7 +112,10 @@ class TrainingProgress:
             )
 
 
-def training_done(summary: "RunSummary", run_dir: Path) -> None:
+def training_done(summary: "RunSummary | SeedsResult", run_dir: Path) -> None:
+    if "seeds" in summary:
+        seeds_done(summary, run_dir)
+        return
     best = summary["best"] or {"test_accuracy": float("nan"), "epoch": None}
     err.print(
         f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
@@ -117,14 +125,42 @@ def training_done(summary: "RunSummary", run_dir: Path) -> None:
     )
 
 
-def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
-    out.print(
-        f"[bold]{escape(str(step_dir))}[/bold] on {dataset} {split}: accuracy "
-        f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
-        f"({int(metrics.confusion.sum())} images)",
+def seeds_done(summary: "SeedsResult", run_dir: Path) -> None:
+    for seed, run in zip(summary["seeds"], summary["runs"], strict=True):
+        best = run["best"] or {"test_accuracy": float("nan"), "epoch": None}
+        err.print(
+            f"seed {seed}: best test accuracy {100 * best['test_accuracy']:.2f}% "
+            f"(epoch {best['epoch']})",
+            highlight=False,
+        )
+    accuracy = summary["best_test_accuracy"]
+    std = "" if accuracy["std"] is None else f" ± {100 * accuracy['std']:.2f}"
+    err.print(
+        f"Done: best test accuracy {100 * (accuracy['mean'] or float('nan')):.2f}%{std} "
+        f"(mean{' ± std' if std else ''} of {len(summary['seeds'])} seeds); checkpoints in "
+        f"{escape(str(run_dir))}, their ensemble: digitjax evaluate {escape(str(run_dir))} "
+        f"[dim]({summary['wall_seconds']:.1f}s)[/dim]",
         highlight=False,
     )
-    if metrics.temperature is None:
+
+
+def evaluation(report: "Evaluation") -> None:
+    """A `--seeds` run's report: each seed's line, then the whole report of their ensemble."""
+    for each in report.seeds:
+        evaluation_line(each.step_dir, each.dataset, each.split, each.metrics)
+    if report.seeds:
+        accuracies = [each.metrics.accuracy for each in report.seeds]
+        std = f" ± {100 * statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
+        out.print(
+            f"{len(accuracies)} seeds: accuracy {100 * statistics.fmean(accuracies):.2f}%{std} "
+            "(mean ± std); their ensemble (the mean of their calibrated probabilities):",
+            highlight=False,
+        )
+    metrics = report.metrics
+    evaluation_line(report.step_dir, report.dataset, report.split, metrics)
+    if metrics.temperature is None and report.seeds:
+        calibration = "the ensemble's mean probabilities"
+    elif metrics.temperature is None:
         calibration = "no temperature in this checkpoint: the plain softmax"
     else:
         calibration = (
@@ -150,6 +186,15 @@ def evaluation(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
             *(f"[bold]{n}[/bold]" if i == j else (str(n) if n else "·") for j, n in enumerate(row)),
         )
     out.print(confusion)
+
+
+def evaluation_line(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
+    out.print(
+        f"[bold]{escape(str(step_dir))}[/bold] on {dataset} {split}: accuracy "
+        f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
+        f"({int(metrics.confusion.sum())} images)",
+        highlight=False,
+    )
 
 
 def predictions(source: Path, results: list, min_confidence: float | None) -> None:

@@ -8,6 +8,9 @@ from digitjax.config import UserError
 LATEST, BEST = "latest", "best"
 ITEMS = ("state", "config", "summary")  # the Orbax items of every checkpoint
 DEFAULT_ROOT = Path("checkpoints")
+# A `digitjax train --seeds` run: this record, and one ordinary run per seed in a folder
+# named SEED_PREFIX + the seed (digitjax/seeds.py).
+SEEDS_FILE, SEED_PREFIX = "seeds.json", "seed-"
 
 
 def usable_steps(folder: Path) -> list[Path]:
@@ -26,7 +29,19 @@ def usable_steps(folder: Path) -> list[Path]:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return any(usable_steps(run_dir / kind) for kind in (LATEST, BEST))
+    """Whether the folder holds a run with a checkpoint (a `--seeds` run: any of its runs)."""
+    if any(usable_steps(run_dir / kind) for kind in (LATEST, BEST)):
+        return True
+    return any(has_checkpoint(folder) for folder in seed_run_dirs(run_dir))
+
+
+def seed_run_dirs(run_dir: Path) -> list[Path]:
+    """The runs of a `--seeds` run, by seed; none where the folder has no SEEDS_FILE (written
+    before the runs' folders, removed after them)."""
+    if not (run_dir / SEEDS_FILE).is_file():
+        return []
+    folders = [p for p in run_dir.glob(f"{SEED_PREFIX}*") if p.name[len(SEED_PREFIX) :].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len(SEED_PREFIX) :]))
 
 
 def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
@@ -45,16 +60,19 @@ def step_dir_of(path: Path, kind: str = BEST) -> Path:
         raise UserError(f"{path} is a file, not a checkpoint folder")
     if (path / "_CHECKPOINT_METADATA").exists():
         return path
+    if (path / SEEDS_FILE).exists():
+        seed_runs = ", ".join(p.name for p in seed_run_dirs(path))
+        raise UserError(f"{path} holds one run per seed ({seed_runs}): pass one of them")
     folder = path / kind if (path / kind).is_dir() else path
-    steps = _step_dirs(folder)
+    steps = step_dirs(folder)
     if not steps and folder == path / BEST:
-        steps = _step_dirs(path / LATEST)  # the first best/ write was cut short: latest is it
+        steps = step_dirs(path / LATEST)  # the first best/ write was cut short: latest is it
     if not steps:
         raise UserError(f"no digitjax checkpoint in {path}")
     return steps[-1]
 
 
-def _step_dirs(folder: Path) -> list[Path]:
+def step_dirs(folder: Path) -> list[Path]:
     """Step folders, complete or not (a damaged newest one must be reported, not skipped);
     Orbax's temporary folders do not count."""
     steps = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]

@@ -1,12 +1,13 @@
 """What a run shows outside the terminal: TensorBoard event files in its folder, and with
---profile a `jax.profiler` trace of a few of its chunks. `train` feeds `RunTracker` through
-its callbacks, which run on process 0 only.
+--profile a `jax.profiler` trace of a few of its chunks. `train` holds one `RunTracker` per
+run it trains (one per seed with --seeds: each seed's folder has its events) and feeds it on
+process 0 only.
 
 The events are written synchronously, one flush per chunk, with tensorboardX's event file
 writer and summary protos rather than its `SummaryWriter`: that one writes from a background
 thread whose failure (a full disk) leaves the run waiting on a queue forever, and whose flush
 does not wait for the events still queued. So every event of a chunk or an epoch is on disk
-before the next chunk starts, and before any checkpoint that covers it (`train.Callbacks`).
+before the next chunk starts, and before any checkpoint that covers it (`train._end_epoch`).
 
 A resumed run starts its new event file with TensorBoard's purge marker (a SessionLog START
 one step past its checkpoint): TensorBoard's readers drop whatever the interrupted session
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from digitjax.config import UserError, reason
+from digitjax.config import Config, UserError, reason
 from digitjax.distributed import to_host
 from digitjax.evaluate import Metrics
 from digitjax.outputs import check_writable
@@ -38,8 +39,8 @@ HPARAM_METRICS = ("test/accuracy", "test/loss", "test/ece")
 
 
 class RunTracker:
-    """`train.Callbacks` that write the run's events into its folder and, into `profile`, a
-    trace of chunks 2 to 1 + PROFILED_CHUNKS of this session. `close` ends both, on every
+    """Writes a run's events into its folder and, into `profile`, a trace of chunks 2 to
+    1 + PROFILED_CHUNKS of this session. `close` ends both, on every
     way out of the run."""
 
     def __init__(self, profile: Path | None = None):
@@ -53,13 +54,15 @@ class RunTracker:
         self.last_chunk: tuple[int, float] | None = None  # its step, and when it ended
         self.timed_images, self.timed_seconds = 0, 0.0  # this epoch's, for images/s
 
-    def on_start(self, setup: "TrainingSetup", run_dir: Path, step: int) -> None:
+    def on_start(self, setup: "TrainingSetup", config: Config, run_dir: Path, step: int) -> None:
+        """Opens this session's event file in `run_dir`, whose run (`config`: its seed's, in
+        a --seeds run) is at `step`."""
         self.setup = setup
         # Compiled: evaluated op by op, its first call costs ~0.3 s of CPU here; 0.05 s so.
         self.learning_rate = jax.jit(setup.learning_rate)
         self.events = EventFile(run_dir, purge_after=step if step else None)
         if not step:
-            self.events.write_hparams(setup.config.to_dict())
+            self.events.write_hparams(config.to_dict())
 
     def on_curve(self, point: dict) -> None:
         """Training loss and accuracy of the chunk, and the learning rate of its last step."""

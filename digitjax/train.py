@@ -254,12 +254,16 @@ def make_train_chunk(
     graphdef: Any,
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
+    seeds: tuple[int, ...] | None = None,
+    seed_batching: str | None = None,
 ) -> Callable:
     """A jitted fn(state, images, labels, order, num_steps, non_digits=None) -> state running
     `num_steps` steps of the epoch whose example order (`epoch_order`) is `order`. With a mesh,
     every device computes its slice of each global batch. With `non_digits` (uint8 images of
     no digit), each step adds `non_digits_per_batch` of them, drawn at random and augmented
-    like the digits, to its batch."""
+    like the digits, to its batch. With `seeds`, the state and the order are those of every
+    seed stacked along a leading axis (`TrainingSetup.seeds`), and each seed's steps draw its
+    own random numbers: one program trains them all on the one copy of the data."""
     train_step = make_train_step(config, graphdef, tx, training_conv_impls(config))
     batch_size, steps_per_epoch = schedule.batch_size, schedule.steps_per_epoch
     non_digit_count = non_digits_per_batch(config)
@@ -270,11 +274,10 @@ def make_train_chunk(
         labels: jax.Array,
         order: jax.Array,
         num_steps: jax.Array,
-        non_digits: jax.Array | None = None,
+        non_digits: jax.Array | None,
+        seed: jax.Array | np.ndarray | int,
     ) -> TrainState:
-        epoch_key = jax.random.fold_in(
-            jax.random.key(config.seed), state["step"] // steps_per_epoch
-        )
+        epoch_key = jax.random.fold_in(jax.random.key(seed), state["step"] // steps_per_epoch)
         starts_epoch = state["step"] % steps_per_epoch == 0
         totals = jax.tree.map(lambda t: jnp.where(starts_epoch, 0, t), state["epoch_totals"])
 
@@ -298,7 +301,37 @@ def make_train_chunk(
 
         return jax.lax.fori_loop(0, num_steps, body, {**state, "epoch_totals": totals})
 
-    return jax.jit(train_chunk, donate_argnums=0)
+    seed_array = None if seeds is None else np.asarray(seeds, np.int32)
+
+    def train_chunk_of(
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        order: jax.Array,
+        num_steps: jax.Array,
+        non_digits: jax.Array | None = None,
+    ) -> TrainState:
+        if seed_array is None:
+            return train_chunk(state, images, labels, order, num_steps, non_digits, config.seed)
+        # The data and the step count are shared; the state, the order and the seed are not.
+        if (seed_batching or seed_batching_for(jax.default_backend())) == "vmap":
+            each_seed = jax.vmap(train_chunk, in_axes=(0, None, None, 0, None, None, 0))
+            return each_seed(state, images, labels, order, num_steps, non_digits, seed_array)
+
+        def one_seed(seed_args: tuple) -> TrainState:
+            seed_state, seed_order, seed = seed_args
+            return train_chunk(seed_state, images, labels, seed_order, num_steps, non_digits, seed)
+
+        return jax.lax.map(one_seed, (state, order, seed_array))
+
+    return jax.jit(train_chunk_of, donate_argnums=0)
+
+
+def seed_batching_for(backend: str) -> str:
+    """How one `--seeds` program trains its seeds: "vmap", all at once (every matmul batched
+    over the seeds: wider work, which fills a GPU or TPU), or "map", one after another (each
+    seed's steps are a single seed's program)."""
+    return "vmap" if backend != "cpu" else "map"
 
 
 # fold_in data for the non-digits' random numbers; `augment` folds in 1 to 4.
@@ -344,12 +377,39 @@ class TrainingSetup:
     calibration_labels: np.ndarray
     class_names: tuple[str, ...]
     non_digit_images: jax.Array | None = None  # with --non-digit-fraction: (N, 28, 28) uint8
+    # With `digitjax train --seeds`: the state holds one run per seed, stacked along a leading
+    # axis, each with `config` but for its seed. None: one run, of `config.seed`.
+    seeds: tuple[int, ...] | None = None
+
+    def run_configs(self) -> list[Config]:
+        """The config of each run the state holds, in the order it holds them."""
+        if self.seeds is None:
+            return [self.config]
+        return [dataclasses.replace(self.config, seed=seed) for seed in self.seeds]
 
     def init_state(self) -> TrainState:
-        return init_state(self.config, self.tx, self.num_classes, self.mesh)
+        return self.stack_states(
+            [init_state(c, self.tx, self.num_classes, self.mesh) for c in self.run_configs()]
+        )
+
+    def stack_states(self, states: list[TrainState]) -> TrainState:
+        """The state of the runs in `run_configs` order, from each run's own state."""
+        if self.seeds is None:
+            return states[0]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def run_state(self, state: TrainState, index: int) -> TrainState:
+        """The state of run `index` (in `run_configs` order) alone."""
+        return state if self.seeds is None else jax.tree.map(lambda leaf: leaf[index], state)
+
+    def epoch_orders(self, epoch: int) -> np.ndarray:
+        """The example order of `epoch` (`epoch_order`): (N,), or (seeds, N) with seeds."""
+        num_train = self.schedule.num_train
+        orders = [epoch_order(c.seed, epoch, num_train) for c in self.run_configs()]
+        return orders[0] if self.seeds is None else np.stack(orders)
 
     def restore_target(self) -> Any:
-        """The state's shapes, dtypes and placements, for restoring a checkpoint onto."""
+        """One run's state's shapes, dtypes and placements, for restoring a checkpoint onto."""
         abstract = jax.eval_shape(lambda: init_state(self.config, self.tx, self.num_classes))
         return abstract_on(abstract, replicated(self.mesh))
 
@@ -383,8 +443,15 @@ class TrainingSetup:
 MIN_CALIBRATION_IMAGES = 100
 
 
-def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSetup:
+def prepare_training(
+    config: Config, dataset: Dataset, mesh: Mesh, seeds: tuple[int, ...] | None = None
+) -> TrainingSetup:
     check_batch_size(config.batch_size, mesh)
+    if seeds is not None and mesh.size > 1:
+        raise UserError(
+            f"--seeds trains on one device ({mesh.size} are in use): pass --devices 1, or "
+            "train one seed per run to use them all"
+        )
     num_images = len(dataset.train_images)
     dataset, calibration_images, calibration_labels = dataset.hold_out(config.calibration_fraction)
     if config.calibration_fraction and len(calibration_labels) < MIN_CALIBRATION_IMAGES:
@@ -415,7 +482,7 @@ def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSe
         graphdef=graphdef,
         tx=tx,
         learning_rate=learning_rate_schedule(config, schedule),
-        train_chunk=make_train_chunk(config, schedule, graphdef, tx, mesh),
+        train_chunk=make_train_chunk(config, schedule, graphdef, tx, mesh, seeds),
         logits_fn=make_logits_fn(graphdef, mesh),
         train_images=put_replicated(dataset.train_images, mesh),
         train_labels=put_replicated(dataset.train_labels, mesh),
@@ -425,6 +492,7 @@ def prepare_training(config: Config, dataset: Dataset, mesh: Mesh) -> TrainingSe
         calibration_labels=calibration_labels,
         class_names=dataset.class_names,
         non_digit_images=non_digits,
+        seeds=seeds,
     )
 
 
@@ -433,11 +501,10 @@ def run_chunks(
 ) -> Iterator[tuple[TrainState, int]]:
     """Trains from `step` to the end of the schedule, yielding the state and step after
     every chunk (the state passed in is donated to the first chunk)."""
-    config, schedule = setup.config, setup.schedule
+    schedule = setup.schedule
     while step < schedule.total_steps:
-        epoch = step // schedule.steps_per_epoch
-        order = put_replicated(epoch_order(config.seed, epoch, schedule.num_train), setup.mesh)
-        for length in chunk_lengths(step, schedule, config.chunks_per_epoch):
+        order = put_replicated(setup.epoch_orders(step // schedule.steps_per_epoch), setup.mesh)
+        for length in chunk_lengths(step, schedule, setup.config.chunks_per_epoch):
             state = setup.train_chunk(
                 state,
                 setup.train_images,
@@ -455,31 +522,11 @@ def run_chunks(
 
 @dataclasses.dataclass
 class Callbacks:
-    """How the loop reports progress (process 0 only): the CLI renders these, and
-    `tracking.RunTracker` writes the run's TensorBoard events and --profile trace from them."""
+    """How the loop reports progress (process 0 only); the CLI renders these."""
 
     on_start: Callable[[TrainingSetup, Path, int], None] = lambda setup, run_dir, step: None
     on_chunk: Callable[[int], None] = lambda done_steps: None
     on_epoch: Callable[[dict], None] = lambda record: None  # after the epoch's checkpoint
-    # The chunk's point of the training curve (as in `RunLog.curve`).
-    on_curve: Callable[[dict], None] = lambda point: None
-    # The epoch's record and full test metrics, before its checkpoint is saved: what is
-    # written here is on disk before any checkpoint that a resumed run starts from.
-    on_evaluated: Callable[[dict, Metrics], None] = lambda record, metrics: None
-
-    def then(self, other: "Callbacks") -> "Callbacks":
-        """These callbacks, each followed by `other`'s."""
-
-        def both(name: str) -> Callable[..., None]:
-            first, second = getattr(self, name), getattr(other, name)
-
-            def call(*args: Any) -> None:
-                first(*args)
-                second(*args)
-
-            return call
-
-        return Callbacks(**{field.name: both(field.name) for field in dataclasses.fields(self)})
 
 
 @dataclasses.dataclass
@@ -585,15 +632,10 @@ def train(
     its summary and config. `given` names the settings the user chose, which must agree with
     a resumed run's. In a multi-process job every process calls this; process 0 reports,
     locks the folder and writes its TensorBoard events (and, into `profile`, a trace of a
-    few chunks)."""
+    few chunks). (Many seeds at once: digitjax/seeds.py.)"""
     mesh = mesh or make_mesh()
     tracker = RunTracker(profile)  # checks --profile before any work
-    lock = checkpoint.run_lock(run_dir) if is_main_process() else contextlib.nullcontext()
-    # Ctrl-C and SIGTERM (what `timeout`, SLURM and Kubernetes send) stop the run at the end
-    # of the current chunk, where the state is whole and can be saved; an exception could land
-    # inside Orbax mid-write instead. One that arrives once the last chunk is done lets the run
-    # finish. A second signal acts at once.
-    with lock, interrupts.deferred() as received_signal:
+    with run_session(run_dir) as received_signal:
         checkpoint.check_run_dir(run_dir, resume, overwrite)
         config = resolve_config(run_dir, requested, resume, given)
         setup = prepare_training(
@@ -604,19 +646,20 @@ def train(
         if is_main_process():
             checkpoint.prepare_run_dir(run_dir, resume)
         sync("run dir ready")
-        checkpointer = checkpoint.RunCheckpointer(run_dir)
-        try:
-            tracked = Callbacks(
-                on_start=tracker.on_start,
-                on_chunk=tracker.on_chunk,
-                on_curve=tracker.on_curve,
-                on_evaluated=tracker.on_evaluated,
-            )
-            callbacks = (callbacks or Callbacks()).then(tracked)
-            return _run(setup, run_dir, resume, checkpointer, callbacks, received_signal)
-        finally:
-            tracker.close()
-            checkpointer.close()
+        runs = [(run_dir, tracker)]
+        return train_runs(setup, run_dir, runs, resume, callbacks, received_signal)[0]
+
+
+@contextlib.contextmanager
+def run_session(run_dir: Path) -> Iterator[Callable[[], int | None]]:
+    """The run folder locked for this process (process 0) and stop signals deferred; yields
+    the function that says which signal arrived. Ctrl-C and SIGTERM (what `timeout`, SLURM
+    and Kubernetes send) stop the run at the end of the current chunk, where the state is
+    whole and can be saved; an exception could land inside Orbax mid-write instead. One that
+    arrives once the last chunk is done lets the run finish. A second signal acts at once."""
+    lock = checkpoint.run_lock(run_dir) if is_main_process() else contextlib.nullcontext()
+    with lock, interrupts.deferred() as received_signal:
+        yield received_signal
 
 
 def resolve_config(run_dir: Path, requested: Config, resume: bool, given: frozenset[str]) -> Config:
@@ -633,96 +676,169 @@ def resolve_config(run_dir: Path, requested: Config, resume: bool, given: frozen
     return saved
 
 
+@dataclasses.dataclass
+class SeedRun:
+    """One of the runs a training program advances (one per seed with `--seeds`, else the
+    run itself): its config, folder, checkpoints, log and TensorBoard events."""
+
+    config: Config
+    run_dir: Path
+    checkpointer: checkpoint.RunCheckpointer
+    log: RunLog
+    tracker: RunTracker  # started on process 0 only
+
+
+def train_runs(
+    setup: TrainingSetup,
+    run_dir: Path,
+    folders: list[tuple[Path, RunTracker]],
+    resume: bool,
+    callbacks: Callbacks | None,
+    received_signal: Callable[[], int | None],
+) -> list[TrainResult]:
+    """Trains the runs of `setup` (`run_configs`), each in its folder with its tracker
+    (`folders`), in the run folder the user named, `run_dir`; resumes each from its latest
+    checkpoint, all of which must be at one step. A `--seeds` run keeps two of each kind: see
+    digitjax/seeds.py."""
+    keep = 1 if setup.seeds is None else 2
+    with contextlib.ExitStack() as stack:
+        checkpointers = [checkpoint.RunCheckpointer(folder, keep) for folder, _ in folders]
+        for checkpointer, (_, tracker) in zip(checkpointers, folders, strict=True):
+            stack.callback(checkpointer.close)
+            stack.callback(tracker.close)
+        state, runs = _start(setup, folders, resume, checkpointers)
+        return _run(setup, run_dir, state, runs, callbacks or Callbacks(), received_signal)
+
+
 def _run(
     setup: TrainingSetup,
     run_dir: Path,
-    resume: bool,
-    checkpointer: checkpoint.RunCheckpointer,
+    initial_state: TrainState,
+    runs: list[SeedRun],
     callbacks: Callbacks,
     received_signal: Callable[[], int | None],
-) -> TrainResult:
+) -> list[TrainResult]:
     """The loop: chunks, an evaluation and checkpoint at each epoch end, and a checkpoint
     at the first chunk end after a stop signal."""
-    initial_state, log = _start(setup, run_dir, resume, checkpointer)
-    main = is_main_process()
+    main, start_step = is_main_process(), runs[0].log.step
     if main:
-        write_metrics_file(run_dir, log.history)
-        callbacks.on_start(setup, run_dir, log.step)
+        for run in runs:
+            write_metrics_file(run.run_dir, run.log.history)
+        callbacks.on_start(setup, run_dir, start_step)
     schedule = setup.schedule
-    for state, step in run_chunks(setup, initial_state, log.step):
-        try:
-            log.add_chunk(step, state)
-        except Diverged:
-            raise UserError(_diverged_message(step, checkpointer, run_dir)) from None
+    for state, step in run_chunks(setup, initial_state, start_step):
+        for index, run in enumerate(runs):
+            try:
+                run.log.add_chunk(step, setup.run_state(state, index))
+            except Diverged:
+                message = _diverged_message(step, run.checkpointer, run_dir)
+                raise UserError(message) from None
         if main:
-            callbacks.on_curve(log.curve[-1])
+            for run in runs:
+                run.tracker.on_curve(run.log.curve[-1])
+                run.tracker.on_chunk(step)
             callbacks.on_chunk(step)
         if step % schedule.steps_per_epoch == 0:
-            _end_epoch(setup, state, log, checkpointer, run_dir, callbacks)
+            for index, run in enumerate(runs):
+                _end_epoch(setup, run, setup.run_state(state, index), callbacks)
         signum = received_signal()
         if signum is not None and step < schedule.total_steps:
-            # Mid-epoch weights are not those of the last record: they get their own fit.
-            recorded = log.epoch_recorded()
-            temperature = log.last_temperature() if recorded else setup.temperature(state)
-            checkpointer.save(checkpoint.LATEST, state, setup.config, log.summary(temperature))
+            for index, run in enumerate(runs):
+                _save_interrupted(setup, run, setup.run_state(state, index))
+            saved = run_dir / checkpoint.LATEST if setup.seeds is None else run_dir
             raise Interrupted(
-                f"{signal.Signals(signum).name} at step {step}: saved to "
-                f"{run_dir / checkpoint.LATEST}; continue with --resume",
+                f"{signal.Signals(signum).name} at step {step}: saved to {saved}; continue "
+                "with --resume",
                 exit_code=128 + signum,
             )
-    if main and log.history:
+    if main:
         from digitjax.plots import plot_curves
 
-        plot_curves(log.history, log.curve, run_dir / checkpoint.CURVES_FILE)
-    return {"config": setup.config.to_dict(), **log.summary(log.last_temperature())}
+        for run in runs:
+            if run.log.history:
+                plot_curves(run.log.history, run.log.curve, run.run_dir / checkpoint.CURVES_FILE)
+    return [
+        {"config": run.config.to_dict(), **run.log.summary(run.log.last_temperature())}
+        for run in runs
+    ]
 
 
 def _start(
-    setup: TrainingSetup, run_dir: Path, resume: bool, checkpointer: checkpoint.RunCheckpointer
-) -> tuple[TrainState, RunLog]:
-    """A fresh state, or the latest checkpoint's with its log, after repairing what a kill
-    during an epoch end may have left undone."""
+    setup: TrainingSetup,
+    folders: list[tuple[Path, RunTracker]],
+    resume: bool,
+    checkpointers: list[checkpoint.RunCheckpointer],
+) -> tuple[TrainState, list[SeedRun]]:
+    """A fresh state, or each run's latest checkpoint's with its log, after repairing what a
+    kill during an epoch end may have left undone; each run's events started at its step."""
     info = {
         "num_classes": setup.num_classes,
         "steps_per_epoch": setup.schedule.steps_per_epoch,
         "environment": runtime_info(setup.mesh),
     }
+    each = zip(setup.run_configs(), folders, checkpointers, strict=True)
+    runs = [
+        SeedRun(config, folder, saver, RunLog(**info), tracker)
+        for config, (folder, tracker), saver in each
+    ]
     if not resume:
-        return setup.init_state(), RunLog(**info)
-    state, summary = checkpoint.restore_state(run_dir, setup.restore_target())
-    log = RunLog.resumed(summary, state, **info)
+        for run in runs:
+            _start_tracking(setup, run)
+        return setup.init_state(), runs
+    states = []
+    for run in runs:
+        state, summary = checkpoint.restore_state(run.run_dir, setup.restore_target())
+        run.log = RunLog.resumed(summary, state, **info)
+        states.append(state)
+    if len({run.log.step for run in runs}) > 1:
+        steps = ", ".join(f"{run.run_dir}: step {run.log.step}" for run in runs)
+        raise UserError(f"cannot resume: the runs' latest checkpoints disagree ({steps})")
+    for run, state in zip(runs, states, strict=True):
+        _start_tracking(setup, run)
+        _repair(setup, run, state)
+    return setup.stack_states(states), runs
+
+
+def _start_tracking(setup: TrainingSetup, run: SeedRun) -> None:
+    if is_main_process():
+        run.tracker.on_start(setup, run.config, run.run_dir, run.log.step)
+
+
+def _repair(setup: TrainingSetup, run: SeedRun, state: TrainState) -> None:
+    """Completes an epoch end that a kill cut short in a resumed run."""
+    log = run.log
     if log.step % setup.schedule.steps_per_epoch == 0 and log.step and not log.epoch_recorded():
         # Saved at an epoch's end before its evaluation (digitjax before 2026-11-29).
-        _end_epoch(setup, state, log, checkpointer, run_dir, Callbacks())
+        _end_epoch(setup, run, state, Callbacks())
     summary = log.summary(log.last_temperature())
     best = summary["best"]
-    if best is not None and best["step"] == log.step and checkpointer.best_step() != log.step:
+    if best is not None and best["step"] == log.step and run.checkpointer.best_step() != log.step:
         # Killed after the latest checkpoint of a new best epoch, before its best/ copy.
-        checkpointer.save(checkpoint.BEST, state, setup.config, summary)
-    return state, log
+        run.checkpointer.save(checkpoint.BEST, state, run.config, summary)
 
 
-def _end_epoch(
-    setup: TrainingSetup,
-    state: TrainState,
-    log: RunLog,
-    checkpointer: checkpoint.RunCheckpointer,
-    run_dir: Path,
-    callbacks: Callbacks,
-) -> None:
+def _end_epoch(setup: TrainingSetup, run: SeedRun, state: TrainState, callbacks: Callbacks) -> None:
     """Calibrates and evaluates, then saves latest/ and, for a new best epoch, best/ (in that
     order: a kill between the two is repaired on resume), then the metrics file."""
     metrics = setup.test_metrics(state, setup.temperature(state))
-    record = log.add_epoch(metrics)
+    record = run.log.add_epoch(metrics)
     if is_main_process():
-        callbacks.on_evaluated(record, metrics)
-    summary = log.summary(record["temperature"])
-    checkpointer.save(checkpoint.LATEST, state, setup.config, summary)
+        run.tracker.on_evaluated(record, metrics)
+    summary = run.log.summary(record["temperature"])
+    run.checkpointer.save(checkpoint.LATEST, state, run.config, summary)
     if summary["best"] is record:
-        checkpointer.save(checkpoint.BEST, state, setup.config, summary)
+        run.checkpointer.save(checkpoint.BEST, state, run.config, summary)
     if is_main_process():
-        write_metrics_file(run_dir, log.history)
-        callbacks.on_epoch(record)
+        write_metrics_file(run.run_dir, run.log.history)
+        callbacks.on_epoch(record if setup.seeds is None else {**record, "seed": run.config.seed})
+
+
+def _save_interrupted(setup: TrainingSetup, run: SeedRun, state: TrainState) -> None:
+    """The latest checkpoint of a run stopped mid-epoch or at an epoch end."""
+    # Mid-epoch weights are not those of the last record: they get their own fit.
+    recorded = run.log.epoch_recorded()
+    temperature = run.log.last_temperature() if recorded else setup.temperature(state)
+    run.checkpointer.save(checkpoint.LATEST, state, run.config, run.log.summary(temperature))
 
 
 def _diverged_message(step: int, checkpointer: checkpoint.RunCheckpointer, run_dir: Path) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import textwrap
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,3 +104,18 @@ def huge_png(path: Path, width: int, height: int) -> Path:
         + chunk(b"IEND", b"")
     )
     return path
+
+
+def read_events(run_dir: Path) -> Any:
+    """Everything in the run folder's TensorBoard event files, as TensorBoard shows it (its
+    own reader, an EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def steps_and_values(events: Any, tag: str) -> tuple[list[int], list[float]]:
+    scalars = events.Scalars(tag)
+    return [s.step for s in scalars], [s.value for s in scalars]

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, history, tiny_train
+from helpers import assert_one_line_error, history, read_events, steps_and_values, tiny_train
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from typer.testing import CliRunner
 
@@ -30,18 +29,6 @@ runner = CliRunner()
 STEPS_PER_EPOCH, CHUNK = 30, 3  # of the tiny runs: 1,945 training images in batches of 64
 CURVE_TAGS = ("train/loss", "train/accuracy", "train/learning_rate")
 EPOCH_TAGS = ("test/loss", "test/accuracy", "test/ece", "test/temperature")
-
-
-def read_events(run_dir: Path) -> EventAccumulator:
-    """Everything in the run folder's event files, as TensorBoard shows it."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    return events
-
-
-def steps_and_values(events: EventAccumulator, tag: str) -> tuple[list[int], list[float]]:
-    scalars = events.Scalars(tag)
-    return [s.step for s in scalars], [s.value for s in scalars]
 
 
 def curve(run_dir: Path) -> list[dict]:

@@ -26,11 +26,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 NUMPY_UP_TO = 1000
 
 
-def default_checkpoint() -> Path:
-    """The newest run's best checkpoint, else the model shipped with the package."""
-    from digitjax.runs import newest_run
+def default_checkpoint(ensemble: bool = False) -> Path:
+    """The newest run's best checkpoint, else the model shipped with the package. Of a
+    `--seeds` run, its first seed's run, or with `ensemble` the whole run (which `evaluate`
+    reports as the ensemble of its seeds)."""
+    from digitjax.runs import has_checkpoint, newest_run, seed_run_dirs
 
-    return newest_run() or BUNDLED_MODEL
+    newest = newest_run()
+    if newest is not None and not ensemble and seed_run_dirs(newest):
+        return next(run for run in seed_run_dirs(newest) if has_checkpoint(run))
+    return newest or BUNDLED_MODEL
 
 
 def load_classifier(path: Path | None = None, quick_start: bool = False) -> Classifier:
