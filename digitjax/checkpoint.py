@@ -361,7 +361,7 @@ def _match_tree(saved: Any, expected: Any, what: str, where: Path) -> Any:
     if got_shapes != want_shapes:
         differing = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:3]
         raise UserError(
-            f"checkpoint {where} does not match its config's {what}: "
+            f"checkpoint {where} does not match {what}: "
             f"differs at {', '.join(f'{k} {s}' for k, s in differing)}"
         )
     return jax.tree.unflatten(jax.tree.structure(expected), [got[k] for k in want])
@@ -403,11 +403,20 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
     params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no {kept})")
-    params = _match_tree(params, expected, "model", step_dir)
+    params = _match_tree(params, expected, "its config's model", step_dir)
     # The temperature was fitted for the weights the run evaluates.
     temperature = items["summary"].get("temperature") if kept == evaluated else None
     temperature = None if temperature is None else float(temperature)
     return TrainedModel(config, graphdef, params, items["summary"], step_dir, temperature)
+
+
+def initial_params(path: Path, expected: Any) -> Any:
+    """The weights a fine-tune starts from (--init-from): those that the run at `path`
+    evaluates, from its best checkpoint, as host arrays laid out as `expected` (this run's
+    model); a model of another shape or class count is refused."""
+    model = restore_model(path)
+    params = jax.tree.map(np.asarray, model.params)
+    return _match_tree(params, expected, "this run's model (--channels, --dense)", model.step_dir)
 
 
 def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
@@ -417,7 +426,7 @@ def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
     saved = _saved_state_metadata(step_dir)
     if not isinstance(saved, dict) or "params" not in saved or "opt_state" not in saved:
         raise UserError(f"{step_dir} is not a digitjax training checkpoint")
-    _match_tree(saved["params"], abstract_state["params"], "model", step_dir)
+    _match_tree(saved["params"], abstract_state["params"], "its config's model", step_dir)
     saved_shapes, wanted_shapes = (
         {path: tuple(leaf.shape) for path, leaf in leaves_by_path(tree).items()}
         for tree in (saved, abstract_state)

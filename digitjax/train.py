@@ -125,9 +125,11 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
 def init_state(
     config: Config, tx: optax.GradientTransformation, num_classes: int, mesh: Mesh | None = None
 ) -> TrainState:
-    """A fresh state, replicated over `mesh` if given: the initial parameters come from the
-    host, the rest is made on device."""
+    """A fresh state, replicated over `mesh` if given: the initial parameters (drawn at
+    random, or those of --init-from) come from the host, the rest is made on device."""
     _, params = create_model(config, num_classes)
+    if config.init_from is not None:
+        params = checkpoint.initial_params(Path(config.init_from), params)
     if mesh is not None:
         params = jax.tree.map(lambda p: put_replicated(p, mesh), params)
 
@@ -568,6 +570,8 @@ def train(
         setup = prepare_training(
             config, dataset or load_dataset(config.dataset, config.data_dir), mesh
         )
+        # Read before the run folder is touched: a bad --init-from is an input error.
+        fresh_state = None if resume else setup.init_state()
         # Only now, with every input checked, may --overwrite remove the previous run.
         sync("run dir checked")
         if is_main_process():
@@ -576,7 +580,7 @@ def train(
         checkpointer = checkpoint.RunCheckpointer(run_dir)
         try:
             callbacks = callbacks or Callbacks()
-            return _run(setup, run_dir, resume, checkpointer, callbacks, received_signal)
+            return _run(setup, run_dir, fresh_state, checkpointer, callbacks, received_signal)
         finally:
             checkpointer.close()
 
@@ -598,14 +602,15 @@ def resolve_config(run_dir: Path, requested: Config, resume: bool, given: frozen
 def _run(
     setup: TrainingSetup,
     run_dir: Path,
-    resume: bool,
+    fresh_state: TrainState | None,
     checkpointer: checkpoint.RunCheckpointer,
     callbacks: Callbacks,
     received_signal: Callable[[], int | None],
 ) -> TrainResult:
     """The loop: chunks, an evaluation and checkpoint at each epoch end, and a checkpoint
-    at the first chunk end after a stop signal."""
-    initial_state, log = _start(setup, run_dir, resume, checkpointer)
+    at the first chunk end after a stop signal. `fresh_state`: that of a new run; None to
+    resume."""
+    initial_state, log = _start(setup, run_dir, fresh_state, checkpointer)
     main = is_main_process()
     if main:
         write_metrics_file(run_dir, log.history)
@@ -639,17 +644,20 @@ def _run(
 
 
 def _start(
-    setup: TrainingSetup, run_dir: Path, resume: bool, checkpointer: checkpoint.RunCheckpointer
+    setup: TrainingSetup,
+    run_dir: Path,
+    fresh_state: TrainState | None,
+    checkpointer: checkpoint.RunCheckpointer,
 ) -> tuple[TrainState, RunLog]:
-    """A fresh state, or the latest checkpoint's with its log, after repairing what a kill
-    during an epoch end may have left undone."""
+    """`fresh_state` with a new log, or (None) the latest checkpoint's state with its log,
+    after repairing what a kill during an epoch end may have left undone."""
     info = {
         "num_classes": setup.num_classes,
         "steps_per_epoch": setup.schedule.steps_per_epoch,
         "environment": runtime_info(setup.mesh),
     }
-    if not resume:
-        return setup.init_state(), RunLog(**info)
+    if fresh_state is not None:
+        return fresh_state, RunLog(**info)
     state, summary = checkpoint.restore_state(run_dir, setup.restore_target())
     log = RunLog.resumed(summary, state, **info)
     if log.step % setup.schedule.steps_per_epoch == 0 and log.step and not log.epoch_recorded():
