@@ -1,8 +1,10 @@
 """How often a model's answers are flagged (no digit found, "not sure" or "not a digit": see
 `judge` in `digitjax/inference/classifier.py`), per kind of image: on images of no digit
-(`non_digits.py`), held-out kinds apart from the kinds trained on, where it should be; on
-MNIST test and on users' digits (`user_digits.py`), where it is a false alarm. Every image
-except MNIST's goes through `digitjax predict`'s path (a file, preprocessed).
+(`non_digits.py`), held-out kinds apart from the kinds trained on, where it should be, and
+on real images of no digit that nothing in digitjax generated or trained on (Fashion-MNIST
+test: photos of clothes, per class); on MNIST test and on users' digits (`user_digits.py`),
+where it is a false alarm. Every image except MNIST's goes through `digitjax predict`'s path
+(a file, preprocessed).
 
     python benchmarks/uncertain_rate.py --per-kind 100 [--checkpoint RUN] [--seed 0]
 
@@ -22,7 +24,28 @@ from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, NOT_A_DIGIT_BE
 from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import non_digits, user_digits
 
-GROUPS = ("held-out non-digits", "training non-digits", "MNIST test", "user digits")
+GROUPS = (
+    "held-out non-digits",
+    "training non-digits",
+    "Fashion-MNIST test",
+    "MNIST test",
+    "user digits",
+)
+
+
+def fashion_files(folder: Path, count: int) -> list[tuple[Path, str]]:
+    """The first `count` Fashion-MNIST test images as PNG files, each with its class name."""
+    from PIL import Image
+
+    dataset = load_dataset("fashion_mnist")
+    images, labels = dataset.split("test")
+    folder.mkdir(parents=True)
+    samples = []
+    for n, (image, label) in enumerate(zip(images[:count], labels[:count])):
+        path = folder / f"fashion_{n:05d}.png"
+        Image.fromarray(image).save(path)
+        samples.append((path, dataset.class_names[label]))
+    return samples
 
 
 def rates(tops: list[float | None], thresholds: list[float]) -> dict:
@@ -73,6 +96,7 @@ def main() -> None:
         samples = non_digits.generate(Path(folder) / "non_digits", args.per_kind, args.seed)
         digits = user_digits.generate(Path(folder) / "digits", args.per_kind, args.seed)
         samples += [(path, kind) for path, _, kind in digits]
+        samples += fashion_files(Path(folder) / "fashion", 10 * args.per_kind)
         predictions, _ = predict_files(classifier, [path for path, _ in samples], None)
     tops: dict[str, list] = {}
     for (_, kind), prediction in zip(samples, predictions):
@@ -84,6 +108,7 @@ def main() -> None:
         "held-out non-digits": non_digits.HELD_OUT_KINDS,
         "training non-digits": non_digits.TRAINING_KINDS,
         "user digits": user_digits.KINDS,
+        "Fashion-MNIST test": load_dataset("fashion_mnist").class_names,
     }
     for group, kinds in kinds_of.items():
         report[group] = {kind: rates(tops[kind], thresholds) for kind in kinds}

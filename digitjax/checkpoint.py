@@ -368,8 +368,17 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
     params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no {kept})")
-    params = _match_tree(params, expected, "model", step_dir)
+    params = _match_tree(params, expected, "its config's model", step_dir)
     return TrainedModel(config, graphdef, params, items["summary"], step_dir, temperature)
+
+
+def initial_params(path: Path, expected: Any) -> Any:
+    """The weights a fine-tune starts from (--init-from): those that the run at `path`
+    evaluates, from its best checkpoint, as host arrays laid out as `expected` (this run's
+    model); a model of another shape or class count is refused."""
+    model = restore_model(path)
+    params = jax.tree.map(np.asarray, model.params)
+    return _match_tree(params, expected, "this run's model (--channels, --dense)", model.step_dir)
 
 
 def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
@@ -379,7 +388,7 @@ def restore_state(run_dir: Path, abstract_state: Any) -> tuple[Any, dict]:
     saved = _saved_state_metadata(step_dir)
     if not isinstance(saved, dict) or "params" not in saved or "opt_state" not in saved:
         raise UserError(f"{step_dir} is not a digitjax training checkpoint")
-    _match_tree(saved["params"], abstract_state["params"], "model", step_dir)
+    _match_tree(saved["params"], abstract_state["params"], "its config's model", step_dir)
     saved_shapes, wanted_shapes = (
         {path: tuple(leaf.shape) for path, leaf in leaves_by_path(tree).items()}
         for tree in (saved, abstract_state)

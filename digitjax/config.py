@@ -83,6 +83,12 @@ class Config:
         "How many non-digit images to generate (once, then cached) for --non-digit-fraction.",
         RECIPE,
     )
+    init_from: str | None = _field(
+        None,
+        "Start from the evaluated weights of this run's best checkpoint (a run, best/ or step "
+        "folder) instead of random ones, to fine-tune it: its model must have this run's shape.",
+        RECIPE,
+    )
     ema_decay: float = _field(
         0.99, "Evaluate and keep a moving average of the weights (0: the raw weights).", RECIPE
     )
@@ -130,11 +136,12 @@ class Config:
     @classmethod
     def from_flags(cls, flags: dict[str, Any], preset: str | None = None) -> "Config":
         """The config of `digitjax train`: defaults, overridden by a preset's settings, then by
-        the flags given (None: not given). A relative --data-dir is stored resolved, so that
-        `evaluate` and `--resume` work from any folder."""
+        the flags given (None: not given). A relative --data-dir or --init-from is stored
+        resolved, so that `evaluate` and `--resume` work from any folder."""
         settings = chosen_settings(flags, preset)
-        if settings.get("data_dir") is not None:
-            settings["data_dir"] = str(Path(settings["data_dir"]).expanduser().resolve())
+        for name in ("data_dir", "init_from"):
+            if settings.get(name) is not None:
+                settings[name] = str(Path(settings[name]).expanduser().resolve())
         return cls(**settings)
 
 
@@ -167,7 +174,7 @@ def _has_type(value: Any, default: Any) -> bool:
     writes whole floats as ints)."""
     if isinstance(value, bool):
         return False
-    if default is None:  # data_dir
+    if default is None:  # data_dir, init_from
         return value is None or isinstance(value, str)
     if isinstance(default, float):
         return isinstance(value, int | float)
@@ -211,6 +218,7 @@ ADDED_LATER: dict[str, Any] = {
     "augment_low_res": 0.0,
     "non_digit_fraction": 0.0,
     "non_digit_images": 10_000,
+    "init_from": None,
 }
 
 # Named sets of settings for `digitjax train --preset`, each what it changes from the default

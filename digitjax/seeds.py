@@ -139,6 +139,8 @@ def train_seeds(
         config = dataclasses.replace(config, seed=seeds[0])
         data = dataset or load_dataset(config.dataset, config.data_dir)
         setup = prepare_training(config, data, mesh, seeds)
+        # Read before the folders are touched: a bad --init-from is an input error.
+        fresh_state = setup.init_state() if restart_step is None else None
         # Only now, with every input checked, may the folders change.
         _prepare_folders(run_dir, seeds, folders, restart_step)
         with contextlib.ExitStack() as locks:
@@ -146,8 +148,7 @@ def train_seeds(
                 locks.enter_context(checkpoint.run_lock(folder))
             trackers = [profiled] + [RunTracker() for _ in folders[1:]]
             runs = list(zip(folders, trackers, strict=True))
-            resume = restart_step is not None
-            results = train_runs(setup, run_dir, runs, resume, callbacks, received_signal)
+            results = train_runs(setup, run_dir, runs, fresh_state, callbacks, received_signal)
     accuracies = [result["best"]["test_accuracy"] for result in results if result["best"]]
     return {
         "seeds": list(seeds),

@@ -131,9 +131,11 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
 def init_state(
     config: Config, tx: optax.GradientTransformation, num_classes: int, mesh: Mesh | None = None
 ) -> TrainState:
-    """A fresh state, replicated over `mesh` if given: the initial parameters come from the
-    host, the rest is made on device."""
+    """A fresh state, replicated over `mesh` if given: the initial parameters (drawn at
+    random, or those of --init-from) come from the host, the rest is made on device."""
     _, params = create_model(config, num_classes)
+    if config.init_from is not None:
+        params = checkpoint.initial_params(Path(config.init_from), params)
     if mesh is not None:
         params = jax.tree.map(lambda p: put_replicated(p, mesh), params)
 
@@ -641,13 +643,15 @@ def train(
         setup = prepare_training(
             config, dataset or load_dataset(config.dataset, config.data_dir), mesh
         )
+        # Read before the run folder is touched: a bad --init-from is an input error.
+        fresh_state = None if resume else setup.init_state()
         # Only now, with every input checked, may --overwrite remove the previous run.
         sync("run dir checked")
         if is_main_process():
             checkpoint.prepare_run_dir(run_dir, resume)
         sync("run dir ready")
         runs = [(run_dir, tracker)]
-        return train_runs(setup, run_dir, runs, resume, callbacks, received_signal)[0]
+        return train_runs(setup, run_dir, runs, fresh_state, callbacks, received_signal)[0]
 
 
 @contextlib.contextmanager
@@ -692,21 +696,21 @@ def train_runs(
     setup: TrainingSetup,
     run_dir: Path,
     folders: list[tuple[Path, RunTracker]],
-    resume: bool,
+    fresh_state: TrainState | None,
     callbacks: Callbacks | None,
     received_signal: Callable[[], int | None],
 ) -> list[TrainResult]:
     """Trains the runs of `setup` (`run_configs`), each in its folder with its tracker
-    (`folders`), in the run folder the user named, `run_dir`; resumes each from its latest
-    checkpoint, all of which must be at one step. A `--seeds` run keeps two of each kind: see
-    digitjax/seeds.py."""
+    (`folders`), in the run folder the user named, `run_dir`: from `fresh_state` (a new run),
+    or (None) each from its latest checkpoint, all of which must be at one step. A `--seeds`
+    run keeps two of each kind: see digitjax/seeds.py."""
     keep = 1 if setup.seeds is None else 2
     with contextlib.ExitStack() as stack:
         checkpointers = [checkpoint.RunCheckpointer(folder, keep) for folder, _ in folders]
         for checkpointer, (_, tracker) in zip(checkpointers, folders, strict=True):
             stack.callback(checkpointer.close)
             stack.callback(tracker.close)
-        state, runs = _start(setup, folders, resume, checkpointers)
+        state, runs = _start(setup, folders, fresh_state, checkpointers)
         return _run(setup, run_dir, state, runs, callbacks or Callbacks(), received_signal)
 
 
@@ -766,11 +770,12 @@ def _run(
 def _start(
     setup: TrainingSetup,
     folders: list[tuple[Path, RunTracker]],
-    resume: bool,
+    fresh_state: TrainState | None,
     checkpointers: list[checkpoint.RunCheckpointer],
 ) -> tuple[TrainState, list[SeedRun]]:
-    """A fresh state, or each run's latest checkpoint's with its log, after repairing what a
-    kill during an epoch end may have left undone; each run's events started at its step."""
+    """`fresh_state` with new logs, or (None) each run's latest checkpoint's state with its
+    log, after repairing what a kill during an epoch end may have left undone; each run's
+    events started at its step."""
     info = {
         "num_classes": setup.num_classes,
         "steps_per_epoch": setup.schedule.steps_per_epoch,
@@ -781,10 +786,10 @@ def _start(
         SeedRun(config, folder, saver, RunLog(**info), tracker)
         for config, (folder, tracker), saver in each
     ]
-    if not resume:
+    if fresh_state is not None:
         for run in runs:
             _start_tracking(setup, run)
-        return setup.init_state(), runs
+        return fresh_state, runs
     states = []
     for run in runs:
         state, summary = checkpoint.restore_state(run.run_dir, setup.restore_target())

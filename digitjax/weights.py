@@ -45,11 +45,11 @@ def parameter_shapes(
 def check_shapes(
     got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], what: str, where: Path
 ) -> None:
-    """Every path and shape of a restored tree against those its config expects."""
+    """Every path and shape of a restored tree against those `what` expects."""
     if dict(got) != dict(want):
         differing = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise UserError(
-            f"checkpoint {where} does not match its config's {what}: "
+            f"checkpoint {where} does not match {what}: "
             f"differs at {', '.join(f'{k} {s}' for k, s in differing)}"
         )
 
@@ -144,7 +144,7 @@ def read_weights(step_dir: Path) -> StoredWeights | None:
         return None
     verify_checksums(summary, {key: arrays}, step_dir)
     expected = parameter_shapes(config.channels, config.dense, summary["num_classes"])
-    check_shapes({k: v.shape for k, v in arrays.items()}, expected, "model", step_dir)
+    check_shapes({k: v.shape for k, v in arrays.items()}, expected, "its config's model", step_dir)
     return StoredWeights(config, arrays, summary, step_dir, temperature)
 
 

@@ -29,6 +29,7 @@ def test_from_dict_round_trips_and_accepts_whole_floats_as_ints():
         ({"channels": [4, "8"]}, "config field channels"),
         ({"seed": True}, "config field seed"),
         ({"data_dir": 3}, "config field data_dir"),
+        ({"init_from": ["run"]}, "config field init_from"),
         ({"colour": "red"}, "unknown fields ['colour']"),
         ({"epochs": 0}, "--epochs must be in [1, 100000], got 0"),
     ],
@@ -40,11 +41,12 @@ def test_from_dict_refuses_what_digitjax_never_wrote(raw, message):
 
 def test_from_flags_applies_the_preset_then_the_flags_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    flags = {"epochs": 3, "seed": None, "data_dir": "mnist-files"}
+    flags = {"epochs": 3, "seed": None, "data_dir": "mnist-files", "init_from": "runs/a"}
     config = Config.from_flags(flags, "best")
     assert config.channels == PRESETS["best"]["channels"] and config.epochs == 3
     assert config.seed == Config().seed
     assert config.data_dir == str(tmp_path / "mnist-files")  # resolved where it was given
+    assert config.init_from == str(tmp_path / "runs" / "a")
     assert Config.from_flags({}) == Config()
     with pytest.raises(UserError, match="unknown preset 'turbo'; known: fast, best, robust"):
         Config.from_flags({}, "turbo")

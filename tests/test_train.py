@@ -222,3 +222,35 @@ def test_resume_refuses_an_optimizer_state_of_another_layout(reference_run, tmp_
     result = runner.invoke(app, ["train", "--out", str(old_run), "--resume"])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "cannot resume", "older digitjax")
+
+
+def test_init_from_starts_where_the_checkpoint_ended(tiny_run: Path, tiny_mnist: Path, tmp_path):
+    """A learning rate of ~0 keeps the starting weights: the fine-tune's model is the
+    checkpoint's, and its first epoch scores what the checkpoint scored (a fresh start: ~10%)."""
+    run_dir = tmp_path / "fine-tune"
+    flags = ["--init-from", str(tiny_run), "--learning-rate", "1e-12"]
+    result = runner.invoke(app, tiny_train(tiny_mnist, run_dir, *flags, epochs=1))
+    assert result.exit_code == 0, result.output
+    start, tuned = checkpoint.restore_model(tiny_run), checkpoint.restore_model(run_dir)
+    assert tuned.config.init_from == str(tiny_run.resolve())
+    for path, value in checkpoint.leaves_by_path(tuned.params).items():
+        np.testing.assert_allclose(value, checkpoint.leaves_by_path(start.params)[path], atol=1e-6)
+    assert history(run_dir)[0]["test_accuracy"] == start.summary["best"]["test_accuracy"]
+
+
+def test_init_from_refuses_another_model_before_touching_the_run(
+    tiny_run: Path, tiny_mnist: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "run"
+    flags = tiny_train(tiny_mnist, run_dir, epochs=1)
+    assert runner.invoke(app, flags).exit_code == 0
+    before = history(run_dir)
+    for init_from, message in [
+        (tiny_run, "does not match this run's model"),
+        (tmp_path / "missing", "no checkpoint at"),
+    ]:
+        wider = [*flags, "--dense", "32", "--init-from", str(init_from), "--overwrite"]
+        result = runner.invoke(app, wider)
+        assert result.exit_code == 1
+        assert_one_line_error(result.stderr, message)
+        assert history(run_dir) == before, "--overwrite must not remove a run it cannot replace"
