@@ -250,8 +250,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # For users' own images (the model bundled in the package): the best recipe with a
     # narrower dense layer (a smaller, faster model to ship), four more epochs, augmentation
-    # that imitates other hands, marker and pencil strokes, blurry photos and tiny scans, and
-    # generated images of no digit, so that it can refuse what is not a digit.
+    # that imitates other hands, marker and pencil strokes, blurry photos and tiny scans. It
+    # trains on no generated non-digits (--non-digit-fraction): so far they cost some kinds
+    # of user image more accuracy than the bundled model may lose (benchmarks/README.md).
     "robust": {
         "channels": (32, 64, 128),
         "dense": 128,
