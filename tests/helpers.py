@@ -2,11 +2,16 @@
 
 import gzip
 import json
+import random
 import re
+import shutil
+import signal
 import struct
 import subprocess
 import textwrap
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +124,42 @@ def read_events(run_dir: Path) -> Any:
 def steps_and_values(events: Any, tag: str) -> tuple[list[int], list[float]]:
     scalars = events.Scalars(tag)
     return [s.step for s in scalars], [s.value for s in scalars]
+
+
+# How a command may end after a signal: -signum where it came before Python started (the
+# launcher script), which is a landing too.
+SIGNAL_EXIT_CODES = {signal.SIGKILL: {-9}, signal.SIGINT: {130, -2}, signal.SIGTERM: {143, -15}}
+
+
+def signal_until_each_lands(
+    events: list[tuple[signal.Signals, str]],
+    start: Callable[[], subprocess.Popen],
+    writing: Callable[[], bool],
+    run_dir: Path,
+    rng: random.Random,
+    seconds: tuple[float, float],
+) -> None:
+    """For each (signal, moment) in turn, starts the run (`start`) and sends the signal at that
+    moment: "write", as soon as a checkpoint is being written (`writing`), or "time", after a
+    random (seeded) number of seconds in the `seconds` range. Checks that each landed: the
+    run ended by it, in one line. A run that finished first starts over with earlier signals."""
+    scale, restarts = 1.0, 0
+    while events:
+        signum, moment = events[0]
+        process = start()
+        if moment == "write":
+            while process.poll() is None and not writing():
+                time.sleep(0.0005)
+        else:
+            time.sleep(scale * rng.uniform(*seconds))
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        assert "Traceback" not in stderr, stderr
+        if process.returncode == 0:
+            restarts += 1
+            assert restarts <= 3, "the run kept finishing before the signals landed"
+            shutil.rmtree(run_dir)
+            scale /= 2
+            continue
+        assert process.returncode in SIGNAL_EXIT_CODES[signum], stderr
+        events.pop(0)

@@ -13,7 +13,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, history, run_digitjax, tiny_train
+from helpers import (
+    assert_one_line_error,
+    history,
+    run_digitjax,
+    signal_until_each_lands,
+    tiny_train,
+)
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
@@ -326,32 +332,17 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
         (signal.SIGKILL, "write"),
         (signal.SIGINT, "write"),
     ]
-    # -signum: the signal came before Python started (the launcher script), which is a landing.
-    exit_codes = {signal.SIGKILL: {-9}, signal.SIGINT: {130, -2}, signal.SIGTERM: {143, -15}}
-    scale, restarts = 1.0, 0
-    while events:
-        signum, moment = events[0]
+
+    def start_or_resume() -> subprocess.Popen:
         command = resume if checkpoint.usable_steps(run_dir / "latest") else start
-        process = subprocess.Popen(
+        return subprocess.Popen(
             ["digitjax", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        if moment == "write":
-            writing = lambda: list(run_dir.glob("*/*.orbax-checkpoint-tmp*"))  # noqa: E731
-            while process.poll() is None and not writing():
-                time.sleep(0.0005)
-        else:
-            time.sleep(scale * rng.uniform(1.0, 6.0))
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=120)
-        assert "Traceback" not in stderr, stderr
-        if process.returncode == 0:  # the run finished first: start over, with earlier signals
-            restarts += 1
-            assert restarts <= 3, "the run kept finishing before the signals landed"
-            shutil.rmtree(run_dir)
-            scale /= 2
-            continue
-        assert process.returncode in exit_codes[signum], stderr
-        events.pop(0)
+
+    def writing() -> bool:
+        return bool(list(run_dir.glob("*/*.orbax-checkpoint-tmp*")))
+
+    signal_until_each_lands(events, start_or_resume, writing, run_dir, rng, (1.0, 6.0))
     command = resume if checkpoint.usable_steps(run_dir / "latest") else start
     final = runner.invoke(app, command)
     assert final.exit_code == 0, final.output

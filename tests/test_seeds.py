@@ -21,6 +21,7 @@ from helpers import (
     history,
     read_events,
     run_digitjax,
+    signal_until_each_lands,
     steps_and_values,
     tiny_train,
 )
@@ -297,28 +298,14 @@ def test_chaos_kills_and_signals_never_lose_a_seed(long_run: Path, tiny_mnist, t
         (signal.SIGKILL, "write"),
         (signal.SIGINT, "write"),
     ]
-    exit_codes = {signal.SIGKILL: {-9}, signal.SIGINT: {130, -2}, signal.SIGTERM: {143, -15}}
-    scale, restarts = 1.0, 0
-    while events:
-        signum, moment = events[0]
-        process = start(tiny_mnist, run_dir)
-        if moment == "write":
-            writing = lambda: list(run_dir.glob("seed-*/*/*.orbax-checkpoint-tmp*"))  # noqa: E731
-            while process.poll() is None and not writing():
-                time.sleep(0.0005)
-        else:
-            time.sleep(scale * rng.uniform(2.0, 8.0))
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=120)
-        assert "Traceback" not in stderr, stderr
-        if process.returncode == 0:  # the run finished first: start over, with earlier signals
-            restarts += 1
-            assert restarts <= 3, "the run kept finishing before the signals landed"
-            shutil.rmtree(run_dir)
-            scale /= 2
-            continue
-        assert process.returncode in exit_codes[signum], stderr
-        events.pop(0)
+
+    def writing() -> bool:
+        return bool(list(run_dir.glob("seed-*/*/*.orbax-checkpoint-tmp*")))
+
+    def start_or_resume() -> subprocess.Popen:
+        return start(tiny_mnist, run_dir)
+
+    signal_until_each_lands(events, start_or_resume, writing, run_dir, rng, (2.0, 8.0))
     final = start(tiny_mnist, run_dir)
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr
