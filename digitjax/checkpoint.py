@@ -186,6 +186,7 @@ class RunCheckpointer:
             kind: ocp.CheckpointManager((run_dir / kind).absolute(), options=options)
             for kind in (LATEST, BEST)
         }
+        self.failed = False  # a save failed: its last pieces may still land
 
     def save(
         self, kind: str, state: Mapping[str, Any], config: Config, summary: Mapping[str, Any]
@@ -202,6 +203,7 @@ class RunCheckpointer:
         try:
             manager.save(step, args=args)
         except Exception as e:  # orbax wraps OS errors in its own types
+            self.failed = True
             self._remove_partial_writes()
             previous = manager.latest_step()
             kept = f"step {previous} is kept" if previous is not None else "none was written"
@@ -215,13 +217,28 @@ class RunCheckpointer:
     def close(self) -> None:
         for manager in self.managers.values():
             manager.close()
-        self._remove_partial_writes()  # again: a failed write's last pieces land late
+        # Again: a failed write's last pieces land late, from TensorStore's own threads (a
+        # full disk once left an empty temporary folder behind a single sweep), so after a
+        # failure the sweeps go on until one finds nothing after a pause.
+        sweeps = LATE_WRITE_SWEEPS if self.failed else 1
+        for _ in range(sweeps):
+            if not self._remove_partial_writes() and self.failed:
+                time.sleep(LATE_WRITE_PAUSE_S)
+                if not self._remove_partial_writes():
+                    break
 
-    def _remove_partial_writes(self) -> None:
-        """Every save here is synchronous, so a temporary folder is a write that failed."""
+    def _remove_partial_writes(self) -> bool:
+        """Every save here is synchronous, so a temporary folder is a write that failed.
+        Says whether there was one."""
+        found = False
         for manager in self.managers.values():
             for tmp in Path(manager.directory).glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
                 shutil.rmtree(tmp, ignore_errors=True)
+                found = True
+        return found
+
+
+LATE_WRITE_SWEEPS, LATE_WRITE_PAUSE_S = 20, 0.05
 
 
 def _quiet_late_callbacks() -> None:
