@@ -101,13 +101,16 @@ def test_a_checkpoint_on_numpy_matches_the_jax_forward(tiny_run, mnist_test_imag
 
 def test_raw_weights_of_a_run_without_averaging(tiny_mnist, tmp_path, mnist_test_images):
     run = trained_tiny_run_with(tiny_mnist, tmp_path, "--ema-decay", "0")
+    assert_numpy_reads_it_as_jax(run, mnist_test_images[:500])
+
+
+def assert_numpy_reads_it_as_jax(run, images):
+    """The checkpoint's weights read by TensorStore and run on numpy give what Orbax's restore
+    run by Flax gives."""
     on_numpy, on_jax = checkpoint_classifier(run), CheckpointClassifier(run)
     assert on_numpy is not None and on_numpy.info == on_jax.info
     np.testing.assert_allclose(
-        on_numpy.probabilities(mnist_test_images[:500]),
-        on_jax.probabilities(mnist_test_images[:500]),
-        atol=1e-5,
-        rtol=0,
+        on_numpy.probabilities(images), on_jax.probabilities(images), atol=1e-5, rtol=0
     )
 
 
@@ -128,14 +131,7 @@ def test_every_layout_orbax_writes_is_read(layout, tiny_run, tmp_path, mnist_tes
     shutil.rmtree(state_dir)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**layout)) as checkpointer:
         checkpointer.save(state_dir, state)
-    on_numpy, on_jax = checkpoint_classifier(run), CheckpointClassifier(run)
-    assert on_numpy is not None and on_numpy.info == on_jax.info
-    np.testing.assert_allclose(
-        on_numpy.probabilities(mnist_test_images[:500]),
-        on_jax.probabilities(mnist_test_images[:500]),
-        atol=1e-5,
-        rtol=0,
-    )
+    assert_numpy_reads_it_as_jax(run, mnist_test_images[:500])
 
 
 def test_a_cold_predict_of_a_checkpoint_imports_no_jax(tiny_run, tmp_path):
