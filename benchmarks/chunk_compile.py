@@ -1,6 +1,7 @@
 """Compile time of `--preset fast`'s training chunk, and the speed of the program compiled, with
-XLA compiler options given as KEY=VALUE (none: XLA's defaults). Process CPU seconds, steadier
-than wall seconds on a shared machine: XLA:CPU compiles on one core.
+XLA compiler options given as KEY=VALUE (none: the preset's, its quick compile; XLA's own
+defaults: xla_cpu_use_fusion_emitters=true). Process CPU seconds, steadier than wall seconds
+on a shared machine.
 
     python benchmarks/chunk_compile.py [xla_backend_optimization_level=1 ...]
 """

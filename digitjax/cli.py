@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from digitjax import __version__, interrupts, render
-from digitjax.compilation_cache import enable_compilation_cache
+from digitjax.compilation import enable_compilation_cache
 from digitjax.config import Config, Interrupted, UserError, chosen_settings
 from digitjax.flags import (
     CONFIG_FIELDS,
@@ -164,6 +164,7 @@ def train(
     channels: Annotated[str | None, setting("channels", callback=positive_ints)] = None,
     dense: Annotated[int | None, setting("dense")] = None,
     dtype: Annotated[str | None, setting("dtype")] = None,
+    quick_compile: Annotated[bool | None, setting("quick_compile")] = None,
     preset: PresetFlag = None,
     out_dir: OutFlag = None,
     resume: ResumeFlag = False,

@@ -37,9 +37,7 @@ def make_batch_logits(
     return batch_logits
 
 
-def make_logits_fn(
-    graphdef: nnx.GraphDef, mesh: Mesh | None = None
-) -> Callable[[Any, jax.Array], jax.Array]:
+def make_logits_fn(graphdef: nnx.GraphDef, mesh: Mesh | None = None) -> jax.stages.Wrapped:
     """A jitted fn(params, images (N, 28, 28) uint8 with N % EVAL_BATCH == 0) -> logits.
     With a mesh, devices share each batch and every process gets all the logits."""
     batch_logits = make_batch_logits(graphdef, mesh)

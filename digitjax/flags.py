@@ -89,11 +89,14 @@ ProfileFlag = Annotated[
 
 
 def setting(name: str, **extra: Any) -> Any:
-    """A `train` flag for a Config field: its help text and panel come from the field."""
+    """A `train` flag for a Config field: its help text and panel come from the field. A
+    yes/no field is one flag that says yes (absent: the default or the preset's choice)."""
     field = next(f for f in dataclasses.fields(Config) if f.name == name)
     default = field.default
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    yes_flag = ["--" + name.replace("_", "-")] if isinstance(default, bool) else []
     return typer.Option(
+        *yes_flag,
         help=f"{field.metadata['help']} \\[default: {shown}]",
         show_default=False,
         rich_help_panel=field.metadata["panel"],

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from digitjax import checkpoint, interrupts
 from digitjax.augment import augment
+from digitjax.compilation import xla_options
 from digitjax.config import Config, Interrupted, UserError, uses_ema
 from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import (
@@ -326,7 +327,9 @@ def make_train_chunk(
 
         return jax.lax.map(one_seed, (state, order, seed_array))
 
-    return jax.jit(train_chunk_of, donate_argnums=0)
+    return jax.jit(
+        train_chunk_of, donate_argnums=0, compiler_options=xla_options(config.quick_compile)
+    )
 
 
 def seed_batching_for(backend: str) -> str:

@@ -76,7 +76,12 @@ def test_presets_are_the_recipes_benchmarks_measured():
     )
     fast = Config.from_flags({}, "fast")
     assert fast == Config(
-        epochs=2, warmup_epochs=0.1, augment_shift=0, dense=64, calibration_fraction=0.0
+        epochs=2,
+        warmup_epochs=0.1,
+        augment_shift=0,
+        dense=64,
+        calibration_fraction=0.0,
+        quick_compile=True,
     )
     best, robust = Config.from_flags({}, "best"), Config.from_flags({}, "robust")
     assert (best.channels, best.dense, best.epochs) == ((32, 64, 128), 256, 20)

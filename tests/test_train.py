@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from digitjax import checkpoint
 from digitjax.cli import app
 from digitjax.config import Config
-from digitjax.data import read_idx_split
+from digitjax.data import load_dataset, read_idx_split
+from digitjax.distributed import make_mesh
 from digitjax.model import abstract_model, apply, normalize
 from digitjax.train import (
     Schedule,
@@ -25,6 +26,7 @@ from digitjax.train import (
     init_state,
     make_optimizer,
     make_train_step,
+    prepare_training,
 )
 
 runner = CliRunner()
@@ -191,6 +193,25 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_mnist: Path, tmp_path: Pat
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "loss became NaN/inf", "No checkpoint had been written")
     assert not list(run_dir.glob("*/[0-9]*")), "a diverged state must never be saved"
+
+
+def test_quick_compile_compiles_otherwise_and_trains_to_the_same_numbers(
+    tiny_run: Path, tiny_mnist: Path, tmp_path: Path
+):
+    flags = tiny_train(tiny_mnist, tmp_path / "quick", "--quick-compile", epochs=3)
+    assert runner.invoke(app, flags).exit_code == 0
+    assert history(tmp_path / "quick") == history(tiny_run)
+    # ... because XLA compiled the same computation another way (the option reached it).
+    dataset = load_dataset("mnist", str(tiny_mnist))
+
+    def compiled_chunk(quick: bool) -> str:
+        config = Config(channels=(4, 8), dense=16, quick_compile=quick)
+        setup = prepare_training(config, dataset, make_mesh(1))
+        order = epoch_order(0, 0, setup.schedule.num_train)
+        args = (setup.init_state(), setup.train_images, setup.train_labels, order, 1)
+        return setup.train_chunk.lower(*args).compile().as_text()
+
+    assert compiled_chunk(True) != compiled_chunk(False)
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def load_classifier(path: Path | None = None, quick_start: bool = False) -> Clas
     elif quick_start and (quick := quick_classifier(path)) is not None:
         classifier = quick
     else:
-        from digitjax.compilation_cache import enable_compilation_cache
+        from digitjax.compilation import enable_compilation_cache
 
         enable_compilation_cache()  # a fresh process loads the forward pass compiled before
         classifier = CheckpointClassifier(path)
