@@ -39,6 +39,11 @@ VARIANTS = {
     "--label-smoothing 0": {"label_smoothing": 0.0},
     "--warmup-epochs 0.05": {"warmup_epochs": 0.05},
     "--learning-rate 7e-3 --warmup-epochs 0.05": {"learning_rate": 7e-3, "warmup_epochs": 0.05},
+    "--dense 32": {"dense": 32},
+    "--weight-decay 0": {"weight_decay": 0.0},
+    "--label-smoothing 0.05": {"label_smoothing": 0.05},
+    "--learning-rate 7e-3": {"learning_rate": 7e-3},
+    "--epochs 1 --ema-decay 0.98": {"epochs": 1, "ema_decay": 0.98},
 }
 
 
