@@ -16,7 +16,6 @@ none is missing. A record that a kill cut in half only ends its file; readers go
 next one.
 """
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,14 +140,18 @@ class RunTracker:
 
 
 class EventFile:
-    """This session's event file in the run folder: events.out.tfevents.<time>.<host>.<pid>
-    (the process id keeps two sessions started in the same second apart)."""
+    """This session's event file in the run folder: events.out.tfevents.<time>.<host>.<n>,
+    n counting the run's sessions. TensorBoard reads a folder's files in the order of their
+    names, so two sessions started in the same second must sort by n (the process id they
+    once ended with put a resumed run's last session before the one it resumed whenever its
+    id was the smaller); the run's lock keeps two from counting at once."""
 
     def __init__(self, run_dir: Path, purge_after: int | None):
         from tensorboardX.event_file_writer import EventsWriter
 
         self.run_dir = run_dir
-        self.writer = self._writing(EventsWriter, str(run_dir / "events"), f".{os.getpid()}")
+        session = len(list(run_dir.glob("events.out.tfevents.*"))) + 1
+        self.writer = self._writing(EventsWriter, str(run_dir / "events"), f".{session:05d}")
         if purge_after is not None:
             from tensorboardX.proto.event_pb2 import (
                 SessionLog,  # pyright: ignore[reportAttributeAccessIssue]

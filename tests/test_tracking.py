@@ -22,7 +22,7 @@ from digitjax.cli import app
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh
-from digitjax.tracking import PROFILED_CHUNKS
+from digitjax.tracking import PROFILED_CHUNKS, EventFile
 from digitjax.train import Schedule, learning_rate_schedule
 
 runner = CliRunner()
@@ -163,6 +163,22 @@ def test_resumed_run_shows_every_step_once_after_a_kill_and_a_ctrl_c(tiny_mnist,
     assert result.exit_code == 0, result.output
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 3  # one per session
     assert_events_match_the_run(run_dir, epochs)
+
+
+def test_sessions_started_in_the_same_second_are_read_in_order(tmp_path, monkeypatch):
+    """TensorBoard reads a folder's event files in name order: a resumed session's file,
+    started in the same second as the one before (or in the same process), must come after
+    it, or its purge marker hides the steps it should keep."""
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # every file in one second
+    first = EventFile(tmp_path, purge_after=None)
+    first.write_scalars(10, {"train/loss": 1.0})
+    first.write_scalars(20, {"train/loss": 2.0})  # past the checkpoint at 10: to be purged
+    first.close()
+    second = EventFile(tmp_path, purge_after=10)
+    second.write_scalars(20, {"train/loss": 3.0})
+    second.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert steps_and_values(read_events(tmp_path), "train/loss") == ([10, 20], [1.0, 3.0])
 
 
 def test_profile_traces_a_few_chunks_and_changes_nothing(tiny_run, tiny_mnist, tmp_path):
