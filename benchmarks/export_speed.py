@@ -66,9 +66,9 @@ def measure(checkpoint: Path, folder: Path, image: Path, repeats: int) -> dict:
     predictor = CheckpointClassifier(checkpoint)
     runners = {
         "onnxruntime": lambda x: session.run(None, {"images": x}),
-        "jax_stablehlo": lambda x: exported_call(x).block_until_ready(),
+        "jax_stablehlo": lambda x: jax.block_until_ready(exported_call(x)),
         # Batches of 1 and 256 are powers of two: in_batches pads nothing.
-        "jax_digitjax": predictor.probabilities,
+        "jax_digitjax": predictor.outputs,
     }
     test_images = read_idx_split(EMBEDDED_MNIST, "test")[0].astype(np.float32) / 255
     return {

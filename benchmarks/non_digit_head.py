@@ -41,7 +41,7 @@ from digitjax.weights import NUM_POOLS
 BATCH = 2000
 
 
-def features_fn(checkpoint: Path):
+def features_fn(checkpoint: Path, conv_stats: bool = True):
     """fn(images (N, 28, 28) in [0, 1]) -> (features, top calibrated probability)."""
     model = restore_model(checkpoint)
     cnn = nnx.merge(model.graphdef, model.params)
@@ -58,7 +58,7 @@ def features_fn(checkpoint: Path):
         logits = cnn.logits(hidden) / temperature
         energy = jax.nn.logsumexp(logits, -1, keepdims=True)
         top = jax.nn.softmax(logits).max(-1)
-        return jnp.concatenate([hidden, logits, energy, *pooled], -1), top
+        return jnp.concatenate([hidden, logits, energy, *(pooled if conv_stats else [])], -1), top
 
     def in_batches(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         parts = [features(jnp.asarray(images[i : i + BATCH])) for i in range(0, len(images), BATCH)]
@@ -145,8 +145,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=0, help="0: logistic regression")
     parser.add_argument("--per-kind", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-conv-stats", action="store_true")
     args = parser.parse_args()
-    features = features_fn(args.checkpoint)
+    features = features_fn(args.checkpoint, not args.no_conv_stats)
 
     mnist = load_dataset("mnist")
     train_digits = mnist.split("train")[0].astype(np.float32) / 255

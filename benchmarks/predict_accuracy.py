@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from digitjax.inference.classifier import BUNDLED_MODEL, CheckpointClassifier
+from digitjax.inference.classifier import BUNDLED_MODEL, NUM_DIGITS, CheckpointClassifier
 from digitjax.inference.parallel import preprocess_many
 from digitjax.inference.preprocess import load_grayscale
 from digitjax.synthetic.user_digits import KINDS, generate
@@ -33,9 +33,9 @@ def score(predictor: CheckpointClassifier, samples: list, seen: list, resized: n
     found = [i for i, image in enumerate(seen) if image is not None]
     digits = np.full(len(samples), -1)
     if found:
-        probabilities = predictor.probabilities(np.stack([seen[i] for i in found]))
+        probabilities = predictor.outputs(np.stack([seen[i] for i in found]))[:, :NUM_DIGITS]
         digits[found] = probabilities.argmax(axis=1)
-    resize_digits = predictor.probabilities(resized).argmax(axis=1)
+    resize_digits = predictor.outputs(resized)[:, :NUM_DIGITS].argmax(axis=1)
     counts = {name: Counter() for name in dict.fromkeys(kind for _, _, kind in samples)}
     for (_, label, kind), digit, resize_digit in zip(samples, digits, resize_digits):
         counts[kind].update(

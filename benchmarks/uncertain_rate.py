@@ -1,5 +1,6 @@
-"""How often a model's answers are flagged (no digit found, "not sure" or "not a digit": see
-`judge` in `digitjax/inference/classifier.py`), per kind of image: on images of no digit
+"""How often a model's answers are flagged (no digit found, "not sure" or "not a digit", by
+its non-digit detector where it has one: see `judge` in `digitjax/inference/classifier.py`),
+per kind of image: on images of no digit
 (`non_digits.py`), held-out kinds apart from the kinds trained on, where it should be, and
 on real images of no digit that nothing in digitjax generated or trained on (Fashion-MNIST
 test: photos of clothes, per class); on MNIST test and on users' digits (`user_digits.py`),
@@ -20,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from digitjax.data import load_dataset
-from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, NOT_A_DIGIT_BELOW, judge
+from digitjax.inference.classifier import (
+    DEFAULT_MIN_CONFIDENCE,
+    NON_DIGIT_SCORE,
+    NOT_A_DIGIT_BELOW,
+    NUM_DIGITS,
+    judge,
+)
 from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import non_digits, user_digits
 
@@ -48,18 +55,30 @@ def fashion_files(folder: Path, count: int) -> list[tuple[Path, str]]:
     return samples
 
 
-def rates(tops: list[float | None], thresholds: list[float]) -> dict:
-    """Among the images of a kind (the top probability of each, None where preprocessing found
-    no digit): the share flagged below each threshold and the share `judge` calls "not a digit"
-    at the default threshold, no digit found counting as both."""
-    missing = sum(top is None for top in tops)
-    found = np.array([top for top in tops if top is not None])
-    refused = sum(judge(float(top), DEFAULT_MIN_CONFIDENCE) == "not_a_digit" for top in found)
+# An image's answer as counted here: its top probability and non-digit score (None: no
+# detector), or None where preprocessing found no digit.
+Answer = tuple[float, float | None] | None
+
+
+def rates(answers: list[Answer], thresholds: list[float]) -> dict:
+    """Among the images of a kind: the share flagged below each threshold (or by the
+    detector), the share the detector flags, and the share `judge` calls "not a digit" at
+    the default threshold, no digit found counting as all three."""
+    missing = sum(a is None for a in answers)
+    tops = np.array([a[0] for a in answers if a is not None])
+    detected = np.array([a[1] is not None and a[1] > 0 for a in answers if a is not None])
+    refused = sum(
+        judge(a[0], DEFAULT_MIN_CONFIDENCE, a[1]) == "not_a_digit" for a in answers if a is not None
+    )
+    count = len(answers)
     return {
-        "images": len(tops),
+        "images": count,
         "no_digit_found": missing,
-        "flagged": {f"{t:g}": float(((found < t).sum() + missing) / len(tops)) for t in thresholds},
-        "not_a_digit": (refused + missing) / len(tops),
+        "flagged": {
+            f"{t:g}": float(((detected | (tops < t)).sum() + missing) / count) for t in thresholds
+        },
+        "detector": float((detected.sum() + missing) / count),
+        "not_a_digit": (refused + missing) / count,
     }
 
 
@@ -70,13 +89,14 @@ def markdown(report: dict, thresholds: list[float]) -> str:
         cells = [f"{100 * report[group]['all']['flagged'][f'{t:g}']:.1f}%" for t in thresholds]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     default = f"{DEFAULT_MIN_CONFIDENCE:g}"
-    lines += ["", f"| group | kind | flagged (below {default}) | not a digit (below "
-              f"{NOT_A_DIGIT_BELOW:g}, or none found) |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines += ["", f"| group | kind | flagged (below {default}) | detector (or none found) | "
+              f"not a digit (detector, below {NOT_A_DIGIT_BELOW:g}, or none found) |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for group in GROUPS:
         for kind, result in report[group].items():
             lines.append(
                 f"| {group} | {kind} | {100 * result['flagged'][default]:.1f}% | "
-                f"{100 * result['not_a_digit']:.1f}% |"
+                f"{100 * result['detector']:.1f}% | {100 * result['not_a_digit']:.1f}% |"
             )
     return "\n".join(lines)
 
@@ -98,12 +118,17 @@ def main() -> None:
         samples += [(path, kind) for path, _, kind in digits]
         samples += fashion_files(Path(folder) / "fashion", 10 * args.per_kind)
         predictions, _ = predict_files(classifier, [path for path, _ in samples], None)
-    tops: dict[str, list] = {}
-    for (_, kind), prediction in zip(samples, predictions):
-        tops.setdefault(kind, []).append(prediction.confidence)
+    answers: dict[str, list[Answer]] = {}
+    for (_, kind), p in zip(samples, predictions):
+        found = p.confidence is not None
+        answers.setdefault(kind, []).append((p.confidence, p.non_digit_score) if found else None)
     mnist_images, _ = load_dataset("mnist").split("test")
-    mnist_tops = classifier.probabilities(mnist_images / np.float32(255)).max(axis=1)
-    report = {"MNIST test": {"all": rates(list(mnist_tops), thresholds)}}
+    mnist = classifier.outputs(mnist_images / np.float32(255))
+    mnist_answers: list[Answer] = [
+        (float(row[:NUM_DIGITS].max()), None if np.isnan(s := row[NON_DIGIT_SCORE]) else float(s))
+        for row in mnist
+    ]
+    report = {"MNIST test": {"all": rates(mnist_answers, thresholds)}}
     kinds_of = {
         "held-out non-digits": non_digits.HELD_OUT_KINDS,
         "training non-digits": non_digits.TRAINING_KINDS,
@@ -111,8 +136,8 @@ def main() -> None:
         "Fashion-MNIST test": load_dataset("fashion_mnist").class_names,
     }
     for group, kinds in kinds_of.items():
-        report[group] = {kind: rates(tops[kind], thresholds) for kind in kinds}
-        report[group]["all"] = rates([top for kind in kinds for top in tops[kind]], thresholds)
+        report[group] = {kind: rates(answers[kind], thresholds) for kind in kinds}
+        report[group]["all"] = rates([a for kind in kinds for a in answers[kind]], thresholds)
     print(
         json.dumps(
             {

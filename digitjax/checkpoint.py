@@ -41,6 +41,7 @@ from digitjax.runs import (
     usable_steps,
 )
 from digitjax.weights import (
+    NonDigitDetector,
     check_shapes,
     check_summary,
     checksum,
@@ -369,6 +370,9 @@ class TrainedModel:
     # checkpoints without one (older ones, runs without held-out images, the raw weights of a
     # run that evaluates their average): the plain softmax.
     temperature: float | None = None
+    # Says which images do not look like digits (`detector.py`); None for checkpoints without
+    # one (all but the bundled model and runs that ask for it).
+    detector: NonDigitDetector | None = None
 
 
 def restore_model(path: Path, kind: str = BEST, average: bool = True) -> TrainedModel:
@@ -381,12 +385,12 @@ def restore_model(path: Path, kind: str = BEST, average: bool = True) -> Trained
     items = _read_items(step_dir, state_keys=weights)
     config = config_of(items["config"], step_dir)
     graphdef, expected = abstract_model(config, items["summary"]["num_classes"])
-    kept, temperature = chosen_weights(config, items["summary"], average)
+    kept, temperature, detector = chosen_weights(config, items["summary"], average, step_dir)
     params = items["state"].get(kept) if isinstance(items["state"], dict) else None
     if params is None:
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no {kept})")
     params = _match_tree(params, expected, "its config's model", step_dir)
-    return TrainedModel(config, graphdef, params, items["summary"], step_dir, temperature)
+    return TrainedModel(config, graphdef, params, items["summary"], step_dir, temperature, detector)
 
 
 def initial_params(path: Path, expected: Any) -> Any:

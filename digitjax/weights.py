@@ -42,6 +42,75 @@ def parameter_shapes(
     return shapes
 
 
+def detector_feature_count(channels: tuple[int, ...], dense: int, num_classes: int) -> int:
+    """How many numbers `NonDigitDetector` reads of an image: the hidden layer, the calibrated
+    logits and their logsumexp, then each conv layer's mean and maximum activation per channel
+    (over the positions after its ReLU and pooling), in that order."""
+    return dense + num_classes + 1 + 2 * sum(channels)
+
+
+def conv_statistics(xp: Any, x: Any) -> Any:
+    """(N, 2C): the mean and then the maximum of a conv layer's (N, H, W, C) output over its
+    positions, per channel; `xp` is numpy or jax.numpy."""
+    return xp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=1)
+
+
+def detector_features(xp: Any, hidden: Any, logits: Any, conv_stats: list) -> Any:
+    """The (N, detector_feature_count) features of N images, in numpy (`xp=np`) or JAX
+    (`xp=jax.numpy`): one formula for both forward passes. `conv_stats`: `conv_statistics`
+    of each conv layer's output, in order."""
+    top = logits.max(axis=1, keepdims=True)
+    logsumexp = top + xp.log(xp.exp(logits - top).sum(axis=1, keepdims=True))
+    return xp.concatenate([hidden, logits, logsumexp, *conv_stats], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NonDigitDetector:
+    """A logistic score on what the CNN computes for an image (`detector_feature_count`):
+    `features @ kernel + bias`, positive for an image that does not look like a digit. Its
+    input normalization and threshold are folded into `kernel` and `bias` (`detector.fit`),
+    so that 0 is the threshold; `false_alarms` is the share of held-out digits it flags."""
+
+    kernel: np.ndarray  # (features,) float32
+    bias: float
+    false_alarms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kernel": [float(w) for w in self.kernel],
+            "bias": self.bias,
+            "false_alarms": self.false_alarms,
+        }
+
+    @classmethod
+    def from_summary(
+        cls, summary: dict, config: Config, step_dir: Path
+    ) -> "NonDigitDetector | None":
+        """The detector a checkpoint's summary holds (None: it has none), checked against the
+        features its model computes."""
+        raw = summary.get(DETECTOR_KEY)
+        if raw is None:
+            return None
+        expected = detector_feature_count(config.channels, config.dense, summary["num_classes"])
+        numbers = (
+            [*raw["kernel"], raw["bias"], raw["false_alarms"]]
+            if isinstance(raw, dict)
+            and {"kernel", "bias", "false_alarms"} <= set(raw)
+            and isinstance(raw["kernel"], list)
+            else []
+        )
+        if not (
+            len(numbers) == expected + 2
+            and all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
+            and np.isfinite(numbers).all()
+        ):
+            raise UserError(f"{step_dir} has an invalid non-digit detector in its summary")
+        return cls(np.asarray(numbers[:-2], np.float32), float(numbers[-2]), float(numbers[-1]))
+
+
+DETECTOR_KEY = "non_digit_detector"  # the summary's entry for it
+
+
 def check_shapes(
     got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], what: str, where: Path
 ) -> None:
@@ -102,14 +171,20 @@ def config_of(raw: Any, step_dir: Path) -> Config:
         raise UserError(f"{step_dir} is not a digitjax checkpoint: {e}") from None
 
 
-def chosen_weights(config: Config, summary: dict, average: bool) -> tuple[str, float | None]:
+def chosen_weights(
+    config: Config, summary: dict, average: bool, step_dir: Path
+) -> tuple[str, float | None, "NonDigitDetector | None"]:
     """Which weights to restore, "ema_params" (the moving average, if the run kept one and
-    `average`) or "params", and the temperature that calibrates them: the run fitted it for
-    the weights it evaluates, so the raw weights of a run that averages have none."""
+    `average`) or "params", with the temperature that calibrates them and the non-digit
+    detector: both were fitted for the weights the run evaluates, so the raw weights of a run
+    that averages have neither."""
     evaluated = "ema_params" if uses_ema(config) else "params"
     kept = evaluated if average else "params"
-    temperature = summary.get("temperature") if kept == evaluated else None
-    return kept, None if temperature is None else float(temperature)
+    if kept != evaluated:
+        return kept, None, None
+    temperature = summary.get("temperature")
+    detector = NonDigitDetector.from_summary(summary, config, step_dir)
+    return kept, None if temperature is None else float(temperature), detector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +197,7 @@ class StoredWeights:
     summary: dict
     step_dir: Path
     temperature: float | None
+    detector: NonDigitDetector | None
 
 
 def read_weights(step_dir: Path) -> StoredWeights | None:
@@ -138,14 +214,14 @@ def read_weights(step_dir: Path) -> StoredWeights | None:
         return None
     check_summary(summary, step_dir)
     config = config_of(config_raw, step_dir)
-    key, temperature = chosen_weights(config, summary, average=True)
+    key, temperature, detector = chosen_weights(config, summary, True, step_dir)
     arrays = _read_arrays(state, layout, key)
     if arrays is None:
         return None
     verify_checksums(summary, {key: arrays}, step_dir)
     expected = parameter_shapes(config.channels, config.dense, summary["num_classes"])
     check_shapes({k: v.shape for k, v in arrays.items()}, expected, "its config's model", step_dir)
-    return StoredWeights(config, arrays, summary, step_dir, temperature)
+    return StoredWeights(config, arrays, summary, step_dir, temperature, detector)
 
 
 def _read_arrays(state: Path, layout: Any, key: str) -> dict[str, np.ndarray] | None:

@@ -43,6 +43,16 @@ def trained_tiny_run(data_dir: Path, folder: Path, epochs: int) -> Path:
     return run_dir
 
 
+def assert_same_outputs(got: np.ndarray, want: np.ndarray) -> None:
+    """Two classifiers' (N, 11) outputs for the same images: the probabilities to 1e-5, the
+    non-digit scores (whose sum runs over ~600 features) to 1e-3 or NaN in both, and the
+    same verdict from every score not within that of the threshold."""
+    np.testing.assert_allclose(got[:, :10], want[:, :10], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[:, 10], want[:, 10], atol=1e-3, rtol=1e-5)
+    clear = np.abs(want[:, 10]) > 1e-3
+    assert ((got[clear, 10] > 0) == (want[clear, 10] > 0)).all()
+
+
 def python_block(doc: str, marker: str) -> str:
     """The one Python code block of a page (README.md, docs/...) that contains `marker`, as a
     user copies it."""

@@ -12,13 +12,21 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import MNIST_DIR, assert_one_line_error, tiny_train, trained_tiny_run
+from helpers import (
+    MNIST_DIR,
+    assert_one_line_error,
+    assert_same_outputs,
+    tiny_train,
+    trained_tiny_run,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
+from digitjax import detector
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
-from digitjax.data import read_idx_split
+from digitjax.config import UserError
+from digitjax.data import load_dataset, read_idx_split
 from digitjax.inference.bundled import (
     WEIGHTS_FILE,
     bundled_classifier,
@@ -38,10 +46,11 @@ def test_numpy_forward_matches_the_jax_forward_on_mnist_test(mnist_test_images):
     on_numpy, on_jax = bundled_classifier(), CheckpointClassifier(BUNDLED_MODEL)
     assert on_numpy is not None, f"run write_bundle: {WEIGHTS_FILE} is missing or stale"
     assert on_numpy.info == on_jax.info and on_numpy.source == on_jax.source
-    got, want = on_numpy.probabilities(mnist_test_images), on_jax.probabilities(mnist_test_images)
-    assert got.shape == (10_000, 10)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    assert on_numpy.info.detects_non_digits
+    got, want = on_numpy.outputs(mnist_test_images), on_jax.outputs(mnist_test_images)
+    assert got.shape == (10_000, 11)
+    assert_same_outputs(got, want)
+    assert (got[:, :10].argmax(axis=1) == want[:, :10].argmax(axis=1)).all()
 
 
 def test_the_bundled_checkpoint_holds_only_what_inference_needs():
@@ -51,18 +60,26 @@ def test_the_bundled_checkpoint_holds_only_what_inference_needs():
     assert size < 8_000_000  # 13 MB with the optimizer state
 
 
-def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images):
-    """The lead's step after training a new bundled model, on a tiny run."""
+def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images, monkeypatch):
+    """The lead's step after training a new bundled model, on a tiny run, its non-digit
+    detector fitted on fewer images in fewer steps."""
+    for name, value in {"FIT_DIGITS": 1500, "NON_DIGITS": 300, "STEPS": 50}.items():
+        monkeypatch.setattr(detector, name, value)
+    monkeypatch.setattr(detector, "load_dataset", lambda name: load_dataset(name, tiny_mnist))
     run = trained_tiny_run(tiny_mnist, tmp_path, epochs=1)
     folder = tmp_path / "model"
     step_dir = write_bundle(run, folder)
-    on_numpy, on_jax = bundled_classifier(folder), CheckpointClassifier(run)
+    on_numpy, on_jax = bundled_classifier(folder), CheckpointClassifier(step_dir)
     assert on_numpy is not None and on_numpy.source == step_dir
-    assert on_numpy.info.step == on_jax.info.step
+    assert on_numpy.info.detects_non_digits and on_jax.info.detects_non_digits
+    assert on_jax.info.step == CheckpointClassifier(run).info.step
     images = mnist_test_images[:500]
+    assert_same_outputs(on_numpy.outputs(images), on_jax.outputs(images))
+    # The run's own probabilities, and a detector that flags digits rarely.
     np.testing.assert_allclose(
-        on_numpy.probabilities(images), on_jax.probabilities(images), atol=1e-5, rtol=0
+        on_jax.outputs(images)[:, :10], CheckpointClassifier(run).outputs(images)[:, :10]
     )
+    assert (on_jax.outputs(images)[:, 10] > 0).mean() < 0.1
     saved = json.loads((step_dir / "summary" / "metadata").read_text())
     assert set(saved["checksums"]) == {"ema_params", "step"}  # no optimizer state
     # A checkpoint replaced without a new weights file is not run on stale weights.
@@ -94,8 +111,8 @@ def test_a_checkpoint_on_numpy_matches_the_jax_forward(tiny_run, mnist_test_imag
     assert on_numpy.info == on_jax.info and on_numpy.source == on_jax.source
     assert on_numpy.info.temperature is not None  # calibrated: the temperature is applied
     images = mnist_test_images[:2000]
-    got, want = on_numpy.probabilities(images), on_jax.probabilities(images)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    got, want = on_numpy.outputs(images), on_jax.outputs(images)
+    assert_same_outputs(got, want)
     assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
 
 
@@ -109,9 +126,7 @@ def assert_numpy_reads_it_as_jax(run, images):
     run by Flax gives."""
     on_numpy, on_jax = checkpoint_classifier(run), CheckpointClassifier(run)
     assert on_numpy is not None and on_numpy.info == on_jax.info
-    np.testing.assert_allclose(
-        on_numpy.probabilities(images), on_jax.probabilities(images), atol=1e-5, rtol=0
-    )
+    assert_same_outputs(on_numpy.outputs(images), on_jax.outputs(images))
 
 
 def trained_tiny_run_with(data_dir, folder, *extra: str):
@@ -200,3 +215,30 @@ def test_predict_checks_a_checkpoint_on_numpy_as_orbax_restores_do(
     result = CliRunner().invoke(app, ["predict", str(image), "--checkpoint", str(run)])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, message)
+
+
+def forge_detector(edit) -> Callable[[dict], dict]:
+    return lambda summary: {**summary, "non_digit_detector": edit(summary["non_digit_detector"])}
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: {**d, "kernel": d["kernel"][:-1]},  # for another model
+        lambda d: {**d, "bias": float("nan")},
+        lambda d: {**d, "kernel": ["1"] * len(d["kernel"])},
+        lambda d: {"kernel": d["kernel"]},
+        lambda d: [],
+    ],
+)
+def test_a_forged_non_digit_detector_is_refused(edit, tmp_path):
+    """Whether read by TensorStore for numpy or restored by Orbax."""
+    model = shutil.copytree(BUNDLED_MODEL, tmp_path / "model")
+    edit_json("summary", forge_detector(edit))(next(model.glob("best/*")))
+    image = tmp_path / "x.png"
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(image)
+    result = CliRunner().invoke(app, ["predict", str(image), "--checkpoint", str(model)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "invalid non-digit detector")
+    with pytest.raises(UserError, match="invalid non-digit detector"):
+        restore_model(model)

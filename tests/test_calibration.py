@@ -28,7 +28,11 @@ from digitjax.evaluate import (
     reliability,
     split_logits,
 )
-from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, CheckpointClassifier
+from digitjax.inference.classifier import (
+    DEFAULT_MIN_CONFIDENCE,
+    NUM_DIGITS,
+    CheckpointClassifier,
+)
 from digitjax.synthetic.non_digits import KINDS as NON_DIGIT_KINDS
 from digitjax.synthetic.non_digits import generate as generate_non_digits
 from digitjax.train import Callbacks, train
@@ -115,7 +119,7 @@ def test_predictor_probabilities_are_the_calibrated_softmax(tiny_run):
     logits = split_logits(
         make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
     )
-    got = CheckpointClassifier(tiny_run).probabilities(images.astype(np.float32) / 255)
+    got = CheckpointClassifier(tiny_run).outputs(images.astype(np.float32) / 255)[:, :NUM_DIGITS]
     np.testing.assert_allclose(got, calibrated_softmax(logits, model.temperature), atol=1e-5)
     assert (got.argmax(axis=1) == logits.argmax(axis=1)).all()
 
@@ -173,7 +177,7 @@ def test_a_checkpoint_without_a_temperature_evaluates_and_predicts_as_before(
     logits = split_logits(
         make_logits_fn(model.graphdef), model.params, pad_to_batches(images), len(images)
     )
-    got = CheckpointClassifier(old_run).probabilities(images.astype(np.float32) / 255)
+    got = CheckpointClassifier(old_run).outputs(images.astype(np.float32) / 255)[:, :NUM_DIGITS]
     np.testing.assert_allclose(got, calibrated_softmax(logits), atol=1e-5)
 
 

@@ -12,14 +12,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import MNIST_DIR, assert_one_line_error, python_block, write_mnist_subset
+from helpers import (
+    MNIST_DIR,
+    assert_one_line_error,
+    assert_same_outputs,
+    python_block,
+    write_mnist_subset,
+)
 from typer.testing import CliRunner
 
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.evaluate import calibrated_softmax, make_logits_fn, pad_to_batches, split_logits
-from digitjax.inference.classifier import BUNDLED_MODEL
+from digitjax.inference.classifier import BUNDLED_MODEL, CheckpointClassifier
 from digitjax.inference.export import FORMATS
 
 runner = CliRunner()
@@ -138,6 +144,28 @@ def test_readme_loader_without_digitjax_matches_evaluate(
         np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0, err_msg=name)
     accuracy = (np.load(tmp_path / "bundled.npy").argmax(axis=1) == mnist_test[1]).mean()
     assert accuracy == exports["bundled", fmt][1]["test_accuracy"]  # what evaluate reports
+
+
+def test_exports_give_the_checkpoints_outputs_non_digit_scores_included(
+    exports, checkpoints, mnist_test
+):
+    """Each format's file, run as `predict --model` runs it, against the checkpoint's forward
+    pass: probabilities and, for the bundled model, its non-digit detector's scores, on
+    digits and on generated non-digits; a model without a detector exports none."""
+    from digitjax.inference.export import ExportedModel
+    from digitjax.synthetic import non_digits
+
+    others = non_digits.training_set(300)[:100]
+    images = np.concatenate([mnist_test[0][:400], others]).astype(np.float32) / 255
+    for name in ("bundled", "default"):
+        want = CheckpointClassifier(checkpoints[name]).outputs(images)
+        assert np.isnan(want[:, 10]).all() == (name != "bundled")
+        for fmt in FORMATS:
+            exported = ExportedModel(exports[name, fmt][0])
+            assert exported.info.detects_non_digits == (name == "bundled")
+            assert_same_outputs(exported.outputs(images), want)
+    scores = CheckpointClassifier(BUNDLED_MODEL).outputs(images)[:, 10]
+    assert (scores[:400] > 0).mean() < 0.02 and (scores[400:] > 0).mean() > 0.8
 
 
 def test_metadata_travels_with_both_formats(exports, checkpoints):

@@ -7,18 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_train
+from helpers import MNIST_DIR, tiny_train
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
 from digitjax.cli import app
 from digitjax.config import ADDED_LATER, Config, Interrupted, UserError
+from digitjax.data import read_idx_split
 from digitjax.inference.classifier import (
+    BUNDLED_MODEL,
     DEFAULT_MIN_CONFIDENCE,
+    NON_DIGIT_SCORE,
     NOT_A_DIGIT_BELOW,
     judge,
 )
-from digitjax.synthetic import non_digits
+from digitjax.inference.predict import load_classifier, predict_files
+from digitjax.synthetic import non_digits, user_digits
 from digitjax.train import Callbacks, train
 
 runner = CliRunner()
@@ -82,7 +86,7 @@ def test_training_set_is_preprocessed_once_then_read_from_its_cache(tmp_path, mo
     assert np.array_equal(non_digits.training_set(30, tmp_path), images)
 
 
-def test_policy_decides_from_the_top_probability_alone():
+def test_policy_decides_from_the_top_probability_and_the_detector():
     assert judge(0.999, DEFAULT_MIN_CONFIDENCE) == "digit"
     assert judge(DEFAULT_MIN_CONFIDENCE, DEFAULT_MIN_CONFIDENCE) == "digit"
     assert judge(DEFAULT_MIN_CONFIDENCE - 1e-6, DEFAULT_MIN_CONFIDENCE) == "not_sure"
@@ -90,6 +94,30 @@ def test_policy_decides_from_the_top_probability_alone():
     assert judge(0.1, DEFAULT_MIN_CONFIDENCE) == "not_a_digit"  # ten equal probabilities
     assert judge(0.1, None) == "digit"  # an uncalibrated model, no threshold asked for
     assert 0.1 < NOT_A_DIGIT_BELOW < DEFAULT_MIN_CONFIDENCE < 1
+    # A positive non-digit score refuses the image however sure the model is, with or
+    # without a threshold; a negative one leaves the decision to the probabilities.
+    assert judge(0.999, DEFAULT_MIN_CONFIDENCE, 0.2) == "not_a_digit"
+    assert judge(0.999, None, 1e-6) == "not_a_digit"
+    assert judge(0.999, DEFAULT_MIN_CONFIDENCE, 0.0) == "digit"
+    assert judge(0.9, DEFAULT_MIN_CONFIDENCE, -3.0) == "not_sure"
+
+
+def test_the_bundled_model_refuses_non_digit_kinds_it_never_saw(tmp_path):
+    """Its detector was fitted on the training kinds only: the held-out kinds, drawn with a
+    seed of their own, are refused; users' digits and MNIST test digits mostly are not
+    (benchmarks/README.md, "Non-digit rejection", has the figures on 100 per kind)."""
+    classifier = load_classifier(BUNDLED_MODEL, quick_start=True)
+    assert classifier.info.detects_non_digits
+    others = non_digits.generate(tmp_path / "others", 8, seed=7, kinds=non_digits.HELD_OUT_KINDS)
+    answers, _ = predict_files(classifier, [path for path, _ in others], DEFAULT_MIN_CONFIDENCE)
+    refused = [a.verdict == "not_a_digit" or a.error is not None for a in answers]
+    assert sum(refused) >= 0.85 * len(answers), [p.name for p, r in zip(others, refused) if not r]
+    digits = user_digits.generate(tmp_path / "digits", 4, seed=7)
+    answers, _ = predict_files(classifier, [path for path, _, _ in digits], DEFAULT_MIN_CONFIDENCE)
+    assert sum(a.verdict == "not_a_digit" for a in answers) <= 0.1 * len(answers)
+    images = read_idx_split(MNIST_DIR, "test")[0][:2000].astype(np.float32) / 255
+    outputs = classifier.outputs(images)
+    assert (outputs[:, NON_DIGIT_SCORE] > 0).mean() <= 0.01
 
 
 def tiny_config(tiny_mnist: Path) -> Config:

@@ -95,7 +95,7 @@ def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
     assert_one_line_error(result.stderr, "--plot out/grid.png: cannot write: File too large")
     assert result.stderr.splitlines()[-1].startswith("error: --plot")
     table, _, rest = result.stdout.partition(
-        "name,digit,confidence,uncertain,verdict,probabilities,error"
+        "name,digit,confidence,uncertain,verdict,probabilities,non_digit_score,error"
     )
     assert "seven.png" in table and "│ 7 " in table
     rows = list(csv.reader(io.StringIO(rest.strip())))

@@ -1,9 +1,11 @@
 """The one inference contract, shared by everything that answers (predict, the API, the page):
 
 - a `Classifier` turns (N, 28, 28) images in [0, 1] into (N, 10) calibrated probabilities and
-  says what it is (`ModelInfo`); a checkpoint (`CheckpointClassifier`) and a file written by
-  `digitjax export` (`export.ExportedModel`) are classifiers (`predict.load_classifier` opens
-  whichever the user named);
+  its non-digit detector's score (`outputs`), and says what it is (`ModelInfo`); a checkpoint
+  (`CheckpointClassifier`) and a file written by `digitjax export` (`export.ExportedModel`)
+  are classifiers (`predict.load_classifier` opens whichever the user named);
+- `judge` also reads the detector's score: a model that has one flags what does not look
+  like a digit, however sure its ten probabilities are;
 - `in_batches` runs a forward pass over padded power-of-two batches, so any number of images
   costs at most one compilation per batch size;
 - `judge` is the one policy that says whether an answer is a digit, not sure, or not a digit;
@@ -22,13 +24,19 @@ from digitjax.config import UserError
 BUNDLED_MODEL = Path(__file__).parents[1] / "assets" / "model"
 MAX_BATCH = 256
 NUM_DIGITS = 10
+# A classifier's outputs for an image: the ten calibrated probabilities, then this column: the
+# non-digit detector's score, positive for an image that does not look like a digit (NaN for
+# a model without a detector).
+NON_DIGIT_SCORE = NUM_DIGITS
+NUM_OUTPUTS = NUM_DIGITS + 1
 
 # A calibrated model's answers below this confidence are marked "not sure": with the bundled
 # model, the lowest threshold that leaves most non-digit images flagged while few real digits
 # are (benchmarks/uncertain_rate.py, benchmarks/README.md).
 DEFAULT_MIN_CONFIDENCE = 0.95
 # Below this confidence an answer is "not a digit" rather than a digit the model is unsure of:
-# a model taught to refuse non-digits spreads their probability over the ten classes.
+# a model taught to refuse non-digits spreads their probability over the ten classes. An image
+# the model's non-digit detector flags is "not a digit" too, however sure its top class.
 NOT_A_DIGIT_BELOW = 0.5
 
 Verdict = Literal["digit", "not_sure", "not_a_digit"]
@@ -45,6 +53,7 @@ class ModelInfo:
     temperature: float | None  # None: the probabilities are not calibrated
     dataset: str
     num_classes: int
+    detects_non_digits: bool  # it has a non-digit detector (detector.py)
 
     @property
     def calibrated(self) -> bool:
@@ -58,9 +67,16 @@ class Classifier(Protocol):
     info: ModelInfo
     source: Path  # where it was loaded from, for this machine's own messages
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, 28, 28) float32 images in [0, 1] → (N, 10) calibrated class probabilities."""
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        """(N, 28, 28) float32 images in [0, 1] → (N, NUM_OUTPUTS): the calibrated class
+        probabilities, then the non-digit score."""
         ...
+
+
+def packed(probabilities: np.ndarray, non_digit_scores: np.ndarray | None) -> np.ndarray:
+    """(N, NUM_OUTPUTS) outputs from a forward pass's two results."""
+    scores = np.full(len(probabilities), np.nan) if non_digit_scores is None else non_digit_scores
+    return np.concatenate([probabilities, np.reshape(scores, (-1, 1))], axis=1, dtype=np.float32)
 
 
 def padded_size(count: int) -> int:
@@ -80,7 +96,7 @@ def in_batches(forward: Callable[[np.ndarray], Any], images: np.ndarray) -> np.n
     padded = np.zeros((-(-len(images) // batch) * batch, *images.shape[1:]), np.float32)
     padded[: len(images)] = images
     outputs = [np.asarray(forward(padded[i : i + batch])) for i in range(0, len(padded), batch)]
-    return np.concatenate(outputs)[: len(images)] if outputs else np.zeros((0, NUM_DIGITS))
+    return np.concatenate(outputs)[: len(images)] if outputs else np.zeros((0, NUM_OUTPUTS))
 
 
 def check_digit_model(info: ModelInfo, source: Path) -> None:
@@ -93,13 +109,13 @@ def check_digit_model(info: ModelInfo, source: Path) -> None:
 
 class CheckpointClassifier:
     """A restored checkpoint with one jitted forward pass: the softmax of the logits divided
-    by the checkpoint's temperature, if it has one."""
+    by the checkpoint's temperature, if it has one, and its non-digit detector's score."""
 
     def __init__(self, path: Path):
         import jax
 
         from digitjax.checkpoint import restore_model
-        from digitjax.model import calibrated_probabilities, conv_impls_for
+        from digitjax.model import calibrated_outputs, conv_impls_for
 
         model = restore_model(path)
         self.source = model.step_dir
@@ -108,15 +124,15 @@ class CheckpointClassifier:
         conv_impls = conv_impls_for(
             jax.default_backend(), training=False, num_layers=len(model.config.channels)
         )
-        temperature = model.temperature
+        temperature, detector = model.temperature, model.detector
         self._forward = jax.jit(
-            lambda params, images: calibrated_probabilities(
-                model.graphdef, params, images, conv_impls, temperature
+            lambda params, images: calibrated_outputs(
+                model.graphdef, params, images, conv_impls, temperature, detector
             )
         )
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return in_batches(lambda batch: self._forward(self.params, batch), images)
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        return in_batches(lambda batch: packed(*self._forward(self.params, batch)), images)
 
 
 def step_record(model: Any) -> dict[str, Any]:
@@ -137,6 +153,7 @@ def checkpoint_info(model: Any) -> ModelInfo:
         temperature=model.temperature,
         dataset=model.config.dataset,
         num_classes=model.summary.get("num_classes", NUM_DIGITS),
+        detects_non_digits=model.detector is not None,
     )
 
 
@@ -147,9 +164,14 @@ def default_min_confidence(info: ModelInfo) -> float | None:
     return DEFAULT_MIN_CONFIDENCE if info.calibrated else None
 
 
-def judge(confidence: float, min_confidence: float | None) -> Verdict:
-    """A digit at `min_confidence` or more (always, without a threshold); below it "not sure";
-    below NOT_A_DIGIT_BELOW too, "not a digit"."""
+def judge(
+    confidence: float, min_confidence: float | None, non_digit_score: float | None = None
+) -> Verdict:
+    """ "Not a digit" where the detector flags the image (a positive score); else a digit at
+    `min_confidence` or more (always, without a threshold); below it "not sure"; below
+    NOT_A_DIGIT_BELOW too, "not a digit"."""
+    if non_digit_score is not None and non_digit_score > 0:
+        return "not_a_digit"
     if min_confidence is None or confidence >= min_confidence:
         return "digit"
     return "not_a_digit" if confidence < NOT_A_DIGIT_BELOW else "not_sure"
@@ -165,6 +187,7 @@ class Prediction:
     confidence: float | None = None  # the top calibrated probability
     verdict: Verdict | None = None  # None when there is an error
     probabilities: tuple[float, ...] | None = None
+    non_digit_score: float | None = None  # None: an error, or a model without a detector
     error: str | None = None
 
     @property
@@ -186,18 +209,25 @@ class Prediction:
             "uncertain": self.uncertain,
             "verdict": self.verdict,
             "probabilities": None if self.probabilities is None else list(self.probabilities),
+            "non_digit_score": self.non_digit_score,
             "error": self.error,
         }
 
 
-def answer(name: str | None, probabilities: np.ndarray, min_confidence: float | None) -> Prediction:
-    """The Prediction for one image's probabilities, rounded to 6 decimals as every surface
-    shows them (so predict, the API and the page agree to the digit)."""
+def answer(name: str | None, outputs: np.ndarray, min_confidence: float | None) -> Prediction:
+    """The Prediction for one image's outputs, the probabilities rounded to 6 decimals as every
+    surface shows them (so predict, the API and the page agree to the digit), the non-digit
+    score to 2: a sum over ~600 features, it differs between the numpy and the JAX forward
+    pass in its fifth decimal, and only its sign decides."""
+    probabilities = outputs[:NUM_DIGITS]
     rounded = tuple(round(float(p), 6) for p in probabilities)
     best = int(np.argmax(probabilities))
-    verdict = judge(rounded[best], min_confidence)
+    score = (
+        None if np.isnan(outputs[NON_DIGIT_SCORE]) else round(float(outputs[NON_DIGIT_SCORE]), 2)
+    )
+    verdict = judge(rounded[best], min_confidence, score)
     digit = None if verdict == "not_a_digit" else best
-    return Prediction(name, digit, rounded[best], verdict, rounded)
+    return Prediction(name, digit, rounded[best], verdict, rounded, score)
 
 
 def failed(name: str | None, error: str) -> Prediction:

@@ -3,8 +3,10 @@ any ONNX runtime; and `ExportedModel`, which `predict --model` runs such a file 
 
 Both take (N, 28, 28) float32 images in [0, 1] (N dynamic; see PREPROCESSING) and return (N, 10)
 class probabilities: the softmax of the logits divided by the checkpoint's temperature, as
-`predict` and `evaluate` compute them. Both carry the same metadata document (the checkpoint's
-config, dataset, test accuracy, temperature, digitjax version, the input contract):
+`predict` and `evaluate` compute them; and, for a model with a non-digit detector, a second
+output: (N,) scores, positive for an image that does not look like a digit. Both carry the same
+metadata document (the checkpoint's config, dataset, test accuracy, temperature, detector,
+digitjax version, the input contract):
 - StableHLO: a zip archive of `metadata.json` and `model.jax_exported`, what
   `jax.export.export(...).serialize()` wrote: lowered for cpu, cuda and tpu with the standard
   `lax.conv` layers, loaded with `jax.export.deserialize` alone (no flax, no digitjax).
@@ -25,7 +27,13 @@ import numpy as np
 
 from digitjax import __version__
 from digitjax.config import UserError, reason
-from digitjax.inference.classifier import ModelInfo, checkpoint_info, in_batches, step_record
+from digitjax.inference.classifier import (
+    ModelInfo,
+    checkpoint_info,
+    in_batches,
+    packed,
+    step_record,
+)
 from digitjax.outputs import check_writable, write_file, writing
 
 FORMATS = ("stablehlo", "onnx")
@@ -34,7 +42,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 ONNX_OPSET, ONNX_IR_VERSION = 17, 8  # IR 8 is the one that came with opset 17 (onnx 1.12)
 METADATA_MEMBER, EXPORTED_MEMBER = "metadata.json", "model.jax_exported"
 METADATA_KEY = "digitjax"
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+INPUT_NAME, OUTPUT_NAME, SCORE_NAME = "images", "probabilities", "non_digit_score"
 IMAGE_SIDE = 28
 MAX_FILE_BYTES = 2**31  # ONNX's protobuf limit; far above any model digitjax trains
 # A StableHLO archive's members: the largest model digitjax trains (--preset best) serializes
@@ -100,6 +108,8 @@ def export_metadata(model: Any) -> dict:
         "config": model.config.to_dict(),
         "input": {"name": INPUT_NAME, "shape": ["N", 28, 28], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["N", info.num_classes]},
+        # Positive: the image does not look like a digit.
+        "non_digit_score": {"name": SCORE_NAME, "shape": ["N"]} if model.detector else None,
         "preprocessing": PREPROCESSING,
     }
 
@@ -107,15 +117,16 @@ def export_metadata(model: Any) -> dict:
 def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
     import jax
 
-    from digitjax.model import calibrated_probabilities
+    from digitjax.model import calibrated_outputs
     from digitjax.weights import IMAGE_SIZE
 
     conv_impls = ("lax",) * len(model.config.channels)  # portable: no CPU-specific layer forms
 
-    def calibrated(images: jax.Array) -> jax.Array:
-        return calibrated_probabilities(
-            model.graphdef, model.params, images, conv_impls, model.temperature
+    def calibrated(images: jax.Array) -> Any:
+        probabilities, scores = calibrated_outputs(
+            model.graphdef, model.params, images, conv_impls, model.temperature, model.detector
         )
+        return probabilities if scores is None else (probabilities, scores)
 
     shape = jax.export.symbolic_shape(f"N, {IMAGE_SIZE}, {IMAGE_SIZE}")
     exported = jax.export.export(jax.jit(calibrated), platforms=PLATFORMS)(
@@ -129,7 +140,8 @@ def stablehlo_bytes(model: Any, metadata: dict) -> bytes:
 
 
 def onnx_bytes(model: Any, metadata: dict) -> bytes:
-    """The CNN of digitjax.model as an ONNX graph in NCHW layout (flax's is NHWC)."""
+    """The CNN of digitjax.model as an ONNX graph in NCHW layout (flax's is NHWC), with its
+    non-digit detector if it has one."""
     from onnx import helper, numpy_helper
 
     from digitjax.checkpoint import leaves_by_path
@@ -140,7 +152,7 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     }
     initializers = [numpy_helper.from_array(np.array([1], np.int64), "channel_axis")]
     nodes = [helper.make_node("Unsqueeze", [INPUT_NAME, "channel_axis"], ["x0"])]
-    x = "x0"
+    x, conv_outputs = "x0", []
 
     def add(op: str, inputs: list[str], **attributes: Any) -> None:
         nonlocal x
@@ -167,6 +179,7 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
         add("Relu", [x])
         if i < NUM_POOLS:
             add("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        conv_outputs.append(x)
     add("Flatten", [x], axis=1)
     # Flax flattened (height, width, channel); this graph flattens (channel, height, width):
     # the hidden layer's kernel rows are reordered to match.
@@ -176,6 +189,7 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     hidden = hidden.reshape(side, side, channels, -1).transpose(2, 0, 1, 3).reshape(hidden.shape)
     add("Gemm", [x, weight("hidden.kernel", hidden), weight("hidden.bias", params["hidden/bias"])])
     add("Relu", [x])
+    hidden_output = x
     logits = [
         weight("logits.kernel", params["logits/kernel"]),
         weight("logits.bias", params["logits/bias"]),
@@ -184,19 +198,38 @@ def onnx_bytes(model: Any, metadata: dict) -> bytes:
     if model.temperature is not None:
         add("Div", [x, weight("temperature", np.array(model.temperature, np.float32))])
     nodes.append(helper.make_node("Softmax", [x], [OUTPUT_NAME], axis=-1))
-    return _onnx_file(nodes, initializers, params["logits/bias"].shape[0], metadata)
+    outputs = [OUTPUT_NAME]
+    if model.detector is not None:
+        # weights.detector_features: the hidden layer, the calibrated logits, their
+        # logsumexp, then each conv output's mean and maximum over its positions.
+        calibrated_logits, features = x, [hidden_output, x]
+        add("ReduceLogSumExp", [calibrated_logits], axes=[1], keepdims=1)
+        features.append(x)
+        for output in conv_outputs:
+            for op in ("ReduceMean", "ReduceMax"):
+                add(op, [output], axes=[2, 3], keepdims=0)
+                features.append(x)
+        add("Concat", features, axis=1)
+        add("MatMul", [x, weight("detector.kernel", model.detector.kernel)])
+        bias = weight("detector.bias", np.array(model.detector.bias, np.float32))
+        nodes.append(helper.make_node("Add", [x, bias], [SCORE_NAME]))
+        outputs.append(SCORE_NAME)
+    return _onnx_file(nodes, initializers, params["logits/bias"].shape[0], outputs, metadata)
 
 
-def _onnx_file(nodes: list, initializers: list, num_classes: int, metadata: dict) -> bytes:
+def _onnx_file(
+    nodes: list, initializers: list, num_classes: int, outputs: list[str], metadata: dict
+) -> bytes:
     """The graph as a checked ONNX model carrying digitjax's metadata."""
     import onnx
     from onnx import TensorProto, helper
 
+    shapes = {OUTPUT_NAME: ["N", num_classes], SCORE_NAME: ["N"]}
     graph = helper.make_graph(
         nodes,
         "digitjax_cnn",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 28, 28])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", num_classes])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in outputs],
         initializers,
     )
     onnx_model = helper.make_model(
@@ -205,7 +238,10 @@ def _onnx_file(nodes: list, initializers: list, num_classes: int, metadata: dict
         ir_version=ONNX_IR_VERSION,
         producer_name="digitjax",
         producer_version=__version__,
-        doc_string=f"Input: {PREPROCESSING}. Output: (N, {num_classes}) class probabilities.",
+        doc_string=(
+            f"Input: {PREPROCESSING}. Output: (N, {num_classes}) class probabilities"
+            + (f"; {SCORE_NAME}: (N,), positive for a non-digit." if len(outputs) > 1 else ".")
+        ),
     )
     helper.set_model_props(onnx_model, {METADATA_KEY: json.dumps(metadata)})
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -234,27 +270,35 @@ class ExportedModel:
             temperature=self.metadata.get("temperature"),
             dataset=str(self.metadata.get("dataset")),
             num_classes=self.metadata.get("num_classes", 0),
+            detects_non_digits=_has_detector(self.metadata),
         )
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def outputs(self, images: np.ndarray) -> np.ndarray:
         return in_batches(self._checked_run, images)
 
     def _checked_run(self, batch: np.ndarray) -> np.ndarray:
         try:
-            outputs = np.asarray(self._run(batch))
+            results = [np.asarray(result) for result in self._run(batch)]
         except Exception as e:  # the runtimes raise their own types for a model that fails
             raise UserError(f"{self.source} failed to run: {reason(e)[:200]}") from None
+        probabilities, scores = results[0], results[1] if len(results) > 1 else None
         expected = (len(batch), self.info.num_classes)
-        if outputs.shape != expected:
+        if probabilities.shape != expected:
             raise UserError(
-                f"{self.source} returned an array of shape {outputs.shape}, not {expected}"
+                f"{self.source} returned an array of shape {probabilities.shape}, not {expected}"
             )
-        if not _are_probabilities(outputs):
+        if not _are_probabilities(probabilities):
             raise UserError(
                 f"{self.source} returned values that are not probabilities (each row must be "
                 "finite, in [0, 1] and sum to 1): not a digitjax export"
             )
-        return outputs
+        if scores is not None and not (scores.shape == (len(batch),) and np.isfinite(scores).all()):
+            raise UserError(f"{self.source} returned non-digit scores that are not finite")
+        return packed(probabilities, scores)
+
+
+def _has_detector(metadata: dict) -> bool:
+    return metadata.get("non_digit_score") is not None
 
 
 def _are_probabilities(rows: np.ndarray) -> bool:
@@ -287,19 +331,24 @@ Signature = tuple[str | None, str, tuple[int | None, ...]]
 
 
 def _check_signature(
-    path: Path, fmt: str, inputs: list[Signature], outputs: list[Signature], num_classes: int
+    path: Path, fmt: str, inputs: list[Signature], outputs: list[Signature], metadata: dict
 ) -> None:
-    """One (N, 28, 28) float32 input and one (N, num_classes) float32 output, N free, named
-    as an export names them (ONNX names its tensors; StableHLO does not)."""
+    """One (N, 28, 28) float32 input and one (N, num_classes) float32 output, then (N,) float32
+    scores where the metadata says it has a non-digit detector; N free, named as an export
+    names them (ONNX names its tensors; StableHLO does not)."""
     named = fmt == "ONNX"
+    num_classes = metadata.get("num_classes", 0)
     want_in = (INPUT_NAME if named else None, "float32", (None, IMAGE_SIDE, IMAGE_SIDE))
-    want_out = (OUTPUT_NAME if named else None, "float32", (None, num_classes))
+    want_out: list[Signature] = [(OUTPUT_NAME if named else None, "float32", (None, num_classes))]
+    if _has_detector(metadata):
+        want_out.append((SCORE_NAME if named else None, "float32", (None,)))
     if inputs != [want_in]:
         got = ", ".join(map(_describe, inputs)) or "nothing"
         raise _not_an_export(path, fmt, f"it takes {got}, not {_describe(want_in)}")
-    if outputs != [want_out]:
+    if outputs != want_out:
         got = ", ".join(map(_describe, outputs)) or "nothing"
-        raise _not_an_export(path, fmt, f"it returns {got}, not {_describe(want_out)}")
+        want = ", ".join(map(_describe, want_out))
+        raise _not_an_export(path, fmt, f"it returns {got}, not {want}")
 
 
 def _describe(tensor: Signature) -> str:
@@ -336,9 +385,10 @@ def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
         "ONNX",
         [signature(t) for t in session.get_inputs()],
         [signature(t) for t in session.get_outputs()],
-        metadata.get("num_classes", 0),
+        metadata,
     )
-    return metadata, lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    names = [OUTPUT_NAME, SCORE_NAME] if _has_detector(metadata) else [OUTPUT_NAME]
+    return metadata, lambda images: session.run(names, {INPUT_NAME: images})
 
 
 def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
@@ -360,10 +410,12 @@ def _load_stablehlo(path: Path, data: bytes) -> tuple[dict, Any]:
         "StableHLO",
         [signature(a) for a in exported.in_avals],
         [signature(a) for a in exported.out_avals],
-        metadata.get("num_classes", 0),
+        metadata,
     )
     forward = jax.jit(exported.call)
-    return metadata, lambda images: np.asarray(forward(images))
+    if _has_detector(metadata):
+        return metadata, forward
+    return metadata, lambda images: [forward(images)]
 
 
 def _read_archive(path: Path, data: bytes) -> tuple[str, bytes]:

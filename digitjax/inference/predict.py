@@ -101,11 +101,9 @@ def predict_files(
     saw for each file in which preprocessing found a digit."""
     outcomes = dict(zip(files, preprocess_many(files)))
     seen = {path: image for path, (image, _) in outcomes.items() if image is not None}
-    probabilities = dict(
-        zip(seen, classifier.probabilities(np.stack(list(seen.values()))) if seen else [])
-    )
+    outputs = dict(zip(seen, classifier.outputs(np.stack(list(seen.values()))) if seen else []))
     return [
-        answer(str(path), probabilities[path], min_confidence)
+        answer(str(path), outputs[path], min_confidence)
         if path in seen
         else failed(str(path), outcomes[path][1] or "no digit found")
         for path in files

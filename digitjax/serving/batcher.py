@@ -20,7 +20,7 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    """Runs `forward` ((N, 28, 28) images -> (N, 10) probabilities) on batches of at most
+    """Runs `forward` ((N, 28, 28) images -> (N, 11) a classifier's outputs) on batches of at most
     `max_batch` images, on one thread. `on_batch(images, seconds)` is told of every batch."""
 
     def __init__(
@@ -69,7 +69,7 @@ class Batcher:
             self.in_flight -= images
             self.on_depth(self.in_flight)
 
-    async def probabilities(self, images: np.ndarray) -> np.ndarray:
+    async def outputs(self, images: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((images, future))
         return await future
@@ -87,7 +87,7 @@ class Batcher:
             images = np.concatenate([images for images, _ in batch])
             started = loop.time()
             try:
-                probabilities = await loop.run_in_executor(self.thread, self.forward, images)
+                outputs = await loop.run_in_executor(self.thread, self.forward, images)
             except Exception as e:  # a bug, not bad input: every waiting request learns of it
                 for _, future in batch:
                     if not future.done():
@@ -97,7 +97,7 @@ class Batcher:
             offset = 0
             for request_images, future in batch:
                 if not future.done():
-                    future.set_result(probabilities[offset : offset + len(request_images)])
+                    future.set_result(outputs[offset : offset + len(request_images)])
                 offset += len(request_images)
 
     async def _gather(self, batch: list[Item], deadline: float) -> Item | None:

@@ -19,6 +19,7 @@ class ModelInfoOut(BaseModel):
     temperature: float | None = Field(description="None: the probabilities are not calibrated.")
     dataset: str
     num_classes: int
+    detects_non_digits: bool = Field(description="It has a non-digit detector.")
     calibrated: bool
 
     @classmethod
@@ -36,6 +37,10 @@ class PredictionOut(BaseModel):
     uncertain: bool | None = Field(description="Not sure, or not a digit; null with an error.")
     verdict: Verdict | None = Field(description="null when there is an error.")
     probabilities: list[float] | None = Field(description="Of the digits 0 to 9.")
+    non_digit_score: float | None = Field(
+        description="The non-digit detector's score: positive, the image does not look like a "
+        "digit (verdict not_a_digit); null with an error or a model without a detector."
+    )
     error: str | None = Field(description="Why the image has no answer.")
     image: str | None = Field(
         default=None, description="With ?image=true: the 28x28 input the model saw, a PNG data URL."

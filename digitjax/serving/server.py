@@ -109,7 +109,7 @@ class Server:
         self.decoder = Decoder(self.options.workers, self.limits)
         metrics = self.metrics
         self.batcher = Batcher(
-            self.classifier.probabilities,
+            self.classifier.outputs,
             self.options.max_batch,
             self.options.max_wait_ms / 1000,
             self.limits.max_in_flight,
@@ -135,7 +135,7 @@ class Server:
 
         def compile_all() -> None:
             for size in self.batch_sizes:
-                self.classifier.probabilities(np.zeros((size, 28, 28), np.float32))
+                self.classifier.outputs(np.zeros((size, 28, 28), np.float32))
 
         sample = Upload(None, png_bytes(np.pad(np.ones((8, 8), np.float32), 10)))
         await asyncio.gather(
@@ -160,9 +160,7 @@ class Server:
             async with asyncio.timeout(self.limits.timeout_s):
                 outcomes = await self.decoder.preprocess(uploads, client)
                 found = [image for image, _ in outcomes if image is not None]
-                probabilities = iter(
-                    await self.batcher.probabilities(np.stack(found)) if found else []
-                )
+                outputs = iter(await self.batcher.outputs(np.stack(found)) if found else [])
         if min_confidence is None:
             min_confidence = self.default_min_confidence
         predictions = []
@@ -173,7 +171,7 @@ class Server:
                 )
                 continue
             extra = {"image": _data_url(png_bytes(image))} if with_images else {}
-            prediction = answer(upload.filename, next(probabilities), min_confidence)
+            prediction = answer(upload.filename, next(outputs), min_confidence)
             predictions.append(PredictionOut.of(prediction, **extra))
         return PredictResponse(predictions=predictions, model=self.model_info)
 

@@ -1,0 +1,116 @@
+"""Fitting the non-digit detector of a trained model: a logistic regression on what the frozen
+model computes for an image (`weights.detector_features`: the hidden layer, the calibrated
+logits and their logsumexp, each conv layer's mean and maximum activation), telling MNIST
+training digits from the project's generated non-digits of the training kinds
+(`synthetic.non_digits.TRAINING_KINDS`), half of each as `--preset robust` augments them.
+
+Its threshold is set on digits it was not fitted on, augmented: it flags `false_alarms` of
+them. The model's weights are left as they are, so its accuracy and calibration on digits are
+too. Why this form, and how it does on the held-out kinds, Fashion-MNIST and users' digits:
+benchmarks/README.md, "Non-digit rejection".
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from digitjax.augment import augment
+from digitjax.checkpoint import TrainedModel
+from digitjax.config import Config
+from digitjax.data import load_dataset
+from digitjax.synthetic import non_digits
+from digitjax.weights import NonDigitDetector, conv_statistics, detector_features
+
+FALSE_ALARMS = 0.01  # of held-out augmented MNIST training digits
+FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
+NON_DIGITS = 10_000  # generated, before those preprocessing finds no digit in are left out
+AUGMENTED_NON_DIGIT_COPIES = 3
+STEPS, MINIBATCH, LEARNING_RATE, WEIGHT_DECAY = 1500, 8192, 3e-3, 1e-4
+BATCH = 2000  # images per forward pass
+
+
+def fit(model: TrainedModel, false_alarms: float = FALSE_ALARMS, seed: int = 0) -> NonDigitDetector:
+    """The detector of `model` (its evaluated weights, calibrated), reproducible from `seed`."""
+    features = features_fn(model)
+    digits = normalized(load_dataset("mnist").split("train")[0])
+    order = np.random.default_rng(seed).permutation(len(digits))
+    fit_digits, threshold_digits = digits[order[:FIT_DIGITS]], digits[order[FIT_DIGITS:]]
+    others = normalized(non_digits.training_set(NON_DIGITS))
+    keys = jax.random.split(jax.random.key(seed), 2 + AUGMENTED_NON_DIGIT_COPIES)
+    digit_features = features(np.concatenate([fit_digits, augmented(fit_digits, keys[0])]))
+    other_features = features(
+        np.concatenate([others] + [augmented(others, key) for key in keys[2:]])
+    )
+    kernel, bias = fit_logistic(digit_features, other_features, seed)
+    held_out_scores = features(augmented(threshold_digits, keys[1])) @ kernel + bias
+    threshold = float(np.quantile(held_out_scores, 1 - false_alarms))
+    return NonDigitDetector(kernel, bias - threshold, false_alarms)
+
+
+def features_fn(model: TrainedModel):
+    """fn(images (N, 28, 28) in [0, 1]) -> (N, features) float32, as the forward pass of
+    `model.calibrated_outputs` computes them."""
+    cnn = nnx.merge(model.graphdef, model.params)
+
+    @jax.jit
+    def features(images: jax.Array) -> jax.Array:
+        hidden, conv_outputs = cnn.activations(images)
+        logits = cnn.logits(hidden)
+        if model.temperature is not None:
+            logits = logits / model.temperature
+        conv_stats = [conv_statistics(jnp, x) for x in conv_outputs]
+        return detector_features(jnp, hidden, logits, conv_stats)
+
+    def in_batches(images: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(features(images[i : i + BATCH])) for i in range(0, len(images), BATCH)]
+        )
+
+    return in_batches
+
+
+def normalized(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 255
+
+
+def augmented(images: np.ndarray, key: jax.Array) -> np.ndarray:
+    """`images` as `--preset robust` augments training images."""
+    config = Config.from_flags({}, "robust")
+    augment_batch = jax.jit(lambda key, batch: augment(key, batch, config))
+    keys = jax.random.split(key, -(-len(images) // BATCH))
+    return np.concatenate(
+        [augment_batch(k, images[i * BATCH : (i + 1) * BATCH]) for i, k in enumerate(keys)]
+    )
+
+
+def fit_logistic(digits: np.ndarray, others: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """kernel, bias of a logistic regression scoring `others` above `digits`: the two classes
+    weighted equally, on standardized features (folded into the result), with Adam."""
+    x = np.concatenate([digits, others])
+    y = np.concatenate([np.zeros(len(digits)), np.ones(len(others))]).astype(np.float32)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    x_standard, labels = jnp.asarray((x - mean) / scale), jnp.asarray(y)
+    other_weight = len(digits) / len(others)
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def loss(params: dict, idx: jax.Array) -> jax.Array:
+        scores = x_standard[idx] @ params["kernel"] + params["bias"]
+        losses = optax.sigmoid_binary_cross_entropy(scores, labels[idx])
+        weights = jnp.where(labels[idx] > 0, other_weight, 1.0)
+        return (losses * weights).mean() + WEIGHT_DECAY * (params["kernel"] ** 2).sum()
+
+    @jax.jit
+    def step(params: dict, state: optax.OptState, idx: jax.Array) -> tuple:
+        updates, state = optimizer.update(jax.grad(loss)(params, idx), state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = {"kernel": jnp.zeros(x.shape[1]), "bias": jnp.zeros(())}
+    state = optimizer.init(params)
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        params, state = step(params, state, jnp.asarray(rng.integers(0, len(x), MINIBATCH)))
+    kernel = np.asarray(params["kernel"], np.float64) / scale
+    bias = float(params["bias"]) - float(mean @ kernel)
+    return kernel.astype(np.float32), bias
