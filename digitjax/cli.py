@@ -296,7 +296,8 @@ def predict(
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
     else:
-        render.predictions(classifier.source, predictions, min_confidence)
+        info = classifier.info
+        render.predictions(classifier.source, predictions, min_confidence, info.detects_non_digits)
     for p in predictions:
         if p.error:
             render.err.print(f"error: {p.name}: {p.error}", highlight=False, soft_wrap=True)

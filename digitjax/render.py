@@ -197,8 +197,11 @@ def evaluation_line(step_dir: Path, dataset: str, split: str, metrics: Any) -> N
     )
 
 
-def predictions(source: Path, results: list, min_confidence: float | None) -> None:
-    """The table, then a line counting the digits, the flagged ones and the failures."""
+def predictions(
+    source: Path, results: list, min_confidence: float | None, detects_non_digits: bool
+) -> None:
+    """The table, then a line counting the digits, the flagged ones and the failures, and
+    what the model cannot flag."""
     width = path_column_width([p.name for p in results], out.width)
     table = Table(title=escape(str(source)))
     table.add_column("file", width=width, no_wrap=True)
@@ -224,7 +227,8 @@ def predictions(source: Path, results: list, min_confidence: float | None) -> No
         f"[yellow]{counts['not_sure']} not sure[/yellow] (?: confidence below "
         f"{100 * min_confidence:g}%), [yellow]{counts['not_a_digit']} not a digit[/yellow]"
         if min_confidence is not None
-        else "none marked (the model has no temperature; see --min-confidence)"
+        else f"[yellow]{counts['not_a_digit']} not a digit[/yellow], none marked not sure "
+        "(the model has no temperature; see --min-confidence)"
     )
     errors = sum(p.error is not None for p in results)
     out.print(
@@ -232,6 +236,12 @@ def predictions(source: Path, results: list, min_confidence: float | None) -> No
         f"recognized, {marked}, {errors} without a digit found",
         highlight=False,
     )
+    if not detects_non_digits:
+        out.print(
+            "This model has no non-digit detector: it flags few images that hold no digit "
+            '(give it one: docs/predicting.md, "Not a digit").',
+            highlight=False,
+        )
 
 
 def path_column_width(paths: list[str], terminal_width: int) -> int:

@@ -261,7 +261,9 @@ def test_min_confidence_default_and_bounds(tiny_run, old_run, user_image_files):
         assert p["uncertain"] is (p["confidence"] < DEFAULT_MIN_CONFIDENCE)
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(old_run)])
     assert result.exit_code == 0, result.output
-    assert "none marked (the model has no temperature" in result.stdout
+    summary = " ".join(result.stdout.split())  # the terminal may wrap it
+    assert "0 not a digit, none marked not sure (the model has no temperature" in summary
+    assert "This model has no non-digit detector" in summary
     result = runner.invoke(app, ["predict", *files, "--checkpoint", str(old_run), "--json"])
     uncalibrated = json.loads(result.stdout)
     assert not any(p["uncertain"] for p in uncalibrated)

@@ -175,6 +175,7 @@ def test_table_at_80_columns_shows_every_file_name_whole(no_runs):
     for name, label in zip(names, labels):
         row = next(line for line in lines if name in line)
         assert row.startswith("│ …/") and f"│ {label}  " in row
+    assert "non-digit detector" not in result.stdout  # the bundled model has one
 
 
 def test_empty_folder(no_runs):
