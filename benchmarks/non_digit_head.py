@@ -1,7 +1,7 @@
-"""A non-digit detector on the frozen features of a trained model (an experiment, not in
-digitjax): a logistic regression or a one-hidden-layer MLP on what the model computes for an
-image (the hidden layer, the calibrated logits and their logsumexp, each conv layer's mean and
-max activation), fitted to tell MNIST training digits (half of them augmented as
+"""The non-digit detector of `digitjax/detector.py` (a logistic regression) and variants of it
+(a one-hidden-layer MLP, fewer features), measured: a head on what a trained model computes
+for an image (the hidden layer, the calibrated logits and their logsumexp, each conv layer's
+mean and max activation), fitted to tell MNIST training digits (half of them augmented as
 `--preset robust` augments) from the generated non-digits of the training kinds, and
 thresholded so that 0.5% or 1% of augmented held-out MNIST training digits are flagged. The
 model itself is untouched, so its digits' accuracy and calibration are too.
@@ -13,6 +13,10 @@ Fashion-MNIST test photos (report only: nothing is chosen on them), users' digit
 and MNIST test.
 
     python benchmarks/non_digit_head.py --checkpoint digitjax/assets/model [--hidden 64]
+        [--no-conv-stats]
+
+The features, augmentation and logistic fit are digitjax.detector's own; this script adds the
+MLP, the 0.5% threshold and the per-group report.
 """
 
 import argparse
@@ -24,110 +28,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from uncertain_rate import fashion_files
 
-from digitjax.augment import augment
+from digitjax import detector
 from digitjax.checkpoint import restore_model
-from digitjax.config import Config
 from digitjax.data import load_dataset
-from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE
+from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, NUM_DIGITS
 from digitjax.inference.parallel import available_cores, start_pool
 from digitjax.inference.preprocess import preprocess_file
-from digitjax.model import max_pool_2x2
 from digitjax.synthetic import non_digits, user_digits
-from digitjax.weights import NUM_POOLS
-
-BATCH = 2000
-
-
-def features_fn(checkpoint: Path, conv_stats: bool = True):
-    """fn(images (N, 28, 28) in [0, 1]) -> (features, top calibrated probability)."""
-    model = restore_model(checkpoint)
-    cnn = nnx.merge(model.graphdef, model.params)
-    temperature = model.temperature or 1.0
-
-    @jax.jit
-    def features(images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x, pooled = images[..., None], []
-        for i, conv in enumerate(cnn.convs):
-            x = jax.nn.relu(conv(x))
-            x = max_pool_2x2(x) if i < NUM_POOLS else x
-            pooled += [x.mean((1, 2)), x.max((1, 2))]
-        hidden = jax.nn.relu(cnn.hidden(x.reshape(x.shape[0], -1)))
-        logits = cnn.logits(hidden) / temperature
-        energy = jax.nn.logsumexp(logits, -1, keepdims=True)
-        top = jax.nn.softmax(logits).max(-1)
-        return jnp.concatenate([hidden, logits, energy, *(pooled if conv_stats else [])], -1), top
-
-    def in_batches(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        parts = [features(jnp.asarray(images[i : i + BATCH])) for i in range(0, len(images), BATCH)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    return in_batches
-
-
-def augmented(images: np.ndarray, seed: int) -> np.ndarray:
-    config = Config.from_flags({}, "robust")
-    augment_batch = jax.jit(lambda key, batch: augment(key, batch, config))
-    keys = jax.random.split(jax.random.key(seed), -(-len(images) // BATCH))
-    return np.concatenate(
-        [augment_batch(k, images[i * BATCH : (i + 1) * BATCH]) for i, k in enumerate(keys)]
-    )
 
 
 @dataclasses.dataclass
 class Head:
-    mean: np.ndarray
-    scale: np.ndarray
-    params: dict
+    """A fitted head: the logistic regression (`params` None: `kernel`, `bias` as
+    digitjax.detector fits them) or the MLP (on standardized features)."""
+
+    kernel: np.ndarray | None = None
+    bias: float = 0.0
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    params: dict | None = None
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return np.asarray(
-            head_scores(self.params, jnp.asarray((features - self.mean) / self.scale))
-        )
+        if self.params is None:
+            return features @ self.kernel + self.bias
+        x = jnp.asarray((features - self.mean) / self.scale)
+        hidden = jax.nn.relu(x @ self.params["hidden"] + self.params["hidden_bias"])
+        return np.asarray(hidden @ self.params["out"] + self.params["out_bias"])
 
 
-def head_scores(params: dict, x: jax.Array) -> jax.Array:
-    if "hidden" in params:
-        x = jax.nn.relu(x @ params["hidden"] + params["hidden_bias"])
-    return x @ params["out"] + params["out_bias"]
-
-
-def fit_head(digits: np.ndarray, others: np.ndarray, hidden: int, steps: int = 1500) -> Head:
-    """Class-balanced logistic loss, Adam, minibatches of 8,192."""
+def fit_mlp(digits: np.ndarray, others: np.ndarray, hidden: int) -> Head:
+    """As detector.fit_logistic (class-balanced logistic loss, Adam, minibatches of 8,192),
+    with a ReLU layer of `hidden` units first."""
     x = np.concatenate([digits, others])
-    y = np.concatenate([np.zeros(len(digits)), np.ones(len(others))]).astype(np.float32)
+    y = jnp.asarray(np.concatenate([np.zeros(len(digits)), np.ones(len(others))]), jnp.float32)
     mean, scale = x.mean(0), x.std(0) + 1e-6
-    x = jnp.asarray((x - mean) / scale)
+    x_standard = jnp.asarray((x - mean) / scale)
     width = x.shape[1]
     k1, k2 = jax.random.split(jax.random.key(0))
-    params = {"out": jnp.zeros(hidden or width), "out_bias": jnp.zeros(())}
-    if hidden:
-        params |= {
-            "hidden": jax.random.normal(k1, (width, hidden)) / np.sqrt(width),
-            "hidden_bias": jnp.zeros(hidden),
-            "out": jax.random.normal(k2, (hidden,)) / np.sqrt(hidden),
-        }
+    params = {
+        "hidden": jax.random.normal(k1, (width, hidden)) / np.sqrt(width),
+        "hidden_bias": jnp.zeros(hidden),
+        "out": jax.random.normal(k2, (hidden,)) / np.sqrt(hidden),
+        "out_bias": jnp.zeros(()),
+    }
     other_weight = len(digits) / len(others)
-    optimizer = optax.adam(3e-3)
+    optimizer = optax.adam(detector.LEARNING_RATE)
 
-    def loss(params: dict, xb: jax.Array, yb: jax.Array) -> jax.Array:
-        losses = optax.sigmoid_binary_cross_entropy(head_scores(params, xb), yb)
-        decay = sum((params[k] ** 2).sum() for k in ("hidden", "out") if k in params)
-        return (losses * jnp.where(yb > 0, other_weight, 1.0)).mean() + 1e-4 * decay
+    def loss(params: dict, idx: jax.Array) -> jax.Array:
+        h = jax.nn.relu(x_standard[idx] @ params["hidden"] + params["hidden_bias"])
+        losses = optax.sigmoid_binary_cross_entropy(h @ params["out"] + params["out_bias"], y[idx])
+        decay = (params["hidden"] ** 2).sum() + (params["out"] ** 2).sum()
+        return (losses * jnp.where(y[idx] > 0, other_weight, 1.0)).mean() + 1e-4 * decay
 
     @jax.jit
     def step(params: dict, state: optax.OptState, idx: jax.Array) -> tuple:
-        grads = jax.grad(loss)(params, x[idx], jnp.asarray(y)[idx])
-        updates, state = optimizer.update(grads, state, params)
+        updates, state = optimizer.update(jax.grad(loss)(params, idx), state, params)
         return optax.apply_updates(params, updates), state
 
     state = optimizer.init(params)
     rng = np.random.default_rng(0)
-    for _ in range(steps):
-        params, state = step(params, state, jnp.asarray(rng.integers(0, len(x), 8192)))
-    return Head(mean, scale, params)
+    for _ in range(detector.STEPS):
+        idx = jnp.asarray(rng.integers(0, len(x), detector.MINIBATCH))
+        params, state = step(params, state, idx)
+    return Head(mean=mean, scale=scale, params=params)
 
 
 def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -147,20 +112,32 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-conv-stats", action="store_true")
     args = parser.parse_args()
-    features = features_fn(args.checkpoint, not args.no_conv_stats)
+    model = restore_model(args.checkpoint)
+    all_features = detector.features_fn(model)
+    # The hidden layer, the logits and their logsumexp come first; the conv statistics last.
+    kept = model.config.dense + NUM_DIGITS + 1 if args.no_conv_stats else None
+
+    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's features, and the top calibrated probability."""
+        values = all_features(images)
+        logits = values[:, model.config.dense : model.config.dense + NUM_DIGITS]
+        return values[:, :kept], np.asarray(jax.nn.softmax(logits)).max(axis=1)
 
     mnist = load_dataset("mnist")
-    train_digits = mnist.split("train")[0].astype(np.float32) / 255
+    train_digits = detector.normalized(mnist.split("train")[0])
     order = np.random.default_rng(0).permutation(len(train_digits))
-    fit_digits, held_digits = train_digits[order[:50_000]], train_digits[order[50_000:]]
-    others = non_digits.training_set(10_000).astype(np.float32) / 255
-    fit_others = np.concatenate([others] + [augmented(others, 10 + c) for c in range(3)])
-    head = fit_head(
-        features(np.concatenate([fit_digits, augmented(fit_digits, 1)]))[0],
-        features(fit_others)[0],
-        args.hidden,
-    )
-    held_scores = head.scores(features(augmented(held_digits, 2))[0])
+    split = detector.FIT_DIGITS
+    fit_digits, held_digits = train_digits[order[:split]], train_digits[order[split:]]
+    others = detector.normalized(non_digits.training_set(detector.NON_DIGITS))
+    keys = jax.random.split(jax.random.key(0), 2 + detector.AUGMENTED_NON_DIGIT_COPIES)
+    fit_others = np.concatenate([others] + [detector.augmented(others, k) for k in keys[2:]])
+    digit_features = features(np.concatenate([fit_digits, detector.augmented(fit_digits, keys[0])]))
+    other_features = features(fit_others)[0]
+    if args.hidden:
+        head = fit_mlp(digit_features[0], other_features, args.hidden)
+    else:
+        head = Head(*detector.fit_logistic(digit_features[0], other_features, 0))
+    held_scores = head.scores(features(detector.augmented(held_digits, keys[1]))[0])
 
     with tempfile.TemporaryDirectory() as folder:
         samples = non_digits.generate(Path(folder) / "non_digits", args.per_kind, args.seed)
@@ -171,7 +148,7 @@ def main() -> None:
     kinds = np.array([kind for _, kind in samples])
     image_features, tops = features(images)
     scores = head.scores(image_features)
-    test_features, test_tops = features(mnist.split("test")[0].astype(np.float32) / 255)
+    test_features, test_tops = features(detector.normalized(mnist.split("test")[0]))
     test_scores = head.scores(test_features)
     groups = {
         "held-out non-digits": np.isin(kinds, non_digits.HELD_OUT_KINDS),
