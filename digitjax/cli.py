@@ -160,6 +160,7 @@ def train(
     calibration_fraction: Annotated[float | None, setting("calibration_fraction")] = None,
     non_digit_fraction: Annotated[float | None, setting("non_digit_fraction")] = None,
     non_digit_images: Annotated[int | None, setting("non_digit_images")] = None,
+    non_digit_detector: Annotated[bool | None, setting("non_digit_detector")] = None,
     init_from: Annotated[str | None, setting("init_from")] = None,
     channels: Annotated[str | None, setting("channels", callback=positive_ints)] = None,
     dense: Annotated[int | None, setting("dense")] = None,

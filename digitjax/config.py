@@ -83,6 +83,12 @@ class Config:
         "How many non-digit images to generate (once, then cached) for --non-digit-fraction.",
         RECIPE,
     )
+    non_digit_detector: bool = _field(
+        False,
+        "Once training ends, fit a detector of images that hold no digit on the best "
+        "checkpoint's frozen model (~1 min; the first time, ~4 min more to draw non-digits).",
+        RECIPE,
+    )
     init_from: str | None = _field(
         None,
         "Start from the evaluated weights of this run's best checkpoint (a run, best/ or step "
@@ -226,6 +232,7 @@ ADDED_LATER: dict[str, Any] = {
     "non_digit_images": 10_000,
     "init_from": None,
     "quick_compile": False,
+    "non_digit_detector": False,
 }
 
 # Named sets of settings for `digitjax train --preset`, each what it changes from the default

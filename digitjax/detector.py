@@ -5,10 +5,15 @@ training digits from the project's generated non-digits of the training kinds
 (`synthetic.non_digits.TRAINING_KINDS`), half of each as `--preset robust` augments them.
 
 Its threshold is set on digits it was not fitted on, augmented: it flags `false_alarms` of
-them. The model's weights are left as they are, so its accuracy and calibration on digits are
-too. Why this form, and how it does on the held-out kinds, Fashion-MNIST and users' digits:
-benchmarks/README.md, "Non-digit rejection".
+them. `write_bundle` fits one for the bundled model, and `train --non-digit-detector` for a
+run's best checkpoint once training ends (`fit_for_run`); either lands in the run folder
+(weights.DETECTOR_FILE). The model's weights are left as they are, so its accuracy and
+calibration on digits are too. Why this form, and how it does on the held-out kinds,
+Fashion-MNIST and users' digits: benchmarks/README.md, "Non-digit rejection".
 """
+
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +22,12 @@ import optax
 from flax import nnx
 
 from digitjax.augment import augment
-from digitjax.checkpoint import TrainedModel
+from digitjax.checkpoint import TrainedModel, restore_model
 from digitjax.config import Config
 from digitjax.data import load_dataset
+from digitjax.outputs import write_file
 from digitjax.synthetic import non_digits
-from digitjax.weights import NonDigitDetector, conv_statistics, detector_features
+from digitjax.weights import DETECTOR_FILE, NonDigitDetector, conv_statistics, detector_features
 
 FALSE_ALARMS = 0.01  # of held-out augmented MNIST training digits
 FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
@@ -47,6 +53,18 @@ def fit(model: TrainedModel, false_alarms: float = FALSE_ALARMS, seed: int = 0) 
     held_out_scores = features(augmented(threshold_digits, keys[1])) @ kernel + bias
     threshold = float(np.quantile(held_out_scores, 1 - false_alarms))
     return NonDigitDetector(kernel, bias - threshold, false_alarms)
+
+
+def fit_for_run(run_dir: Path) -> NonDigitDetector:
+    """The detector of the run's best checkpoint: the one in its folder if it was fitted for
+    those weights, else fitted now and written there (whole, or not at all)."""
+    model = restore_model(run_dir)
+    if model.detector is not None:
+        return model.detector
+    fitted = fit(model)
+    detector_file = run_dir / DETECTOR_FILE
+    write_file(detector_file, json.dumps(fitted.to_dict(int(model.step_dir.name))).encode())
+    return fitted
 
 
 def features_fn(model: TrainedModel):

@@ -78,6 +78,21 @@ def deferred() -> Iterator[Callable[[], int | None]]:
 
 
 @contextlib.contextmanager
+def at_once() -> Iterator[Callable[[], int | None]]:
+    """Inside `deferred`, for work with no point of its own to stop at: a stop signal raises
+    `Stopped` where the code is, and is noted for the function yielded to report (whether
+    or not its exception was swallowed on the way), for the caller to say what it stopped."""
+    noted: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        raise Stopped(signum)
+
+    with _handling(stop):
+        yield lambda: noted[0] if noted else None
+
+
+@contextlib.contextmanager
 def _handling(handler: Callable[[int, Any], None]) -> Iterator[None]:
     """`handler` for the stop signals, then the previous handlers again. Handlers can only be
     set from the main thread; elsewhere (a server's worker thread) nothing changes."""

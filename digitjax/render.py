@@ -74,7 +74,12 @@ class TrainingProgress:
     def callbacks(self) -> Any:
         from digitjax.train import Callbacks
 
-        return Callbacks(on_start=self.on_start, on_chunk=self.on_chunk, on_epoch=self.on_epoch)
+        return Callbacks(
+            on_start=self.on_start,
+            on_chunk=self.on_chunk,
+            on_epoch=self.on_epoch,
+            on_detector=self.on_detector,
+        )
 
     def on_start(self, setup: Any, run_dir: Path, done_steps: int) -> None:
         import jax
@@ -108,6 +113,13 @@ class TrainingProgress:
                 f"acc {100 * record['train_accuracy']:.2f}%  test loss {record['test_loss']:.4f} "
                 f"acc {100 * record['test_accuracy']:.2f}% ECE {100 * record['test_ece']:.2f}%  "
                 f"[dim]{time.perf_counter() - self.started:.1f}s[/dim]",
+                highlight=False,
+            )
+
+    def on_detector(self, run_dir: Path) -> None:
+        if not self.quiet:
+            self.progress.console.print(
+                f"Fitting the non-digit detector of {escape(str(run_dir))} (~1 min)",
                 highlight=False,
             )
 

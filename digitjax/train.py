@@ -532,6 +532,7 @@ class Callbacks:
     on_start: Callable[[TrainingSetup, Path, int], None] = lambda setup, run_dir, step: None
     on_chunk: Callable[[int], None] = lambda done_steps: None
     on_epoch: Callable[[dict], None] = lambda record: None  # after the epoch's checkpoint
+    on_detector: Callable[[Path], None] = lambda run_dir: None  # before fitting it
 
 
 @dataclasses.dataclass
@@ -764,6 +765,9 @@ def _run(
         for run in runs:
             if run.log.history:
                 plot_curves(run.log.history, run.log.curve, run.run_dir / checkpoint.CURVES_FILE)
+        for run in runs:
+            if run.config.non_digit_detector:
+                _fit_detector(run.run_dir, callbacks, received_signal)
     return [
         {"config": run.config.to_dict(), **run.log.summary(run.log.last_temperature())}
         for run in runs
@@ -847,6 +851,29 @@ def _save_interrupted(setup: TrainingSetup, run: SeedRun, state: TrainState) -> 
     recorded = run.log.epoch_recorded()
     temperature = run.log.last_temperature() if recorded else setup.temperature(state)
     run.checkpointer.save(checkpoint.LATEST, state, run.config, run.log.summary(temperature))
+
+
+def _fit_detector(
+    run_dir: Path, callbacks: Callbacks, received_signal: Callable[[], int | None]
+) -> None:
+    """The non-digit detector of the finished run's best checkpoint (`--non-digit-detector`).
+    A stop signal now, or one that came after the last chunk, ends the command with the run
+    complete and the detector fitted whole or not at all: `--resume` fits a missing one."""
+    from digitjax import detector
+
+    signum = received_signal()
+    if signum is None:
+        callbacks.on_detector(run_dir)
+        with interrupts.at_once() as received_now:
+            with contextlib.suppress(interrupts.Stopped):
+                detector.fit_for_run(run_dir)
+        signum = received_now()
+    if signum is not None:
+        raise Interrupted(
+            f"{signal.Signals(signum).name} while fitting the non-digit detector: the "
+            f"training in {run_dir} is complete; --resume fits the detector if it is missing",
+            exit_code=128 + signum,
+        )
 
 
 def _diverged_message(step: int, checkpointer: checkpoint.RunCheckpointer, run_dir: Path) -> str:

@@ -75,23 +75,17 @@ class NonDigitDetector:
     bias: float
     false_alarms: float
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, step: int) -> dict[str, Any]:
+        """As DETECTOR_FILE holds it, for the weights saved at `step`."""
         return {
+            "step": step,
             "kernel": [float(w) for w in self.kernel],
             "bias": self.bias,
             "false_alarms": self.false_alarms,
         }
 
     @classmethod
-    def from_summary(
-        cls, summary: dict, config: Config, step_dir: Path
-    ) -> "NonDigitDetector | None":
-        """The detector a checkpoint's summary holds (None: it has none), checked against the
-        features its model computes."""
-        raw = summary.get(DETECTOR_KEY)
-        if raw is None:
-            return None
-        expected = detector_feature_count(config.channels, config.dense, summary["num_classes"])
+    def from_dict(cls, raw: Any, num_features: int, where: Path) -> "NonDigitDetector":
         numbers = (
             [*raw["kernel"], raw["bias"], raw["false_alarms"]]
             if isinstance(raw, dict)
@@ -100,15 +94,37 @@ class NonDigitDetector:
             else []
         )
         if not (
-            len(numbers) == expected + 2
+            len(numbers) == num_features + 2
             and all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
             and np.isfinite(numbers).all()
         ):
-            raise UserError(f"{step_dir} has an invalid non-digit detector in its summary")
+            raise UserError(f"{where} is an invalid non-digit detector for its model")
         return cls(np.asarray(numbers[:-2], np.float32), float(numbers[-2]), float(numbers[-1]))
 
 
-DETECTOR_KEY = "non_digit_detector"  # the summary's entry for it
+# A run's non-digit detector, in the run folder beside best/ and latest/: fitted after the
+# checkpoints were written (`detector.fit_for_run`), so that it needs no new checkpoint, and
+# said to be for the weights of one step, so that a run resumed to a new best does not pass
+# it off as the new weights' until it is fitted again.
+DETECTOR_FILE = "non_digit_detector.json"
+
+
+def read_detector(step_dir: Path, config: Config, num_classes: int) -> NonDigitDetector | None:
+    """The non-digit detector fitted for the weights in `step_dir`, if its run has one."""
+    path = step_dir.parents[1] / DETECTOR_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the non-digit detector {path}: {e}") from None
+    step = raw.get("step") if isinstance(raw, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise UserError(f"{path} is an invalid non-digit detector for its model")
+    if step != int(step_dir.name):
+        return None  # fitted for other weights of the run
+    num_features = detector_feature_count(config.channels, config.dense, num_classes)
+    return NonDigitDetector.from_dict(raw, num_features, path)
 
 
 def check_shapes(
@@ -183,7 +199,7 @@ def chosen_weights(
     if kept != evaluated:
         return kept, None, None
     temperature = summary.get("temperature")
-    detector = NonDigitDetector.from_summary(summary, config, step_dir)
+    detector = read_detector(step_dir, config, summary["num_classes"])
     return kept, None if temperature is None else float(temperature), detector
 
 

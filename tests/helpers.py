@@ -53,6 +53,17 @@ def assert_same_outputs(got: np.ndarray, want: np.ndarray) -> None:
     assert ((got[clear, 10] > 0) == (want[clear, 10] > 0)).all()
 
 
+def fit_small_detectors(monkeypatch: Any, data_dir: Path) -> None:
+    """digitjax.detector fits on `data_dir`'s digits, fewer of them and of the non-digits,
+    in fewer steps: seconds instead of a minute."""
+    from digitjax import detector
+    from digitjax.data import load_dataset
+
+    for name, value in {"FIT_DIGITS": 1500, "NON_DIGITS": 300, "STEPS": 50}.items():
+        monkeypatch.setattr(detector, name, value)
+    monkeypatch.setattr(detector, "load_dataset", lambda name: load_dataset(name, data_dir))
+
+
 def python_block(doc: str, marker: str) -> str:
     """The one Python code block of a page (README.md, docs/...) that contains `marker`, as a
     user copies it."""

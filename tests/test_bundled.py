@@ -16,17 +16,17 @@ from helpers import (
     MNIST_DIR,
     assert_one_line_error,
     assert_same_outputs,
+    fit_small_detectors,
     tiny_train,
     trained_tiny_run,
 )
 from PIL import Image
 from typer.testing import CliRunner
 
-from digitjax import detector
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.config import UserError
-from digitjax.data import load_dataset, read_idx_split
+from digitjax.data import read_idx_split
 from digitjax.inference.bundled import (
     WEIGHTS_FILE,
     bundled_classifier,
@@ -63,9 +63,7 @@ def test_the_bundled_checkpoint_holds_only_what_inference_needs():
 def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images, monkeypatch):
     """The lead's step after training a new bundled model, on a tiny run, its non-digit
     detector fitted on fewer images in fewer steps."""
-    for name, value in {"FIT_DIGITS": 1500, "NON_DIGITS": 300, "STEPS": 50}.items():
-        monkeypatch.setattr(detector, name, value)
-    monkeypatch.setattr(detector, "load_dataset", lambda name: load_dataset(name, tiny_mnist))
+    fit_small_detectors(monkeypatch, tiny_mnist)
     run = trained_tiny_run(tiny_mnist, tmp_path, epochs=1)
     folder = tmp_path / "model"
     step_dir = write_bundle(run, folder)
@@ -217,28 +215,42 @@ def test_predict_checks_a_checkpoint_on_numpy_as_orbax_restores_do(
     assert_one_line_error(result.stderr, message)
 
 
-def forge_detector(edit) -> Callable[[dict], dict]:
-    return lambda summary: {**summary, "non_digit_detector": edit(summary["non_digit_detector"])}
-
-
 @pytest.mark.parametrize(
-    "edit",
+    ("edit", "message"),
     [
-        lambda d: {**d, "kernel": d["kernel"][:-1]},  # for another model
-        lambda d: {**d, "bias": float("nan")},
-        lambda d: {**d, "kernel": ["1"] * len(d["kernel"])},
-        lambda d: {"kernel": d["kernel"]},
-        lambda d: [],
+        (lambda d: {**d, "kernel": d["kernel"][:-1]}, "invalid non-digit detector"),  # another's
+        (lambda d: {**d, "bias": float("nan")}, "invalid non-digit detector"),
+        (lambda d: {**d, "kernel": ["1"] * len(d["kernel"])}, "invalid non-digit detector"),
+        (lambda d: {"step": d["step"], "kernel": d["kernel"]}, "invalid non-digit detector"),
+        (lambda d: {**d, "step": "10235"}, "invalid non-digit detector"),
+        (lambda d: [], "invalid non-digit detector"),
+        (lambda d: "{", "cannot read the non-digit detector"),
     ],
 )
-def test_a_forged_non_digit_detector_is_refused(edit, tmp_path):
-    """Whether read by TensorStore for numpy or restored by Orbax."""
+def test_a_forged_non_digit_detector_is_refused(edit, message, tmp_path):
+    """Whether read by numpy (the bundled model's path), by TensorStore for numpy (any
+    checkpoint's) or by Orbax."""
     model = shutil.copytree(BUNDLED_MODEL, tmp_path / "model")
-    edit_json("summary", forge_detector(edit))(next(model.glob("best/*")))
+    detector_file = model / "non_digit_detector.json"
+    edited = edit(json.loads(detector_file.read_text()))
+    detector_file.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(UserError, match=message):
+        bundled_classifier(model)
     image = tmp_path / "x.png"
     Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(image)
     result = CliRunner().invoke(app, ["predict", str(image), "--checkpoint", str(model)])
     assert result.exit_code == 1
-    assert_one_line_error(result.stderr, "invalid non-digit detector")
-    with pytest.raises(UserError, match="invalid non-digit detector"):
+    assert_one_line_error(result.stderr, message)
+    with pytest.raises(UserError, match=message):
         restore_model(model)
+
+
+def test_a_detector_fitted_for_other_weights_of_the_run_is_not_used(tmp_path):
+    """A run resumed to a new best keeps the old best's detector file until it is fitted
+    again: the new weights run without one."""
+    model = shutil.copytree(BUNDLED_MODEL, tmp_path / "model")
+    detector_file = model / "non_digit_detector.json"
+    detector_file.write_text(json.dumps(json.loads(detector_file.read_text()) | {"step": 1}))
+    assert restore_model(model).detector is None
+    classifier = bundled_classifier(model)
+    assert classifier is not None and not classifier.info.detects_non_digits

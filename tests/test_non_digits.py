@@ -1,16 +1,17 @@
 """Refusing images of no digit: the generated non-digits, training with them, the policy that
 decides from the probabilities, and the bundled model's refusals."""
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import MNIST_DIR, tiny_train
+from helpers import MNIST_DIR, fit_small_detectors, tiny_train
 from typer.testing import CliRunner
 
-from digitjax import checkpoint
+from digitjax import checkpoint, detector
 from digitjax.cli import app
 from digitjax.config import ADDED_LATER, Config, Interrupted, UserError
 from digitjax.data import read_idx_split
@@ -24,6 +25,7 @@ from digitjax.inference.classifier import (
 from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import non_digits, user_digits
 from digitjax.train import Callbacks, train
+from digitjax.weights import DETECTOR_FILE
 
 runner = CliRunner()
 NON_DIGIT_FLAGS = ["--non-digit-fraction", "0.25", "--non-digit-images", "48"]
@@ -151,3 +153,38 @@ def test_training_with_non_digits_checkpoints_and_resumes_exactly(tiny_mnist, tm
     assert runner.invoke(app, tiny_train(tiny_mnist, plain, epochs=2)).exit_code == 0
     plain_history = checkpoint.read_config(plain, checkpoint.LATEST)[1]["history"]
     assert plain_history[-1]["train_loss"] != summary["history"][-1]["train_loss"]
+
+
+def test_training_fits_a_non_digit_detector_when_asked(tiny_mnist, tmp_path, monkeypatch):
+    """`--non-digit-detector`: fitted once training ends, for the best checkpoint, into the
+    run folder; a stop signal during the fit leaves the run complete without one, and
+    `--resume` fits it."""
+    fit_small_detectors(monkeypatch, tiny_mnist)
+    run_dir = tmp_path / "run"
+    flags = tiny_train(tiny_mnist, run_dir, "--non-digit-detector", epochs=1)
+    result = runner.invoke(app, flags)
+    assert result.exit_code == 0, result.output
+    assert "Fitting the non-digit detector" in result.stderr
+    detector_file = run_dir / DETECTOR_FILE
+    best_step = int(next(run_dir.glob("best/*")).name)
+    assert json.loads(detector_file.read_text())["step"] == best_step
+    for classifier in (load_classifier(run_dir, quick_start=True), load_classifier(run_dir)):
+        assert classifier.info.detects_non_digits
+    fitted = detector_file.read_bytes()
+
+    detector_file.unlink()
+    real_fit = detector.fit
+
+    def stopped_during_the_fit(model):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_fit(model)
+
+    monkeypatch.setattr(detector, "fit", stopped_during_the_fit)
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 130
+    assert "SIGINT while fitting the non-digit detector" in result.stderr
+    assert not detector_file.exists() and not list(tmp_path.glob("run/*.tmp*"))
+    monkeypatch.setattr(detector, "fit", real_fit)
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert detector_file.read_bytes() == fitted  # the same detector: the same seed

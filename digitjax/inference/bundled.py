@@ -17,7 +17,6 @@ overwrite the folder it reads):
     python -m digitjax.inference.bundled checkpoints/bundled digitjax/assets/model
 """
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -35,11 +34,12 @@ from digitjax.inference.classifier import (
 )
 from digitjax.runs import BEST, step_dir_of
 from digitjax.weights import (
-    DETECTOR_KEY,
+    DETECTOR_FILE,
     NUM_POOLS,
     NonDigitDetector,
     conv_statistics,
     detector_features,
+    read_detector,
     read_weights,
 )
 
@@ -121,7 +121,7 @@ def bundled_classifier(folder: Path = BUNDLED_MODEL) -> NumpyClassifier | None:
     if metadata["step"] != int(steps[0].name):
         return None
     config = Config.from_dict(metadata["config"])
-    detector = NonDigitDetector.from_summary(metadata, config, steps[0])
+    detector = read_detector(steps[0], config, metadata["num_classes"])
     info = ModelInfo(
         name="bundled",
         kind="checkpoint",
@@ -151,8 +151,8 @@ def checkpoint_classifier(path: Path) -> NumpyClassifier | None:
 
 def write_bundle(run: Path, out: Path) -> Path:
     """The bundled model's folder at `out`, made from the best checkpoint of `run`: a
-    weights-only Orbax checkpoint and its `weights.npz`, both with a non-digit detector (the
-    run's, else one fitted now). Returns the checkpoint's folder."""
+    weights-only Orbax checkpoint, its `weights.npz`, and its non-digit detector (the run's,
+    else one fitted now). Returns the checkpoint's folder."""
     import jax.numpy as jnp
 
     from digitjax import detector
@@ -160,10 +160,7 @@ def write_bundle(run: Path, out: Path) -> Path:
     from digitjax.config import uses_ema
 
     model = restore_model(run)
-    if model.detector is None:
-        fitted = detector.fit(model)
-        summary = model.summary | {DETECTOR_KEY: fitted.to_dict()}
-        model = dataclasses.replace(model, detector=fitted, summary=summary)
+    fitted = model.detector or detector.fit(model)
     info = checkpoint_info(model)
     # Under the name the run evaluated them by, so that restore_model finds them.
     state = {
@@ -183,12 +180,12 @@ def write_bundle(run: Path, out: Path) -> Path:
         "dataset": info.dataset,
         "num_classes": info.num_classes,
         "num_pools": NUM_POOLS,
-        "config": model.config.to_dict(),
-        DETECTOR_KEY: model.summary[DETECTOR_KEY],
+        "config": model.config.to_dict(),  # what the detector's features are read for
     }
     arrays = {k: np.asarray(v, np.float32) for k, v in leaves_by_path(model.params).items()}
     arrays[METADATA_KEY] = np.array(json.dumps(metadata))
     np.savez(staging / WEIGHTS_FILE, allow_pickle=False, **arrays)
+    (staging / DETECTOR_FILE).write_text(json.dumps(fitted.to_dict(int(model.step_dir.name))))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out / BEST / str(info.step)
