@@ -82,7 +82,7 @@ def digitjax(*args: str) -> list[str]:
 
 
 def run_exported(path: Path, data_dir: str | None) -> dict:
-    """The exported file run as README.md shows, with jax alone, on the test images."""
+    """The exported file run as docs/export.md shows, with jax alone, on the test images."""
     from digitjax.data import load_dataset
 
     with zipfile.ZipFile(path) as archive:
@@ -91,7 +91,9 @@ def run_exported(path: Path, data_dir: str | None) -> dict:
     dataset = load_dataset("mnist", data_dir)
     images = dataset.test_images.astype(np.float32) / 255
     start = time.perf_counter()
-    probabilities = np.asarray(exported.call(images))
+    outputs = exported.call(images)
+    # A model with a non-digit detector returns its scores too.
+    probabilities = np.asarray(outputs[0] if metadata.get("non_digit_score") else outputs)
     first_call = time.perf_counter() - start
     start = time.perf_counter()
     jax.block_until_ready(exported.call(images))
