@@ -67,6 +67,13 @@ def fit_for_run(run_dir: Path) -> NonDigitDetector:
     return fitted
 
 
+def flagged_share(model: TrainedModel, images: np.ndarray) -> float:
+    """The share of `images` (uint8) that the model's detector flags."""
+    assert model.detector is not None
+    features = features_fn(model)(normalized(images))
+    return float((features @ model.detector.kernel + model.detector.bias > 0).mean())
+
+
 def features_fn(model: TrainedModel):
     """fn(images (N, 28, 28) in [0, 1]) -> (N, features) float32, as the forward pass of
     `model.calibrated_outputs` computes them."""

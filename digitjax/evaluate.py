@@ -274,6 +274,9 @@ class Evaluation:
     images: np.ndarray  # the split evaluated, for the report's misclassified digits
     labels: np.ndarray
     seeds: tuple["Evaluation", ...] = ()  # of a `--seeds` run: each seed's (digitjax/seeds.py)
+    # The share of the split's images the model's non-digit detector flags: false alarms on
+    # digits, refusals on another dataset's images; None for a model without a detector.
+    non_digit_flagged: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         document = {
@@ -281,6 +284,7 @@ class Evaluation:
             "dataset": self.dataset,
             "split": self.split,
             **self.metrics.to_dict(),
+            "non_digit_flagged": self.non_digit_flagged,
         }
         if self.seeds:
             document["seeds"] = [each.to_dict() for each in self.seeds]
@@ -303,7 +307,12 @@ def evaluate_checkpoint(
     metrics = split_metrics(
         logits_fn, model.params, pad_to_batches(images), labels, data.class_names, model.temperature
     )
-    return Evaluation(model.step_dir, data.name, split, metrics, images, labels)
+    flagged = None
+    if model.detector is not None:
+        from digitjax.detector import flagged_share
+
+        flagged = flagged_share(model, images)
+    return Evaluation(model.step_dir, data.name, split, metrics, images, labels, (), flagged)
 
 
 def evaluation_data(

@@ -183,6 +183,11 @@ def evaluation(report: "Evaluation") -> None:
         f"calibration: ECE [bold]{100 * metrics.ece:.2f}%[/bold] ({calibration})",
         highlight=False,
     )
+    if report.non_digit_flagged is not None:
+        out.print(
+            f"non-digit detector: flags {100 * report.non_digit_flagged:.2f}% of these images",
+            highlight=False,
+        )
     per_class = Table("class", "precision", "recall", "F1", "support", title="Per class")
     for name, values in metrics.to_dict()["per_class"].items():
         per_class.add_row(

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax.cli import app
+from digitjax.inference.classifier import BUNDLED_MODEL
 
 runner = CliRunner()
 
@@ -57,6 +59,7 @@ def test_evaluate_json_matches_training_figures(trained_run: Path):
     assert report["num_examples"] == 1000
     confusion = np.array(report["confusion_matrix"])
     assert confusion.sum() == 1000 and np.trace(confusion) == round(1000 * report["accuracy"])
+    assert report["non_digit_flagged"] is None  # trained without --non-digit-detector
     recall_of_7 = report["per_class"]["7"]["recall"]
     assert recall_of_7 == pytest.approx(confusion[7, 7] / confusion[7].sum())
 
@@ -124,3 +127,18 @@ def test_not_a_digitjax_checkpoint(trained_run: Path, tmp_path: Path):
     shutil.rmtree(step_dir(copy) / "config")
     result = runner.invoke(app, ["evaluate", str(copy)])
     assert_one_line_error(result.stderr, "is not a digitjax checkpoint")
+
+
+def test_evaluate_reports_what_the_non_digit_detector_flags():
+    """The bundled model's detector: few MNIST test digits, nearly every Fashion-MNIST
+    photo; in the JSON and on the terminal."""
+    result = runner.invoke(app, ["evaluate", str(BUNDLED_MODEL), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["accuracy"] == 0.9968 and 0 < report["non_digit_flagged"] <= 0.01
+    result = runner.invoke(app, ["evaluate", str(BUNDLED_MODEL), "--dataset", "fashion_mnist"])
+    if result.exit_code == 1 and "no data reachable" in result.stderr:
+        pytest.skip("fashion-mnist is not installed here")
+    assert result.exit_code == 0, result.output
+    flagged = re.search(r"non-digit detector: flags ([\d.]+)% of these images", result.stdout)
+    assert flagged is not None and float(flagged[1]) > 95
