@@ -100,13 +100,20 @@ def normalized(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 255
 
 
+# One compiled program per batch shape for every `augmented` call of a fit (a jit made per
+# call compiled it again for each of the fit's five image sets).
+_augment_batch = jax.jit(augment, static_argnames="config")
+
+
 def augmented(images: np.ndarray, key: jax.Array) -> np.ndarray:
     """`images` as `--preset robust` augments training images."""
     config = Config.from_flags({}, "robust")
-    augment_batch = jax.jit(lambda key, batch: augment(key, batch, config))
     keys = jax.random.split(key, -(-len(images) // BATCH))
     return np.concatenate(
-        [augment_batch(k, images[i * BATCH : (i + 1) * BATCH]) for i, k in enumerate(keys)]
+        [
+            _augment_batch(k, images[i * BATCH : (i + 1) * BATCH], config=config)
+            for i, k in enumerate(keys)
+        ]
     )
 
 

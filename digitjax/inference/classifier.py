@@ -4,11 +4,11 @@
   its non-digit detector's score (`outputs`), and says what it is (`ModelInfo`); a checkpoint
   (`CheckpointClassifier`) and a file written by `digitjax export` (`export.ExportedModel`)
   are classifiers (`predict.load_classifier` opens whichever the user named);
-- `judge` also reads the detector's score: a model that has one flags what does not look
-  like a digit, however sure its ten probabilities are;
 - `in_batches` runs a forward pass over padded power-of-two batches, so any number of images
   costs at most one compilation per batch size;
-- `judge` is the one policy that says whether an answer is a digit, not sure, or not a digit;
+- `judge` is the one policy that says whether an answer is a digit, not sure, or not a digit
+  (a model with a detector refuses what does not look like a digit, however sure its ten
+  probabilities are);
 - `Prediction` is the one schema an answer is shown in (`predict --json/--csv`, the API, the page).
 """
 

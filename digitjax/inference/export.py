@@ -293,7 +293,9 @@ class ExportedModel:
                 "finite, in [0, 1] and sum to 1): not a digitjax export"
             )
         if scores is not None and not (scores.shape == (len(batch),) and np.isfinite(scores).all()):
-            raise UserError(f"{self.source} returned non-digit scores that are not finite")
+            raise UserError(
+                f"{self.source} returned non-digit scores that are not {len(batch)} finite numbers"
+            )
         return packed(probabilities, scores)
 
 
