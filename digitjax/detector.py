@@ -2,7 +2,9 @@
 model computes for an image (`weights.detector_features`: the hidden layer, the calibrated
 logits and their logsumexp, each conv layer's mean and maximum activation), telling MNIST
 training digits from the project's generated non-digits of the training kinds
-(`synthetic.non_digits.TRAINING_KINDS`), half of each as `--preset robust` augments them.
+(`synthetic.non_digits.TRAINING_KINDS`). The digits are seen as they are, as `--preset robust`
+augments them, and (some of them) drawn into image files and preprocessed as users' images
+are (`synthetic.drawn_digits`); the non-digits as preprocessed, and augmented.
 
 Its threshold is set on digits it was not fitted on, augmented: it flags `false_alarms` of
 them. `write_bundle` fits one for the bundled model, and `train --non-digit-detector` for a
@@ -26,11 +28,12 @@ from digitjax.checkpoint import TrainedModel, restore_model
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.outputs import write_file
-from digitjax.synthetic import non_digits
+from digitjax.synthetic import drawn_digits, non_digits
 from digitjax.weights import DETECTOR_FILE, NonDigitDetector, conv_statistics, detector_features
 
-FALSE_ALARMS = 0.01  # of held-out augmented MNIST training digits
+FALSE_ALARMS = 0.02  # of held-out augmented MNIST training digits
 FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
+DRAWN_DIGITS = 10_000  # of the fitting digits, also drawn as users' images
 NON_DIGITS = 10_000  # generated, before those preprocessing finds no digit in are left out
 AUGMENTED_NON_DIGIT_COPIES = 3
 STEPS, MINIBATCH, LEARNING_RATE, WEIGHT_DECAY = 1500, 8192, 3e-3, 1e-4
@@ -40,19 +43,33 @@ BATCH = 2000  # images per forward pass
 def fit(model: TrainedModel, false_alarms: float = FALSE_ALARMS, seed: int = 0) -> NonDigitDetector:
     """The detector of `model` (its evaluated weights, calibrated), reproducible from `seed`."""
     features = features_fn(model)
-    digits = normalized(load_dataset("mnist").split("train")[0])
+    digits, others, threshold_digits = fitting_images(seed)
+    kernel, bias = fit_logistic(features(digits), features(others), seed)
+    held_out_scores = features(threshold_digits) @ kernel + bias
+    threshold = float(np.quantile(held_out_scores, 1 - false_alarms))
+    return NonDigitDetector(kernel, bias - threshold, false_alarms)
+
+
+def fitting_images(
+    seed: int = 0, drawn_count: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The digits and the non-digits a detector is fitted on, and the held-out digits its
+    threshold is set on: (N, 28, 28) float32 in [0, 1] each. `drawn_count`: how many digits
+    are also drawn as users' images (DRAWN_DIGITS if None; 0 for none, as before
+    2026-12-05)."""
+    digits = load_dataset("mnist").split("train")[0]
     order = np.random.default_rng(seed).permutation(len(digits))
+    drawn_count = DRAWN_DIGITS if drawn_count is None else drawn_count
+    drawn = [drawn_digits.training_set(digits[order[:drawn_count]])] if drawn_count else []
+    digits = normalized(digits)
     fit_digits, threshold_digits = digits[order[:FIT_DIGITS]], digits[order[FIT_DIGITS:]]
     others = normalized(non_digits.training_set(NON_DIGITS))
     keys = jax.random.split(jax.random.key(seed), 2 + AUGMENTED_NON_DIGIT_COPIES)
-    digit_features = features(np.concatenate([fit_digits, augmented(fit_digits, keys[0])]))
-    other_features = features(
-        np.concatenate([others] + [augmented(others, key) for key in keys[2:]])
+    return (
+        np.concatenate([fit_digits, augmented(fit_digits, keys[0]), *map(normalized, drawn)]),
+        np.concatenate([others] + [augmented(others, key) for key in keys[2:]]),
+        augmented(threshold_digits, keys[1]),
     )
-    kernel, bias = fit_logistic(digit_features, other_features, seed)
-    held_out_scores = features(augmented(threshold_digits, keys[1])) @ kernel + bias
-    threshold = float(np.quantile(held_out_scores, 1 - false_alarms))
-    return NonDigitDetector(kernel, bias - threshold, false_alarms)
 
 
 def fit_for_run(run_dir: Path) -> NonDigitDetector:

@@ -23,7 +23,7 @@ from digitjax.inference.classifier import (
     judge,
 )
 from digitjax.inference.predict import load_classifier, predict_files
-from digitjax.synthetic import non_digits, user_digits
+from digitjax.synthetic import drawn_digits, non_digits, user_digits
 from digitjax.train import Callbacks, train
 from digitjax.weights import DETECTOR_FILE
 
@@ -86,6 +86,27 @@ def test_training_set_is_preprocessed_once_then_read_from_its_cache(tmp_path, mo
     cache.write_bytes(b"damaged")
     monkeypatch.setattr(non_digits, "_training_block", made)
     assert np.array_equal(non_digits.training_set(30, tmp_path), images)
+
+
+def test_drawn_digits_are_digits_as_users_give_them_and_are_cached(tmp_path, monkeypatch):
+    """The detector's digits drawn as users' images: still the digits they were (the bundled
+    model reads them), not MNIST's own pixels, the same drawings every time, made once."""
+    images, labels = read_idx_split(MNIST_DIR, "train")
+    digits, labels = images[:40], labels[:40]
+    drawn = [drawn_digits.preprocessed(digit, n) for n, digit in enumerate(digits)]
+    found = [n for n, image in enumerate(drawn) if image is not None]
+    assert len(found) >= 36
+    seen = np.stack([drawn[n] for n in found])
+    assert not any(np.array_equal(seen[i], digits[n]) for i, n in enumerate(found))
+    outputs = load_classifier(BUNDLED_MODEL, quick_start=True).outputs(seen / np.float32(255))
+    assert (outputs[:, :10].argmax(1) == labels[found]).mean() >= 0.9
+    cached = drawn_digits.training_set(digits, tmp_path)
+    assert np.array_equal(cached, seen)
+    monkeypatch.setattr(drawn_digits, "_drawn_block", lambda task: pytest.fail("remade"))
+    assert np.array_equal(drawn_digits.training_set(digits, tmp_path), seen)
+    # Other digits are other drawings: not read from that cache.
+    with pytest.raises(pytest.fail.Exception):
+        drawn_digits.training_set(digits[1:], tmp_path)
 
 
 def test_policy_decides_from_the_top_probability_and_the_detector():

@@ -15,15 +15,14 @@ non-digits nobody generated for it (`benchmarks/uncertain_rate.py`).
 
 import argparse
 import csv
-import io
 import string
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from digitjax.inference.parallel import preprocess_one
+from digitjax.synthetic.cache import BLOCK, cached_images
 from digitjax.synthetic.user_digits import encode, matplotlib_dejavu
 
 # Letters that are written like digits (O 0, l 1, S 5, Z 2, B 8, g 9...): a model that reads
@@ -46,7 +45,7 @@ def _level(rng: np.random.Generator, low: int, high: int) -> int:
     return int(rng.integers(low, high))
 
 
-def _paper_and_ink(rng: np.random.Generator) -> tuple[int, int]:
+def paper_and_ink(rng: np.random.Generator) -> tuple[int, int]:
     """Gray levels of the background and the marks: mostly dark on light, sometimes a canvas."""
     paper, ink = _level(rng, 190, 256), _level(rng, 0, 70)
     return (paper, ink) if rng.random() < 0.75 else (ink, paper)
@@ -62,7 +61,7 @@ def _noise_photo(rgb: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return _to_image(rgb).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
 
 
-def _maybe_photo(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def maybe_photo(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A drawing as scanned (unchanged) or photographed (tinted, unevenly lit, noisy)."""
     if rng.random() < 0.5:
         return image
@@ -111,12 +110,12 @@ def _printed(
     font = _font(fonts, rng, low, high)
     left, top, right, bottom = font.getbbox(characters)
     pad_x, pad_y = _level(rng, 10, 200), _level(rng, 10, 200)
-    paper, ink = _paper_and_ink(rng)
+    paper, ink = paper_and_ink(rng)
     image = Image.new("L", (int(right - left) + pad_x, int(bottom - top) + pad_y), paper)
     position = (_level(rng, 0, pad_x + 1) - left, _level(rng, 0, pad_y + 1) - top)
     ImageDraw.Draw(image).text(position, characters, fill=ink, font=font)
     image = image.rotate(rng.uniform(-6, 6), Image.Resampling.BICUBIC, fillcolor=paper)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def _polygon(kind: int, x: float, y: float, w: float, h: float) -> list[tuple[float, float]]:
@@ -200,7 +199,7 @@ def text(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     image = Image.new("L", (int(box[2]) + 2 * pad, int(box[3]) + 2 * pad), paper)
     ImageDraw.Draw(image).multiline_text((pad, pad), "\n".join(lines), _level(rng, 0, 60), font)
     image = image.rotate(rng.uniform(-4, 4), Image.Resampling.BICUBIC, fillcolor=paper)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def letter(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -271,7 +270,7 @@ def grid(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """Regular patterns drawn or printed: graph paper, ruled lines, a checkerboard, stripes,
     a grid of dots, tiles."""
     height, width = _level(rng, 96, 512), _level(rng, 96, 512)
-    paper, ink = _paper_and_ink(rng)
+    paper, ink = paper_and_ink(rng)
     image = Image.new("L", (width, height), paper)
     draw = ImageDraw.Draw(image)
     step = rng.uniform(8, max(height, width) / 5)  # several lines: one alone is a 1
@@ -306,7 +305,7 @@ def grid(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
             for x in xs:
                 draw.rectangle((x, y, x + step - line, y + step - line), outline=ink, width=line)
     image = image.rotate(rng.uniform(-20, 20), Image.Resampling.BICUBIC, fillcolor=paper)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def _page(
@@ -314,7 +313,7 @@ def _page(
 ) -> tuple[int, int, int, Image.Image, ImageDraw.ImageDraw]:
     """A square grey page of a random size in [low, high), its paper and ink levels, and a pen."""
     size = _level(rng, low, high)
-    paper, ink = _paper_and_ink(rng)
+    paper, ink = paper_and_ink(rng)
     image = Image.new("L", (size, size), paper)
     return size, paper, ink, image, ImageDraw.Draw(image)
 
@@ -327,13 +326,13 @@ def scribble(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
         steps = rng.normal(0, size * 0.08, (_level(rng, 15, 60), 2)).cumsum(axis=0)
         points = np.clip(steps + rng.uniform(0.2, 0.8, 2) * size, 0, size - 1)
         draw.line([tuple(p) for p in points], ink, width, joint="curve")
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def cursive(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """A line of handwriting-like loops and waves, as a signature or a scrawled word."""
     width, height = _level(rng, 200, 600), _level(rng, 80, 300)
-    paper, ink = _paper_and_ink(rng)
+    paper, ink = paper_and_ink(rng)
     image = Image.new("L", (width, height), paper)
     t = np.linspace(0, 1, 400)
     loops = rng.uniform(3, 10)
@@ -342,7 +341,7 @@ def cursive(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     y += np.cumsum(rng.normal(0, 0.6, t.shape))
     pen = max(1, int(height * rng.uniform(0.01, 0.05)))
     ImageDraw.Draw(image).line(list(zip(x, y)), ink, pen, joint="curve")
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def hatching(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -366,7 +365,7 @@ def hatching(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
                 start = centre + normal * offset - direction * span / 2 + wobble
                 end = centre + normal * offset + direction * span / 2 + wobble
                 draw.line((*start, *end), ink, pen)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def shape(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -379,13 +378,13 @@ def shape(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
         x, y = rng.uniform(0, 1, 2) * (size - np.array([w, h]))
         fill = ink if rng.random() < 0.4 else None
         draw.polygon(_polygon(int(rng.integers(8)), x, y, w, h), fill, ink, width)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def smiley(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """A drawn smiley or emoji: a round face with eyes and a smile, frown or open mouth."""
     size = _level(rng, 100, 500)
-    paper, ink = _paper_and_ink(rng)
+    paper, ink = paper_and_ink(rng)
     filled = rng.random() < 0.4  # a yellow emoji rather than a pen drawing
     image = Image.new("RGB", (size, size), (paper,) * 3)
     draw = ImageDraw.Draw(image)
@@ -411,7 +410,7 @@ def smiley(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
         )
     else:
         draw.chord(box, 0, 180, (ink,) * 3)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def silhouette(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -420,7 +419,7 @@ def silhouette(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     size = _level(rng, 120, 500)
     s = size / 10  # the drawings below are on a 10x10 grid
     if rng.random() < 0.5:
-        paper, ink = _paper_and_ink(rng)
+        paper, ink = paper_and_ink(rng)
         image, colour = Image.new("L", (size, size), paper), ink
     else:
         image = _to_image(_lit_background(rng, size, size))
@@ -472,7 +471,7 @@ def silhouette(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     image = image.rotate(
         rng.uniform(-15, 15), Image.Resampling.BICUBIC, fillcolor=image.getpixel((0, 0))
     )
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def object_photo(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -572,7 +571,7 @@ def barcode(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     image = image.rotate(
         rng.uniform(-10, 10), Image.Resampling.BICUBIC, expand=True, fillcolor=paper
     )
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def partial_stroke(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -606,7 +605,7 @@ def partial_stroke(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
         jitter = rng.normal(0, size * 0.01, (len(points), 2))
         draw.line([tuple(p) for p in np.array(points) + jitter], ink, pen, joint="curve")
     image = image.rotate(rng.uniform(-20, 20), Image.Resampling.BICUBIC, fillcolor=paper)
-    return _maybe_photo(image, rng)
+    return maybe_photo(image, rng)
 
 
 def blank_paper(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -731,42 +730,14 @@ def _training_block(numbers: range) -> list[np.ndarray | None]:
 def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     """`count` images of TRAINING_KINDS, preprocessed (uint8, (N, 28, 28), N <= count: those
     with no digit found, or that look like a 1, are left out), made once on every core and
-    cached on disk beside the decoded datasets; a cache that does not read back is made
-    again."""
-    from digitjax.config import UserError
-    from digitjax.data import DAMAGED, default_cache_dir
-    from digitjax.inference.parallel import available_cores, start_pool
-    from digitjax.outputs import write_file
-
-    cache = (cache_dir or default_cache_dir()) / (
-        f"non_digits-v{GENERATOR_VERSION}-{count}-{TRAINING_SEED}.npy"
+    cached on disk beside the decoded datasets (`cache.cached_images`)."""
+    return cached_images(
+        f"non_digits-v{GENERATOR_VERSION}-{count}-{TRAINING_SEED}.npy",
+        _training_block,
+        [range(start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)],
+        "non-digit",
+        cache_dir,
     )
-    try:
-        images = np.load(cache)
-        if images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28):
-            return images
-    except FileNotFoundError:
-        pass
-    except DAMAGED as e:
-        print(
-            f"warning: the non-digit cache {cache} is damaged ({e}); making it again",
-            file=sys.stderr,
-        )
-    workers = min(available_cores(), max(1, count // 256))
-    blocks = [range(start, min(start + 256, count)) for start in range(0, count, 256)]
-    if workers < 2:
-        results = [_training_block(block) for block in blocks]
-    else:
-        with start_pool(workers) as pool:
-            results = list(pool.map(_training_block, blocks))
-    images = np.stack([image for block in results for image in block if image is not None])
-    contents = io.BytesIO()
-    np.save(contents, images)
-    try:
-        write_file(cache, contents.getvalue())
-    except OSError as e:
-        raise UserError(f"cannot write the non-digit cache {cache} ({e})") from None
-    return images
 
 
 def main() -> None:

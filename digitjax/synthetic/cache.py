@@ -1,0 +1,57 @@
+"""Generated training images, made once on every core and cached on disk beside the decoded
+datasets: drawing and preprocessing thousands of images takes minutes, reading them back a
+blink."""
+
+import io
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BLOCK = 256  # images per task of a worker
+
+
+def cached_images(
+    file_name: str,
+    make_block: Callable[[Any], list[np.ndarray | None]],
+    blocks: Sequence[Any],
+    what: str,
+    cache_dir: Path | None = None,
+) -> np.ndarray:
+    """The images (uint8, (N, 28, 28)) cached as `file_name`, or, where there is no such file
+    or it does not read back, those that `make_block` (a module-level function, run in worker
+    processes) returns for each of `blocks`, None left out, written to the cache whole.
+    `what` names them in messages."""
+    from digitjax.config import UserError
+    from digitjax.data import DAMAGED, default_cache_dir
+    from digitjax.inference.parallel import available_cores, start_pool
+    from digitjax.outputs import write_file
+
+    cache = (cache_dir or default_cache_dir()) / file_name
+    try:
+        images = np.load(cache)
+        if images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28):
+            return images
+    except FileNotFoundError:
+        pass
+    except DAMAGED as e:
+        print(
+            f"warning: the {what} cache {cache} is damaged ({e}); making it again", file=sys.stderr
+        )
+    # A worker costs a second or two to start, more than a block's remainder is worth.
+    workers = min(available_cores(), max(1, len(blocks) - 1))
+    if workers < 2:
+        results = [make_block(block) for block in blocks]
+    else:
+        with start_pool(workers) as pool:
+            results = list(pool.map(make_block, blocks))
+    images = np.stack([image for block in results for image in block if image is not None])
+    contents = io.BytesIO()
+    np.save(contents, images)
+    try:
+        write_file(cache, contents.getvalue())
+    except OSError as e:
+        raise UserError(f"cannot write the {what} cache {cache} ({e})") from None
+    return images
