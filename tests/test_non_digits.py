@@ -140,7 +140,7 @@ def test_the_bundled_model_refuses_non_digit_kinds_it_never_saw(tmp_path):
     assert sum(a.verdict == "not_a_digit" for a in answers) <= 0.1 * len(answers)
     images = read_idx_split(MNIST_DIR, "test")[0][:2000].astype(np.float32) / 255
     outputs = classifier.outputs(images)
-    assert (outputs[:, NON_DIGIT_SCORE] > 0).mean() <= 0.01
+    assert (outputs[:, NON_DIGIT_SCORE] > 0).mean() <= 0.02  # issue 21: <= 2% of MNIST test
 
 
 def tiny_config(tiny_mnist: Path) -> Config:

@@ -59,6 +59,21 @@ def test_uneven_lighting_and_off_centre_position(digits):
     assert correlation(to_mnist(np.clip(photo, 0, 1).astype(np.float32)), digit) > 0.85
 
 
+def test_light_pencil_on_grey_paper_is_found(digits):
+    """Graphite a tenth of the range darker than grey, grainy paper: plain to see, and a
+    digit (below a contrast of 0.12 these were "no digit found")."""
+    rng = np.random.default_rng(2)
+    scores = []
+    for digit in digits[0][:5]:
+        page = np.full((400, 400), 0.7, np.float32)
+        page[100:300, 100:300] -= 0.09 * big(digit)
+        page += rng.normal(0, 0.02, page.shape).astype(np.float32)
+        out = to_mnist(np.clip(page, 0, 1))
+        assert out is not None
+        scores.append(correlation(out, digit))
+    assert np.mean(scores) > 0.8
+
+
 @pytest.mark.parametrize(
     "image",
     [

@@ -17,10 +17,17 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 MNIST_SIZE, DIGIT_BOX = 28, 20
 WORK_SIZE = 128  # images are reduced to this before cleaning: enough detail, little work
 MIN_CONTRAST = 0.12  # ink must differ from the paper by this much (of full range) to count
+# Fainter ink (light pencil on grey paper: 0.05-0.12) counts where it stands out from what
+# removing the paper's level leaves elsewhere (its 90th percentile) by this factor: a
+# lighting gradient or a texture leaves residue over much of the image, a digit does not.
+FAINT_CONTRAST, FAINT_RATIO = 0.05, 3.0
 # A digit spanning less of the image than this (or not seen at WORK_SIZE at all: a small pencil
 # digit on a large page fades into the paper when reduced) is looked for again at FIND_SIZE,
 # and the part of the full image around it is then cleaned like a whole image.
 SMALL_DIGIT, FIND_SIZE = 0.3, 512
+# Bump when preprocessing makes something else of an image: the generated training images
+# cached after going through it (synthetic/cache.py) are then made again.
+VERSION = 2  # 2: faint ink (FAINT_CONTRAST)
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -144,8 +151,8 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
         ink = np.clip(gray - np.minimum(background, gray), 0, None)
         if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
             ink = _filtered(ink, ImageFilter.MedianFilter(3))
-    peak = float(np.percentile(ink, 99.5))
-    if peak < MIN_CONTRAST:
+    peak, residue = (float(level) for level in np.percentile(ink, [99.5, 90]))
+    if peak < MIN_CONTRAST and (peak < FAINT_CONTRAST or peak < FAINT_RATIO * residue):
         return None
     # Normalise so that the strokes' core is full white, and drop weak residue (noise, paper
     # texture) that would otherwise widen the bounding box.

@@ -20,16 +20,18 @@ def cached_images(
     what: str,
     cache_dir: Path | None = None,
 ) -> np.ndarray:
-    """The images (uint8, (N, 28, 28)) cached as `file_name`, or, where there is no such file
-    or it does not read back, those that `make_block` (a module-level function, run in worker
-    processes) returns for each of `blocks`, None left out, written to the cache whole.
-    `what` names them in messages."""
+    """The images (uint8, (N, 28, 28)) cached under `file_name` and the preprocessing's
+    version, or, where there is no such file or it does not read back, those that
+    `make_block` (a module-level function, run in worker processes) returns for each of
+    `blocks`, None left out, written to the cache whole. `what` names them in messages."""
     from digitjax.config import UserError
     from digitjax.data import DAMAGED, default_cache_dir
+    from digitjax.inference import preprocess
     from digitjax.inference.parallel import available_cores, start_pool
     from digitjax.outputs import write_file
 
-    cache = (cache_dir or default_cache_dir()) / file_name
+    # Named for the preprocessing they went through too: another makes other images.
+    cache = (cache_dir or default_cache_dir()) / f"{file_name}-p{preprocess.VERSION}.npy"
     try:
         images = np.load(cache)
         if images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28):

@@ -90,7 +90,7 @@ def training_set(digits: np.ndarray, cache_dir: Path | None = None) -> np.ndarra
     says which digits they are."""
     which = hashlib.sha256(np.ascontiguousarray(digits, np.uint8).tobytes()).hexdigest()[:16]
     return cached_images(
-        f"drawn_digits-v{GENERATOR_VERSION}-{len(digits)}-{which}.npy",
+        f"drawn_digits-v{GENERATOR_VERSION}-{len(digits)}-{which}",
         _drawn_block,
         [(start, digits[start : start + BLOCK]) for start in range(0, len(digits), BLOCK)],
         "drawn-digit",

@@ -732,7 +732,7 @@ def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     with no digit found, or that look like a 1, are left out), made once on every core and
     cached on disk beside the decoded datasets (`cache.cached_images`)."""
     return cached_images(
-        f"non_digits-v{GENERATOR_VERSION}-{count}-{TRAINING_SEED}.npy",
+        f"non_digits-v{GENERATOR_VERSION}-{count}-{TRAINING_SEED}",
         _training_block,
         [range(start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)],
         "non-digit",
