@@ -119,7 +119,8 @@ class TrainingProgress:
     def on_detector(self, run_dir: Path) -> None:
         if not self.quiet:
             self.progress.console.print(
-                f"Fitting the non-digit detector of {escape(str(run_dir))} (~1 min)",
+                f"Fitting the non-digit detector of {escape(str(run_dir))} (~1 min; up to "
+                "~10 min the first time on a machine, which draws its images and caches them)",
                 highlight=False,
             )
 
