@@ -86,7 +86,8 @@ class Config:
     non_digit_detector: bool = _field(
         False,
         "Once training ends, fit a detector of images that hold no digit on the best "
-        "checkpoint's frozen model (~1 min; the first time, ~4 min more to draw non-digits).",
+        "checkpoint's frozen model (~1 min; up to ~10 min the first time on a machine, which "
+        "draws its images and caches them).",
         RECIPE,
     )
     init_from: str | None = _field(

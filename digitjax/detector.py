@@ -79,9 +79,14 @@ def fit_for_run(run_dir: Path) -> NonDigitDetector:
     if model.detector is not None:
         return model.detector
     fitted = fit(model)
-    detector_file = run_dir / DETECTOR_FILE
-    write_file(detector_file, json.dumps(fitted.to_dict(int(model.step_dir.name))).encode())
+    save(fitted, run_dir, int(model.step_dir.name))
     return fitted
+
+
+def save(fitted: NonDigitDetector, run_dir: Path, step: int) -> None:
+    """`fitted` as the detector of the weights saved at `step` in `run_dir` (whole, or not
+    at all): what `weights.read_detector` reads."""
+    write_file(run_dir / DETECTOR_FILE, json.dumps(fitted.to_dict(step)).encode())
 
 
 def flagged_share(model: TrainedModel, images: np.ndarray) -> float:

@@ -34,7 +34,6 @@ from digitjax.inference.classifier import (
 )
 from digitjax.runs import BEST, step_dir_of
 from digitjax.weights import (
-    DETECTOR_FILE,
     NUM_POOLS,
     NonDigitDetector,
     conv_statistics,
@@ -185,7 +184,7 @@ def write_bundle(run: Path, out: Path) -> Path:
     arrays = {k: np.asarray(v, np.float32) for k, v in leaves_by_path(model.params).items()}
     arrays[METADATA_KEY] = np.array(json.dumps(metadata))
     np.savez(staging / WEIGHTS_FILE, allow_pickle=False, **arrays)
-    (staging / DETECTOR_FILE).write_text(json.dumps(fitted.to_dict(int(model.step_dir.name))))
+    detector.save(fitted, staging, int(model.step_dir.name))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out / BEST / str(info.step)

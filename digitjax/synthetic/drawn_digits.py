@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from digitjax.inference.parallel import preprocess_one
 from digitjax.synthetic.cache import BLOCK, cached_images
-from digitjax.synthetic.non_digits import maybe_photo, paper_and_ink
-from digitjax.synthetic.user_digits import encode
+from digitjax.synthetic.non_digits import as_seen, maybe_photo, paper_and_ink
 
 DRAWING_SEED = 2_000_003
 # Bump when the drawings change: the cached sets of older ones are then not used.
@@ -75,8 +73,7 @@ def preprocessed(digit: np.ndarray, number: int) -> np.ndarray | None:
     None where preprocessing finds no digit)."""
     rng = np.random.default_rng([DRAWING_SEED, number])
     suffix = (".png", ".jpg")[int(rng.integers(2))]
-    image, _ = preprocess_one(encode(draw(digit, rng), suffix, rng))
-    return None if image is None else np.round(image * 255).astype(np.uint8)
+    return as_seen(draw(digit, rng), suffix, rng)
 
 
 def _drawn_block(task: tuple[int, np.ndarray]) -> list[np.ndarray | None]:

@@ -705,7 +705,13 @@ def preprocessed(kind: str, seed: int, number: int, font_files: list[Path]) -> n
     suffixes = SUFFIXES[kind]
     suffix = suffixes[number % len(suffixes)]
     rng = np.random.default_rng([seed, number])
-    digit, _ = preprocess_one(encode(draw(kind, seed, number, font_files), suffix, rng))
+    return as_seen(draw(kind, seed, number, font_files), suffix, rng)
+
+
+def as_seen(image: Image.Image, suffix: str, rng: np.random.Generator) -> np.ndarray | None:
+    """`image` saved as a `suffix` file and preprocessed like any user image, as the model
+    sees it: 28x28 uint8, or None where preprocessing finds no digit."""
+    digit, _ = preprocess_one(encode(image, suffix, rng))
     return None if digit is None else np.round(digit * 255).astype(np.uint8)
 
 
