@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 from helpers import assert_one_line_error
@@ -9,6 +10,7 @@ from digitjax.cli import app
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh
+from digitjax.evaluate import EVAL_BATCH
 from digitjax.train import prepare_training, run_chunks
 
 runner = CliRunner()
@@ -70,6 +72,25 @@ def test_target_check_stops_only_when_the_target_is_out_of_reach(tiny_mnist):
     assert 1 - errors / count == pytest.approx(accuracy)
     evaluated, errors = make_target_check(setup, dataset, accuracy + 1 / count)(params)
     assert errors > allowed_errors(count, accuracy + 1 / count)
+
+
+def test_target_check_takes_the_images_last_found_wrong_first(tiny_mnist):
+    """Once it has evaluated them, a check takes the images it last found wrong first: a set
+    that cannot reach the target stops after as few batches as its errors fill, and one at
+    the boundary still ends exactly where the whole set's accuracy does."""
+    dataset = load_dataset("mnist", tiny_mnist)
+    setup = prepare_training(Config(channels=(4, 8), dense=16, epochs=2), dataset, make_mesh(1))
+    *_, (state, _) = run_chunks(setup, setup.init_state(), 0)
+    params, accuracy = setup.eval_params(state), setup.test_metrics(state).accuracy
+    count = len(dataset.test_labels)
+    errors = round((1 - accuracy) * count)
+    assert 0 < errors < count - 2 * EVAL_BATCH  # trained enough for the test to tell
+    out_of_reach = make_target_check(setup, dataset, accuracy + 1 / count)
+    first, second, third = (out_of_reach(params) for _ in range(3))
+    assert second == third == (EVAL_BATCH * math.ceil(errors / EVAL_BATCH), errors)
+    assert first[1] == errors and first[0] > second[0]  # the fixed order meets them later
+    at_the_boundary = make_target_check(setup, dataset, accuracy)
+    assert [at_the_boundary(params) for _ in range(2)] == [(count, errors)] * 2
 
 
 def test_target_check_compiled_ahead_on_its_thread_answers_the_same(tiny_mnist):
