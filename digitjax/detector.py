@@ -31,9 +31,10 @@ from digitjax.outputs import write_file
 from digitjax.synthetic import drawn_digits, non_digits
 from digitjax.weights import DETECTOR_FILE, NonDigitDetector, conv_statistics, detector_features
 
-FALSE_ALARMS = 0.025  # of held-out augmented MNIST training digits
+FALSE_ALARMS = 0.02  # of held-out augmented MNIST training digits
 FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
 DRAWN_DIGITS = 10_000  # of the fitting digits, also drawn as users' images
+PRINTED_DIGITS = 2_000  # digits printed as the non-digits' letters are, with the drawn ones
 NON_DIGITS = 10_000  # generated, before those preprocessing finds no digit in are left out
 AUGMENTED_NON_DIGIT_COPIES = 3
 STEPS, MINIBATCH, LEARNING_RATE, WEIGHT_DECAY = 1500, 8192, 3e-3, 1e-4
@@ -51,16 +52,19 @@ def fit(model: TrainedModel, false_alarms: float = FALSE_ALARMS, seed: int = 0) 
 
 
 def fitting_images(
-    seed: int = 0, drawn_count: int | None = None
+    seed: int = 0, drawn_count: int | None = None, printed_count: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The digits and the non-digits a detector is fitted on, and the held-out digits its
     threshold is set on: (N, 28, 28) float32 in [0, 1] each. `drawn_count`: how many digits
     are also drawn as users' images (DRAWN_DIGITS if None; 0 for none, as before
-    2026-12-05)."""
+    2026-12-05); `printed_count`: how many printed digits join them (PRINTED_DIGITS if
+    None; 0 for none, as before 2026-12-05's evening)."""
     digits = load_dataset("mnist").split("train")[0]
     order = np.random.default_rng(seed).permutation(len(digits))
     drawn_count = DRAWN_DIGITS if drawn_count is None else drawn_count
+    printed_count = PRINTED_DIGITS if printed_count is None else printed_count
     drawn = [drawn_digits.training_set(digits[order[:drawn_count]])] if drawn_count else []
+    drawn += [drawn_digits.printed_set(printed_count)] if printed_count else []
     digits = normalized(digits)
     fit_digits, threshold_digits = digits[order[:FIT_DIGITS]], digits[order[FIT_DIGITS:]]
     others = normalized(non_digits.training_set(NON_DIGITS))

@@ -59,7 +59,13 @@ def fit_small_detectors(monkeypatch: Any, data_dir: Path) -> None:
     from digitjax import detector
     from digitjax.data import load_dataset
 
-    smaller = {"FIT_DIGITS": 1500, "DRAWN_DIGITS": 60, "NON_DIGITS": 300, "STEPS": 50}
+    smaller = {
+        "FIT_DIGITS": 1500,
+        "DRAWN_DIGITS": 60,
+        "PRINTED_DIGITS": 20,
+        "NON_DIGITS": 300,
+        "STEPS": 50,
+    }
     for name, value in smaller.items():
         monkeypatch.setattr(detector, name, value)
     monkeypatch.setattr(detector, "load_dataset", lambda name: load_dataset(name, data_dir))

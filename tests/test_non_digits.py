@@ -109,6 +109,18 @@ def test_drawn_digits_are_digits_as_users_give_them_and_are_cached(tmp_path, mon
         drawn_digits.training_set(digits[1:], tmp_path)
 
 
+def test_printed_digits_are_the_digits_they_print_in_the_letters_fonts():
+    """The detector's printed digits: the digit number % 10, in the fonts and manner the
+    non-digits' letters are printed, as the model sees them; the same every time."""
+    font_files = non_digits.fonts()
+    printed = [drawn_digits.printed_digit(n, font_files) for n in range(30)]
+    assert all(image is not None for image in printed)
+    seen = np.stack(printed)
+    assert np.array_equal(drawn_digits.printed_digit(7, font_files), seen[7])
+    outputs = load_classifier(BUNDLED_MODEL, quick_start=True).outputs(seen / np.float32(255))
+    assert (outputs[:, :10].argmax(1) == np.arange(30) % 10).mean() >= 0.9
+
+
 def test_policy_decides_from_the_top_probability_and_the_detector():
     assert judge(0.999, DEFAULT_MIN_CONFIDENCE) == "digit"
     assert judge(DEFAULT_MIN_CONFIDENCE, DEFAULT_MIN_CONFIDENCE) == "digit"

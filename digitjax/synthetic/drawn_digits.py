@@ -8,8 +8,12 @@ Fitted against raw MNIST digits alone, the detector learns that the look preproc
 then flags users' digits for how they were written or scanned, not for what they show.
 benchmarks/README.md ("Non-digit rejection") has the figures with and without them.
 
-Deterministic: digit n of a set is drawn by its own random generator, seeded by
-DRAWING_SEED and n.
+For the same reason the detector also sees digits printed exactly as `non_digits` prints
+letters (`printed_set`): with printed letters alone on the non-digit side, a font's glyph
+looks like a non-digit whatever it shows.
+
+Deterministic: digit n of a set is drawn (or printed) by its own random generator, seeded by
+DRAWING_SEED (PRINTING_SEED) and n.
 """
 
 import hashlib
@@ -19,9 +23,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from digitjax.synthetic.cache import BLOCK, cached_images
-from digitjax.synthetic.non_digits import as_seen, maybe_photo, paper_and_ink
+from digitjax.synthetic.non_digits import as_seen, fonts, maybe_photo, paper_and_ink, printed
 
-DRAWING_SEED = 2_000_003
+DRAWING_SEED, PRINTING_SEED = 2_000_003, 2_000_029
 # Bump when the drawings change: the cached sets of older ones are then not used.
 GENERATOR_VERSION = 1
 TIGHT_CROP, FAINT, TINY_SCAN = 0.25, 0.25, 0.25  # the share of digits drawn so
@@ -79,6 +83,31 @@ def preprocessed(digit: np.ndarray, number: int) -> np.ndarray | None:
 def _drawn_block(task: tuple[int, np.ndarray]) -> list[np.ndarray | None]:
     start, digits = task
     return [preprocessed(digit, start + n) for n, digit in enumerate(digits)]
+
+
+def printed_digit(number: int, font_files: list[Path]) -> np.ndarray | None:
+    """Printed digit `number` of a set (the digit number % 10), saved as PNG or JPEG and
+    preprocessed (28x28 uint8; None where preprocessing finds no digit)."""
+    rng = np.random.default_rng([PRINTING_SEED, number])
+    suffix = (".png", ".jpg")[int(rng.integers(2))]
+    return as_seen(printed(str(number % 10), rng, font_files, 40, 160), suffix, rng)
+
+
+def _printed_block(numbers: range) -> list[np.ndarray | None]:
+    font_files = fonts()
+    return [printed_digit(number, font_files) for number in numbers]
+
+
+def printed_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
+    """`count` printed digits, preprocessed, those in which no digit is found left out;
+    made once on every core and cached on disk."""
+    return cached_images(
+        f"printed_digits-v{GENERATOR_VERSION}-{count}-{PRINTING_SEED}",
+        _printed_block,
+        [range(start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)],
+        "printed-digit",
+        cache_dir,
+    )
 
 
 def training_set(digits: np.ndarray, cache_dir: Path | None = None) -> np.ndarray:

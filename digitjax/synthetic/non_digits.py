@@ -103,10 +103,11 @@ def _font(
     return ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), _level(rng, low, high))
 
 
-def _printed(
+def printed(
     characters: str, rng: np.random.Generator, fonts: list[Path], low: int, high: int
 ) -> Image.Image:
-    """`characters` printed in a random font and size, off-centre, slightly turned."""
+    """`characters` printed in a random font and size, off-centre, slightly turned (letters
+    here; digits for the detector's digit side, `drawn_digits.printed_set`)."""
     font = _font(fonts, rng, low, high)
     left, top, right, bottom = font.getbbox(characters)
     pad_x, pad_y = _level(rng, 10, 200), _level(rng, 10, 200)
@@ -205,7 +206,7 @@ def text(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
 def letter(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """One printed letter that is not shaped like a digit, as `user_digits.printed` draws
     digits."""
-    return _printed(LETTERS[int(rng.integers(len(LETTERS)))], rng, fonts, 40, 160)
+    return printed(LETTERS[int(rng.integers(len(LETTERS)))], rng, fonts, 40, 160)
 
 
 def word(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -215,12 +216,12 @@ def word(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
         characters = characters.upper() if rng.random() < 0.3 else characters
     else:
         characters = "".join(rng.choice(LETTERS, _level(rng, 2, 5)))
-    return _printed(characters, rng, fonts, 30, 120)
+    return printed(characters, rng, fonts, 30, 120)
 
 
 def other_letter(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     """A Greek or Cyrillic letter not shaped like a digit."""
-    return _printed(OTHER_LETTERS[int(rng.integers(len(OTHER_LETTERS)))], rng, fonts, 40, 160)
+    return printed(OTHER_LETTERS[int(rng.integers(len(OTHER_LETTERS)))], rng, fonts, 40, 160)
 
 
 def symbol(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
@@ -228,7 +229,7 @@ def symbol(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
     sans = [
         path for path in fonts if path.name.startswith("DejaVuSans-") or path.stem == "DejaVuSans"
     ]
-    return _printed(SYMBOLS[int(rng.integers(len(SYMBOLS)))], rng, sans, 40, 160)
+    return printed(SYMBOLS[int(rng.integers(len(SYMBOLS)))], rng, sans, 40, 160)
 
 
 def texture(rng: np.random.Generator, fonts: list[Path]) -> Image.Image:
