@@ -210,9 +210,10 @@ def make_target_check(
     are not bunched at the end) the first time; after that, those no call has reached yet
     come first, then the others by how far the right class led the best other one when they
     were last evaluated, the wrong first: the next weights' errors are mostly among them, so
-    an evaluation that cannot reach the target stops after a fraction of the set. (Put last,
-    the images not reached yet would leave a set stopped early no sooner the next time: the
-    first ones it evaluated hold too few errors to stop it.)
+    an evaluation that cannot reach the target stops after a fraction of the set. (The
+    images not reached yet go first: the next weights, better, often make no more errors than
+    allowed among the images a call reached, and put behind those the next call could not
+    stop before their end.)
     Given `params_like` (arrays shaped and placed as the params to check), it compiles at
     once on a thread of its own while the caller goes on to compile the training chunk:
     XLA:CPU compiles a program on one core, so on two the evaluation's compile is hidden."""

@@ -4,7 +4,8 @@ logits and their logsumexp, each conv layer's mean and maximum activation), tell
 training digits from the project's generated non-digits of the training kinds
 (`synthetic.non_digits.TRAINING_KINDS`). The digits are seen as they are, as `--preset robust`
 augments them, and (some of them) drawn into image files and preprocessed as users' images
-are (`synthetic.drawn_digits`); the non-digits as preprocessed, and augmented.
+are, beside digits printed as the non-digits' letters are (`synthetic.drawn_digits`); the
+non-digits as preprocessed, and augmented.
 
 Its threshold is set on digits it was not fitted on, augmented: it flags `false_alarms` of
 them. `write_bundle` fits one for the bundled model, and `train --non-digit-detector` for a
