@@ -64,14 +64,16 @@ def fitting_images(
     order = np.random.default_rng(seed).permutation(len(digits))
     drawn_count = DRAWN_DIGITS if drawn_count is None else drawn_count
     printed_count = PRINTED_DIGITS if printed_count is None else printed_count
-    drawn = [drawn_digits.training_set(digits[order[:drawn_count]])] if drawn_count else []
-    drawn += [drawn_digits.printed_set(printed_count)] if printed_count else []
+    as_users_give = [drawn_digits.training_set(digits[order[:drawn_count]])] if drawn_count else []
+    as_users_give += [drawn_digits.printed_set(printed_count)] if printed_count else []
     digits = normalized(digits)
     fit_digits, threshold_digits = digits[order[:FIT_DIGITS]], digits[order[FIT_DIGITS:]]
     others = normalized(non_digits.training_set(NON_DIGITS))
     keys = jax.random.split(jax.random.key(seed), 2 + AUGMENTED_NON_DIGIT_COPIES)
     return (
-        np.concatenate([fit_digits, augmented(fit_digits, keys[0]), *map(normalized, drawn)]),
+        np.concatenate(
+            [fit_digits, augmented(fit_digits, keys[0]), *map(normalized, as_users_give)]
+        ),
         np.concatenate([others] + [augmented(others, key) for key in keys[2:]]),
         augmented(threshold_digits, keys[1]),
     )

@@ -112,8 +112,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 def _locate(gray: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """The cleaned ink of the image reduced to WORK_SIZE, and the digit's box in it."""
     ink = _ink_map(_reduce(gray))
-    if ink is not None:
-        ink = _strokes(ink)
     box = _ink_box(ink) if ink is not None else None
     return (ink, box) if ink is not None and box is not None else None
 
@@ -161,10 +159,10 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
     if peak < MIN_CONTRAST and (peak < FAINT_CONTRAST or peak < FAINT_RATIO * residue):
         return None
     # Normalise so that the strokes' core is full white, and drop weak residue (noise, paper
-    # texture) that would otherwise widen the bounding box.
+    # texture) and specks that would otherwise widen the bounding box.
     ink = np.clip(ink / peak, 0, 1)
     ink[ink < 0.25] = 0
-    return ink
+    return _strokes(ink)
 
 
 def _background(gray: np.ndarray, block: int) -> np.ndarray:

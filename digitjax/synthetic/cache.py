@@ -13,6 +13,11 @@ import numpy as np
 BLOCK = 256  # images per task of a worker
 
 
+def numbered_blocks(count: int) -> list[range]:
+    """Image numbers 0..count-1 in blocks of BLOCK, a worker's task each."""
+    return [range(start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)]
+
+
 def cached_images(
     file_name: str,
     make_block: Callable[[Any], list[np.ndarray | None]],

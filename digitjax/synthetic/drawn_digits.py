@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from digitjax.synthetic.cache import BLOCK, cached_images
+from digitjax.synthetic.cache import BLOCK, cached_images, numbered_blocks
 from digitjax.synthetic.non_digits import as_seen, fonts, maybe_photo, paper_and_ink, printed
 
 DRAWING_SEED, PRINTING_SEED = 2_000_003, 2_000_029
@@ -104,7 +104,7 @@ def printed_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     return cached_images(
         f"printed_digits-v{GENERATOR_VERSION}-{count}-{PRINTING_SEED}",
         _printed_block,
-        [range(start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)],
+        numbered_blocks(count),
         "printed-digit",
         cache_dir,
     )

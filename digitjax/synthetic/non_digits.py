@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from digitjax.inference.parallel import preprocess_one
-from digitjax.synthetic.cache import BLOCK, cached_images
+from digitjax.synthetic.cache import cached_images, numbered_blocks
 from digitjax.synthetic.user_digits import encode, matplotlib_dejavu
 
 # Letters that are written like digits (O 0, l 1, S 5, Z 2, B 8, g 9...): a model that reads
@@ -741,7 +741,7 @@ def training_set(count: int, cache_dir: Path | None = None) -> np.ndarray:
     return cached_images(
         f"non_digits-v{GENERATOR_VERSION}-{count}-{TRAINING_SEED}",
         _training_block,
-        [range(start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)],
+        numbered_blocks(count),
         "non-digit",
         cache_dir,
     )
