@@ -32,7 +32,7 @@ from digitjax.outputs import write_file
 from digitjax.synthetic import drawn_digits, non_digits
 from digitjax.weights import DETECTOR_FILE, NonDigitDetector, conv_statistics, detector_features
 
-FALSE_ALARMS = 0.02  # of held-out augmented MNIST training digits
+FALSE_ALARMS = 0.025  # of held-out augmented MNIST training digits
 FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
 DRAWN_DIGITS = 10_000  # of the fitting digits, also drawn as users' images
 PRINTED_DIGITS = 2_000  # digits printed as the non-digits' letters are, with the drawn ones

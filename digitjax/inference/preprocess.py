@@ -20,6 +20,7 @@ MIN_CONTRAST = 0.12  # ink must differ from the paper by this much (of full rang
 # Fainter ink (light pencil on grey paper: 0.05-0.12) counts where it stands out from what
 # removing the paper's level leaves elsewhere (its 90th percentile) by this factor: a
 # lighting gradient or a texture leaves residue over much of the image, a digit does not.
+# Around a small digit found on a large page, the page's own noise is that measure instead.
 FAINT_CONTRAST, FAINT_RATIO = 0.05, 3.0
 # A digit spanning less of the image than this (or not seen at WORK_SIZE at all: a small pencil
 # digit on a large page fades into the paper when reduced) is looked for again at FIND_SIZE,
@@ -31,7 +32,7 @@ SMALL_DIGIT, FIND_SIZE = 0.3, 512
 SOLID_INK, STROKE_SHARE = 0.35, 0.03
 # Bump when preprocessing makes something else of an image: the generated training images
 # cached after going through it (synthetic/cache.py) are then made again.
-VERSION = 3  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes)
+VERSION = 4  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -88,7 +89,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     found = _locate(finer)
     if max(gray.shape) > WORK_SIZE and (found is None or _spans(*found) < SMALL_DIGIT):
         around = _find_small(finer, max(gray.shape) / max(finer.shape))
-        closer = _locate(gray[around]) if around is not None else None
+        closer = _locate(gray[around], stands_out=True) if around is not None else None
         found = closer or found
     if found is None:
         return None
@@ -109,9 +110,11 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _locate(gray: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+def _locate(
+    gray: np.ndarray, stands_out: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """The cleaned ink of the image reduced to WORK_SIZE, and the digit's box in it."""
-    ink = _ink_map(_reduce(gray))
+    ink = _ink_map(_reduce(gray), stands_out)
     box = _ink_box(ink) if ink is not None else None
     return (ink, box) if ink is not None and box is not None else None
 
@@ -131,8 +134,11 @@ def _reduce(gray: np.ndarray, size: int = WORK_SIZE) -> np.ndarray:
     return np.asarray(Image.fromarray(gray).resize(reduced, Image.Resampling.BOX), np.float32)
 
 
-def _ink_map(gray: np.ndarray) -> np.ndarray | None:
-    """Ink strength in [0, 1] with the background removed, or None for a blank image."""
+def _ink_map(gray: np.ndarray, stands_out: bool = False) -> np.ndarray | None:
+    """Ink strength in [0, 1] with the background removed, or None for a blank image.
+    `stands_out`: the image is the part of a page around ink that stood out of the whole
+    page's noise (`_find_small`), so faint ink counts without standing out of the rest of
+    this part, which a small digit's strokes may fill."""
     height, width = gray.shape
     # Most pixels are background, so the median is the paper's level and the ink is the tail
     # that lies farther from it: darker ink on light paper, or light strokes on a dark canvas.
@@ -156,7 +162,8 @@ def _ink_map(gray: np.ndarray) -> np.ndarray | None:
         if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
             ink = _filtered(ink, ImageFilter.MedianFilter(3))
     peak, residue = (float(level) for level in np.percentile(ink, [99.5, 90]))
-    if peak < MIN_CONTRAST and (peak < FAINT_CONTRAST or peak < FAINT_RATIO * residue):
+    faint = peak < FAINT_CONTRAST or (not stands_out and peak < FAINT_RATIO * residue)
+    if peak < MIN_CONTRAST and faint:
         return None
     # Normalise so that the strokes' core is full white, and drop weak residue (noise, paper
     # texture) and specks that would otherwise widen the bounding box.
@@ -181,7 +188,9 @@ def _find_small(small: np.ndarray, scale: float) -> tuple[slice, slice] | None:
     FIND_SIZE (`scale` times smaller): the slices of the full image around it, with a margin, or
     None. There is no median filter here (a thin stroke may be one pixel wide), and the ink's
     level comes from the paper's noise, not from a share of the pixels (the digit may hold
-    under 0.1% of them)."""
+    under 0.1% of them): ink counts from FAINT_CONTRAST up where it lies six times that noise
+    from the paper (a small pencil digit on clean paper is ~0.1 darker than it, which
+    MIN_CONTRAST missed)."""
     height, width = small.shape
     # The statistics come from a quarter of the pixels (they cost the most here): the tails
     # from 2x2 means, so that a one-pixel stroke still counts; the noise from every other pixel.
@@ -192,7 +201,7 @@ def _find_small(small: np.ndarray, scale: float) -> tuple[slice, slice] | None:
     ink = small - np.minimum(_background(small, 2 * max(3, min(height, width) // 16) + 1), small)
     ink -= np.median(ink[::2, ::2])
     noise = 1.4826 * np.median(np.abs(ink[::2, ::2]))  # the paper's noise: its median deviation
-    strong = ink > max(MIN_CONTRAST, 6 * noise)
+    strong = ink > max(FAINT_CONTRAST, 6 * noise)
     # Strokes of one digit lie in neighbouring cells (or one cell apart: pencil skips).
     cell = FIND_SIZE // 64
     counts = np.pad(strong, ((0, -height % cell), (0, -width % cell)))
