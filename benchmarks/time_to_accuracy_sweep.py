@@ -44,6 +44,10 @@ VARIANTS = {
     "--label-smoothing 0.05": {"label_smoothing": 0.05},
     "--learning-rate 7e-3": {"learning_rate": 7e-3},
     "--epochs 1 --ema-decay 0.98": {"epochs": 1, "ema_decay": 0.98},
+    # `--preset fast` before 2026-12-05 (afternoon), and what was swept around its change.
+    "--learning-rate 5e-3 --adam-beta2 0.999": {"learning_rate": 5e-3, "adam_beta2": 0.999},
+    "--adam-beta2 0.9": {"adam_beta2": 0.9},
+    "--learning-rate 5e-3": {"learning_rate": 5e-3},
 }
 
 

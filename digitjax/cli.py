@@ -146,6 +146,7 @@ def train(
     learning_rate: Annotated[float | None, setting("learning_rate")] = None,
     warmup_epochs: Annotated[float | None, setting("warmup_epochs")] = None,
     weight_decay: Annotated[float | None, setting("weight_decay")] = None,
+    adam_beta2: Annotated[float | None, setting("adam_beta2")] = None,
     label_smoothing: Annotated[float | None, setting("label_smoothing")] = None,
     ema_decay: Annotated[float | None, setting("ema_decay")] = None,
     seed: Annotated[int | None, setting("seed")] = None,

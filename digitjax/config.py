@@ -53,6 +53,9 @@ class Config:
     learning_rate: float = _field(5e-3, "Peak AdamW learning rate.", RECIPE)
     warmup_epochs: float = _field(0.5, "Linear warmup, in epochs.", RECIPE)
     weight_decay: float = _field(5e-4, "AdamW weight decay.", RECIPE)
+    adam_beta2: float = _field(
+        0.999, "AdamW's decay of its average of squared gradients (its beta2).", RECIPE
+    )
     label_smoothing: float = _field(0.1, "Label smoothing.", RECIPE)
     augment_shift: int = _field(2, "Random translation in pixels (0: none).", AUGMENT)
     augment_rotate: float = _field(0.0, "Random rotation, up to this many degrees.", AUGMENT)
@@ -120,6 +123,8 @@ class Config:
                 )
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise UserError(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -234,6 +239,7 @@ ADDED_LATER: dict[str, Any] = {
     "init_from": None,
     "quick_compile": False,
     "non_digit_detector": False,
+    "adam_beta2": 0.999,
 }
 
 # Named sets of settings for `digitjax train --preset`, each what it changes from the default
@@ -244,8 +250,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # on all the training images, holding none out to calibrate its confidence (which is then
     # the plain softmax's; --calibration-fraction 0.05 calibrates it, crossing 99% later).
     # Its 2 epochs are too short for the slower steps of a quick compile to cost what it saves.
+    # A higher rate and AdamW's shorter memory of squared gradients (beta2 0.95) cross 99% at
+    # epoch 0.70 on average over twelve seeds instead of 0.79, and end the same (~99.25%).
     "fast": {
         "epochs": 2,
+        "learning_rate": 7e-3,
+        "adam_beta2": 0.95,
         "warmup_epochs": 0.1,
         "augment_shift": 0,
         "dense": 64,

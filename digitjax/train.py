@@ -126,7 +126,9 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
     learning_rate = learning_rate_schedule(config, schedule)
     # One vector for all parameters: one fused update instead of one per array, which
     # compiles and runs faster on CPU.
-    return optax.flatten(optax.adamw(learning_rate, weight_decay=config.weight_decay))
+    return optax.flatten(
+        optax.adamw(learning_rate, b2=config.adam_beta2, weight_decay=config.weight_decay)
+    )
 
 
 def init_state(

@@ -50,6 +50,7 @@ def test_version():
         (["--augment-rotate", "nan"], "--augment-rotate must be in [0.0, 180.0], got nan"),
         (["--augment-scale", "1e30"], "--augment-scale must be in [0.0, 0.99]"),
         (["--ema-decay", "nan"], "--ema-decay must be in [0, 1), got nan"),
+        (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
         (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
         (["--dataset", "cifar10"], "unknown dataset 'cifar10'; known: mnist, fashion_mnist"),
         (["--data-dir", "/nonexistent/folder"], "data dir /nonexistent/folder does not exist"),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from digitjax.train import (
     chunk_lengths,
     epoch_order,
     init_state,
+    learning_rate_schedule,
     make_optimizer,
     make_train_step,
     prepare_training,
@@ -85,6 +87,27 @@ def test_one_train_step_matches_a_reference_written_out_by_hand():
     np.testing.assert_allclose(new["epoch_totals"]["loss"], 64 * loss, rtol=1e-5)
     assert int(new["epoch_totals"]["correct"]) == int((logits.argmax(-1) == labels).sum())
     assert int(new["epoch_totals"]["count"]) == 64
+
+
+def test_adam_beta2_is_the_optimizers():
+    """`--adam-beta2` is AdamW's b2: two updates (the first does not depend on it) equal
+    optax's own with that b2, and differ from the default's."""
+    schedule = Schedule(num_train=640, batch_size=64, epochs=1)
+    params = {"w": jnp.ones(3)}
+    grads = [{"w": jnp.array([1.0, -2.0, 0.5])}, {"w": jnp.array([-0.5, 1.0, 3.0])}]
+
+    def second_update(tx: optax.GradientTransformation) -> np.ndarray:
+        opt_state = tx.init(params)
+        for grad in grads:
+            updates, opt_state = tx.update(grad, opt_state, params)
+        return np.asarray(updates["w"])
+
+    config = Config(adam_beta2=0.5, warmup_epochs=0)
+    rate = learning_rate_schedule(config, schedule)
+    want = second_update(optax.adamw(rate, b2=0.5, weight_decay=config.weight_decay))
+    np.testing.assert_allclose(second_update(make_optimizer(config, schedule)), want, rtol=1e-6)
+    default = make_optimizer(dataclasses.replace(config, adam_beta2=0.999), schedule)
+    assert np.abs(second_update(default) - want).max() > 1e-4
 
 
 def train_flags(tiny_mnist: Path, run_dir: Path, *extra: str) -> list[str]:
