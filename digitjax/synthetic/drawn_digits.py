@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from digitjax.synthetic.cache import BLOCK, cached_images, numbered_blocks
+from digitjax.synthetic.cache import cached_images, numbered_blocks
 from digitjax.synthetic.non_digits import as_seen, fonts, maybe_photo, paper_and_ink, printed
 
 DRAWING_SEED, PRINTING_SEED = 2_000_003, 2_000_029
@@ -118,7 +118,7 @@ def training_set(digits: np.ndarray, cache_dir: Path | None = None) -> np.ndarra
     return cached_images(
         f"drawn_digits-v{GENERATOR_VERSION}-{len(digits)}-{which}",
         _drawn_block,
-        [(start, digits[start : start + BLOCK]) for start in range(0, len(digits), BLOCK)],
+        [(block.start, digits[block.start : block.stop]) for block in numbered_blocks(len(digits))],
         "drawn-digit",
         cache_dir,
     )
