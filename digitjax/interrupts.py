@@ -10,13 +10,21 @@ output file gets its name (`outputs.write_file`) and when the command ends (the 
 
 SIGTERM raises the same exception as Ctrl-C: its default action kills the process at once,
 skipping the `finally` blocks that remove partial files.
+
+One place is not safe to raise in: a module being imported. An extension module's start-up
+runs Python code (nanobind builds enums with Python's `enum`), and an exception raised there
+aborts the process ("terminate called...", exit status -6 or -11: reproduced inside `import
+onnx`). A signal that lands while an import runs ends the command at once instead, as one does
+during `digitjax`'s own start-up (`digitjax.launch`): an import never holds a half-written file.
 """
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -49,9 +57,9 @@ def check() -> None:
 def stop_on_signals() -> Iterator[None]:
     """For a whole command: a stop signal is recorded and raises `Stopped`."""
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
         _received.append(signum)
-        raise Stopped(signum)
+        _raise_stopped(signum, frame)
 
     _received.clear()
     try:
@@ -68,10 +76,10 @@ def deferred() -> Iterator[Callable[[], int | None]]:
     yielded to report, and the code acts on it; a second one raises `Stopped` at once."""
     noted: list[int] = []
 
-    def note(signum: int, frame: Any) -> None:
+    def note(signum: int, frame: FrameType | None) -> None:
         noted.append(signum)
         if len(noted) > 1:
-            raise Stopped(signum)
+            _raise_stopped(signum, frame)
 
     with _handling(note):
         yield lambda: noted[0] if noted else None
@@ -84,12 +92,31 @@ def at_once() -> Iterator[Callable[[], int | None]]:
     or not its exception was swallowed on the way), for the caller to say what it stopped."""
     noted: list[int] = []
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
         noted.append(signum)
-        raise Stopped(signum)
+        _raise_stopped(signum, frame)
 
     with _handling(stop):
         yield lambda: noted[0] if noted else None
+
+
+def exit_at_once(signum: int) -> None:
+    """Ends the process now, with the one line and exit status of a stop, and no unwinding:
+    for moments where raising is unsafe and nothing is half-done."""
+    with contextlib.suppress(Exception):  # a print the signal interrupted cannot flush again
+        sys.stdout.flush()
+    # On a terminal, the cursor that a progress bar hid is shown again, on a line of its own.
+    os.write(2, b"\x1b[?25h\ninterrupted\n" if os.isatty(2) else b"interrupted\n")
+    os._exit(128 + signum)
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    """Raises `Stopped` where the main thread is, or exits at once inside an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            exit_at_once(signum)
+        frame = frame.f_back
+    raise Stopped(signum)
 
 
 @contextlib.contextmanager

@@ -3,19 +3,23 @@ still being imported (typer, rich: a few tenths of a second) ends it at once wit
 exit status 130 or 143, not a KeyboardInterrupt traceback: nothing has been done yet that could
 be left half-done. Once a command runs, `digitjax.interrupts` takes over."""
 
-import os
+import faulthandler
 import signal
 from typing import Any
 
+from digitjax import interrupts
+
 
 def _stop_while_starting(signum: int, frame: Any) -> None:
-    os.write(2, b"interrupted\n")
-    os._exit(128 + signum)
+    interrupts.exit_at_once(signum)
 
 
 def main() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in interrupts.STOP_SIGNALS:
         signal.signal(signum, _stop_while_starting)
+    # A crash in native code (XLA, an extension module) prints where each thread was, rather
+    # than ending the command without a word.
+    faulthandler.enable()
     from digitjax.cli import main as run_command
 
     run_command()

@@ -97,6 +97,60 @@ def test_a_signal_swallowed_in_a_gc_callback_still_stops_the_command(
     assert left_on_disk(out) == []
 
 
+# The installed command's entry point, with a profile hook that sends the signal from the first
+# function of Python's `enum` that onnx's extension module calls as it starts (nanobind makes
+# its enums with it), once the command's handlers are installed; notes it in a file. An
+# exception raised at any of the 279 calls that follow aborted the process as well (exit
+# status -6; -11 at 19 of them), when raised by a handler like the command's.
+SIGNAL_IN_ONNX_EXTENSIONS_START_UP = """
+import os, signal, sys
+from digitjax.launch import main
+
+def in_onnx_extensions_start_up(frame):
+    while frame is not None:
+        if frame.f_code.co_name == "exec_module":
+            module = frame.f_locals.get("module")
+            return getattr(module, "__name__", "") == "onnx.onnx_cpp2py_export"
+        frame = frame.f_back
+    return False
+
+def signal_inside(frame, event, arg):
+    if event == "call" and frame.f_code.co_filename.endswith("enum.py"):
+        handler = signal.getsignal({signum})
+        installed = getattr(handler, "__module__", "") == "digitjax.interrupts"
+        if installed and in_onnx_extensions_start_up(frame):
+            sys.setprofile(None)
+            open({marker!r}, "w").close()
+            os.kill(os.getpid(), {signum})  # the handler runs here, inside the start-up
+
+sys.setprofile(signal_inside)
+sys.argv = ["digitjax", *{args!r}]
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_inside_an_extension_modules_start_up_stops_the_command(
+    signum, digit, tiny_mnist, tmp_path
+):
+    """`export` to ONNX imports onnx as it runs. An exception raised inside the start-up of
+    its extension module aborted the process (exit status -6, "terminate called after
+    throwing an instance of 'nanobind::python_error'"; CI once saw -11 with nothing on stderr
+    there): the command must still end in one line."""
+    out, marker = tmp_path / "out", tmp_path / "delivered"
+    out.mkdir()
+    args = commands(digit, tiny_mnist, out)["export onnx"]
+    script = SIGNAL_IN_ONNX_EXTENSIONS_START_UP.format(
+        signum=int(signum), marker=str(marker), args=args
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert marker.exists(), "onnx's extension module did not start while the command ran"
+    assert_stopped_in_one_line(result.returncode, result.stderr, signum)
+    assert left_on_disk(out) == []
+
+
 def run_signalled(args: list[str], signum: int, delay: float, cwd: Path) -> tuple[bool, int, str]:
     """The installed command, sent `signum` after `delay` seconds: whether it was still
     running then, its exit status and its stderr."""
