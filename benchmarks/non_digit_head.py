@@ -11,15 +11,17 @@ calibration are too.
 Reports, for `uncertain_rate.py`'s images (`--per-kind` of each kind, `--seed`), the share
 flagged by the detector alone and together with the model's own "not sure" (top calibrated
 probability below 0.95) or no digit found: held-out and training non-digit kinds,
-Fashion-MNIST test photos (report only: nothing is chosen on them), users' digits per kind,
-and MNIST test.
+Fashion-MNIST test photos and Adwaita's icons (real images: report only, nothing is to be
+chosen on them), users' digits per kind, and MNIST test.
 
     python benchmarks/non_digit_head.py --checkpoint digitjax/assets/model [--hidden 64]
         [--no-conv-stats] [--no-drawn-digits] [--no-printed-digits] [--false-alarms 0.01,0.02]
-        [--seed 0]
+        [--pixel-cnn alone|combined] [--seed 0]
 
 The images, features and logistic fit are digitjax.detector's own; this script adds the MLP,
-the 1% threshold and the per-group report.
+the 1% threshold and the per-group report, and a second network: a small CNN of its own
+trained on the same images' pixels to tell digits from non-digits (`--pixel-cnn`), scored
+alone or added to the head's score (each standardized on the held-out digits).
 """
 
 import argparse
@@ -31,14 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from uncertain_rate import fashion_files
+from flax import nnx
+from uncertain_rate import fashion_files, icon_files
 
 from digitjax import detector
+from digitjax.augment import augment
 from digitjax.checkpoint import restore_model
+from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, NUM_DIGITS
 from digitjax.inference.parallel import available_cores, start_pool
 from digitjax.inference.preprocess import preprocess_file
+from digitjax.model import CNN, conv_impls_for
 from digitjax.synthetic import non_digits, user_digits
 
 
@@ -98,6 +104,51 @@ def fit_mlp(digits: np.ndarray, others: np.ndarray, hidden: int) -> Head:
     return Head(mean=mean, scale=scale, params=params)
 
 
+PIXEL_CNN_CHANNELS, PIXEL_CNN_DENSE = (16, 32), 64
+PIXEL_CNN_STEPS, PIXEL_CNN_BATCH, PIXEL_CNN_LEARNING_RATE = 3000, 256, 2e-3
+
+
+def fit_pixel_cnn(digits: np.ndarray, others: np.ndarray):
+    """A CNN of its own scoring `others` above `digits` from their pixels (class-balanced
+    logistic loss, AdamW with a cosine decay, each batch augmented as `--preset robust`
+    augments): fn(images) -> scores."""
+    cnn = CNN(PIXEL_CNN_CHANNELS, PIXEL_CNN_DENSE, 1, nnx.Rngs(0))
+    graphdef, params = nnx.split(cnn, nnx.Param)
+    x = jnp.asarray(np.concatenate([digits, others]))
+    y = jnp.asarray(np.concatenate([np.zeros(len(digits)), np.ones(len(others))]), jnp.float32)
+    other_weight = len(digits) / len(others)
+    schedule = optax.cosine_decay_schedule(PIXEL_CNN_LEARNING_RATE, PIXEL_CNN_STEPS)
+    optimizer = optax.adamw(schedule, weight_decay=1e-4)
+    config = Config.from_flags({}, "robust")
+    training_impls = conv_impls_for(jax.default_backend(), True, len(PIXEL_CNN_CHANNELS))
+
+    def loss(params: nnx.State, images: jax.Array, labels: jax.Array) -> jax.Array:
+        scores = nnx.merge(graphdef, params)(images, training_impls)[:, 0]
+        losses = optax.sigmoid_binary_cross_entropy(scores, labels)
+        return (losses * jnp.where(labels > 0, other_weight, 1.0)).mean()
+
+    @jax.jit
+    def step(params: nnx.State, state: optax.OptState, key: jax.Array, idx: jax.Array) -> tuple:
+        grads = jax.grad(loss)(params, augment(key, x[idx], config), y[idx])
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = optimizer.init(params)
+    rng = np.random.default_rng(0)
+    for key in jax.random.split(jax.random.key(0), PIXEL_CNN_STEPS):
+        params, state = step(
+            params, state, key, jnp.asarray(rng.integers(0, len(x), PIXEL_CNN_BATCH))
+        )
+
+    scores = jax.jit(lambda images: nnx.merge(graphdef, params)(images)[:, 0])
+    return lambda images: np.concatenate(
+        [
+            np.asarray(scores(images[i : i + detector.BATCH]))
+            for i in range(0, len(images), detector.BATCH)
+        ]
+    )
+
+
 def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The images as `predict` sees them, and whether a digit was found in each."""
     with start_pool(available_cores()) as pool:
@@ -121,6 +172,9 @@ def main() -> None:
         "--no-drawn-digits", action="store_true", help="fit without digits drawn as users' images"
     )
     parser.add_argument("--no-printed-digits", action="store_true", help="fit without them")
+    parser.add_argument(
+        "--pixel-cnn", choices=("alone", "combined"), help="score with a CNN on the pixels"
+    )
     args = parser.parse_args()
     model = restore_model(args.checkpoint)
     all_features = detector.features_fn(model)
@@ -150,21 +204,39 @@ def main() -> None:
         digits = user_digits.generate(Path(folder) / "digits", args.per_kind, args.seed)
         samples += [(path, f"user: {kind}") for path, _, kind in digits]
         samples += [(path, "fashion") for path, _ in fashion_files(Path(folder) / "f", 1000)]
+        samples += [(path, "icon") for path, _ in icon_files()]
         images, found = preprocessed([path for path, _ in samples])
     kinds = np.array([kind for _, kind in samples])
     image_features, tops = features(images)
     scores = head.scores(image_features)
-    test_features, test_tops = features(detector.normalized(load_dataset("mnist").split("test")[0]))
+    test_images = detector.normalized(load_dataset("mnist").split("test")[0])
+    test_features, test_tops = features(test_images)
     test_scores = head.scores(test_features)
+    if args.pixel_cnn:
+        pixel_scores = fit_pixel_cnn(fit_digits, fit_others)
+        pixel = [pixel_scores(x) for x in (held_digits, images, test_images)]
+        if args.pixel_cnn == "alone":
+            held_scores, scores, test_scores = pixel
+        else:  # each score standardized on the held-out digits, then added
+            head_scores = [held_scores, scores, test_scores]
+            held_scores, scores, test_scores = [
+                (h - held_scores.mean()) / held_scores.std()
+                + (c - pixel[0].mean()) / pixel[0].std()
+                for h, c in zip(head_scores, pixel)
+            ]
     groups = {
         "held-out non-digits": np.isin(kinds, non_digits.HELD_OUT_KINDS),
         "training non-digits": np.isin(kinds, non_digits.TRAINING_KINDS),
         "Fashion-MNIST test": kinds == "fashion",
+        "Adwaita icons": kinds == "icon",
         "user digits": np.char.startswith(kinds, "user: "),
         **{f"user: {kind}": kinds == f"user: {kind}" for kind in user_digits.KINDS},
         **{f"held out: {kind}": kinds == kind for kind in non_digits.HELD_OUT_KINDS},
     }
-    print(f"head: {'MLP, ' + str(args.hidden) + ' hidden' if args.hidden else 'logistic'}")
+    print(
+        f"head: {'MLP, ' + str(args.hidden) + ' hidden' if args.hidden else 'logistic'}"
+        + (f", pixel CNN {args.pixel_cnn}" if args.pixel_cnn else "")
+    )
     for false_alarms in map(float, args.false_alarms.split(",")):
         threshold = np.quantile(held_scores, 1 - false_alarms)
         flagged = scores > threshold

@@ -32,7 +32,13 @@ from digitjax.outputs import write_file
 from digitjax.synthetic import drawn_digits, non_digits
 from digitjax.weights import DETECTOR_FILE, NonDigitDetector, conv_statistics, detector_features
 
-FALSE_ALARMS = 0.025  # of held-out augmented MNIST training digits
+# Of held-out augmented MNIST training digits. 2.5% and not 2% because Fashion-MNIST fell
+# below 96% at 2%: a real image set was used to choose it, against the rule that only what the
+# project generates tunes rejection (found 2026-12-05). It stays, since choosing again would
+# again follow real images; a new threshold is chosen on generated images only, and real
+# images (Fashion-MNIST, Adwaita's icons) are only reported: benchmarks/README.md,
+# "Non-digit rejection".
+FALSE_ALARMS = 0.025
 FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
 DRAWN_DIGITS = 10_000  # of the fitting digits, also drawn as users' images
 PRINTED_DIGITS = 2_000  # digits printed as the non-digits' letters are, with the drawn ones

@@ -137,6 +137,28 @@ def test_policy_decides_from_the_top_probability_and_the_detector():
     assert judge(0.9, DEFAULT_MIN_CONFIDENCE, -3.0) == "not_sure"
 
 
+def test_the_flag_report_splits_digits_flags_by_whether_they_caught_a_misreading():
+    """benchmarks/uncertain_rate.py's split of the flags on digits (README figures)."""
+    from uncertain_rate import rates
+
+    digits = [
+        (0.99, -1.0, True),  # sure, read right: not flagged
+        (0.99, 1.0, True),  # the detector flags a digit read right
+        (0.50, -1.0, False),  # "not sure" catches a misreading
+        (0.99, -1.0, False),  # a misreading passes unflagged
+        None,  # no digit found: flagged, neither read right nor wrong
+    ]
+    report = rates(digits, [DEFAULT_MIN_CONFIDENCE])
+    assert report["flagged"][f"{DEFAULT_MIN_CONFIDENCE:g}"] == 3 / 5
+    assert report["at_the_default"] == {
+        "flagged_misread": 1 / 5,
+        "flagged_read_right": 1 / 5,
+        "unflagged_misread": 1 / 5,
+    }
+    # Images of no digit have no reading to be right about.
+    assert "at_the_default" not in rates([(0.99, 1.0, None)], [DEFAULT_MIN_CONFIDENCE])
+
+
 def test_the_bundled_model_refuses_non_digit_kinds_it_never_saw(tmp_path):
     """Its detector was fitted on the training kinds only: the held-out kinds, drawn with a
     seed of their own, are refused; users' digits and MNIST test digits mostly are not
