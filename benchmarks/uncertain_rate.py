@@ -96,7 +96,8 @@ Answer = tuple[float, float | None, bool | None] | None
 def rates(answers: list[Answer], thresholds: list[float]) -> dict:
     """Among the images of a kind: the share flagged below each threshold (or by the
     detector), the share the detector flags, and the share `judge` calls "not a digit" at
-    the default threshold, no digit found counting as all three."""
+    the default threshold, no digit found counting as all three; for digits, also the
+    shares flagged at the default that were misread or read right, and misread unflagged."""
     missing = sum(a is None for a in answers)
     tops = np.array([a[0] for a in answers if a is not None])
     detected = np.array([a[1] is not None and a[1] > 0 for a in answers if a is not None])
@@ -126,6 +127,7 @@ def rates(answers: list[Answer], thresholds: list[float]) -> dict:
 
 
 def answer(prediction: Prediction, label: int | None) -> Answer:
+    """`prediction` as counted here; `label`: the digit the image shows (None: no digit)."""
     if prediction.confidence is None or prediction.probabilities is None:
         return None
     read_right = None if label is None else prediction.top(1)[0][0] == label
