@@ -110,12 +110,19 @@ def exit_at_once(signum: int) -> None:
     os._exit(128 + signum)
 
 
-def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    """Raises `Stopped` where the main thread is, or exits at once inside an import."""
+def inside_an_import(frame: FrameType | None) -> bool:
+    """Whether `frame`, or a frame that called it, is Python's import machinery at work."""
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
-            exit_at_once(signum)
+            return True
         frame = frame.f_back
+    return False
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    """Raises `Stopped` where the main thread is, or exits at once inside an import."""
+    if inside_an_import(frame):
+        exit_at_once(signum)
     raise Stopped(signum)
 
 

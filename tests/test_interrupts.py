@@ -81,16 +81,12 @@ def assert_stopped_from_inside(
 SIGNAL_IN_A_GC_CALLBACK = """
 import gc, os, signal, sys
 from digitjax.cli import main
-
-def importing():
-    frame = sys._getframe()
-    while frame is not None and not frame.f_code.co_filename.startswith("<frozen importlib"):
-        frame = frame.f_back
-    return frame is not None
+from digitjax.interrupts import inside_an_import
 
 def signal_inside(phase, info):
     handler = signal.getsignal({signum})
-    if callable(handler) and handler is not signal.default_int_handler and not importing():
+    installed = callable(handler) and handler is not signal.default_int_handler
+    if installed and not inside_an_import(sys._getframe()):
         gc.callbacks.remove(signal_inside)
         open({marker!r}, "w").close()
         os.kill(os.getpid(), {signum})  # the handler runs here, inside the callback
