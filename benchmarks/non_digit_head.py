@@ -26,6 +26,7 @@ alone or added to the head's score (each standardized on the held-out digits).
 
 import argparse
 import dataclasses
+import functools
 import tempfile
 from pathlib import Path
 
@@ -141,12 +142,7 @@ def fit_pixel_cnn(digits: np.ndarray, others: np.ndarray):
         )
 
     scores = jax.jit(lambda images: nnx.merge(graphdef, params)(images)[:, 0])
-    return lambda images: np.concatenate(
-        [
-            np.asarray(scores(images[i : i + detector.BATCH]))
-            for i in range(0, len(images), detector.BATCH)
-        ]
-    )
+    return functools.partial(detector.in_batches, scores)
 
 
 def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,9 @@ calibration on digits are too. Why this form, and how it does on the held-out ki
 Fashion-MNIST and users' digits: benchmarks/README.md, "Non-digit rejection".
 """
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -123,12 +125,15 @@ def features_fn(model: TrainedModel):
         conv_stats = [conv_statistics(jnp, x) for x in conv_outputs]
         return detector_features(jnp, hidden, logits, conv_stats)
 
-    def in_batches(images: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [np.asarray(features(images[i : i + BATCH])) for i in range(0, len(images), BATCH)]
-        )
+    return functools.partial(in_batches, features)
 
-    return in_batches
+
+def in_batches(fn: Callable[[np.ndarray], jax.Array], images: np.ndarray) -> np.ndarray:
+    """`fn` over `images`, BATCH at a time (one compiled program for every full batch), as
+    one numpy array."""
+    return np.concatenate(
+        [np.asarray(fn(images[i : i + BATCH])) for i in range(0, len(images), BATCH)]
+    )
 
 
 def normalized(images: np.ndarray) -> np.ndarray:
