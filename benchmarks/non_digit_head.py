@@ -16,12 +16,15 @@ chosen on them), users' digits per kind, and MNIST test.
 
     python benchmarks/non_digit_head.py --checkpoint digitjax/assets/model [--hidden 64]
         [--no-conv-stats] [--no-drawn-digits] [--no-printed-digits] [--false-alarms 0.01,0.02]
-        [--pixel-cnn alone|combined] [--seed 0]
+        [--pixel-cnn alone|combined] [--mahalanobis hidden|conv|both] [--seed 0]
 
 The images, features and logistic fit are digitjax.detector's own; this script adds the MLP,
 the 1% threshold and the per-group report, and a second network: a small CNN of its own
 trained on the same images' pixels to tell digits from non-digits (`--pixel-cnn`), scored
-alone or added to the head's score (each standardized on the held-out digits).
+alone or added to the head's score (each standardized on the held-out digits); or a
+density-like feature fitted on digits alone (`--mahalanobis`): the log of the smallest
+Mahalanobis distance of an image's hidden layer or conv statistics to the ten class means of
+the fitting digits (one shared covariance), added to the head's features.
 """
 
 import argparse
@@ -145,6 +148,27 @@ def fit_pixel_cnn(digits: np.ndarray, others: np.ndarray):
     return functools.partial(detector.in_batches, scores)
 
 
+def mahalanobis_fn(fitting: np.ndarray, columns: np.ndarray, logits: slice):
+    """fn(features) -> (N, 1): the log of the smallest Mahalanobis distance of `columns` of
+    each row to the ten class means of `fitting`'s rows (classes by their top logit; a digit
+    misread is rare enough not to matter), under their shared covariance, shrunk by 0.1% of its
+    mean variance so that it inverts."""
+    x = fitting[:, columns].astype(np.float64)
+    classes = fitting[:, logits].argmax(1)
+    means = np.stack([x[classes == c].mean(0) for c in range(NUM_DIGITS)])
+    centred = x - means[classes]
+    covariance = centred.T @ centred / len(x)
+    covariance += 1e-3 * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+    precision = np.linalg.inv(covariance)
+
+    def fn(features: np.ndarray) -> np.ndarray:
+        y = features[:, columns].astype(np.float64)
+        distances = np.stack([(((y - m) @ precision) * (y - m)).sum(1) for m in means], 1)
+        return np.log(distances.min(1) + 1e-6).astype(np.float32)[:, None]
+
+    return fn
+
+
 def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The images as `predict` sees them, and whether a digit was found in each."""
     with start_pool(available_cores()) as pool:
@@ -171,22 +195,38 @@ def main() -> None:
     parser.add_argument(
         "--pixel-cnn", choices=("alone", "combined"), help="score with a CNN on the pixels"
     )
+    parser.add_argument(
+        "--mahalanobis",
+        choices=("hidden", "conv", "both"),
+        help="add the Mahalanobis distance of these features to the digits' class means",
+    )
     args = parser.parse_args()
     model = restore_model(args.checkpoint)
     all_features = detector.features_fn(model)
     # The hidden layer, the logits and their logsumexp come first; the conv statistics last.
     kept = model.config.dense + NUM_DIGITS + 1 if args.no_conv_stats else None
 
-    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The head's features, and the top calibrated probability."""
-        values = all_features(images)
-        logits = values[:, model.config.dense : model.config.dense + NUM_DIGITS]
-        return values[:, :kept], np.asarray(jax.nn.softmax(logits)).max(axis=1)
-
+    logits = slice(model.config.dense, model.config.dense + NUM_DIGITS)
     fit_digits, fit_others, held_digits = detector.fitting_images(
         drawn_count=0 if args.no_drawn_digits else None,
         printed_count=0 if args.no_printed_digits else None,
     )
+    distances = []
+    if args.mahalanobis:
+        fitting, width = all_features(fit_digits), model.config.dense
+        column_sets = {
+            "hidden": np.arange(width),
+            "conv": np.arange(width + NUM_DIGITS + 1, fitting.shape[1]),
+        }
+        names = column_sets if args.mahalanobis == "both" else [args.mahalanobis]
+        distances = [mahalanobis_fn(fitting, column_sets[n], logits) for n in names]
+
+    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's features, and the top calibrated probability."""
+        values = all_features(images)
+        tops = np.asarray(jax.nn.softmax(values[:, logits])).max(axis=1)
+        return np.concatenate([values[:, :kept], *(d(values) for d in distances)], 1), tops
+
     digit_features = features(fit_digits)
     other_features = features(fit_others)[0]
     if args.hidden:
@@ -232,6 +272,7 @@ def main() -> None:
     print(
         f"head: {'MLP, ' + str(args.hidden) + ' hidden' if args.hidden else 'logistic'}"
         + (f", pixel CNN {args.pixel_cnn}" if args.pixel_cnn else "")
+        + (f", Mahalanobis distance of {args.mahalanobis}" if args.mahalanobis else "")
     )
     for false_alarms in map(float, args.false_alarms.split(",")):
         threshold = np.quantile(held_scores, 1 - false_alarms)

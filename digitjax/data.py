@@ -113,6 +113,13 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8).reshape(dims)
 
 
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """`array` (uint8) as one gzip IDX file, as `read_idx` reads it."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = (Path(folder) / name for name in IDX_FILES[split])
     images, labels = read_idx(images_file), read_idx(labels_file)

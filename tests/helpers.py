@@ -1,6 +1,5 @@
 """Helpers the tests share: real MNIST files, tiny CLI runs, one-line error checks, huge PNGs."""
 
-import gzip
 import json
 import random
 import re
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from digitjax.data import EMBEDDED_MNIST, IDX_FILES, read_idx_split
+from digitjax.data import EMBEDDED_MNIST, IDX_FILES, read_idx_split, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = EMBEDDED_MNIST  # the copy shipped in the package: a fresh clone has everything
@@ -82,12 +81,6 @@ def python_block(doc: str, marker: str) -> str:
 def history(run_dir: Path) -> list[dict]:
     """The per-epoch records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 def write_mnist_subset(folder: Path, num_train: int, num_test: int) -> Path:
