@@ -211,23 +211,27 @@ def main() -> None:
         drawn_count=0 if args.no_drawn_digits else None,
         printed_count=0 if args.no_printed_digits else None,
     )
+    fit_digit_values = all_features(fit_digits)
     distances = []
     if args.mahalanobis:
-        fitting, width = all_features(fit_digits), model.config.dense
+        width = model.config.dense
         column_sets = {
             "hidden": np.arange(width),
-            "conv": np.arange(width + NUM_DIGITS + 1, fitting.shape[1]),
+            "conv": np.arange(width + NUM_DIGITS + 1, fit_digit_values.shape[1]),
         }
         names = column_sets if args.mahalanobis == "both" else [args.mahalanobis]
-        distances = [mahalanobis_fn(fitting, column_sets[n], logits) for n in names]
+        distances = [mahalanobis_fn(fit_digit_values, column_sets[n], logits) for n in names]
 
-    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The head's features, and the top calibrated probability."""
-        values = all_features(images)
+    def head_features(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's features of images whose `all_features` are `values`, and their top
+        calibrated probability."""
         tops = np.asarray(jax.nn.softmax(values[:, logits])).max(axis=1)
         return np.concatenate([values[:, :kept], *(d(values) for d in distances)], 1), tops
 
-    digit_features = features(fit_digits)
+    def features(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return head_features(all_features(images))
+
+    digit_features = head_features(fit_digit_values)
     other_features = features(fit_others)[0]
     if args.hidden:
         head = fit_mlp(digit_features[0], other_features, args.hidden)
