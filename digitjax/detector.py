@@ -8,11 +8,13 @@ are, beside digits printed as the non-digits' letters are (`synthetic.drawn_digi
 non-digits as preprocessed, and augmented.
 
 Its threshold is set on digits it was not fitted on, augmented: it flags `false_alarms` of
-them. `write_bundle` fits one for the bundled model, and `train --non-digit-detector` for a
-run's best checkpoint once training ends (`fit_for_run`); either lands in the run folder
-(weights.DETECTOR_FILE). The model's weights are left as they are, so its accuracy and
-calibration on digits are too. Why this form, and how it does on the held-out kinds,
-Fashion-MNIST and users' digits: benchmarks/README.md, "Non-digit rejection".
+them, each scored by its mean over the image and its one-pixel shifts, as classifiers score
+images near the threshold (`weights.steady_scores`). `write_bundle` fits one for the bundled
+model, and `train --non-digit-detector` for a run's best checkpoint once training ends
+(`fit_for_run`); either lands in the run folder (weights.DETECTOR_FILE). The model's weights
+are left as they are, so its accuracy and calibration on digits are too. Why this form, and
+how it does on the held-out kinds, Fashion-MNIST and users' digits: benchmarks/README.md,
+"Non-digit rejection".
 """
 
 import functools
@@ -32,7 +34,13 @@ from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.outputs import write_file
 from digitjax.synthetic import drawn_digits, non_digits
-from digitjax.weights import DETECTOR_FILE, NonDigitDetector, conv_statistics, detector_features
+from digitjax.weights import (
+    DETECTOR_FILE,
+    NonDigitDetector,
+    conv_statistics,
+    detector_features,
+    steady_scores,
+)
 
 # Of held-out augmented MNIST training digits. 2.5% and not 2% because Fashion-MNIST fell
 # below 96% at 2%: a real image set was used to choose it, against the rule that only what the
@@ -55,9 +63,20 @@ def fit(model: TrainedModel, false_alarms: float = FALSE_ALARMS, seed: int = 0) 
     features = features_fn(model)
     digits, others, threshold_digits = fitting_images(seed)
     kernel, bias = fit_logistic(features(digits), features(others), seed)
-    held_out_scores = features(threshold_digits) @ kernel + bias
-    threshold = float(np.quantile(held_out_scores, 1 - false_alarms))
+    threshold = steady_threshold(
+        lambda images: features(images) @ kernel + bias, threshold_digits, false_alarms
+    )
     return NonDigitDetector(kernel, bias - threshold, false_alarms)
+
+
+def steady_threshold(
+    scores_of: Callable[[np.ndarray], np.ndarray], digits: np.ndarray, false_alarms: float
+) -> float:
+    """The score above which `false_alarms` of `digits` lie by their mean over the image and
+    its one-pixel shifts (weights.steady_scores, for every image): what classifiers score near
+    the threshold, where alone that mean changes which side of it an image is on."""
+    means = steady_scores(scores_of(digits), digits, scores_of, band=np.inf)
+    return float(np.quantile(means, 1 - false_alarms))
 
 
 def fitting_images(
@@ -106,9 +125,15 @@ def save(fitted: NonDigitDetector, run_dir: Path, step: int) -> None:
 
 def flagged_share(model: TrainedModel, images: np.ndarray) -> float:
     """The share of `images` (uint8) that the model's detector flags."""
-    assert model.detector is not None
-    features = features_fn(model)(normalized(images))
-    return float((features @ model.detector.kernel + model.detector.bias > 0).mean())
+    detector = model.detector
+    assert detector is not None
+    features = features_fn(model)
+
+    def scores_of(images: np.ndarray) -> np.ndarray:
+        return features(images) @ detector.kernel + detector.bias
+
+    images = normalized(images)
+    return float((steady_scores(scores_of(images), images, scores_of) > 0).mean())
 
 
 def features_fn(model: TrainedModel):

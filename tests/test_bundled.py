@@ -23,6 +23,7 @@ from helpers import (
 from PIL import Image
 from typer.testing import CliRunner
 
+from digitjax import detector
 from digitjax.checkpoint import restore_model
 from digitjax.cli import app
 from digitjax.config import UserError
@@ -78,6 +79,10 @@ def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images, monkey
         on_jax.outputs(images)[:, :10], CheckpointClassifier(run).outputs(images)[:, :10]
     )
     assert (on_jax.outputs(images)[:, 10] > 0).mean() < 0.1
+    # Its threshold flags FALSE_ALARMS of the held-out digits as classifiers score them.
+    threshold_digits = detector.fitting_images()[2]
+    flagged = (on_jax.outputs(threshold_digits)[:, 10] > 0).sum()
+    assert abs(flagged - detector.FALSE_ALARMS * len(threshold_digits)) <= 1
     saved = json.loads((step_dir / "summary" / "metadata").read_text())
     assert set(saved["checksums"]) == {"ema_params", "step"}  # no optimizer state
     # A checkpoint replaced without a new weights file is not run on stale weights.

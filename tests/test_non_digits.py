@@ -11,7 +11,7 @@ import pytest
 from helpers import MNIST_DIR, fit_small_detectors, tiny_train
 from typer.testing import CliRunner
 
-from digitjax import checkpoint, detector
+from digitjax import checkpoint, detector, weights
 from digitjax.cli import app
 from digitjax.config import ADDED_LATER, Config, Interrupted, UserError
 from digitjax.data import read_idx_split
@@ -25,7 +25,13 @@ from digitjax.inference.classifier import (
 from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import drawn_digits, non_digits, user_digits
 from digitjax.train import Callbacks, train
-from digitjax.weights import DETECTOR_FILE
+from digitjax.weights import (
+    DETECTOR_FILE,
+    ONE_PIXEL_SHIFTS,
+    STEADY_BAND,
+    shifted,
+    steady_scores,
+)
 
 runner = CliRunner()
 NON_DIGIT_FLAGS = ["--non-digit-fraction", "0.25", "--non-digit-images", "48"]
@@ -175,6 +181,64 @@ def test_the_bundled_model_refuses_non_digit_kinds_it_never_saw(tmp_path):
     images = read_idx_split(MNIST_DIR, "test")[0][:2000].astype(np.float32) / 255
     outputs = classifier.outputs(images)
     assert (outputs[:, NON_DIGIT_SCORE] > 0).mean() <= 0.02  # issue 21: <= 2% of MNIST test
+
+
+def test_shifted_moves_images_by_one_pixel_filling_with_black():
+    images = np.zeros((1, 28, 28), np.float32)
+    images[0, 5, 7] = 1
+    for (rows, cols), (row, col) in zip(ONE_PIXEL_SHIFTS, [(4, 7), (6, 7), (5, 6), (5, 8)]):
+        moved = shifted(images, rows, cols)
+        assert moved[0, row, col] == 1 and moved.sum() == 1
+    images[0, 0, :] = 1  # the top row leaves the frame when moved up
+    assert shifted(images, -1, 0)[0, 27].sum() == 0 and shifted(images, -1, 0).sum() == 1
+
+
+def test_scores_near_the_threshold_are_averaged_over_one_pixel_shifts():
+    images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+
+    def scores_of(views):  # a score that moves with the image: its top-left pixel
+        return 10 * views[:, 0, 0]
+
+    scores = np.array([-5.0, -0.5, 0.5, np.nan])
+    steady = steady_scores(scores, images, scores_of)
+    assert steady[0] == -5.0 and np.isnan(steady[3])  # far from 0, and no detector
+    for n in (1, 2):
+        shifts = [scores_of(shifted(images[n : n + 1], *s))[0] for s in ONE_PIXEL_SHIFTS]
+        assert steady[n] == pytest.approx((scores[n] + sum(shifts)) / 5)
+
+
+def test_the_threshold_is_set_on_the_scores_over_five_views():
+    """A detector's threshold flags `false_alarms` of the held-out digits by their mean score
+    over the five views, not by one view's."""
+    digits = np.random.default_rng(1).random((2000, 28, 28), dtype=np.float32)
+
+    def scores_of(views):  # a score that a one-pixel shift changes a lot
+        return 8 * views[:, 0, 0] + 4 * views[:, 1, 1] - 9
+
+    threshold = detector.steady_threshold(scores_of, digits, 0.05)
+    views = [digits] + [shifted(digits, *s) for s in ONE_PIXEL_SHIFTS]
+    means = np.mean([scores_of(v) for v in views], axis=0)
+    assert abs((means > threshold).sum() - 0.05 * len(digits)) <= 1
+    assert abs((scores_of(digits) > threshold).sum() - 0.05 * len(digits)) > 20
+
+
+def test_every_classifier_steadies_the_scores_near_the_threshold(monkeypatch):
+    """The bundled model's scores, as `outputs` gives them, are the one-view forward pass's
+    where that is far from 0, and its mean over five views near 0."""
+    classifier = load_classifier(BUNDLED_MODEL, quick_start=True)
+    images = read_idx_split(MNIST_DIR, "test")[0][:2000].astype(np.float32) / 255
+    given = classifier.outputs(images)[:, NON_DIGIT_SCORE]
+
+    monkeypatch.setattr(weights, "STEADY_BAND", 0.0)  # no image is near: one view each
+    one_view = classifier.outputs(images)[:, NON_DIGIT_SCORE]
+    near = np.flatnonzero(np.abs(one_view) < STEADY_BAND)
+    assert 0 < near.size < 0.2 * len(images)
+    far = np.abs(one_view) >= STEADY_BAND
+    np.testing.assert_array_equal(given[far], one_view[far])
+    views = [images[near]] + [shifted(images[near], *s) for s in ONE_PIXEL_SHIFTS]
+    mean = np.mean([classifier.outputs(v)[:, NON_DIGIT_SCORE] for v in views], axis=0)
+    np.testing.assert_allclose(given[near], mean, atol=1e-4)
+    assert not np.allclose(given[near], one_view[near], atol=1e-2)
 
 
 def tiny_config(tiny_mnist: Path) -> Config:

@@ -5,7 +5,8 @@
   (`CheckpointClassifier`) and a file written by `digitjax export` (`export.ExportedModel`)
   are classifiers (`predict.load_classifier` opens whichever the user named);
 - `in_batches` runs a forward pass over padded power-of-two batches, so any number of images
-  costs at most one compilation per batch size;
+  costs at most one compilation per batch size, and steadies the non-digit scores near the
+  threshold (`weights.steady_scores`), so that every kind of classifier scores alike;
 - `judge` is the one policy that says whether an answer is a digit, not sure, or not a digit
   (a model with a detector refuses what does not look like a digit, however sure its ten
   probabilities are);
@@ -20,6 +21,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from digitjax.config import UserError
+from digitjax.weights import steady_scores
 
 BUNDLED_MODEL = Path(__file__).parents[1] / "assets" / "model"
 MAX_BATCH = 256
@@ -90,8 +92,20 @@ def batch_sizes(largest: int) -> list[int]:
 
 
 def in_batches(forward: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:
-    """`forward` over `images` in zero-padded batches of one power-of-two size."""
+    """`forward` (a batch of images to its (B, NUM_OUTPUTS) outputs) over `images`, with the
+    non-digit scores near the threshold steadied by running their images again, shifted."""
     images = np.asarray(images, np.float32)
+    outputs = _padded_batches(forward, images)
+    outputs[:, NON_DIGIT_SCORE] = steady_scores(
+        outputs[:, NON_DIGIT_SCORE],
+        images,
+        lambda views: _padded_batches(forward, views)[:, NON_DIGIT_SCORE],
+    )
+    return outputs
+
+
+def _padded_batches(forward: Callable[[np.ndarray], Any], images: np.ndarray) -> np.ndarray:
+    """`forward` over `images` in zero-padded batches of one power-of-two size."""
     batch = padded_size(len(images))
     padded = np.zeros((-(-len(images) // batch) * batch, *images.shape[1:]), np.float32)
     padded[: len(images)] = images

@@ -32,6 +32,7 @@ from digitjax.serving.batcher import Batcher
 from digitjax.serving.decoding import Decoder
 from digitjax.serving.schemas import InfoResponse, ModelInfoOut, PredictionOut, PredictResponse
 from digitjax.serving.uploads import Limits, Upload
+from digitjax.weights import ONE_PIXEL_SHIFTS
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = tuple(2**i for i in range(11))
@@ -95,8 +96,11 @@ class Server:
         self.classifier, self.options, self.report = classifier, options, report
         self.limits = options.limits
         self.metrics = ServerMetrics()
-        # A request's files form one queue item, so its size must be compiled as well.
-        largest = min(MAX_BATCH, max(options.max_batch, self.limits.max_files))
+        # A request's files form one queue item, so its size must be compiled as well; and the
+        # images of a batch scored near the detector's threshold run again, shifted four ways
+        # (weights.steady_scores).
+        largest = max(options.max_batch, self.limits.max_files)
+        largest = min(MAX_BATCH, largest * len(ONE_PIXEL_SHIFTS))
         self.batch_sizes = batch_sizes(largest)
         self.ready = False
         self.model_info = ModelInfoOut.of(classifier.info)
