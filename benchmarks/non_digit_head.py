@@ -5,8 +5,9 @@ mean and max activation), fitted on `detector.fitting_images` (MNIST training di
 augmented as `--preset robust` augments and drawn as users' images, and digits printed as the
 non-digits' letters are, against the generated non-digits of the training kinds), and
 thresholded so that 1% or 2.5% (the shipped detector's share) of augmented held-out MNIST
-training digits are flagged. The model itself is untouched, so its digits' accuracy and
-calibration are too.
+training digits are flagged; every image scored by its mean over five views (itself and its
+one-pixel shifts), as classifiers score images near the threshold. The model itself is
+untouched, so its digits' accuracy and calibration are too.
 
 Reports, for `uncertain_rate.py`'s images (`--per-kind` of each kind, `--seed`), the share
 flagged by the detector alone and together with the model's own "not sure" (top calibrated
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -50,6 +52,7 @@ from digitjax.inference.parallel import available_cores, start_pool
 from digitjax.inference.preprocess import preprocess_file
 from digitjax.model import CNN, conv_impls_for
 from digitjax.synthetic import non_digits, user_digits
+from digitjax.weights import steady_scores
 
 
 @dataclasses.dataclass
@@ -169,6 +172,12 @@ def mahalanobis_fn(fitting: np.ndarray, columns: np.ndarray, logits: slice):
     return fn
 
 
+def five_views(scores_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """Each image's score as the mean over it and its one-pixel shifts: what classifiers
+    score near the threshold (weights.steady_scores), where alone it can change a flag."""
+    return steady_scores(scores_of(images), images, scores_of, band=np.inf)
+
+
 def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The images as `predict` sees them, and whether a digit was found in each."""
     with start_pool(available_cores()) as pool:
@@ -237,7 +246,11 @@ def main() -> None:
         head = fit_mlp(digit_features[0], other_features, args.hidden)
     else:
         head = Head(*detector.fit_logistic(digit_features[0], other_features, 0))
-    held_scores = head.scores(features(held_digits)[0])
+
+    def head_scores(images: np.ndarray) -> np.ndarray:
+        return head.scores(features(images)[0])
+
+    held_scores = five_views(head_scores, held_digits)
 
     with tempfile.TemporaryDirectory() as folder:
         samples = non_digits.generate(Path(folder) / "non_digits", args.per_kind, args.seed)
@@ -247,22 +260,21 @@ def main() -> None:
         samples += [(path, "icon") for path, _ in icon_files()]
         images, found = preprocessed([path for path, _ in samples])
     kinds = np.array([kind for _, kind in samples])
-    image_features, tops = features(images)
-    scores = head.scores(image_features)
+    tops = features(images)[1]
+    scores = five_views(head_scores, images)
     test_images = detector.normalized(load_dataset("mnist").split("test")[0])
-    test_features, test_tops = features(test_images)
-    test_scores = head.scores(test_features)
+    test_tops = features(test_images)[1]
+    test_scores = five_views(head_scores, test_images)
     if args.pixel_cnn:
         pixel_scores = fit_pixel_cnn(fit_digits, fit_others)
-        pixel = [pixel_scores(x) for x in (held_digits, images, test_images)]
+        pixel = [five_views(pixel_scores, x) for x in (held_digits, images, test_images)]
         if args.pixel_cnn == "alone":
             held_scores, scores, test_scores = pixel
         else:  # each score standardized on the held-out digits, then added
-            head_scores = [held_scores, scores, test_scores]
             held_scores, scores, test_scores = [
                 (h - held_scores.mean()) / held_scores.std()
                 + (c - pixel[0].mean()) / pixel[0].std()
-                for h, c in zip(head_scores, pixel)
+                for h, c in zip([held_scores, scores, test_scores], pixel)
             ]
     groups = {
         "held-out non-digits": np.isin(kinds, non_digits.HELD_OUT_KINDS),
