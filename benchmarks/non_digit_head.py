@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import functools
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -172,12 +171,6 @@ def mahalanobis_fn(fitting: np.ndarray, columns: np.ndarray, logits: slice):
     return fn
 
 
-def five_views(scores_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
-    """Each image's score as the mean over it and its one-pixel shifts: what classifiers
-    score near the threshold (weights.steady_scores), where alone it can change a flag."""
-    return steady_scores(scores_of(images), images, scores_of, band=np.inf)
-
-
 def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """The images as `predict` sees them, and whether a digit was found in each."""
     with start_pool(available_cores()) as pool:
@@ -250,7 +243,9 @@ def main() -> None:
     def head_scores(images: np.ndarray) -> np.ndarray:
         return head.scores(features(images)[0])
 
-    held_scores = five_views(head_scores, held_digits)
+    # Every image scored by its mean over it and its one-pixel shifts: what classifiers score
+    # near the threshold (weights.steady_scores), where alone it can change a flag.
+    held_scores = steady_scores(head_scores(held_digits), held_digits, head_scores, np.inf)
 
     with tempfile.TemporaryDirectory() as folder:
         samples = non_digits.generate(Path(folder) / "non_digits", args.per_kind, args.seed)
@@ -260,14 +255,17 @@ def main() -> None:
         samples += [(path, "icon") for path, _ in icon_files()]
         images, found = preprocessed([path for path, _ in samples])
     kinds = np.array([kind for _, kind in samples])
-    tops = features(images)[1]
-    scores = five_views(head_scores, images)
+    image_features, tops = features(images)
+    scores = steady_scores(head.scores(image_features), images, head_scores, np.inf)
     test_images = detector.normalized(load_dataset("mnist").split("test")[0])
-    test_tops = features(test_images)[1]
-    test_scores = five_views(head_scores, test_images)
+    test_features, test_tops = features(test_images)
+    test_scores = steady_scores(head.scores(test_features), test_images, head_scores, np.inf)
     if args.pixel_cnn:
         pixel_scores = fit_pixel_cnn(fit_digits, fit_others)
-        pixel = [five_views(pixel_scores, x) for x in (held_digits, images, test_images)]
+        pixel = [
+            steady_scores(pixel_scores(x), x, pixel_scores, np.inf)
+            for x in (held_digits, images, test_images)
+        ]
         if args.pixel_cnn == "alone":
             held_scores, scores, test_scores = pixel
         else:  # each score standardized on the held-out digits, then added
