@@ -247,6 +247,41 @@ def test_blank_noisy_photos_and_specks_have_no_digit():
     assert to_mnist(dusty) is None
 
 
+def shadowed_paper(height: int = 400, width: int = 300) -> np.ndarray:
+    """Blank paper photographed under a soft shadow that falls from its left side."""
+    columns = np.arange(width, dtype=np.float32)[None, :]
+    shade = 1 - 0.3 * np.clip(1 - columns / (0.3 * width), 0, 1)
+    noise = np.random.default_rng(4).normal(0, 0.01, (height, width))
+    return np.clip(0.9 * shade + noise, 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("turns", range(4))
+def test_a_shadow_along_a_side_of_blank_paper_is_no_digit(turns):
+    # The paper's level, taken from minima over blocks, lags behind a shadow's ramp; what it
+    # left along the side was cropped into a bar and read as a "1", 100% sure.
+    assert to_mnist(np.rot90(shadowed_paper(), turns)) is None
+
+
+def test_a_light_digit_beside_a_shadow_keeps_its_shape(digits):
+    # Light enough that what the shadow left once counted as ink too, and took the digit's box.
+    photo = shadowed_paper()
+    for digit in digits[0][:8]:
+        shadowed = photo.copy()
+        shadowed[150:350, 90:290] *= 1 - 0.3 * big(digit)
+        assert aligned_correlation(to_mnist(shadowed), to_mnist(1 - big(digit))) > 0.9
+
+
+def test_a_stroke_along_a_whole_side_is_ink():
+    # It keeps its level across its width, where a shadow's fades away from the side.
+    page = np.full((300, 200), 0.9, np.float32)
+    page[:, :10] = 0.2
+    page += np.random.default_rng(5).normal(0, 0.01, page.shape).astype(np.float32)
+    out = to_mnist(np.clip(page, 0, 1))
+    assert out is not None
+    rows, cols = np.nonzero(out > 0.5)
+    assert np.ptp(rows) + 1 >= 19 and np.ptp(cols) + 1 <= 3, "a vertical bar"
+
+
 def test_digits_touching_the_border_keep_their_shape(digits):
     # Cropped to the ink, with no margin at all (users crop tightly); the paper's level must
     # not be taken from inside the strokes, which now fill the frame.
@@ -288,6 +323,20 @@ def test_low_resolution_scan_enlarged_by_a_viewer(digits, resample):
         smooth = levels.resize((264, 264), Image.Resampling.BICUBIC)
         expected = to_mnist(np.asarray(smooth, np.float32) / 255)
         assert correlation(to_mnist(scan), expected) > 0.9
+
+
+@pytest.mark.parametrize("factor", [2, 7, 24])
+def test_pixels_repeated_by_a_zoom_are_smoothed_as_a_smooth_zoom_would(digits, factor):
+    # Shrunk to 20 px from the repeated pixels, the digit stayed a mosaic of blocks (0.80-0.97
+    # correlated with the same scan enlarged smoothly, 0.89 on average).
+    scores = []
+    for digit in digits[0][:6]:
+        small = Image.fromarray(255 - digit).resize((13, 11), Image.Resampling.BOX)
+        blocks = np.asarray(small.resize((13 * factor, 11 * factor), Image.Resampling.NEAREST))
+        smooth = np.asarray(small.resize((13 * factor, 11 * factor), Image.Resampling.BICUBIC))
+        read = to_mnist(blocks.astype(np.float32) / 255)
+        scores.append(correlation(read, to_mnist(smooth.astype(np.float32) / 255)))
+    assert np.mean(scores) > 0.98 and min(scores) > 0.9
 
 
 def test_user_image_generator_is_deterministic_and_makes_every_kind(tmp_path):

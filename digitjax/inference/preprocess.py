@@ -7,6 +7,7 @@ A classifier trained on MNIST fails on raw photos mostly because they break thos
 (polarity, margins, position, stroke width), so each step below restores one of them.
 """
 
+import math
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -30,9 +31,14 @@ SMALL_DIGIT, FIND_SIZE = 0.3, 512
 # specks (paper grain, dust), not strokes: the smallest piece of a digit seen, the detached
 # tip of a 3 written small on a page, was 4.7% of its largest.
 SOLID_INK, STROKE_SHARE = 0.35, 0.03
+# A shadow falling from a side of the image lies along SIDE_SPAN of it or more and, at half its
+# reach, has faded under RAMP_MIDDLE of its level at the side (`_without_edge_shading`).
+SIDE_SPAN, RAMP_MIDDLE = 0.8, 0.75
 # Bump when preprocessing makes something else of an image: the generated training images
 # cached after going through it (synthetic/cache.py) are then made again.
-VERSION = 4  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint
+VERSION = 5  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint;
+# 5: a shadow's ramp along a side is not ink (_without_edge_shading), and an image enlarged
+# by repeating its pixels is enlarged smoothly instead (_unzoomed)
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -85,6 +91,7 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
 
 def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     """A 28x28 float32 white-on-black digit in [0, 1], or None when no digit is found."""
+    gray = _unzoomed(gray)
     finer = _reduce(gray, FIND_SIZE)  # reduced once for both looks: large photos cost the most
     found = _locate(finer)
     if max(gray.shape) > WORK_SIZE and (found is None or _spans(*found) < SMALL_DIGIT):
@@ -108,6 +115,28 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def _unzoomed(gray: np.ndarray) -> np.ndarray:
+    """An image enlarged by repeating each of its pixels k times (a viewer's or a screenshot's
+    "nearest" zoom of a small scan) as a smooth zoom would have shown it, at most FIND_SIZE
+    across: shrunk to 20 px from the blocks, the digit stays a mosaic of them. Rows and
+    columns sampled across the image give k (the common divisor of where their levels
+    change), taken only if the whole image is its k-th pixels repeated."""
+    height, width = gray.shape
+    rows, columns = gray[:: max(1, height // 8)], gray[:, :: max(1, width // 8)]
+    across = np.flatnonzero(np.any(rows[:, 1:] != rows[:, :-1], axis=0)) + 1
+    down = np.flatnonzero(np.any(columns[1:] != columns[:-1], axis=1)) + 1
+    if not across.size or not down.size:
+        return gray  # one level along the samples: nothing to smooth
+    k = math.gcd(math.gcd(width, *across.tolist()), math.gcd(height, *down.tolist()))
+    small = gray[::k, ::k]
+    if k < 2 or not np.array_equal(small.repeat(k, 0).repeat(k, 1), gray):
+        return gray
+    scale = min(1.0, FIND_SIZE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    smooth = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    return np.clip(np.asarray(smooth, np.float32), 0, 1)
 
 
 def _locate(
@@ -161,6 +190,7 @@ def _ink_map(gray: np.ndarray, stands_out: bool = False) -> np.ndarray | None:
         ink = np.clip(gray - np.minimum(background, gray), 0, None)
         if min(height, width) >= 48:  # photo noise; tiny scans have no pixels to spare
             ink = _filtered(ink, ImageFilter.MedianFilter(3))
+        ink = _without_edge_shading(ink)
     peak, residue = (float(level) for level in np.percentile(ink, [99.5, 90]))
     faint = peak < FAINT_CONTRAST or (not stands_out and peak < FAINT_RATIO * residue)
     if peak < MIN_CONTRAST and faint:
@@ -170,6 +200,28 @@ def _ink_map(gray: np.ndarray, stands_out: bool = False) -> np.ndarray | None:
     ink = np.clip(ink / peak, 0, 1)
     ink[ink < 0.25] = 0
     return _strokes(ink)
+
+
+def _without_edge_shading(ink: np.ndarray) -> np.ndarray:
+    """The ink less a shadow falling from a side of the image. The block minima of
+    `_background` lag behind a shadow's ramp, leaving a band along the side that was cropped
+    into a bar and read as a "1". Such a band covers SIDE_SPAN of the side and fades away from
+    it (at half its reach, under RAMP_MIDDLE of its level at the side), where a stroke along a
+    side keeps its level across its width: its level, the median along the side at each
+    distance from it, is taken off up to where it fades out, leaving any stroke drawn over it."""
+    level = np.percentile(ink, 99.5)
+    ink = ink.copy()
+    for turns in range(4):
+        side = np.rot90(ink, turns)  # a view, the side under test on the left
+        if np.quantile(side[:, 0], 1 - SIDE_SPAN) <= 0.25 * level:
+            continue
+        profile = np.median(side, axis=0)
+        half = int(np.argmax(profile < 0.25 * profile[0])) // 2
+        if half < 1 or profile[half] >= RAMP_MIDDLE * profile[0]:
+            continue
+        reach = int(np.argmax(profile <= 0.05 * profile[0])) or profile.size
+        side[:, :reach] = np.clip(side[:, :reach] - profile[:reach], 0, None)
+    return ink
 
 
 def _background(gray: np.ndarray, block: int) -> np.ndarray:
