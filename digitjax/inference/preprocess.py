@@ -130,8 +130,14 @@ def _unzoomed(gray: np.ndarray) -> np.ndarray:
     if not across.size or not down.size:
         return gray  # one level along the samples: nothing to smooth
     k = math.gcd(math.gcd(width, *across.tolist()), math.gcd(height, *down.tolist()))
-    small = gray[::k, ::k]
-    if k < 2 or not np.array_equal(small.repeat(k, 0).repeat(k, 1), gray):
+    if k < 2:
+        return gray
+    # Compared a k-th at a time: a copy of the whole image would double what a large one holds.
+    rows = gray[::k]
+    if not all(np.array_equal(gray[i::k], rows) for i in range(1, k)):
+        return gray
+    small = rows[:, ::k]
+    if not all(np.array_equal(rows[:, j::k], small) for j in range(1, k)):
         return gray
     scale = min(1.0, FIND_SIZE / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
