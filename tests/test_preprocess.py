@@ -297,6 +297,20 @@ def test_digits_touching_the_border_keep_their_shape(digits):
     assert np.mean(scores) > 0.9
 
 
+def test_a_bold_digit_cropped_tight_is_not_inverted(digits):
+    # Its ink covers half the image or more, so the median level is ink, and the digit came
+    # out inverted (5 of these 8); the image's outer ring is still mostly paper.
+    for digit in digits[0][:8]:
+        strokes = Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC)
+        ink = np.asarray(strokes.filter(ImageFilter.MaxFilter(13)), np.float32) / 255
+        rows, cols = np.nonzero(ink > 0.5)
+        ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        ink = np.pad(ink, ((0, 3), (3, 0)))  # touching the top and right sides
+        photo = 0.9 - 0.75 * ink + np.random.default_rng(6).normal(0, 0.02, ink.shape)
+        read = to_mnist(np.clip(photo, 0, 1).astype(np.float32))
+        assert correlation(read, to_mnist(np.pad(ink, 20))) > 0.9
+
+
 def test_thick_marker_strokes_are_not_hollowed(digits):
     # Strokes wider than the background's blocks once came out hollow: the paper's level was
     # taken from inside them.

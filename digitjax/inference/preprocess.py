@@ -31,14 +31,18 @@ SMALL_DIGIT, FIND_SIZE = 0.3, 512
 # specks (paper grain, dust), not strokes: the smallest piece of a digit seen, the detached
 # tip of a 3 written small on a page, was 4.7% of its largest.
 SOLID_INK, STROKE_SHARE = 0.35, 0.03
+# The image's outer ring overrules the median on which side of the levels the paper lies where
+# this share of it is at its own median's side (`_paper_level`).
+PAPER_RING = 0.8
 # A shadow falling from a side of the image lies along SIDE_SPAN of it or more and, at half its
 # reach, has faded under RAMP_MIDDLE of its level at the side (`_without_edge_shading`).
 SIDE_SPAN, RAMP_MIDDLE = 0.8, 0.75
 # Bump when preprocessing makes something else of an image: the generated training images
 # cached after going through it (synthetic/cache.py) are then made again.
-VERSION = 5  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint;
+VERSION = 6  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint;
 # 5: a shadow's ramp along a side is not ink (_without_edge_shading), and an image enlarged
-# by repeating its pixels is enlarged smoothly instead (_unzoomed)
+# by repeating its pixels is enlarged smoothly instead (_unzoomed); 6: the paper's level from
+# the image's outer ring where the median is ink (_paper_level)
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -175,22 +179,23 @@ def _ink_map(gray: np.ndarray, stands_out: bool = False) -> np.ndarray | None:
     page's noise (`_find_small`), so faint ink counts without standing out of the rest of
     this part, which a small digit's strokes may fill."""
     height, width = gray.shape
-    # Most pixels are background, so the median is the paper's level and the ink is the tail
-    # that lies farther from it: darker ink on light paper, or light strokes on a dark canvas.
+    # The ink is the tail of the levels that lies farther from the paper's: darker ink on
+    # light paper, or light strokes on a dark canvas.
     low, median, high = np.percentile(gray, [0.5, 50, 99.5])
-    flat = median in (low, high)  # half the pixels share one level: drawn, not photographed
-    tail = max(high - median, median - low)  # how far the ink reaches from the paper
-    if median - low > high - median:
-        gray, median = 1 - gray, 1 - median
+    paper = _paper_level(gray, low, median, high)
+    flat = paper in (low, high)  # the paper is one level: drawn, not photographed
+    tail = max(high - paper, paper - low)  # how far the ink reaches from the paper
+    if paper - low > high - paper:
+        gray, paper = 1 - gray, 1 - paper
     if flat:
         # A canvas or a rendering has no lighting or noise to remove; the block minima below
         # would also hollow out strokes thicker than a block.
-        ink = np.clip(gray - median, 0, None)
+        ink = np.clip(gray - paper, 0, None)
     else:
         # Uneven lighting: subtract the paper's own level, leaving ink on a flat black floor.
         # The blocks must be over twice as wide as the strokes, or a marker's strokes (or a
         # pen's, in a close crop) would come out hollow.
-        stroke = _stroke_width(gray - median > 0.5 * max(tail, MIN_CONTRAST))
+        stroke = _stroke_width(gray - paper > 0.5 * max(tail, MIN_CONTRAST))
         block = 2 * max(3, min(height, width) // 16, int(np.ceil(stroke))) + 1
         background = _background(gray, block)
         ink = np.clip(gray - np.minimum(background, gray), 0, None)
@@ -206,6 +211,20 @@ def _ink_map(gray: np.ndarray, stands_out: bool = False) -> np.ndarray | None:
     ink = np.clip(ink / peak, 0, 1)
     ink[ink < 0.25] = 0
     return _strokes(ink)
+
+
+def _paper_level(gray: np.ndarray, low: float, median: float, high: float) -> float:
+    """The paper's gray level. Most pixels are paper, so it is the median; but a bold digit
+    cropped tight may cover most of the image, and then the median is ink and the digit came
+    out inverted. The image's outer ring is paper even then (strokes cross it here and
+    there), so where its median puts the paper on the other side of the range, it is taken
+    if PAPER_RING of the ring lies nearer to it than to the range's other end."""
+    ring = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    edge = float(np.median(ring))
+    if (median - low > high - median) == (edge - low > high - edge):
+        return median
+    nearer = np.abs(ring - edge) < np.abs(ring - (low + high - edge))
+    return edge if nearer.mean() >= PAPER_RING else median
 
 
 def _without_edge_shading(ink: np.ndarray) -> np.ndarray:
