@@ -31,8 +31,8 @@ SMALL_DIGIT, FIND_SIZE = 0.3, 512
 # specks (paper grain, dust), not strokes: the smallest piece of a digit seen, the detached
 # tip of a 3 written small on a page, was 4.7% of its largest.
 SOLID_INK, STROKE_SHARE = 0.35, 0.03
-# The image's outer ring overrules the median on which side of the levels the paper lies where
-# this share of it is at its own median's side (`_paper_level`).
+# Where the image's median and its outer ring's median put the paper on opposite sides of the
+# levels, the ring's is taken if this share of the ring lies nearer to it (`_paper_level`).
 PAPER_RING = 0.8
 # A shadow falling from a side of the image lies along SIDE_SPAN of it or more and, at half its
 # reach, has faded under RAMP_MIDDLE of its level at the side (`_without_edge_shading`).
