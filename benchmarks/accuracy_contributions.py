@@ -16,11 +16,7 @@ from digitjax.checkpoint import restore_model
 from digitjax.config import uses_ema
 from digitjax.data import load_dataset
 from digitjax.evaluate import compute_metrics, make_logits_fn, pad_to_batches, split_logits
-
-
-def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
-    return padded[:, 1 + dy : 29 + dy, 1 + dx : 29 + dx]
+from digitjax.weights import shifted
 
 
 def main() -> None:
