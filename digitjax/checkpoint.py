@@ -282,6 +282,11 @@ def _read_items(
         saved = _saved_state_metadata(step_dir)
         if state_keys is not None and isinstance(saved, dict):
             saved = {key: saved[key] for key in state_keys if key in saved}
+            if not saved:
+                raise UserError(
+                    f"{step_dir} keeps no {' or '.join(state_keys)} (a weights-only "
+                    "checkpoint, such as the bundled model, keeps only the weights it evaluates)"
+                )
         state_target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
         )
