@@ -130,7 +130,7 @@ def flagged_share(model: TrainedModel, images: np.ndarray) -> float:
     features = features_fn(model)
 
     def scores_of(images: np.ndarray) -> np.ndarray:
-        return features(images) @ detector.kernel + detector.bias
+        return detector.scores(features(images))
 
     images = normalized(images)
     return float((steady_scores(scores_of(images), images, scores_of) > 0).mean())

@@ -242,7 +242,7 @@ def calibrated_outputs(
     conv_outputs = jax.lax.optimization_barrier(conv_outputs)
     conv_stats = [conv_statistics(jnp, x) for x in conv_outputs]
     features = detector_features(jnp, hidden, logits, conv_stats)
-    return jax.nn.softmax(logits), features @ detector.kernel + detector.bias
+    return jax.nn.softmax(logits), detector.scores(features)
 
 
 def normalize(images_uint8: jax.Array) -> jax.Array:

@@ -116,6 +116,11 @@ class NonDigitDetector:
     bias: float
     false_alarms: float
 
+    def scores(self, features: Any) -> Any:
+        """The (N,) scores of (N, features) float32 features, numpy or JAX arrays alike:
+        positive for what does not look like a digit. Float32, as the features are."""
+        return features @ self.kernel + np.float32(self.bias)
+
     def to_dict(self, step: int) -> dict[str, Any]:
         """As DETECTOR_FILE holds it, for the weights saved at `step`."""
         return {

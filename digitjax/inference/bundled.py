@@ -90,7 +90,7 @@ class NumpyClassifier:
         scores = None
         if self.detector is not None:
             features = detector_features(np, hidden, logits, conv_stats)
-            scores = features @ self.detector.kernel + np.float32(self.detector.bias)
+            scores = self.detector.scores(features)
         return packed(exp / exp.sum(axis=1, keepdims=True), scores)
 
 
