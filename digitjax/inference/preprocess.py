@@ -37,12 +37,18 @@ PAPER_RING = 0.8
 # A shadow falling from a side of the image lies along SIDE_SPAN of it or more and, at half its
 # reach, has faded under RAMP_MIDDLE of its level at the side (`_without_edge_shading`).
 SIDE_SPAN, RAMP_MIDDLE = 0.8, 0.75
+# A sheet of paper photographed on a desk (`_sheet`): the desk lies SHEET_CONTRAST or more
+# below the paper, and the sheet spans SHEET_SPAN of the image each way and fills SHEET_FILL
+# of the smallest box around it turned by up to 10 degrees (`_is_sheet_shaped`; generated
+# sheets: 0.92-0.99; light glyphs on dark, holes filled: 0.70-0.81).
+SHEET_CONTRAST, SHEET_SPAN, SHEET_FILL = 0.2, 0.4, 0.86
 # Bump when preprocessing makes something else of an image: the generated training images
 # cached after going through it (synthetic/cache.py) are then made again.
-VERSION = 6  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint;
+VERSION = 7  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint;
 # 5: a shadow's ramp along a side is not ink (_without_edge_shading), and an image enlarged
 # by repeating its pixels is enlarged smoothly instead (_unzoomed); 6: the paper's level from
-# the image's outer ring where the median is ink (_paper_level)
+# the image's outer ring where the median is ink (_paper_level); 7: a sheet on a desk is read
+# inside the sheet (_sheet)
 # Larger images are refused from their header, before decoding (decompression bombs declare a
 # huge size in a small file). 80 megapixels is above what cameras save by default (phones
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
@@ -97,6 +103,10 @@ def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     """A 28x28 float32 white-on-black digit in [0, 1], or None when no digit is found."""
     gray = _unzoomed(gray)
     finer = _reduce(gray, FIND_SIZE)  # reduced once for both looks: large photos cost the most
+    sheet = _sheet(_reduce(finer), gray.shape)
+    if sheet is not None:
+        gray = gray[sheet]
+        finer = _reduce(gray, FIND_SIZE)
     found = _locate(finer)
     if max(gray.shape) > WORK_SIZE and (found is None or _spans(*found) < SMALL_DIGIT):
         around = _find_small(finer, max(gray.shape) / max(finer.shape))
@@ -147,6 +157,91 @@ def _unzoomed(gray: np.ndarray) -> np.ndarray:
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     smooth = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
     return np.clip(np.asarray(smooth, np.float32), 0, 1)
+
+
+def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | None:
+    """Where a sheet of paper lies in a photo of it on a darker desk, given the photo reduced
+    to WORK_SIZE: the slices of the full image (of `shape`) inside the sheet, or None. The
+    desk around a sheet would otherwise be taken for ink: a frame around the digit. A sheet
+    is the largest piece of the light levels (nearer the image's 90th percentile than its
+    outer ring's median, which lies SHEET_CONTRAST or more below it) when it spans
+    SHEET_SPAN or more of the image each way, fills SHEET_FILL or more of its box (a
+    rectangle turned a little), and the ring lies mostly off it."""
+    height, width = small.shape
+    ring = np.concatenate([small[0], small[-1], small[1:-1, 0], small[1:-1, -1]])
+    desk, light = float(np.median(ring)), float(np.percentile(small, 90))
+    if light - desk < SHEET_CONTRAST or (ring > (desk + light) / 2).mean() > 0.6:
+        return None
+    bright = small > (desk + light) / 2
+    pieces = _components(bright)
+    sizes = np.bincount(pieces[bright], minlength=small.size + 1)
+    on_sheet = pieces == sizes.argmax()
+    # The ink on the sheet is not light: the sheet is its piece with the holes filled in.
+    outside = _components(~on_sheet)
+    edge_pieces = np.unique(
+        np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
+    )
+    on_sheet |= ~np.isin(outside, edge_pieces)
+    rows, cols = np.flatnonzero(on_sheet.any(axis=1)), np.flatnonzero(on_sheet.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if (
+        min((bottom - top) / height, (right - left) / width) < SHEET_SPAN
+        or (bottom - top, right - left) == (height, width)
+        or not _is_sheet_shaped(on_sheet)
+    ):
+        return None
+    # The largest box inside the sheet, shrunk a side at a time (the side with the most desk
+    # along it), then a pixel more: the sheet's edge is blurred into the desk's shadow.
+    box = [top, bottom, left, right]
+    while box[1] - box[0] > 2 and box[3] - box[2] > 2:
+        top, bottom, left, right = box
+        desk_along = [
+            1 - on_sheet[top, left:right].mean(),
+            1 - on_sheet[bottom - 1, left:right].mean(),
+            1 - on_sheet[top:bottom, left].mean(),
+            1 - on_sheet[top:bottom, right - 1].mean(),
+        ]
+        side = int(np.argmax(desk_along))
+        if desk_along[side] <= 0.02:
+            break
+        box[side] += 1 if side in (0, 2) else -1
+    top, bottom, left, right = box
+    scale_y, scale_x = shape[0] / height, shape[1] / width
+    return (
+        slice(int((top + 1) * scale_y), int((bottom - 1) * scale_y)),
+        slice(int((left + 1) * scale_x), int((right - 1) * scale_x)),
+    )
+
+
+def _is_sheet_shaped(piece: np.ndarray) -> bool:
+    """Whether `piece` (a mask) is a rectangle turned by up to 10 degrees either way: it
+    fills SHEET_FILL of the smallest box around it at some such angle (~1 for a rectangle,
+    pi / 4 for an ellipse), and that box's corners (those in the image: a sheet may run off
+    it) are mostly in it, which a bold rounded glyph that fills its box as well misses."""
+    pixels = np.nonzero(piece)
+
+    def turned(angle: float, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The places of pixels (ys, xs) along and across a box turned by `angle`."""
+        cos, sin = np.cos(angle), np.sin(angle)
+        return xs * cos + ys * sin, ys * cos - xs * sin
+
+    def box_area(angle: float) -> float:
+        along, across = turned(angle, *pixels)
+        return float((np.ptp(along) + 1) * (np.ptp(across) + 1))
+
+    angle = min(np.radians(np.arange(-10, 11)), key=box_area)
+    if piece.sum() < SHEET_FILL * box_area(angle):
+        return False
+    grid = np.indices(piece.shape)
+    along, across = turned(angle, grid[0], grid[1])
+    side = 0.1 * min(np.ptp(along[piece]), np.ptp(across[piece]))  # of each corner's square
+    for inward_along in (along - along[piece].min(), along[piece].max() - along):
+        for inward_across in (across - across[piece].min(), across[piece].max() - across):
+            corner = (inward_along >= 0) & (inward_along < side)
+            corner &= (inward_across >= 0) & (inward_across < side)
+            if corner.any() and piece[corner].mean() < 0.5:
+                return False
+    return True
 
 
 def _locate(

@@ -37,6 +37,7 @@ KINDS = (
     "pencil",
     "small_in_large",
     "border",
+    "on_desk",
 )
 PRINTED = {"printed", "printed_fonts"}  # random labels; the others' are their MNIST digit's
 
@@ -156,9 +157,14 @@ def paper(
 def photograph(
     paper_rgb: np.ndarray, light: np.ndarray, mask: np.ndarray, pen: np.ndarray, rng
 ) -> Image.Image:
-    """Ink `mask` (0..1) in colour `pen` on the paper, lit, with sensor noise and a little blur."""
+    """Ink `mask` (0..1) in colour `pen` on the paper, photographed (`exposed`)."""
     rgb = paper_rgb * (1 - mask[..., None]) + pen.astype(np.float32) * mask[..., None]
-    rgb *= light[..., None]
+    return exposed(rgb, light, rng)
+
+
+def exposed(rgb: np.ndarray, light: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A scene (RGB in [0, 1]) as a camera saves it: lit, with sensor noise and a little blur."""
+    rgb = (rgb * light[..., None]).astype(np.float32)
     rgb += rng.standard_normal(rgb.shape, np.float32) * np.float32(rng.uniform(0.01, 0.03))
     image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
@@ -322,6 +328,45 @@ def border(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return photograph(paper_rgb, light, framed, np.array([0.1, 0.12, 0.35]), rng)
 
 
+def on_desk(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A sheet of paper with a digit on it, photographed on a darker desk (wood, grey or
+    black) that shows around it: the sheet spans 45-90% of the frame each way, turned a
+    little, with a soft shadow on the desk; a fifth of the time it runs off the frame."""
+    height, width = int(rng.integers(400, 1000)), int(rng.integers(400, 1000))
+    sheet_h, sheet_w = (int(n * rng.uniform(0.45, 0.9)) for n in (height, width))
+    size = int(min(sheet_h, sheet_w) * rng.uniform(0.35, 0.7))
+    mask = np.zeros((sheet_h, sheet_w), np.float32)
+    # People write away from a sheet's edges: a tenth of it stays clear on each side.
+    top = int(rng.integers(sheet_h // 10, sheet_h * 9 // 10 - size + 1))
+    left = int(rng.integers(sheet_w // 10, sheet_w * 9 // 10 - size + 1))
+    mask[top : top + size, left : left + size] = pen_strokes(digit, size)
+    paper_rgb, _ = paper(sheet_h, sheet_w, rng)
+    pen = np.array([0.1, 0.12, 0.35]) if rng.random() < 0.5 else np.array([0.12, 0.1, 0.1])
+    sheet_rgb = paper_rgb * (1 - mask[..., None]) + pen * mask[..., None]
+    sheet = Image.fromarray((np.clip(sheet_rgb, 0, 1) * 255).astype(np.uint8)).convert("RGBA")
+    sheet = sheet.rotate(rng.uniform(-8, 8), Image.Resampling.BICUBIC, expand=True)
+    desks = ([0.45, 0.3, 0.18], [0.35, 0.35, 0.37], [0.12, 0.12, 0.13], [0.55, 0.42, 0.3])
+    desk_rgb = np.array(desks[int(rng.integers(4))]) * rng.uniform(0.7, 1.1)
+    grain = rng.standard_normal((height // 40 + 1, width // 2 + 1), np.float32)  # like wood
+    streaks = np.asarray(Image.fromarray(grain).resize((width, height), Image.Resampling.BICUBIC))
+    desk = np.clip(desk_rgb * (1 + 0.12 * streaks[..., None]), 0, 1)
+    photo = Image.fromarray((desk * 255).astype(np.uint8))
+    # Running off the frame by less than the clear margin: the digit stays in the picture.
+    overhang = (sheet.height // 12, sheet.width // 12) if rng.random() < 0.2 else (0, 0)
+    y, x = (
+        int(rng.integers(min(0, slack) - reach, max(0, slack) + reach + 1))
+        for slack, reach in zip((height - sheet.height, width - sheet.width), overhang)
+    )
+    shadow = sheet.getchannel("A").filter(ImageFilter.GaussianBlur(rng.uniform(3, 12)))
+    offset = int(rng.integers(2, 12))
+    photo.paste(
+        (0, 0, 0), (x + offset, y + offset), shadow.point([level // 2 for level in range(256)])
+    )
+    photo.paste(sheet, (x, y), sheet)
+    _, light = paper(height, width, rng)
+    return exposed(np.asarray(photo, np.float32) / 255, light, rng)
+
+
 def encode(image: Image.Image, suffix: str, rng: np.random.Generator) -> bytes:
     """The file's bytes in the formats users have: JPEG for photos, else PNG, BMP or WebP."""
     buffer = io.BytesIO()
@@ -383,8 +428,10 @@ def generate(
                 image, suffix = pencil(digit, rng), (".jpg", ".png")[n % 2]
             elif kind == "small_in_large":
                 image, suffix = small_in_large(digit, label, rng, extra_fonts), ".jpg"
-            else:
+            elif kind == "border":
                 image, suffix = border(digit, rng), (".jpg", ".png")[n % 2]
+            else:
+                image, suffix = on_desk(digit, rng), ".jpg"
             data = encode(image, suffix, rng)
             if kind in kinds:  # the first four are made in any case: they share `rng`
                 path = folder / f"{name}{suffix}"
