@@ -42,6 +42,7 @@ SIDE_SPAN, RAMP_MIDDLE = 0.8, 0.75
 # of the smallest box around it turned by up to 10 degrees (`_is_sheet_shaped`; generated
 # sheets: 0.92-0.99; light glyphs on dark, holes filled: 0.70-0.81).
 SHEET_CONTRAST, SHEET_SPAN, SHEET_FILL = 0.2, 0.4, 0.86
+SHEET_MIN_SIDE = 32  # px at WORK_SIZE: smaller images are not photos of a desk
 # Bump when preprocessing makes something else of an image: the generated training images
 # cached after going through it (synthetic/cache.py) are then made again.
 VERSION = 7  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: small and faint;
@@ -168,6 +169,8 @@ def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | N
     SHEET_SPAN or more of the image each way, fills SHEET_FILL or more of its box (a
     rectangle turned a little), and the ring lies mostly off it."""
     height, width = small.shape
+    if min(height, width) < SHEET_MIN_SIDE:
+        return None
     ring = np.concatenate([small[0], small[-1], small[1:-1, 0], small[1:-1, -1]])
     desk, light = float(np.median(ring)), float(np.percentile(small, 90))
     if light - desk < SHEET_CONTRAST or (ring > (desk + light) / 2).mean() > 0.6:
