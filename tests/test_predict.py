@@ -14,6 +14,7 @@ from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference import predict as predict_module
 from digitjax.inference.classifier import BUNDLED_MODEL
+from digitjax.inference.preprocess import preprocess_file
 
 runner = CliRunner()
 
@@ -128,6 +129,32 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
         any(name in line for line in errors)
         for name in ("notes.png", "truncated.png", "missing.png", "blank.png")
     )
+
+
+def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predicted(
+    no_runs, monkeypatch
+):
+    # A defect on an odd file (a pixel-high image once raised IndexError) must cost that
+    # file, not the run: the same per-image error the server gives.
+    from digitjax.inference import parallel
+
+    def fails_on_odd(file, max_pixels):
+        if "odd" in str(file):
+            raise IndexError("index -1 is out of bounds for axis 0 with size 0")
+        return preprocess_file(file, max_pixels)
+
+    images, _ = read_idx_split(MNIST_DIR, "test")
+    for name in ("seven.png", "odd.png"):
+        Image.fromarray(images[0]).resize((140, 140)).save(no_runs / name)
+    monkeypatch.setattr(parallel, "preprocess_file", fails_on_odd)
+    result = runner.invoke(app, ["predict", "seven.png", "odd.png", "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    results = {r["name"]: r for r in json.loads(result.stdout)}
+    assert results["seven.png"]["digit"] == 7
+    assert results["odd.png"]["error"] == (
+        "unreadable image: IndexError: index -1 is out of bounds for axis 0 with size 0"
+    )
+    assert_one_line_error(result.stderr, "odd.png", "IndexError")
 
 
 def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(no_runs):

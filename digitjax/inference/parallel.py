@@ -30,6 +30,8 @@ def preprocess_one(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> Outcom
         digit = preprocess_file(file, max_pixels)
     except ImageError as e:
         return None, str(e)
+    except Exception as e:  # a decoder's or our own defect on an odd file: its error, not the run's
+        return None, f"unreadable image: {type(e).__name__}: {e}"[:300]
     return (digit, None) if digit is not None else (None, "no digit found")
 
 
