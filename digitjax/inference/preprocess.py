@@ -163,11 +163,12 @@ def _unzoomed(gray: np.ndarray) -> np.ndarray:
 def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | None:
     """Where a sheet of paper lies in a photo of it on a darker desk, given the photo reduced
     to WORK_SIZE: the slices of the full image (of `shape`) inside the sheet, or None. The
-    desk around a sheet would otherwise be taken for ink: a frame around the digit. A sheet
-    is the largest piece of the light levels (nearer the image's 90th percentile than its
-    outer ring's median, which lies SHEET_CONTRAST or more below it) when it spans
-    SHEET_SPAN or more of the image each way, fills SHEET_FILL or more of its box (a
-    rectangle turned a little), and the ring lies mostly off it."""
+    desk around a sheet would otherwise be taken for ink: a frame around the digit. Where the
+    outer ring's median lies SHEET_CONTRAST or more below the image's 90th percentile and 40%
+    or more of the ring is nearer it (the desk shows around), a sheet is the largest piece of
+    the levels nearer the 90th percentile, its holes (the ink) filled in, if it spans
+    SHEET_SPAN or more of the image each way but not all of it, and is shaped like a sheet
+    (`_is_sheet_shaped`)."""
     height, width = small.shape
     if min(height, width) < SHEET_MIN_SIDE:
         return None
@@ -179,7 +180,6 @@ def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | N
     pieces = _components(bright)
     sizes = np.bincount(pieces[bright], minlength=small.size + 1)
     on_sheet = pieces == sizes.argmax()
-    # The ink on the sheet is not light: the sheet is its piece with the holes filled in.
     outside = _components(~on_sheet)
     edge_pieces = np.unique(
         np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
