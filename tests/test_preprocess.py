@@ -404,6 +404,16 @@ def test_a_sheet_photographed_on_a_darker_desk_is_read_inside_the_sheet(digits, 
     assert min(scores) > 0.85 and np.mean(scores) > 0.93
 
 
+def test_a_turned_sheet_running_off_the_photo_is_read_inside_it(digits):
+    # Cut by the photo's top and right edges, the sheet's smallest box turns with the cut
+    # (upright), not with the sheet, and two of its corners are off the photo.
+    for digit in digits[0][:4]:
+        photo = sheet_on_desk(big(digit, 140), 5.0, 0.25)[90:, :-100]
+        turned = Image.fromarray(big(digit, 140)).rotate(5.0, Image.Resampling.BICUBIC)
+        on_paper = to_mnist(1 - np.pad(np.asarray(turned), 40))
+        assert aligned_correlation(to_mnist(photo), on_paper) > 0.9
+
+
 def test_a_blank_sheet_on_a_desk_is_no_digit():
     assert to_mnist(sheet_on_desk(np.zeros((10, 10), np.float32), 5.0, 0.25)) is None
 

@@ -217,34 +217,36 @@ def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | N
 
 
 def _is_sheet_shaped(piece: np.ndarray) -> bool:
-    """Whether `piece` (a mask) is a rectangle turned by up to 10 degrees either way: it
-    fills SHEET_FILL of the smallest box around it at some such angle (~1 for a rectangle,
-    pi / 4 for an ellipse), and that box's corners (those in the image: a sheet may run off
-    it) are mostly in it, which a bold rounded glyph that fills its box as well misses."""
-    pixels = np.nonzero(piece)
+    """Whether `piece` (a mask) is a rectangle turned by up to 10 degrees either way: at some
+    such angle it fills SHEET_FILL of the box around it turned so (~1 for a rectangle, pi / 4
+    for an ellipse) and that box's corners are mostly in it, which a bold rounded glyph that
+    fills its box as well misses. Every angle is tried, not only the smallest box's: a sheet
+    running off the image is cut by its edges, and the smallest box then turns with the cut,
+    not with the sheet, leaving the sheet's own corners out of the box's."""
+    pixels, grid = np.nonzero(piece), np.indices(piece.shape)
 
     def turned(angle: float, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The places of pixels (ys, xs) along and across a box turned by `angle`."""
         cos, sin = np.cos(angle), np.sin(angle)
         return xs * cos + ys * sin, ys * cos - xs * sin
 
-    def box_area(angle: float) -> float:
+    def fills_box(angle: float) -> bool:
         along, across = turned(angle, *pixels)
-        return float((np.ptp(along) + 1) * (np.ptp(across) + 1))
+        return pixels[0].size >= SHEET_FILL * (np.ptp(along) + 1) * (np.ptp(across) + 1)
 
-    angle = min(np.radians(np.arange(-10, 11)), key=box_area)
-    if piece.sum() < SHEET_FILL * box_area(angle):
-        return False
-    grid = np.indices(piece.shape)
-    along, across = turned(angle, grid[0], grid[1])
-    side = 0.1 * min(np.ptp(along[piece]), np.ptp(across[piece]))  # of each corner's square
-    for inward_along in (along - along[piece].min(), along[piece].max() - along):
-        for inward_across in (across - across[piece].min(), across[piece].max() - across):
-            corner = (inward_along >= 0) & (inward_along < side)
-            corner &= (inward_across >= 0) & (inward_across < side)
-            if corner.any() and piece[corner].mean() < 0.5:
-                return False
-    return True
+    def corners_in(angle: float) -> bool:
+        along, across = turned(angle, grid[0], grid[1])
+        side = 0.1 * min(np.ptp(along[piece]), np.ptp(across[piece]))  # of a corner's square
+        for inward_along in (along - along[piece].min(), along[piece].max() - along):
+            for inward_across in (across - across[piece].min(), across[piece].max() - across):
+                corner = (inward_along >= 0) & (inward_along < side)
+                corner &= (inward_across >= 0) & (inward_across < side)
+                if corner.any() and piece[corner].mean() < 0.5:  # a corner off the image: untested
+                    return False
+        return True
+
+    angles = np.radians(np.arange(-10, 11))
+    return any(fills_box(angle) and corners_in(angle) for angle in angles)
 
 
 def _locate(
