@@ -38,10 +38,10 @@ PAPER_RING = 0.8
 # reach, has faded under RAMP_MIDDLE of its level at the side (`_without_edge_shading`).
 SIDE_SPAN, RAMP_MIDDLE = 0.8, 0.75
 # A sheet of paper photographed on a desk (`_sheet`): the desk lies SHEET_CONTRAST or more
-# below the paper, and the sheet spans SHEET_SPAN of the image each way and fills SHEET_FILL
-# of the smallest box around it turned by up to 10 degrees (`_is_sheet_shaped`; generated
-# sheets: 0.92-0.99; light glyphs on dark, holes filled: 0.70-0.81).
-SHEET_CONTRAST, SHEET_SPAN, SHEET_FILL = 0.2, 0.4, 0.86
+# below the paper, and the sheet spans SHEET_SPAN of the image each way and differs from a
+# quadrilateral by under SHEET_MISMATCH of its area (`_is_sheet_shaped`; generated sheets:
+# 0.01-0.06; light glyphs on dark with their holes filled: 0.25-0.42).
+SHEET_CONTRAST, SHEET_SPAN, SHEET_MISMATCH = 0.2, 0.4, 0.15
 SHEET_MIN_SIDE = 32  # px at WORK_SIZE: smaller images are not photos of a desk
 # Bump when preprocessing makes something else of an image: the generated training images
 # cached after going through it (synthetic/cache.py) are then made again.
@@ -217,36 +217,21 @@ def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | N
 
 
 def _is_sheet_shaped(piece: np.ndarray) -> bool:
-    """Whether `piece` (a mask) is a rectangle turned by up to 10 degrees either way: at some
-    such angle it fills SHEET_FILL of the box around it turned so (~1 for a rectangle, pi / 4
-    for an ellipse) and that box's corners are mostly in it, which a bold rounded glyph that
-    fills its box as well misses. Every angle is tried, not only the smallest box's: a sheet
-    running off the image is cut by its edges, and the smallest box then turns with the cut,
-    not with the sheet, leaving the sheet's own corners out of the box's."""
-    pixels, grid = np.nonzero(piece), np.indices(piece.shape)
-
-    def turned(angle: float, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The places of pixels (ys, xs) along and across a box turned by `angle`."""
-        cos, sin = np.cos(angle), np.sin(angle)
-        return xs * cos + ys * sin, ys * cos - xs * sin
-
-    def fills_box(angle: float) -> bool:
-        along, across = turned(angle, *pixels)
-        return pixels[0].size >= SHEET_FILL * (np.ptp(along) + 1) * (np.ptp(across) + 1)
-
-    def corners_in(angle: float) -> bool:
-        along, across = turned(angle, grid[0], grid[1])
-        side = 0.1 * min(np.ptp(along[piece]), np.ptp(across[piece]))  # of a corner's square
-        for inward_along in (along - along[piece].min(), along[piece].max() - along):
-            for inward_across in (across - across[piece].min(), across[piece].max() - across):
-                corner = (inward_along >= 0) & (inward_along < side)
-                corner &= (inward_across >= 0) & (inward_across < side)
-                if corner.any() and piece[corner].mean() < 0.5:  # a corner off the image: untested
-                    return False
-        return True
-
-    angles = np.radians(np.arange(-10, 11))
-    return any(fills_box(angle) and corners_in(angle) for angle in angles)
+    """Whether `piece` (a mask) is a quadrilateral, as a sheet is however it is turned or seen
+    at an angle: it and the quadrilateral through its extreme points along the diagonals (a
+    sheet's corners, or where the image's edges cut it) differ by under SHEET_MISMATCH of its
+    area. A bold rounded glyph, light on dark with its holes filled, differs by far more: the
+    quadrilateral through an ellipse's diagonal extremes misses 36% of it."""
+    ys, xs = np.nonzero(piece)
+    diagonals = ((-1, -1), (-1, 1), (1, 1), (1, -1))  # corners clockwise from the top left
+    ends = [int(np.argmax(down * ys + right * xs)) for down, right in diagonals]
+    corners = [(xs[i], ys[i]) for i in ends]
+    rows, cols = np.indices(piece.shape)
+    inside = np.ones(piece.shape, bool)
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1]):
+        # On the inner side of each edge, with a pixel's slack for the edge's own pixels.
+        inside &= (x1 - x0) * (rows - y0) - (y1 - y0) * (cols - x0) >= -abs(x1 - x0) - abs(y1 - y0)
+    return bool((inside ^ piece).sum() < SHEET_MISMATCH * piece.sum())
 
 
 def _locate(

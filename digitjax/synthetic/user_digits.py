@@ -331,7 +331,8 @@ def border(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
 def on_desk(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     """A sheet of paper with a digit on it, photographed on a darker desk (wood, grey or
     black) that shows around it: the sheet spans 45-90% of the frame each way, turned a
-    little, with a soft shadow on the desk; a fifth of the time it runs off the frame."""
+    little, half the time seen at an angle (a side 5-25% shorter), with a soft shadow on the
+    desk; a fifth of the time it runs off the frame."""
     height, width = int(rng.integers(400, 1000)), int(rng.integers(400, 1000))
     sheet_h, sheet_w = (int(n * rng.uniform(0.45, 0.9)) for n in (height, width))
     size = int(min(sheet_h, sheet_w) * rng.uniform(0.35, 0.7))
@@ -344,6 +345,8 @@ def on_desk(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     pen = np.array([0.1, 0.12, 0.35]) if rng.random() < 0.5 else np.array([0.12, 0.1, 0.1])
     sheet_rgb = paper_rgb * (1 - mask[..., None]) + pen * mask[..., None]
     sheet = Image.fromarray((np.clip(sheet_rgb, 0, 1) * 255).astype(np.uint8)).convert("RGBA")
+    if rng.random() < 0.5:  # photographed at an angle: one side of the sheet farther away
+        sheet = keystone(sheet, rng.uniform(0.05, 0.25), int(rng.integers(4)))
     sheet = sheet.rotate(rng.uniform(-8, 8), Image.Resampling.BICUBIC, expand=True)
     desks = ([0.45, 0.3, 0.18], [0.35, 0.35, 0.37], [0.12, 0.12, 0.13], [0.55, 0.42, 0.3])
     desk_rgb = np.array(desks[int(rng.integers(4))]) * rng.uniform(0.7, 1.1)
@@ -365,6 +368,25 @@ def on_desk(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
     photo.paste(sheet, (x, y), sheet)
     _, light = paper(height, width, rng)
     return exposed(np.asarray(photo, np.float32) / 255, light, rng)
+
+
+def keystone(image: Image.Image, squeeze: float, side: int) -> Image.Image:
+    """`image` seen at an angle: its side `side` (0 top, 1 right, 2 bottom, 3 left) shorter
+    by `squeeze` of its length, shrunk toward its middle (a perspective transform)."""
+    width, height = image.size
+    corners = [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height)]  # clockwise
+    moved = list(corners)
+    (xa, ya), (xb, yb) = corners[side], corners[(side + 1) % 4]
+    dx, dy = (xb - xa) * squeeze / 2, (yb - ya) * squeeze / 2
+    moved[side], moved[(side + 1) % 4] = (xa + dx, ya + dy), (xb - dx, yb - dy)
+    # PIL maps each output pixel back to the input: from the moved corners to the original.
+    rows = []
+    for (x, y), (u, v) in zip(moved, corners):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+    coefficients = np.linalg.solve(np.array(rows), np.array(corners).ravel())
+    return image.transform(
+        image.size, Image.Transform.PERSPECTIVE, tuple(coefficients), Image.Resampling.BICUBIC
+    )
 
 
 def encode(image: Image.Image, suffix: str, rng: np.random.Generator) -> bytes:
