@@ -172,7 +172,7 @@ def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | N
     height, width = small.shape
     if min(height, width) < SHEET_MIN_SIDE:
         return None
-    ring = np.concatenate([small[0], small[-1], small[1:-1, 0], small[1:-1, -1]])
+    ring = _outer_ring(small)
     desk, light = float(np.median(ring)), float(np.percentile(small, 90))
     if light - desk < SHEET_CONTRAST or (ring > (desk + light) / 2).mean() > 0.6:
         return None
@@ -181,10 +181,7 @@ def _sheet(small: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice] | N
     sizes = np.bincount(pieces[bright], minlength=small.size + 1)
     on_sheet = pieces == sizes.argmax()
     outside = _components(~on_sheet)
-    edge_pieces = np.unique(
-        np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
-    )
-    on_sheet |= ~np.isin(outside, edge_pieces)
+    on_sheet |= ~np.isin(outside, _outer_ring(outside))
     rows, cols = np.flatnonzero(on_sheet.any(axis=1)), np.flatnonzero(on_sheet.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     if (
@@ -304,12 +301,17 @@ def _paper_level(gray: np.ndarray, low: float, median: float, high: float) -> fl
     out inverted. The image's outer ring is paper even then (strokes cross it here and
     there), so where its median puts the paper on the other side of the range, it is taken
     if PAPER_RING of the ring lies nearer to it than to the range's other end."""
-    ring = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    ring = _outer_ring(gray)
     edge = float(np.median(ring))
     if (median - low > high - median) == (edge - low > high - edge):
         return median
     nearer = np.abs(ring - edge) < np.abs(ring - (low + high - edge))
     return edge if nearer.mean() >= PAPER_RING else median
+
+
+def _outer_ring(image: np.ndarray) -> np.ndarray:
+    """The pixels along the image's four sides, each once."""
+    return np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
 
 
 def _without_edge_shading(ink: np.ndarray) -> np.ndarray:
