@@ -103,12 +103,15 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
 def to_mnist(gray: np.ndarray) -> np.ndarray | None:
     """A 28x28 float32 white-on-black digit in [0, 1], or None when no digit is found."""
     gray = _unzoomed(gray)
-    finer = _reduce(gray, FIND_SIZE)  # reduced once for both looks: large photos cost the most
-    sheet = _sheet(_reduce(finer), gray.shape)
+    # Reduced once for every look (large photos cost the most): FIND_SIZE for a small digit,
+    # WORK_SIZE for the sheet and the digit (_locate's own reduction leaves it as it is).
+    finer = _reduce(gray, FIND_SIZE)
+    sheet = _sheet(work := _reduce(finer), gray.shape)
     if sheet is not None:
         gray = gray[sheet]
         finer = _reduce(gray, FIND_SIZE)
-    found = _locate(finer)
+        work = _reduce(finer)
+    found = _locate(work)
     if max(gray.shape) > WORK_SIZE and (found is None or _spans(*found) < SMALL_DIGIT):
         around = _find_small(finer, max(gray.shape) / max(finer.shape))
         closer = _locate(gray[around], stands_out=True) if around is not None else None
