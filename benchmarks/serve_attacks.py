@@ -8,7 +8,15 @@ so that budgets per client address apply to it alone) runs one of these attacks:
   and wait;
 - images: requests of many all-zero PNGs of 1 x 49,999,000 pixels (97 kB each, slow to
   decode), several at once;
-- multipart: 7.9 MiB bodies of 150,000 tiny parts, several at once.
+- multipart: 7.9 MiB bodies of 150,000 tiny parts, several at once;
+- idle: 1,200 connections idle on a kept-alive connection after one request, each opened
+  again once the server closes it; idle_many: the same from 1,200 addresses (browsers left
+  open, say);
+- bodiless: the same with a request's head and never its body;
+- heads: four connections sending header lines of 1 MiB without end, opened again when
+  closed;
+- pipeline: four connections sending pipelined requests without reading the answers, opened
+  again when closed.
 
 Everything is bounded in time and runs on loopback only. The server runs the code on
 PYTHONPATH, so `PYTHONPATH=/path/to/main python benchmarks/serve_attacks.py` measures another
@@ -39,6 +47,7 @@ from serve_load import ServerProcess
 from digitjax.data import EMBEDDED_MNIST, read_idx_split
 
 NORMAL, ATTACKER = "127.0.0.1", "127.0.0.2"
+MiB = 1 << 20
 SLOWLORIS_HEAD = b"POST /api/predict HTTP/1.1\r\nHost: x\r\n"
 
 
@@ -106,9 +115,16 @@ async def normal_client(url: str, seconds: float, keep_alive: bool = True) -> di
     return {"requests": len(latencies), **percentiles(latencies), "errors": dict(errors)}
 
 
-async def open_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_connection(
+    url: str, source: str = ATTACKER
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    return await asyncio.open_connection(host, int(port), local_addr=(ATTACKER, 0))
+    return await asyncio.open_connection(host, int(port), local_addr=(source, 0))
+
+
+def loopback(n: int) -> str:
+    """The n-th of many loopback addresses (127.0.1.0 onwards): as many clients."""
+    return f"127.0.{1 + n // 256}.{n % 256}"
 
 
 async def slowloris(url: str, seconds: float, connections: int = 2500) -> dict[str, Any]:
@@ -141,6 +157,82 @@ async def slowloris(url: str, seconds: float, connections: int = 2500) -> dict[s
         "outcome": dict(outcome),
         "max_s_to_close": max(closed_after, default=None),
     }
+
+
+IDLE = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"  # answered, then the connection stays
+BODILESS = SLOWLORIS_HEAD + b"Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+
+
+async def held(
+    url: str, seconds: float, request: bytes, many: bool = False, connections: int = 1200
+) -> dict:
+    """`connections` connections that hold the server with a complete head: each sends
+    `request` and waits, and is opened again as soon as the server closes it, for `seconds`;
+    from one address, or (`many`) each from an address of its own, as many clients would.
+    How the server ended them: the status of its last answer on each."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    outcome: collections.Counter[str] = collections.Counter()
+
+    async def one(source: str) -> None:
+        while loop.time() < end:
+            last = b""
+            try:
+                reader, writer = await open_connection(url, source)
+                writer.write(request)
+                async with asyncio.timeout(end - loop.time()):
+                    while data := await reader.read(4096):
+                        last = data if data.startswith(b"HTTP/1.1 ") else last
+                writer.close()
+            except TimeoutError:
+                return
+            except OSError as e:
+                outcome[type(e).__name__] += 1
+                continue
+            outcome[last[9:12].decode() if last else "closed"] += 1
+
+    sources = [loopback(n) if many else ATTACKER for n in range(connections)]
+    await asyncio.gather(*(one(source) for source in sources))
+    return {"connections": connections, "outcome": dict(outcome)}
+
+
+async def endless(url: str, seconds: float, start: bytes, more: bytes) -> dict[str, Any]:
+    """Four connections that send `start`, then `more` over and over without reading, each
+    opened again as soon as the server closes it, for `seconds`: what the server answered
+    first on each connection, and the most bytes one connection got in."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    outcome: collections.Counter[str] = collections.Counter()
+    most = 0
+
+    async def one() -> None:
+        nonlocal most
+        while loop.time() < end:
+            reader, writer = await open_connection(url)
+            sent = 0
+            try:
+                writer.write(start)
+                async with asyncio.timeout(end - loop.time()):
+                    while True:
+                        writer.write(more)
+                        await writer.drain()  # waits while the server reads nothing
+                        sent += len(more)
+            except TimeoutError:
+                return
+            except OSError:
+                pass  # closed by the server: what did it answer?
+            most = max(most, sent)
+            try:
+                async with asyncio.timeout(1):
+                    reply = await reader.read(200)
+            except (TimeoutError, OSError) as e:
+                outcome[type(e).__name__] += 1
+                continue
+            writer.close()
+            outcome[reply[9:12].decode() if reply.startswith(b"HTTP/1.1 ") else "closed"] += 1
+
+    await asyncio.gather(*(one() for _ in range(4)))
+    return {"outcome": dict(outcome), "max_mib_sent": most / MiB}
 
 
 async def post_loop(
@@ -196,6 +288,25 @@ ATTACKS = {
     "multipart": (
         "150,000 tiny parts per request, 2 requests at once",
         lambda u, s: many_parts(u, s),
+    ),
+    "idle": ("1,200 connections idle after a request", lambda u, s: held(u, s, IDLE)),
+    "idle_many": (
+        "1,200 connections idle after a request, from as many addresses",
+        lambda u, s: held(u, s, IDLE, many=True),
+    ),
+    "bodiless": (
+        "1,200 connections waiting with their body unsent",
+        lambda u, s: held(u, s, BODILESS),
+    ),
+    "heads": (
+        "4 connections sending 1 MiB header lines without end",
+        lambda u, s: endless(
+            u, s, b"GET /api/info HTTP/1.1\r\nHost: x\r\n", b"X-A: " + b"a" * MiB + b"\r\n"
+        ),
+    ),
+    "pipeline": (
+        "4 connections sending pipelined requests, never reading the answers",
+        lambda u, s: endless(u, s, b"", b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n" * 4096),
     ),
 }
 
@@ -294,7 +405,7 @@ def main() -> None:
         for name in [None, *args.attacks.split(",")]:
             # Against slow-loris, the normal client opens a new connection for every request:
             # it must get in while the attacker's connections fill the server.
-            keep_alive = name != "slowloris"
+            keep_alive = name not in ("slowloris", "idle", "idle_many", "bodiless")
             seen = under_attack(name, server.url, args.seconds, keep_alive)
             row = {"attack": name or "none", **seen}
             if name == "multipart":

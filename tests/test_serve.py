@@ -1,6 +1,7 @@
 """`digitjax serve` as users meet it: a real server process on a free loopback port, real HTTP,
 the bundled model, MNIST test digits; and the page in a real headless Chromium."""
 
+import asyncio
 import base64
 import io
 import json
@@ -25,6 +26,8 @@ from typer.testing import CliRunner
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference.classifier import BUNDLED_MODEL, DEFAULT_MIN_CONFIDENCE, judge
+from digitjax.serving.app import PredictMetrics
+from digitjax.serving.server import ServerMetrics
 
 STARTUP_S = 180  # compiling every batch size on a busy 2-core machine
 
@@ -227,6 +230,7 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
         ("empty raw body", 400, "empty"),
         ("no file part", 400, "no image"),
         ("no boundary", 400, "no boundary"),
+        ("boundary too long", 400, "Boundary length 257 exceeds maximum of 256"),
         ("truncated multipart", 400, "ends before its closing boundary"),
         ("raw body too large", 413, "larger than 4 MiB"),
         ("file too large", 413, "larger than 4 MiB"),
@@ -249,6 +253,10 @@ def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, f
         response = httpx.post(
             url, content=b"--x--", headers={"Content-Type": "multipart/form-data"}
         )
+    elif kind == "boundary too long":
+        body = b"--" + b"B" * 257 + b"--\r\n"
+        content_type = "multipart/form-data; boundary=" + "B" * 257
+        response = httpx.post(url, content=body, headers={"Content-Type": content_type})
     elif kind == "truncated multipart":
         body = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         response = httpx.post(url, content=body + png, headers={"Content-Type": multipart})
@@ -342,6 +350,37 @@ def test_openapi_describes_answers_and_docs_work_offline(server):
         for asset in assets:
             assert httpx.get(f"{server.url}{asset}").status_code == 200, asset
     assert httpx.get(f"{server.url}/static/favicon.svg").status_code == 200
+
+
+def test_head_is_answered_as_get_without_a_body(server):
+    # A health check made with HEAD: FastAPI's GET routes alone answer it 405.
+    for path in ("/", "/livez", "/readyz", "/metrics", "/api/info", "/static/favicon.svg"):
+        response = httpx.head(f"{server.url}{path}")
+        assert response.status_code == 200 and response.content == b"", path
+        assert int(response.headers["content-length"]) > 0, path
+    assert httpx.head(f"{server.url}/api/predict").status_code == 405
+
+
+def test_a_defect_in_a_prediction_request_is_counted_as_500():
+    # Starlette's outermost middleware answers an exception 500, outside PredictMetrics: the
+    # middleware counts it itself, or a defect would be invisible in /metrics.
+    metrics = ServerMetrics()
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("a defect")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        raise AssertionError("nothing is sent")
+
+    scope = {"type": "http", "path": "/api/predict", "method": "POST"}
+    with pytest.raises(RuntimeError, match="a defect"):
+        asyncio.run(PredictMetrics(broken, metrics)(scope, receive, send))
+    count = metrics.registry.get_sample_value
+    assert count("digitjax_requests_total", {"status": "500"}) == 1
+    assert count("digitjax_request_seconds_count") == 1
 
 
 def test_metrics_count_requests_batches_and_rejections(server, files):

@@ -74,6 +74,34 @@ def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server):
     assert seen["attacker"]["p99_ms"] < 1000  # refused as soon as the 65th part begins
 
 
+@pytest.mark.parametrize("attack", ["idle", "idle_many", "bodiless"])
+def test_connections_held_with_a_whole_head_make_room_for_others(server, attack):
+    # 1,200 connections against a cap of 1,000, idle after a request (from one address, or
+    # each from its own), or with their body unsent (its deadline is 10 s): a normal client
+    # from another address, opening a new connection for every request, gets in all along.
+    # Idle connections make room first; else the oldest ones of the address that holds the
+    # most.
+    seen = under_attack(attack, server.url, seconds=6, keep_alive=False)
+    assert_unharmed(seen["normal"])
+    assert seen["attacker"]["outcome"].get("503", 0) > 0, seen["attacker"]
+
+
+@pytest.mark.parametrize("attack", ["heads", "pipeline"])
+def test_endless_heads_and_pipelines_cost_little(server, attack):
+    # Header lines without end are refused past 16 KiB; pipelined requests are read one at
+    # a time, as they are answered, and a connection that sends over 32 of them ahead is
+    # closed. uvicorn's httptools parser held 1.5 GB of headers, and ~100 MB per MiB of
+    # pipelined requests, for a single connection; answering a pipelined flood as fast as it
+    # came kept the normal client waiting 7 s.
+    status = Path(f"/proc/{server.process.pid}/status")
+    Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # peak memory := now
+    before = int(status.read_text().split("VmRSS:")[1].split()[0])
+    seen = under_attack(attack, server.url, seconds=4)
+    peak = int(status.read_text().split("VmHWM:")[1].split()[0])
+    assert (peak - before) / 1024 < 64, (peak - before, seen["attacker"])
+    assert_unharmed(seen["normal"])
+
+
 def wait_until(condition, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -69,6 +69,7 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(PredictMetrics, metrics=server.metrics)
+    app.add_middleware(HeadAsGet)
     return app
 
 
@@ -212,10 +213,37 @@ class PredictMetrics:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
 
+        answered = False
+
+        def count(status: int) -> None:
+            nonlocal answered
+            answered = True
+            self.metrics.requests.labels(str(status)).inc()
+            self.metrics.latency.observe(time.perf_counter() - started)
+
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"])).inc()
-                self.metrics.latency.observe(time.perf_counter() - started)
+                count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            # A defect: Starlette's outermost middleware answers it 500, outside this one.
+            if not answered:
+                count(500)
+            raise
+
+
+class HeadAsGet:
+    """HEAD answered as GET (uvicorn sends the head without the body), as Starlette's own
+    routes and the static files do; FastAPI's GET routes answer HEAD 405, which fails a
+    health check made with HEAD."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

@@ -1,68 +1,112 @@
-"""Connections that hold the server without asking anything (slow-loris): uvicorn keeps a
-connection open while its request head trickles in, for as long as the client likes, and
-accepts as many as the process may open. This protocol, uvicorn's own with two rules added,
-bounds both:
+"""Connections that hold the server without asking anything (slow-loris, idle floods, heads
+and pipelines without end): uvicorn keeps a connection open while its request head trickles
+in, for as long as the client likes, and accepts as many as the process may open. This
+protocol, uvicorn's h11 one with three rules added, bounds them:
 
 - a request's line and headers must arrive within `head_timeout_s` of the connection (or, on a
   kept-alive connection, of the request's first byte); then it is answered 408 and closed;
 - at most `max_connections` are open at once. A new one beyond them takes the place of the
-  connection that has waited longest for its head (answered 503 and closed), so a flood of
-  slow connections cannot lock out clients that send their requests at once; when none is
-  waiting, the new connection is answered 503 and closed instead.
+  connection that has waited longest for a request (its head, or the next request on a
+  kept-alive connection: answered 503 and closed), so a flood of slow or idle connections
+  cannot lock out clients that send their requests at once; but only one of a client address
+  holding as many connections as the new one's or more, so a flood cannot push out the one
+  connection of another client before its head arrives. When none is waiting (every
+  connection is in a request: sending its body, say, which has its own deadline), it takes
+  the place of the oldest connection of the address holding the most, if that holds more
+  than the new one's would: one address cannot keep the others out. Else the new connection
+  is answered 503 and closed. (Clients behind one proxy share its address.)
+- a connection that sends over MAX_PIPELINED requests in a row ahead of their answers is
+  closed after the answer it waits for.
 
-The body has its own deadline in the application (`Limits.timeout_s`).
+h11 rather than httptools (uvicorn's faster parser): h11 refuses a head or trailer over 16 KiB
+(httptools took 1.5 GB of headers on one connection, and held it), and parses a pipelined
+request only once the one before it is answered, reading nothing more meanwhile (httptools
+parsed all it was sent into a queue: 2 MiB of pipelined requests cost ~200 MB). The body has
+its own deadline and size limits in the application (`Limits`).
 """
 
 import asyncio
 import json
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-def _closing_response(status: str, detail: str) -> bytes:
+def _closing_response(status: str, detail: str, retry: bool = False) -> bytes:
     body = json.dumps({"detail": detail}).encode()
-    head = (
-        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+    lines = [f"HTTP/1.1 {status}", "content-type: application/json", "connection: close"]
+    lines += ["retry-after: 1"] if retry else []
+    lines += [f"content-length: {len(body)}", "", ""]  # the head ends with an empty line
+    return "\r\n".join(lines).encode() + body
 
 
-TOO_MANY = _closing_response("503 Service Unavailable", "The server has too many connections.")
+# Requests in a row a connection may send before the answer to the one before (pipelining,
+# which no browser does). More is a flood that costs its client nothing: four connections of
+# it kept the event loop at 100% CPU answering them, holding the GIL from the threads that
+# answer predictions (4-7 s for one, meanwhile). Such a connection is closed after an answer.
+MAX_PIPELINED = 32
+TOO_MANY = _closing_response(
+    "503 Service Unavailable", "The server has too many connections.", retry=True
+)
+NOT_HTTP = _closing_response(
+    "400 Bad Request", "The request is not valid HTTP/1.1, or its head is over 16 KiB."
+)
 
 
-def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a cap on open connections and a deadline per head."""
+def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a cap on open connections and a deadline per head."""
     too_slow = _closing_response(
         "408 Request Timeout", f"The request head took longer than {head_timeout_s:g} s to arrive."
     )
 
-    class GuardedProtocol(HttpToolsProtocol):
+    class GuardedProtocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self.address = _address(transport)
             if len(self.connections) >= max_connections:
-                if not waiting:
+                room = _room_for(self.address)
+                if room is None:
                     self.transport = transport  # connection_lost closes it
                     transport.write(TOO_MANY)
                     transport.close()
                     return
-                next(iter(waiting)).close_with(TOO_MANY)
+                room.close_with(TOO_MANY)
             super().connection_made(transport)
+            self.pipelined = 0
+            by_address.setdefault(self.address, {})[self] = None
             self.await_head()
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self not in waiting:  # the next request on a kept-alive connection
+        def data_received(self, data: bytes) -> None:
+            if self in waiting and waiting[self] is None:  # the next request on a kept-alive one
                 self.await_head()
+            request = self.cycle
+            super().data_received(data)
+            if self.cycle is not request:  # its head arrived
+                self.stop_waiting()
 
-        def on_headers_complete(self) -> None:
-            self.stop_waiting()
-            super().on_headers_complete()
+        def on_response_complete(self) -> None:
+            # Pipelined: the client sent the next request before this answer went out.
+            self.pipelined = self.pipelined + 1 if self.conn.trailing_data[0] else 0
+            if self.pipelined > MAX_PIPELINED:
+                self.transport.close()  # after this answer: the client must connect again
+            request = self.cycle
+            super().on_response_complete()  # starts a pipelined request, if one is complete
+            if not self.transport.is_closing() and self.cycle is request:
+                # Kept alive and idle: it may make room for a new connection. No deadline:
+                # uvicorn's keep-alive timeout closes it if nothing comes.
+                waiting[self] = None
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.stop_waiting()
+            if self in by_address.get(self.address, {}):
+                del by_address[self.address][self]
+                if not by_address[self.address]:
+                    del by_address[self.address]
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:
+            self.close_with(NOT_HTTP)  # as JSON, like every other refusal
+
         def await_head(self) -> None:
+            self.stop_waiting()
             waiting[self] = self.loop.call_later(head_timeout_s, self.close_with, too_slow)
 
         def stop_waiting(self) -> None:
@@ -72,11 +116,31 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[HttpTo
 
         def close_with(self, response: bytes) -> None:
             self.stop_waiting()
-            if not self.transport.is_closing():
-                self.transport.write(response)
-                self.transport.close()
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and self.cycle.response_started:
+                self.transport.abort()  # an answer half sent: the refusal cannot follow it
+                return
+            self.transport.write(response)
+            self.transport.close()
 
-    # The connections waiting for a request head, oldest first (a dict keeps insertion order),
-    # with their deadlines.
-    waiting: dict[GuardedProtocol, asyncio.TimerHandle] = {}
+    def _room_for(address: str) -> GuardedProtocol | None:
+        """The connection a new one from `address` takes the place of, if any (see above)."""
+        held = len(by_address.get(address, {}))
+        for connection in waiting:  # oldest first
+            if len(by_address[connection.address]) >= held:
+                return connection
+        heaviest = max(by_address.values(), key=len, default={})
+        return next(iter(heaviest)) if len(heaviest) > held + 1 else None
+
+    # The connections waiting for a request, oldest first (a dict keeps insertion order), with
+    # the deadlines of their heads (None: idle between requests on a kept-alive connection);
+    # and every connection by client address, oldest first.
+    waiting: dict[GuardedProtocol, asyncio.TimerHandle | None] = {}
+    by_address: dict[str, dict[GuardedProtocol, None]] = {}
     return GuardedProtocol
+
+
+def _address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)

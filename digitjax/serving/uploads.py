@@ -115,6 +115,10 @@ def _too_large(what: str, limit: int) -> Rejected:
     return Rejected(413, "too_large", f"{what} is larger than {limit // MiB} MiB.")
 
 
+def _malformed(error: FormParserError) -> Rejected:
+    return Rejected(400, "malformed", f"The multipart body is malformed ({error}).")
+
+
 def _check_declared_length(request: Request, limit: int, what: str) -> None:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -137,7 +141,10 @@ async def _read_multipart(request: Request, content_type: str, limits: Limits) -
         raise Rejected(400, "malformed", "The multipart Content-Type has no boundary.")
     _check_declared_length(request, limits.max_body, "The request body")
     form = _Form(limits)
-    parser = MultipartParser(boundary, form.callbacks())
+    try:  # the parser refuses a boundary over 256 bytes when it is made
+        parser = MultipartParser(boundary, form.callbacks())
+    except FormParserError as e:
+        raise _malformed(e) from None
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
@@ -146,7 +153,7 @@ async def _read_multipart(request: Request, content_type: str, limits: Limits) -
         try:
             parser.write(chunk)
         except FormParserError as e:
-            raise Rejected(400, "malformed", f"The multipart body is malformed ({e}).") from None
+            raise _malformed(e) from None
     if not form.ended:
         raise Rejected(400, "malformed", "The multipart body ends before its closing boundary.")
     return form.uploads
