@@ -140,6 +140,7 @@ def test_formats_and_modes(digits, tmp_path):
         save(digit, tmp_path / "gray.tiff"),
         save(digit, tmp_path / "gray.webp", lossless=True),
         save(digit.convert("1", dither=Image.Dither.NONE), tmp_path / "bilevel.png"),
+        save(digit, tmp_path / "gray.pgm"),
     ]
     assert Image.open(files[0]).mode.startswith("I")
     for path in files:
@@ -169,6 +170,15 @@ def test_unreadable_files_raise_image_error(tmp_path):
     (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:60])
     with pytest.raises(ImageError):
         load_grayscale(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize("suffix", [".eps", ".ico"])
+def test_formats_pil_would_hand_elsewhere_are_refused(tmp_path, suffix):
+    # EPS: PIL runs Ghostscript on the file's PostScript; ICO: PIL decodes the PNG inside
+    # before the size can be checked (a 13000x13000 one took 715 MB to refuse).
+    path = save(Image.new("RGB", (32, 32), "white"), tmp_path / f"icon{suffix}")
+    with pytest.raises(ImageError, match=r"^not an image in a known format \(PNG, JPEG"):
+        load_grayscale(path)
 
 
 @pytest.mark.parametrize(

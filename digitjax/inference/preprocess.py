@@ -55,6 +55,10 @@ VERSION = 7  # 2: faint ink (FAINT_CONTRAST); 3: specks dropped (_strokes); 4: s
 # 12-50, full-frame 61) and below PIL's own bomb limit (89.5), so PIL never warns about an
 # image that passes; README.md gives the memory and time one at the limit takes.
 MAX_PIXELS = 80_000_000
+# The formats photos, scans and drawings are saved in, which PIL decodes itself once their
+# header is read. Not the others it opens: EPS runs Ghostscript on the file (PostScript from
+# anyone who uploads one), and ICO decodes the PNG inside it before its size can be checked.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM")
 
 
 class ImageError(Exception):
@@ -68,7 +72,7 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
         # PIL's warnings (a bomb above its own limit, corrupt EXIF...) would only add noise to
         # the one-line verdict each file gets; above twice its limit PIL raises instead.
         with warnings.catch_warnings(action="ignore"):
-            with Image.open(path) as image:  # reads the header only
+            with Image.open(path, formats=FORMATS) as image:  # reads the header only
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageError(
@@ -82,7 +86,7 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
             f"limit {max_pixels:,}"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (cannot identify the format)") from None
+        raise ImageError(f"not an image in a known format ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"unreadable image: {e}") from None
     if image.mode == "P":
