@@ -32,13 +32,14 @@ from digitjax.flags import (
     PresetFlag,
     ProcessIdFlag,
     ProfileFlag,
+    ReplaceOutputsFlag,
     ResumeFlag,
     SeedsFlag,
     TargetFlag,
     positive_ints,
     setting,
 )
-from digitjax.outputs import check_writable, write_file, writing
+from digitjax.outputs import check_output, check_replaceable, check_writable, write_file, writing
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
 CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -229,6 +230,7 @@ def evaluate(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG: confusion matrix and misclassified digits.")
     ] = None,
+    overwrite: ReplaceOutputsFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix."""
@@ -236,7 +238,7 @@ def evaluate(
     from digitjax.inference.predict import default_checkpoint
     from digitjax.seeds import evaluate_run
 
-    check_writable("--plot", plot)
+    check_output("--plot", plot, overwrite)
     enable_compilation_cache()
     if checkpoint_path is None:
         checkpoint_path = default_checkpoint(ensemble=True)
@@ -272,6 +274,7 @@ def predict(
     ] = None,
     model: ExportedModelFlag = None,
     min_confidence: MinConfidenceFlag = None,
+    overwrite: ReplaceOutputsFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Recognize digits in your own images: photos, scans, drawings; any size or colours."""
@@ -281,19 +284,23 @@ def predict(
         collect_images,
         load_classifier,
         predict_files,
+        preprocessed_names,
         save_seen,
         write_csv,
     )
 
     files, missing = collect_images(paths)
-    check_writable("--csv", csv)
+    check_output("--csv", csv, overwrite, files)
     check_writable("--save-preprocessed", save_preprocessed, folder=True)
-    check_writable("--plot", plot)
+    if save_preprocessed is not None:
+        for name in preprocessed_names(save_preprocessed, files).values():
+            check_replaceable("--save-preprocessed", name, overwrite, files)
+    check_output("--plot", plot, overwrite, files)
     quick_start = len(files) <= NUMPY_UP_TO
     classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=quick_start)
     if min_confidence is None:
         min_confidence = default_min_confidence(classifier.info)
-    predictions, seen = predict_files(classifier, files, min_confidence)
+    predictions, seen = predict_files(classifier, files, min_confidence, previews=plot is not None)
     predictions += missing
     if as_json:
         render.print_json([p.to_dict() for p in predictions])
@@ -307,9 +314,8 @@ def predict(
         write_output("--csv", csv, "CSV", write_csv, csv, predictions)
     if save_preprocessed is not None:
         what = f"{len(seen)} preprocessed 28x28 images"
-        write_output(
-            "--save-preprocessed", save_preprocessed, what, save_seen, save_preprocessed, seen
-        )
+        write_output("--save-preprocessed", save_preprocessed, what, save_seen,
+                     save_preprocessed, files, seen)  # fmt: skip
     if plot is not None:
         from digitjax.plots import plot_predictions
 
@@ -333,6 +339,7 @@ def benchmark(
         Path | None, typer.Option("--out", help="Write the JSON results to this file.")
     ] = None,
     profile: ProfileFlag = None,
+    overwrite: ReplaceOutputsFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Training/inference throughput, compile time, FLOP/s vs. matmul peak, time to accuracy."""
@@ -340,7 +347,7 @@ def benchmark(
 
     sizes = cast(tuple[int, ...], batch_sizes)  # the callback turned the text into integers
     plan = BenchmarkPlan(sizes, steps, repeats, target, baseline, devices, profile)
-    check_writable("--out", out_file)
+    check_output("--out", out_file, overwrite)
     with render.err.status("benchmarking") as status:
         results = run_benchmark(plan, report=lambda what: status.update(f"measuring {what}"))
     if as_json:

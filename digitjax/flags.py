@@ -60,6 +60,11 @@ ResumeFlag = Annotated[
 OverwriteFlag = Annotated[
     bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=RUN)
 ]
+# Of the commands that write files the user names (predict, evaluate, benchmark).
+ReplaceOutputsFlag = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace output files that exist."),
+]
 DistributedFlag = Annotated[
     bool,
     typer.Option(

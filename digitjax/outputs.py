@@ -4,7 +4,7 @@ costs nothing, and written whole or not at all after it."""
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +34,35 @@ def check_writable(flag: str, path: Path | None, folder: bool = False) -> None:
         raise UserError(
             f"{flag} {path}: cannot create files in {existing} ({e.strerror})"
         ) from None
+
+
+def check_output(
+    flag: str, path: Path | None, overwrite: bool, inputs: Sequence[Path] = ()
+) -> None:
+    """`check_writable`, and `check_replaceable`: for a file flag checked before the work."""
+    check_writable(flag, path)
+    if path is not None:
+        check_replaceable(flag, path, overwrite, inputs)
+
+
+def check_replaceable(flag: str, path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """Raises UserError where writing `path` would replace a file the user did not ask to
+    replace: an existing one without `overwrite`, one of the `inputs` ever. Streams and devices
+    (/dev/stdout, /dev/null) are written to, not replaced: always allowed."""
+    if not path.is_file():
+        return
+    if any(_same_file(path, source) for source in inputs):
+        raise UserError(f"{flag} {path}: is one of the input images")
+    if not overwrite:
+        raise UserError(f"{flag} {path}: exists: pass --overwrite to replace it")
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether two paths name one file, through links, `..` and hard links alike."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # `other` is gone or unreadable: only its name can tell
+        return path.resolve() == other.resolve()
 
 
 @contextmanager

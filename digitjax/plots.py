@@ -1,6 +1,7 @@
 """PNG figures: training curves and the evaluation report (matplotlib, imported only here)."""
 
 import io
+import os
 from pathlib import Path
 
 import matplotlib
@@ -173,9 +174,8 @@ def plot_reliability(ax: Axes, metrics: Metrics) -> None:
 
 
 def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int = 24) -> None:
-    """Each input beside the 28x28 digit the model saw, titled with the prediction."""
-    from digitjax.inference.preprocess import load_grayscale
-
+    """Each input (the preview `predict_files` kept of it: a stream cannot be read again)
+    beside the 28x28 digit the model saw, titled with the prediction."""
     shown = [p for p in predictions if Path(p.name) in seen][:max_images]
     columns = 4
     rows = max(1, -(-len(shown) // columns))
@@ -189,9 +189,12 @@ def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int 
             axes[i // columns, 2 * (i % columns)],
             axes[i // columns, 2 * (i % columns) + 1],
         )
-        original_ax.imshow(load_grayscale(Path(prediction.name)), cmap="gray", vmin=0, vmax=1)
-        original_ax.set_title(Path(prediction.name).name[:18], fontsize=6)
-        digit_ax.imshow(seen[Path(prediction.name)], cmap="gray", vmin=0, vmax=1)
+        image = seen[Path(prediction.name)]
+        original_ax.imshow(image.preview, cmap="gray", vmin=0, vmax=255)
+        # Plain text: a `$` in a file name is no maths markup; bytes that are not UTF-8 show as �.
+        name = os.fsencode(Path(prediction.name).name).decode(errors="replace")
+        original_ax.set_title(name[:18], fontsize=6, parse_math=False)
+        digit_ax.imshow(image.digit, cmap="gray", vmin=0, vmax=1)
         answer = {"digit": "", "not_sure": "?", "not_a_digit": " not a digit"}[prediction.verdict]
         answer = answer if prediction.digit is None else f"{prediction.digit}{answer}"
         digit_ax.set_title(f"{answer.strip()} ({100 * prediction.confidence:.0f}%)", fontsize=8)

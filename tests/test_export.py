@@ -224,7 +224,7 @@ def test_export_defaults_to_the_bundled_model_and_never_overwrites(
     exported = (tmp_path / "model.onnx").read_bytes()
     result = runner.invoke(app, ["export", "--out", "model.onnx", "--format", "onnx"])
     assert result.exit_code == 1
-    assert_one_line_error(result.stderr, "model.onnx exists", "--overwrite")
+    assert_one_line_error(result.stderr, "--out model.onnx: exists", "--overwrite")
     assert (tmp_path / "model.onnx").read_bytes() == exported
     (tmp_path / "model.onnx").write_bytes(b"an older file")
     result = runner.invoke(app, ["export", "--out", "model.onnx", "--overwrite"])
@@ -378,6 +378,26 @@ def test_a_zip_bomb_is_refused_from_its_directory(user_image_files, tmp_path: Pa
         result.stderr, "bomb.stablehlo", "model.jax_exported unpacks to 268,435,456 bytes from"
     )
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_model_that_is_a_device_is_read_no_further_than_the_limit(
+    user_image_files, tmp_path: Path, device: str
+):
+    """A device has no size to check, and no end: read past the limit, it would take all the
+    memory. Here the limit is 1 MiB, the memory 2 GiB: reading on fails in seconds."""
+    (tmp_path / "z.onnx").symlink_to(device)
+    bounded = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31)); "
+        "from digitjax.inference import export; export.MAX_FILE_BYTES = 2**20; "
+        "from digitjax.launch import main; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", bounded, "predict", str(user_image_files[0]), "--model", "z.onnx"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "z.onnx is too large for a digitjax export")
 
 
 def test_the_format_is_told_by_the_content_not_the_name(exports, user_image_files, tmp_path: Path):

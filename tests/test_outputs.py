@@ -3,6 +3,7 @@ before any work, in one line; a write that fails after the work loses none of th
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
     (workdir / "out" / "grid.png").write_bytes(b"an earlier plot")
     result = subprocess.run(
         [sys.executable, "-c", small_files_only, "predict", "seven.png", "--csv", "/dev/stdout",
-         "--plot", "out/grid.png", "--save-preprocessed", "out/seen"],
+         "--plot", "out/grid.png", "--overwrite", "--save-preprocessed", "out/seen"],
         cwd=workdir, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 1
@@ -111,3 +112,74 @@ def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "seven.png", "--csv"],
+        ["predict", "seven.png", "--plot"],
+        ["evaluate", "--plot"],
+        ["benchmark", "--steps", "1", "--repeats", "1", "--out"],
+    ],
+)
+def test_an_existing_output_file_is_replaced_only_with_overwrite(workdir, monkeypatch, command):
+    monkeypatch.chdir(workdir)
+    # Fails at once with a checkpoint that is not there, instead of benchmarking.
+    monkeypatch.setattr("digitjax.benchmark.run_benchmark", lambda plan, report: {"timed": 1})
+    missing = ["--checkpoint", "nothing"] if command[0] == "predict" else []
+    missing += ["nothing"] if command[0] == "evaluate" else []
+    result = runner.invoke(app, [*command, "afile", *missing])
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(
+        result.stderr, f"{command[-1]} afile: exists: pass --overwrite to replace it"
+    )
+    assert result.stdout == "" and (workdir / "afile").read_text() == "mine\n"
+    result = runner.invoke(app, [*command, "afile", *missing, "--overwrite", "--json"])
+    assert "exists" not in result.stderr
+    if command[0] == "benchmark":
+        assert result.exit_code == 0, result.output
+        assert json.loads((workdir / "afile").read_text()) == {"timed": 1}
+
+
+def test_predict_replaces_its_outputs_only_with_overwrite_and_writes_to_streams(
+    workdir, monkeypatch
+):
+    monkeypatch.chdir(workdir)
+    (workdir / "seen").mkdir()
+    (workdir / "seen" / "seven.png").write_text("an earlier image")
+    outputs = ["--csv", "afile", "--save-preprocessed", "seen", "--plot", "/dev/null"]
+    result = runner.invoke(app, ["predict", "seven.png", *outputs[2:]])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "--save-preprocessed seen/seven.png: exists: pass")
+    assert (workdir / "seen" / "seven.png").read_text() == "an earlier image"
+    result = runner.invoke(app, ["predict", "seven.png", *outputs, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert next(csv.DictReader((workdir / "afile").open()))["digit"] == "7"
+    assert Image.open(workdir / "seen" / "seven.png").size == (28, 28)
+    assert "plot written to /dev/null" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "output", "shown"),
+    [
+        ("--csv", "seven.png", "seven.png"),
+        ("--plot", "./adir/../seven.png", "adir/../seven.png"),  # another spelling
+        ("--plot", "linked.png", "linked.png"),  # a symbolic link to it
+        ("--csv", "hard.png", "hard.png"),  # a hard link: the same file by another name
+        ("--save-preprocessed", ".", "hard.png"),  # 28x28 images written over the inputs
+    ],
+)
+def test_an_input_image_is_never_an_output_even_with_overwrite(
+    workdir, monkeypatch, flag, output, shown
+):
+    monkeypatch.chdir(workdir)
+    (workdir / "linked.png").symlink_to("seven.png")
+    os.link(workdir / "seven.png", workdir / "hard.png")
+    image = (workdir / "seven.png").read_bytes()
+    for folder in (["."], [str(workdir)]):  # found in a folder or given by name
+        for overwrite in ([], ["--overwrite"]):
+            result = runner.invoke(app, ["predict", *folder, flag, output, *overwrite])
+            assert result.exit_code == 1, result.output
+            assert_one_line_error(result.stderr, f"{flag} {shown}: is one of the input images")
+            assert (workdir / "seven.png").read_bytes() == image

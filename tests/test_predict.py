@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference import predict as predict_module
 from digitjax.inference.classifier import BUNDLED_MODEL
-from digitjax.inference.preprocess import preprocess_file
+from digitjax.inference.preprocess import load_grayscale
 
 runner = CliRunner()
 
@@ -141,12 +142,12 @@ def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predi
     def fails_on_odd(file, max_pixels):
         if "odd" in str(file):
             raise IndexError("index -1 is out of bounds for axis 0 with size 0")
-        return preprocess_file(file, max_pixels)
+        return load_grayscale(file, max_pixels)
 
     images, _ = read_idx_split(MNIST_DIR, "test")
     for name in ("seven.png", "odd.png"):
         Image.fromarray(images[0]).resize((140, 140)).save(no_runs / name)
-    monkeypatch.setattr(parallel, "preprocess_file", fails_on_odd)
+    monkeypatch.setattr(parallel, "load_grayscale", fails_on_odd)
     result = runner.invoke(app, ["predict", "seven.png", "odd.png", "--json"])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     results = {r["name"]: r for r in json.loads(result.stdout)}
@@ -182,7 +183,7 @@ def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(
     assert [results[name]["digit"] for name in ("seven.png", "two.png")] == list(labels[:2])
     assert results["huge.png"]["error"].startswith("image too large: over 178,956,970 pixels")
     assert results["bomb.png"]["error"] == "image too large: 10000x10000 pixels, limit 80,000,000"
-    assert results["garbage.jpg"]["error"] == "not an image (cannot identify the format)"
+    assert results["garbage.jpg"]["error"].startswith("not an image in a known format (PNG,")
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 == len(result.stderr.splitlines())
@@ -263,3 +264,51 @@ def test_many_images_run_on_jax_a_few_on_numpy(no_runs, monkeypatch):
         code, results, _ = predict_json(*[str(no_runs / f"{i}.png") for i in range(count)])
         assert code == 0 and [r["digit"] for r in results] == list(labels[:count])
         assert bool(used_numpy) == numpy
+
+
+def test_a_folder_search_finds_regular_files_only(no_runs):
+    """A named pipe would block the run on reading it; a folder named like an image is none."""
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    (no_runs / "scans" / "x.png").mkdir(parents=True)
+    Image.fromarray(images[0]).save(no_runs / "scans" / "seven.png")
+    os.mkfifo(no_runs / "scans" / "pipe.png")
+    for search in ("scans", "scans/*.png", "scans/**"):
+        result = subprocess.run(["digitjax", "predict", search, "--json"], cwd=no_runs,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert [(r["name"], r["digit"]) for r in json.loads(result.stdout)] == [
+            ("scans/seven.png", labels[0])
+        ]
+
+
+def write_seven(path: Path) -> Path:
+    images, _ = read_idx_split(MNIST_DIR, "test")
+    Image.fromarray(images[0]).resize((140, 140)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "$\\frac$.png",  # maths markup to matplotlib
+        os.fsdecode(b"bad\xff.png"),  # not UTF-8
+        "/dev/stdin",  # a stream: it can be read only once
+    ],
+)
+def test_plot_of_any_input(no_runs, name):
+    image = write_seven(no_runs / "seven.png").read_bytes()
+    if name != "/dev/stdin":
+        (no_runs / "seven.png").rename(no_runs / name)
+    result = subprocess.run(["digitjax", "predict", name, "--plot", "grid.png"], cwd=no_runs,
+                            input=image, capture_output=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode() == "plot written to grid.png\n"
+    assert Image.open(no_runs / "grid.png").size[0] > 500
+
+
+def test_csv_names_a_file_whose_name_is_not_utf8(no_runs):
+    name = os.fsdecode(b"bad\xff.png")
+    write_seven(no_runs / name)
+    result = run_digitjax("predict", name, "--csv", "out.csv", "--json", cwd=no_runs)
+    assert result.returncode == 0, result.stderr
+    assert (no_runs / "out.csv").read_bytes().splitlines()[1].startswith(b"bad\xff.png,7,")

@@ -34,7 +34,7 @@ from digitjax.inference.classifier import (
     packed,
     step_record,
 )
-from digitjax.outputs import check_writable, write_file, writing
+from digitjax.outputs import check_output, write_file, writing
 
 FORMATS = ("stablehlo", "onnx")
 SUFFIXES = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
@@ -62,9 +62,7 @@ def export_model(checkpoint: Path, fmt: str | None, out: Path, overwrite: bool =
     fmt = export_format(fmt, out)
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise UserError("exporting ONNX needs the onnx package: pip install 'digitjax[onnx]'")
-    check_writable("--out", out)  # before the slow part: a wrong path costs nothing
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists: pass --overwrite to replace it")
+    check_output("--out", out, overwrite)  # before the slow part: a wrong path costs nothing
     from digitjax.checkpoint import restore_model
 
     model = restore_model(checkpoint)
@@ -315,12 +313,19 @@ def _are_probabilities(rows: np.ndarray) -> bool:
 
 
 def _read_limited(path: Path) -> bytes:
+    """The file's bytes, refused past MAX_FILE_BYTES: told by its size where it has one, by
+    reading one byte more where it has none (a device such as /dev/zero, a pipe)."""
+    too_large = UserError(f"{path} is too large for a digitjax export")
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise UserError(f"{path} is too large for a digitjax export")
-        return path.read_bytes()
+            raise too_large
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise too_large
+    return data
 
 
 def _not_an_export(path: Path, fmt: str, reason: str) -> UserError:

@@ -10,29 +10,49 @@ import io
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from PIL import Image
 
-from digitjax.inference.preprocess import MAX_PIXELS, ImageError, preprocess_file
+from digitjax.inference.preprocess import MAX_PIXELS, ImageError, load_grayscale, to_mnist
 
 # The 28x28 digit, or None and why there is none.
 Outcome = tuple[np.ndarray | None, str | None]
+T = TypeVar("T")
 # Below this many images, starting workers (~0.4 s) costs more than the second core saves.
 POOL_MIN_IMAGES = 256
 
 
 def preprocess_one(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> Outcome:
     """One image file or in-memory encoded image, as the model sees it."""
+    return preprocess_previewed(source, max_pixels)[0]
+
+
+def preprocess_previewed(
+    source: Path | bytes, max_pixels: int = MAX_PIXELS, preview_side: int = 0
+) -> tuple[Outcome, np.ndarray | None]:
+    """`preprocess_one`, and where a digit was found and `preview_side` is given, the image
+    reduced to at most `preview_side` pixels across in one byte per pixel (what a plot shows
+    of it): taken from the one read, since a stream (/dev/stdin) cannot be read again."""
     file = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        digit = preprocess_file(file, max_pixels)
+        gray = load_grayscale(file, max_pixels)
+        digit = to_mnist(gray)
     except ImageError as e:
-        return None, str(e)
+        return (None, str(e)), None
     except Exception as e:  # a decoder's or our own defect on an odd file: its error, not the run's
-        return None, f"unreadable image: {type(e).__name__}: {e}"[:300]
-    return (digit, None) if digit is not None else (None, "no digit found")
+        return (None, f"unreadable image: {type(e).__name__}: {e}"[:300]), None
+    if digit is None:
+        return (None, "no digit found"), None
+    if not preview_side:
+        return (digit, None), None
+    preview = Image.fromarray((gray * 255).round().astype(np.uint8))
+    preview.thumbnail((preview_side, preview_side))
+    return (digit, None), np.asarray(preview)
 
 
 def available_cores() -> int:
@@ -58,16 +78,21 @@ def _worker_init(niceness: int) -> None:
         os.nice(niceness)
 
 
-def preprocess_many(sources: list[Path], workers: int | None = None) -> list[Outcome]:
-    """`preprocess_one` of every source, in order, on `workers` processes (default: every
-    core) when there are enough images to pay for starting them. The workers are spawned, so a
-    script calling this needs the usual `if __name__ == "__main__":` guard."""
+def preprocess_many(
+    sources: list[Path],
+    workers: int | None = None,
+    preprocess: Callable[[Path], T] = preprocess_one,
+) -> list[T]:
+    """`preprocess` (a module's function, or a partial of one: the workers unpickle it) of
+    every source, in order, on `workers` processes (default: every core) when there are enough
+    images to pay for starting them. The workers are spawned, so a script calling this needs
+    the usual `if __name__ == "__main__":` guard."""
     workers = workers or available_cores()
     if workers < 2 or len(sources) < POOL_MIN_IMAGES:
-        return [preprocess_one(source) for source in sources]
+        return [preprocess(source) for source in sources]
     pool = start_pool(workers)
     try:
         chunk = max(1, len(sources) // (8 * workers))
-        return list(pool.map(preprocess_one, sources, chunksize=chunk))
+        return list(pool.map(preprocess, sources, chunksize=chunk))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

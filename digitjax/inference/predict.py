@@ -1,8 +1,10 @@
 """Recognizing the user's own images: choose the model, find the files, preprocess them like
 MNIST, and run one compiled forward pass over all of them."""
 
+import functools
 import glob
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,15 +17,27 @@ from digitjax.inference.classifier import (
     check_digit_model,
     failed,
 )
-from digitjax.inference.parallel import preprocess_many
+from digitjax.inference.parallel import preprocess_many, preprocess_previewed
 from digitjax.inference.preprocess import png_bytes
 from digitjax.outputs import write_file
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# What a folder search takes: the names of preprocess.FORMATS' files.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif"}
+IMAGE_SUFFIXES |= {".ppm", ".pgm", ".pbm", ".pnm"}
 # Up to this many images, `predict` runs its model on numpy: JAX's, Flax's and Orbax's imports
 # and the restore (~1.5 s) cost more than numpy's slower forward pass (~1 ms more per image of
 # the bundled model than JAX's; benchmarks/README.md, "Cold predict").
 NUMPY_UP_TO = 1000
+# `predict --plot` shows each input in a cell ~150 px across: a preview of this size keeps
+# it legible at a few times the memory of the 28x28 digit.
+PREVIEW_SIDE = 96
+
+
+class Seen(NamedTuple):
+    """What the model saw of an input, and for a plot (else None) a small copy of the input."""
+
+    digit: np.ndarray
+    preview: np.ndarray | None
 
 
 def default_checkpoint(ensemble: bool = False) -> Path:
@@ -74,12 +88,16 @@ def quick_classifier(path: Path) -> Classifier | None:
 
 
 def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:
-    """Expands files, folders (recursively) and globs; returns the images and per-path errors."""
+    """Expands files, folders (recursively) and globs; returns the images and per-path errors.
+    A path named by the user is read as given (/dev/stdin too); a search finds regular files
+    only: a named pipe would block the run, a folder named like an image is no image."""
     files, errors = [], []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
             if not found:
                 errors.append(failed(pattern, "folder holds no images"))
             files.extend(found)
@@ -95,17 +113,24 @@ def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:
 
 
 def predict_files(
-    classifier: Classifier, files: list[Path], min_confidence: float | None
-) -> tuple[list[Prediction], dict[Path, np.ndarray]]:
-    """Predictions in input order, judged at `min_confidence`, and the 28x28 image the model
-    saw for each file in which preprocessing found a digit."""
-    outcomes = dict(zip(files, preprocess_many(files)))
-    seen = {path: image for path, (image, _) in outcomes.items() if image is not None}
-    outputs = dict(zip(seen, classifier.outputs(np.stack(list(seen.values()))) if seen else []))
+    classifier: Classifier, files: list[Path], min_confidence: float | None, previews: bool = False
+) -> tuple[list[Prediction], dict[Path, Seen]]:
+    """Predictions in input order, judged at `min_confidence`, and what the model saw of each
+    file in which preprocessing found a digit (with `previews`, and a small copy of the file)."""
+    preview_side = PREVIEW_SIDE if previews else 0
+    preprocess = functools.partial(preprocess_previewed, preview_side=preview_side)
+    outcomes = dict(zip(files, preprocess_many(files, preprocess=preprocess)))
+    seen = {
+        path: Seen(digit, preview)
+        for path, ((digit, _), preview) in outcomes.items()
+        if digit is not None
+    }
+    digits = [s.digit for s in seen.values()]
+    outputs = dict(zip(seen, classifier.outputs(np.stack(digits)) if digits else []))
     return [
         answer(str(path), outputs[path], min_confidence)
         if path in seen
-        else failed(str(path), outcomes[path][1] or "no digit found")
+        else failed(str(path), outcomes[path][0][1] or "no digit found")
         for path in files
     ], seen
 
@@ -124,16 +149,27 @@ def write_csv(path: Path, predictions: list[Prediction]) -> None:
         writer.writerow(
             ["" if v is None else str(v).lower() if v in (True, False) else v for v in row.values()]
         )
-    write_file(path, text.getvalue().encode())
+    # A file name that is not UTF-8 is written as its bytes: the CSV names the file there is.
+    write_file(path, text.getvalue().encode("utf-8", "surrogateescape"))
 
 
-def save_seen(folder: Path, seen: dict[Path, np.ndarray]) -> None:
-    """The 28x28 image the model saw for each input, as `<input name>.png`."""
-    folder.mkdir(parents=True, exist_ok=True)
+def preprocessed_names(folder: Path, files: list[Path]) -> dict[Path, Path]:
+    """Where `save_seen` writes each input's 28x28 image: `<input name>.png`. Named over every
+    input, read or not, so that the names are known (and checked) before the work."""
+    names: dict[Path, Path] = {}
     used: set[str] = set()
-    for path, image in seen.items():
+    for path in files:
         name = path.stem
         while name in used:  # same file name in different folders
             name += "_"
         used.add(name)
-        write_file(folder / f"{name}.png", png_bytes(image))
+        names[path] = folder / f"{name}.png"
+    return names
+
+
+def save_seen(folder: Path, files: list[Path], seen: dict[Path, Seen]) -> None:
+    """The 28x28 image the model saw for each of the `files` it saw, into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = preprocessed_names(folder, files)
+    for path, image in seen.items():
+        write_file(names[path], png_bytes(image.digit))
