@@ -4,7 +4,9 @@ exit status 130 or 143, not a KeyboardInterrupt traceback: nothing has been done
 be left half-done. Once a command runs, `digitjax.interrupts` takes over."""
 
 import faulthandler
+import os
 import signal
+import sys
 from typing import Any
 
 from digitjax import interrupts
@@ -17,6 +19,10 @@ def _stop_while_starting(signum: int, frame: Any) -> None:
 def main() -> None:
     for signum in interrupts.STOP_SIGNALS:
         signal.signal(signum, _stop_while_starting)
+    # Started with its output closed (`digitjax predict x.png >&-`), Python has no sys.stdout:
+    # what would be shown goes nowhere, as Python's own print() does then.
+    sys.stdout = sys.stdout or open(os.devnull, "w")
+    sys.stderr = sys.stderr or open(os.devnull, "w")
     # A crash in native code (XLA, an extension module) prints where each thread was, rather
     # than ending the command without a word.
     faulthandler.enable()

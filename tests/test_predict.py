@@ -213,6 +213,14 @@ def test_empty_folder(no_runs):
     assert_one_line_error(result.stderr, "folder holds no images")
 
 
+def test_an_empty_name_is_no_file_not_the_current_folder(no_runs):
+    Image.new("L", (28, 28)).save(no_runs / "here.png")  # what Path("") would have found
+    result = runner.invoke(app, ["predict", "", "--json"])
+    assert result.exit_code == 1
+    assert [r["name"] for r in json.loads(result.stdout)] == ['""']
+    assert_one_line_error(result.stderr, '"": no such file (an empty name)')
+
+
 def test_checkpoint_that_is_not_digitjax(no_runs):
     (no_runs / "ckpt" / "best" / "1" / "state").mkdir(parents=True)
     image = no_runs / "x.png"
@@ -230,6 +238,20 @@ def test_installed_command_predicts_one_image(no_runs):
     result = run_digitjax("predict", str(photo), "--json", cwd=no_runs)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[0]["digit"] == labels[1] == 2
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_closed_output_is_no_failure(no_runs, closed):
+    # Python starts without sys.stdout (or sys.stderr) when its descriptor is closed.
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(no_runs / "seven.png")
+    close = "1>&-" if closed == "stdout" else "2>&-"
+    result = subprocess.run(
+        f"digitjax predict seven.png --json {close}",
+        shell=True, cwd=no_runs, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    if closed == "stderr":
+        assert json.loads(result.stdout)[0]["digit"] == 7
 
 
 def test_a_model_of_another_dataset_is_refused(no_runs):

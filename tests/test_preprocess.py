@@ -172,6 +172,18 @@ def test_unreadable_files_raise_image_error(tmp_path):
         load_grayscale(tmp_path / "cut.png")
 
 
+def test_float_images_with_nan_and_infinities(tmp_path, recwarn):
+    bar = np.zeros((100, 100), np.float32)
+    bar[20:80, 45:55] = np.inf  # an infinity is the brightest level
+    bar[0, 0] = np.nan
+    Image.fromarray(bar, mode="F").save(tmp_path / "bar.tif")
+    gray = load_grayscale(tmp_path / "bar.tif")
+    assert gray[50, 50] == 1 and gray[0, 0] == gray[5, 5] == 0
+    Image.fromarray(np.full((9, 9), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    assert not load_grayscale(tmp_path / "nan.tif").any()
+    assert not recwarn.list  # numpy's "invalid value" warnings went to stderr
+
+
 @pytest.mark.parametrize("suffix", [".eps", ".ico"])
 def test_formats_pil_would_hand_elsewhere_are_refused(tmp_path, suffix):
     # EPS: PIL runs Ghostscript on the file's PostScript; ICO: PIL decodes the PNG inside

@@ -94,7 +94,9 @@ def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:
     files, errors = [], []
     for pattern in patterns:
         path = Path(pattern)
-        if path.is_dir():
+        if not pattern:  # Path("") is the current folder, which nobody meant
+            errors.append(failed('""', "no such file (an empty name)"))
+        elif path.is_dir():
             found = sorted(
                 p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             )

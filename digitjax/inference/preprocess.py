@@ -99,6 +99,13 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
             return alpha
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, np.float32)
+        finite = values[np.isfinite(values)]  # a float TIFF may hold NaN and infinities
+        if not finite.size:
+            return np.zeros_like(values)
+        low, high = float(finite.min()), float(finite.max())
+        # NaN as the lowest level, an infinity one past the finite levels on its side.
+        beyond = max(high - low, 1)
+        values = np.nan_to_num(values, nan=low, posinf=high + beyond, neginf=low - beyond)
         low, high = float(values.min()), float(values.max())
         return (values - low) / (high - low) if high > low else np.zeros_like(values)
     return np.asarray(image.convert("L"), np.float32) / 255
