@@ -39,16 +39,17 @@ UNWRITABLE = {  # name: (path relative to the work folder, what the error says)
 }
 
 
+# Each command with a file output flag, the flag last.
+FILE_OUTPUTS = [
+    ["predict", "seven.png", "--csv"],
+    ["predict", "seven.png", "--plot"],
+    ["evaluate", "--plot"],
+    ["benchmark", "--steps", "1", "--repeats", "1", "--out"],
+]
+
+
 @pytest.mark.parametrize("where", ["under a file", "in /proc", "an existing folder"])
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["predict", "seven.png", "--csv"],
-        ["predict", "seven.png", "--plot"],
-        ["evaluate", "--plot"],
-        ["benchmark", "--steps", "1", "--repeats", "1", "--out"],
-    ],
-)
+@pytest.mark.parametrize("command", FILE_OUTPUTS)
 def test_unwritable_file_outputs_fail_first(workdir, monkeypatch, command, where):
     path, message = UNWRITABLE.get(where, ("adir", "is a folder, give a file name"))
     # A missing checkpoint: had the work started first, that would be the error.
@@ -114,15 +115,7 @@ def test_a_write_failing_after_the_work_comes_after_the_results(workdir):
     assert mode == 0o666 & ~umask
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["predict", "seven.png", "--csv"],
-        ["predict", "seven.png", "--plot"],
-        ["evaluate", "--plot"],
-        ["benchmark", "--steps", "1", "--repeats", "1", "--out"],
-    ],
-)
+@pytest.mark.parametrize("command", FILE_OUTPUTS)
 def test_an_existing_output_file_is_replaced_only_with_overwrite(workdir, monkeypatch, command):
     monkeypatch.chdir(workdir)
     # Fails at once with a checkpoint that is not there, instead of benchmarking.
