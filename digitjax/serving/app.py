@@ -3,7 +3,8 @@
 Routes reach the `Server` through dependencies (`ReadyServer` refuses while the model compiles,
 `Uploads` reads the request's images within the limits); refusals are exceptions (`Rejected`,
 the batcher's `QueueFull`, a `TimeoutError`) turned into one-sentence JSON answers by the
-exception handlers; `PredictMetrics` counts and times every prediction request.
+exception handlers; `PredictMetrics` counts and times every prediction request, and
+`HeadAsGet` answers HEAD on the GET routes.
 """
 
 import asyncio
