@@ -39,7 +39,14 @@ from digitjax.flags import (
     positive_ints,
     setting,
 )
-from digitjax.outputs import check_output, check_replaceable, check_writable, write_file, writing
+from digitjax.outputs import (
+    check_distinct,
+    check_output,
+    check_replaceable,
+    check_writable,
+    write_file,
+    writing,
+)
 
 # Typer 0.26+ carries its own copy of click: take click's exception class from Typer.
 CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -296,6 +303,7 @@ def predict(
         for name in preprocessed_names(save_preprocessed, files).values():
             check_replaceable("--save-preprocessed", name, overwrite, files)
     check_output("--plot", plot, overwrite, files)
+    check_distinct({"--csv": csv, "--plot": plot})
     quick_start = len(files) <= NUMPY_UP_TO
     classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=quick_start)
     if min_confidence is None:
@@ -309,7 +317,7 @@ def predict(
         render.predictions(classifier.source, predictions, min_confidence, info.detects_non_digits)
     for p in predictions:
         if p.error:
-            render.err.print(f"error: {p.name}: {p.error}", highlight=False, soft_wrap=True)
+            render.error_line(f"{p.name}: {p.error}")
     if csv is not None:
         write_output("--csv", csv, "CSV", write_csv, csv, predictions)
     if save_preprocessed is not None:

@@ -57,6 +57,19 @@ def check_replaceable(flag: str, path: Path, overwrite: bool, inputs: Sequence[P
         raise UserError(f"{flag} {path}: exists: pass --overwrite to replace it")
 
 
+def check_distinct(outputs: dict[str, Path | None]) -> None:
+    """Raises UserError where two flags name one file: the second write would replace the
+    first. Streams and devices may take several."""
+    files: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None or (path.exists() and not path.is_file()):
+            continue
+        target = path.resolve()
+        if target in files:
+            raise UserError(f"{flag} {path}: also given to {files[target]}")
+        files[target] = flag
+
+
 def _same_file(path: Path, other: Path) -> bool:
     """Whether two paths name one file, through links, `..` and hard links alike."""
     try:

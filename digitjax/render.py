@@ -5,6 +5,7 @@ import json
 import statistics
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,19 @@ def print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters shown as `?`, as `ls` shows them: a file name can
+    hold terminal escape sequences (recolouring, clearing the screen) or line breaks."""
+    return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text)
+
+
 def note(message: str) -> None:
     err.print(message, highlight=False, markup=False)
 
 
 def error_line(message: str) -> None:
     # The message is plain text: `pip install 'digitjax[onnx]'` must not lose `[onnx]` as markup.
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
+    err.print(f"[red]error:[/red] {escape(printable(message))}", highlight=False, markup=True)
 
 
 class TrainingProgress:
@@ -220,14 +227,15 @@ def predictions(
 ) -> None:
     """The table, then a line counting the digits, the flagged ones and the failures, and
     what the model cannot flag."""
-    width = path_column_width([p.name for p in results], out.width)
-    table = Table(title=escape(str(source)))
+    names = [printable(p.name) for p in results]
+    width = path_column_width(names, out.width)
+    table = Table(title=escape(printable(str(source))))
     table.add_column("file", width=width, no_wrap=True)
     table.add_column("digit", no_wrap=True)
     table.add_column("confidence", no_wrap=True)
     table.add_column("top 3")
-    for p in results:
-        path = path_tail(p.name, width)
+    for p, name in zip(results, names, strict=True):
+        path = path_tail(name, width)
         if p.error:
             table.add_row(path, "[red]—[/red]", "", f"[red]{escape(p.error)}[/red]")
             continue

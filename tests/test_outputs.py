@@ -135,6 +135,26 @@ def test_an_existing_output_file_is_replaced_only_with_overwrite(workdir, monkey
         assert json.loads((workdir / "afile").read_text()) == {"timed": 1}
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_two_outputs_naming_one_file_are_refused(workdir, monkeypatch, overwrite):
+    monkeypatch.chdir(workdir)
+    (workdir / "linked").symlink_to("out.x")
+    for table, plot in (("out.x", "out.x"), ("out.x", "./adir/../linked")):
+        result = runner.invoke(
+            app, ["predict", "seven.png", "--csv", table, "--plot", plot, *overwrite]
+        )
+        assert result.exit_code == 1
+        assert_one_line_error(
+            result.stderr, f"--plot {plot.removeprefix('./')}: also given to --csv"
+        )
+        assert not (workdir / "out.x").exists()
+    # A stream can take both.
+    result = runner.invoke(
+        app, ["predict", "seven.png", "--csv", "/dev/null", "--plot", "/dev/null"]
+    )
+    assert result.exit_code == 0, result.output
+
+
 def test_predict_replaces_its_outputs_only_with_overwrite_and_writes_to_streams(
     workdir, monkeypatch
 ):

@@ -213,6 +213,19 @@ def test_empty_folder(no_runs):
     assert_one_line_error(result.stderr, "folder holds no images")
 
 
+def test_control_characters_in_names_do_not_reach_the_terminal(no_runs):
+    # A file name can hold an escape sequence (here: red, then clear the screen) or markup.
+    name = "a\x1b[31mred\x1b[2J[bold].png"
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(no_runs / name)
+    result = runner.invoke(app, ["predict", name, "gone\x1b[2J.png"])
+    assert result.exit_code == 1
+    assert "\x1b" not in result.stdout + result.stderr
+    assert "a?[31mred?[2J[bold].png" in result.stdout
+    assert_one_line_error(result.stderr, "error: gone?[2J.png: no such file")
+    result = runner.invoke(app, ["predict", name, "--json"])  # data keeps the name as it is
+    assert json.loads(result.stdout)[0]["name"] == name
+
+
 def test_an_empty_name_is_no_file_not_the_current_folder(no_runs):
     Image.new("L", (28, 28)).save(no_runs / "here.png")  # what Path("") would have found
     result = runner.invoke(app, ["predict", "", "--json"])
