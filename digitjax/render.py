@@ -45,7 +45,7 @@ def printable(text: str) -> str:
 
 
 def note(message: str) -> None:
-    err.print(message, highlight=False, markup=False)
+    err.print(printable(message), highlight=False, markup=False)
 
 
 def error_line(message: str) -> None:
