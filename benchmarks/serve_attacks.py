@@ -8,6 +8,8 @@ so that budgets per client address apply to it alone) runs one of these attacks:
   and wait;
 - images: requests of many all-zero PNGs of 1 x 49,999,000 pixels (97 kB each, slow to
   decode), several at once;
+- images_mid: requests of 25 all-zero PNGs of 1990x1990 pixels (just under the "large"
+  mark of 4 megapixels), from three addresses, one request at a time each (within budgets);
 - multipart: 7.9 MiB bodies of 150,000 tiny parts, several at once;
 - idle: 1,200 connections idle on a kept-alive connection after one request, each opened
   again once the server closes it; idle_many: the same from 1,200 addresses (browsers left
@@ -28,6 +30,7 @@ checkout's server with the same attacks.
 import argparse
 import asyncio
 import collections
+import contextlib
 import io
 import json
 import multiprocessing
@@ -236,10 +239,11 @@ async def endless(url: str, seconds: float, start: bytes, more: bytes) -> dict[s
 
 
 async def post_loop(
-    url: str, seconds: float, concurrency: int, body: bytes, content_type: str
+    url: str, seconds: float, concurrency: int, body: bytes, content_type: str, addresses: int = 1
 ) -> dict[str, Any]:
-    """`concurrency` attackers posting `body` in closed loops for `seconds`: answers' statuses
-    and how long they took."""
+    """`concurrency` attackers posting `body` in closed loops for `seconds`, from ATTACKER or
+    (`addresses` > 1) spread over that many addresses: answers' statuses and how long they
+    took."""
     statuses, latencies = collections.Counter(), []
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
@@ -256,17 +260,31 @@ async def post_loop(
                 statuses[type(e).__name__] += 1
             latencies.append(loop.time() - started)
 
-    transport = httpx.AsyncHTTPTransport(local_address=ATTACKER)
-    async with httpx.AsyncClient(transport=transport, timeout=max(seconds, 30)) as client:
-        await asyncio.gather(*(attacker(client) for _ in range(concurrency)))
+    sources = [ATTACKER] if addresses == 1 else [loopback(n) for n in range(addresses)]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.AsyncHTTPTransport(local_address=source),
+                    timeout=max(seconds, 30),
+                )
+            )
+            for source in sources
+        ]
+        await asyncio.gather(*(attacker(clients[n % len(clients)]) for n in range(concurrency)))
     return {"answers": dict(statuses), **percentiles(latencies)}
 
 
-def slow_images(url: str, seconds: float, per_request: int, concurrency: int) -> Any:
-    png = slow_png()
-    parts = [("file", (f"slow{n}.png", png)) for n in range(per_request)]
+def slow_images(
+    url: str, seconds: float, per_request: int, concurrency: int, png: bytes | None = None
+) -> Any:
+    """`per_request` copies of `png` (default: `slow_png()`) per request, `concurrency`
+    requests at once, each from an address of its own if `png` is given."""
+    parts = [("file", (f"slow{n}.png", png or slow_png())) for n in range(per_request)]
     request = httpx.Request("POST", url, files=parts)
-    return post_loop(url, seconds, concurrency, request.read(), request.headers["content-type"])
+    body, content_type = request.read(), request.headers["content-type"]
+    addresses = concurrency if png else 1
+    return post_loop(url, seconds, concurrency, body, content_type, addresses)
 
 
 def many_parts(url: str, seconds: float, concurrency: int = 2) -> Any:
@@ -288,6 +306,10 @@ ATTACKS = {
     "multipart": (
         "150,000 tiny parts per request, 2 requests at once",
         lambda u, s: many_parts(u, s),
+    ),
+    "images_mid": (
+        "25 PNGs of 1990x1990 per request (each under the large mark), from 3 addresses",
+        lambda u, s: slow_images(u, s, 25, 3, slow_png(1990, 1990)),
     ),
     "idle": ("1,200 connections idle after a request", lambda u, s: held(u, s, IDLE)),
     "idle_many": (

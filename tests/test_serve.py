@@ -27,6 +27,7 @@ from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference.classifier import BUNDLED_MODEL, DEFAULT_MIN_CONFIDENCE, judge
 from digitjax.serving.app import PredictMetrics
+from digitjax.serving.decoding import Lane
 from digitjax.serving.server import ServerMetrics
 
 STARTUP_S = 180  # compiling every batch size on a busy 2-core machine
@@ -359,6 +360,33 @@ def test_head_is_answered_as_get_without_a_body(server):
         assert response.status_code == 200 and response.content == b"", path
         assert int(response.headers["content-length"]) > 0, path
     assert httpx.head(f"{server.url}/api/predict").status_code == 405
+
+
+def test_a_lane_gives_freed_places_to_clients_in_turn():
+    async def scenario() -> list[str]:
+        lane = Lane(1, queued=1)
+        order = []
+
+        async def job(client: str, name: str, seconds: float = 0.05) -> None:
+            await lane.run(time.sleep, seconds, client=client)
+            order.append(name)
+
+        try:
+            first = asyncio.create_task(job("a", "a1", 0.5))  # takes the one place
+            await asyncio.sleep(0.1)
+            waiting = [asyncio.create_task(job("a", name)) for name in ("a2", "a3")]
+            gone = asyncio.create_task(job("c", "c1"))
+            waiting.append(asyncio.create_task(job("b", "b1")))
+            await asyncio.sleep(0.05)
+            gone.cancel()  # its request left while it waited: its turn passes on
+            await asyncio.gather(first, *waiting)
+        finally:
+            lane.close()
+        return order
+
+    # First come, first served would give a1, a2, a3, b1: a client with many images would
+    # hold up one with a single image.
+    assert asyncio.run(scenario()) == ["a1", "a2", "b1", "a3"]
 
 
 def test_a_defect_in_a_prediction_request_is_counted_as_500():
