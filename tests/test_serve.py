@@ -238,6 +238,7 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
         ("body too large", 413, "larger than 8 MiB"),
         ("too many files", 413, "At most 64 files"),
         ("bad query", 422, "Invalid query.image"),
+        ("nan confidence", 422, "Invalid query.min_confidence: Input should be a finite number"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, fragment):
@@ -270,9 +271,8 @@ def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, f
     elif kind == "too many files":
         response = httpx.post(url, files=[("file", (f"{n}.png", png)) for n in range(65)])
     else:
-        response = httpx.post(
-            url, params={"image": "maybe"}, content=png, headers={"Content-Type": "image/png"}
-        )
+        bad = {"image": "maybe"} if kind == "bad query" else {"min_confidence": "nan"}
+        response = httpx.post(url, params=bad, content=png, headers={"Content-Type": "image/png"})
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert fragment in detail and detail.endswith(".") and ". " not in detail.rstrip(".")

@@ -105,7 +105,12 @@ async def request_uploads(request: Request, server: ReadyServer) -> list[Upload]
 Uploads = Annotated[list[Upload], Depends(request_uploads)]
 MinConfidence = Annotated[
     float | None,
-    Query(ge=0, le=1, description="Answers below it are not sure (default: the model's)."),
+    Query(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,  # else NaN is told it "should be less than or equal to 1"
+        description="Answers below it are not sure (default: the model's).",
+    ),
 ]
 
 

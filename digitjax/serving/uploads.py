@@ -190,7 +190,7 @@ class _Form:
             raise Rejected(
                 413,
                 "too_many_files",
-                f"At most {self.limits.max_files} files are accepted per request.",
+                f"At most {self.limits.max_files} files (form parts) are accepted per request.",
             )
         self.headers, self.head_size, self.data = {}, 0, bytearray()
 
