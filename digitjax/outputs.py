@@ -60,21 +60,21 @@ def check_replaceable(flag: str, path: Path, overwrite: bool, inputs: Sequence[P
 def check_distinct(outputs: dict[str, Path | None]) -> None:
     """Raises UserError where two flags name one file: the second write would replace the
     first. Streams and devices may take several."""
-    files: dict[Path, str] = {}
+    files: list[tuple[str, Path]] = []
     for flag, path in outputs.items():
         if path is None or (path.exists() and not path.is_file()):
             continue
-        target = path.resolve()
-        if target in files:
-            raise UserError(f"{flag} {path}: also given to {files[target]}")
-        files[target] = flag
+        for earlier_flag, earlier in files:
+            if _same_file(path, earlier):
+                raise UserError(f"{flag} {path}: also given to {earlier_flag}")
+        files.append((flag, path))
 
 
 def _same_file(path: Path, other: Path) -> bool:
     """Whether two paths name one file, through links, `..` and hard links alike."""
     try:
         return os.path.samefile(path, other)
-    except OSError:  # `other` is gone or unreadable: only its name can tell
+    except OSError:  # one is not there (yet) or unreadable: only the names can tell
         return path.resolve() == other.resolve()
 
 

@@ -237,7 +237,7 @@ def predictions(
     for p, name in zip(results, names, strict=True):
         path = path_tail(name, width)
         if p.error:
-            table.add_row(path, "[red]—[/red]", "", f"[red]{escape(p.error)}[/red]")
+            table.add_row(path, "[red]—[/red]", "", f"[red]{escape(printable(p.error))}[/red]")
             continue
         top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top())
         confidence = f"{100 * p.confidence:.1f}%"

@@ -29,6 +29,7 @@ import asyncio
 import json
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_remote_addr
 
 
 def _closing_response(status: str, detail: str, retry: bool = False) -> bytes:
@@ -60,7 +61,8 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
 
     class GuardedProtocol(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            self.address = _address(transport)
+            remote = get_remote_addr(transport)  # what uvicorn's scope["client"] holds
+            self.address = remote[0] if remote else ""
             if len(self.connections) >= max_connections:
                 room = _room_for(self.address)
                 if room is None:
@@ -139,8 +141,3 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
     waiting: dict[GuardedProtocol, asyncio.TimerHandle | None] = {}
     by_address: dict[str, dict[GuardedProtocol, None]] = {}
     return GuardedProtocol
-
-
-def _address(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
