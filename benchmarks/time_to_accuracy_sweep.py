@@ -48,10 +48,6 @@ VARIANTS = {
     "--learning-rate 5e-3 --adam-beta2 0.999": {"learning_rate": 5e-3, "adam_beta2": 0.999},
     "--adam-beta2 0.9": {"adam_beta2": 0.9},
     "--learning-rate 5e-3": {"learning_rate": 5e-3},
-    # `--preset fast` before 2026-12-06 (AdamW for every parameter), and Muon's rate.
-    "--optimizer adamw": {"optimizer": "adamw"},
-    "--muon-learning-rate 0.015": {"muon_learning_rate": 0.015},
-    "--muon-learning-rate 0.03": {"muon_learning_rate": 0.03},
 }
 
 

@@ -56,15 +56,6 @@ class Config:
     adam_beta2: float = _field(
         0.999, "AdamW's decay of its average of squared gradients (its beta2).", RECIPE
     )
-    optimizer: str = _field(
-        "adamw",
-        "adamw, or muon: Muon (orthogonalized momentum) for the kernels between the first and "
-        "last layers, AdamW for the rest.",
-        RECIPE,
-    )
-    muon_learning_rate: float = _field(
-        0.02, "Peak learning rate of Muon's kernels (with --optimizer muon).", RECIPE
-    )
     label_smoothing: float = _field(0.1, "Label smoothing.", RECIPE)
     augment_shift: int = _field(2, "Random translation in pixels (0: none).", AUGMENT)
     augment_rotate: float = _field(0.0, "Random rotation, up to this many degrees.", AUGMENT)
@@ -136,8 +127,6 @@ class Config:
             raise UserError(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"--optimizer must be adamw or muon, got {self.optimizer}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"--dtype must be float32 or bfloat16, got {self.dtype}")
         if not 1 <= len(self.channels) <= 4 or not all(1 <= c <= 4096 for c in self.channels):
@@ -217,7 +206,6 @@ BOUNDS = (
     ("epochs", 1, 100_000),
     ("batch_size", 1, 1_000_000),
     ("learning_rate", 1e-12, 1e6),
-    ("muon_learning_rate", 1e-12, 1e6),
     ("warmup_epochs", 0.0, 100_000.0),
     ("weight_decay", 0.0, 100.0),
     ("augment_shift", 0, 13),
@@ -252,8 +240,6 @@ ADDED_LATER: dict[str, Any] = {
     "quick_compile": False,
     "non_digit_detector": False,
     "adam_beta2": 0.999,
-    "optimizer": "adamw",
-    "muon_learning_rate": 0.02,
 }
 
 # Named sets of settings for `digitjax train --preset`, each what it changes from the default
@@ -265,14 +251,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the plain softmax's; --calibration-fraction 0.05 calibrates it, crossing 99% later).
     # Its 2 epochs are too short for the slower steps of a quick compile to cost what it saves.
     # A higher rate and AdamW's shorter memory of squared gradients (beta2 0.95) cross 99% at
-    # epoch 0.70 on average over twelve seeds instead of 0.79, and end the same (~99.25%);
-    # Muon for the interior kernels, at epoch 0.57 instead of 0.70 (0.61 against 0.75 on
-    # twelve seeds it was not chosen on).
+    # epoch 0.70 on average over twelve seeds instead of 0.79, and end the same (~99.25%).
     "fast": {
         "epochs": 2,
         "learning_rate": 7e-3,
         "adam_beta2": 0.95,
-        "optimizer": "muon",
         "warmup_epochs": 0.1,
         "augment_shift": 0,
         "dense": 64,

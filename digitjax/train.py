@@ -53,7 +53,6 @@ from digitjax.evaluate import (
     split_metrics,
 )
 from digitjax.model import abstract_model, apply, conv_impls_for, create_model, normalize
-from digitjax.muon import interior_kernels, muon
 from digitjax.outputs import write_file
 from digitjax.tracking import RunTracker
 
@@ -127,18 +126,8 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
     learning_rate = learning_rate_schedule(config, schedule)
     # One vector for all parameters: one fused update instead of one per array, which
     # compiles and runs faster on CPU.
-    adamw = optax.flatten(
+    return optax.flatten(
         optax.adamw(learning_rate, b2=config.adam_beta2, weight_decay=config.weight_decay)
-    )
-    if config.optimizer == "adamw":
-        return adamw
-
-    def muon_rate(step: jax.typing.ArrayLike) -> jax.typing.ArrayLike:
-        # The same warmup and decay, to its own peak.
-        return learning_rate(step) * (config.muon_learning_rate / config.learning_rate)
-
-    return optax.partition(
-        {"muon": muon(muon_rate, config.weight_decay), "adamw": adamw}, interior_kernels
     )
 
 

@@ -13,7 +13,6 @@ def test_from_dict_gives_older_checkpoints_the_values_they_were_trained_with():
     saved["channels"] = [16, 32, 64]  # JSON has lists, not tuples
     config = Config.from_dict(saved)
     assert (config.augment_rotate, config.augment_scale, config.ema_decay) == (0.0, 0.0, 0.0)
-    assert config.optimizer == "adamw"
     assert config.channels == (16, 32, 64) and not uses_ema(config)
 
 
@@ -33,7 +32,6 @@ def test_from_dict_round_trips_and_accepts_whole_floats_as_ints():
         ({"init_from": ["run"]}, "config field init_from"),
         ({"colour": "red"}, "unknown fields ['colour']"),
         ({"epochs": 0}, "--epochs must be in [1, 100000], got 0"),
-        ({"optimizer": "sgd"}, "--optimizer must be adamw or muon, got sgd"),
     ],
 )
 def test_from_dict_refuses_what_digitjax_never_wrote(raw, message):
@@ -77,13 +75,11 @@ def test_presets_are_the_recipes_benchmarks_measured():
         0.05,
     )
     assert default.adam_beta2 == 0.999  # optax's
-    assert (default.optimizer, default.muon_learning_rate) == ("adamw", 0.02)
     fast = Config.from_flags({}, "fast")
     assert fast == Config(
         epochs=2,
         learning_rate=7e-3,
         adam_beta2=0.95,
-        optimizer="muon",
         warmup_epochs=0.1,
         augment_shift=0,
         dense=64,
