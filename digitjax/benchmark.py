@@ -31,7 +31,7 @@ from digitjax.distributed import make_mesh, put_replicated, runtime_info, to_hos
 from digitjax.evaluate import EVAL_BATCH, make_batch_logits, make_logits_fn, pad_to_batches
 from digitjax.model import abstract_model, create_model, normalize
 from digitjax.outputs import check_writable
-from digitjax.tracking import PROFILED_CHUNKS
+from digitjax.tracking import PROFILED_CHUNKS, Trace
 from digitjax.train import (
     RunLog,
     TrainingSetup,
@@ -123,9 +123,12 @@ def training_throughput(
 
     timing = timed(run, repeats)
     if profile is not None:
-        with jax.profiler.trace(str(profile), create_perfetto_trace=True):
+        trace = Trace(profile)
+        try:
             for _ in range(PROFILED_CHUNKS):
                 jax.block_until_ready(run())
+        finally:
+            trace.stop()
     images_per_s = steps * config.batch_size / timing["median_s"]
     return {
         "batch_size": config.batch_size,
@@ -391,6 +394,11 @@ def run_benchmark(
     check_writable("--profile", plan.profile, folder=True)
     config = config or Config.from_flags({}, "fast")
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
+    too_large = [size for size in plan.batch_sizes if size > len(dataset.train_images)]
+    if too_large:  # before any measuring, named as the flag that was given
+        raise UserError(
+            f"--batch-sizes {too_large[0]} exceeds the {len(dataset.train_images)} training images"
+        )
     mesh = make_mesh(plan.devices)
     report("matmul peak")
     peak = matmul_peak()

@@ -318,11 +318,15 @@ def evaluate_checkpoint(
 def evaluation_data(
     model: checkpoint.TrainedModel, dataset: str | None, data_dir: str | None
 ) -> Dataset:
-    """The dataset to evaluate `model` on: its own, or the one given by name or folder."""
+    """The dataset to evaluate `model` on: its own, or the one given by name or folder (named
+    after the folder: its images are whatever it holds)."""
     config, num_classes = model.config, model.summary["num_classes"]
-    if dataset is None and data_dir is None:
-        dataset, data_dir = config.dataset, config.data_dir
-    data = load_dataset(dataset or config.dataset, data_dir)
+    if dataset is not None and data_dir is not None:
+        raise UserError("pass --dataset or --data-dir, not both: a folder's images are its own")
+    if data_dir is not None:
+        data = dataclasses.replace(load_dataset(config.dataset, data_dir), name=str(data_dir))
+    else:
+        data = load_dataset(dataset or config.dataset, None if dataset else config.data_dir)
     if len(data.class_names) != num_classes:
         raise UserError(f"{data.name} has {len(data.class_names)} classes, the model {num_classes}")
     return data

@@ -91,17 +91,28 @@ def write_file(path: Path, data: bytes) -> None:
     """Writes through a temporary file renamed over `path`, creating missing folders: a failed
     or interrupted write leaves any earlier file intact and no partial one. Streams and devices
     (/dev/stdout) are written directly."""
-    if path.exists() and not path.is_file():
-        path.write_bytes(data)
-        return
-    target = Path(os.path.realpath(path))  # a link stays a link to the new file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    write_files({path: data})
+
+
+def write_files(contents: dict[Path, bytes]) -> None:
+    """`write_file` for several files, all or none: each is written to a temporary file first,
+    and only once all are written (a full disk fails before) are they renamed into place."""
+    staged: dict[Path, Path] = {}  # temporary file -> target
     try:
-        # Created like any new file (0o666 less the umask), unlike tempfile's private 0o600.
-        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            f.write(data)
+        for path, data in contents.items():
+            if path.exists() and not path.is_file():
+                path.write_bytes(data)
+                continue
+            target = Path(os.path.realpath(path))  # a link stays a link to the new file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+            staged[partial] = target
+            # Created like any new file (0o666 less the umask), unlike tempfile's 0o600.
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+                f.write(data)
         interrupts.check()  # a Ctrl-C swallowed earlier still means: no new file
-        os.replace(partial, target)
+        for partial, target in staged.items():
+            os.replace(partial, target)
     finally:
-        partial.unlink(missing_ok=True)
+        for partial in staged:
+            partial.unlink(missing_ok=True)

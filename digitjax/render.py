@@ -228,16 +228,18 @@ def predictions(
     """The table, then a line counting the digits, the flagged ones and the failures, and
     what the model cannot flag."""
     names = [printable(p.name) for p in results]
-    width = path_column_width(names, out.width)
+    width, with_top = path_column_width(names, out.width)
     table = Table(title=escape(printable(str(source))))
     table.add_column("file", width=width, no_wrap=True)
     table.add_column("digit", no_wrap=True)
     table.add_column("confidence", no_wrap=True)
-    table.add_column("top 3")
+    if with_top:
+        table.add_column("top 3")
     for p, name in zip(results, names, strict=True):
         path = path_tail(name, width)
         if p.error:
-            table.add_row(path, "[red]—[/red]", "", f"[red]{escape(printable(p.error))}[/red]")
+            error = f"[red]{escape(printable(p.error))}[/red]"
+            table.add_row(path, "[red]—[/red]", "", *[error] if with_top else [])
             continue
         top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top())
         confidence = f"{100 * p.confidence:.1f}%"
@@ -246,7 +248,7 @@ def predictions(
             "not_sure": f"[yellow]{p.digit}?[/yellow]",
             "not_a_digit": "[yellow]not a digit[/yellow]",
         }[p.verdict]
-        table.add_row(path, digit, confidence, top)
+        table.add_row(path, digit, confidence, *[top] if with_top else [])
     out.print(table)
     counts = {v: sum(p.verdict == v for p in results) for v in ("digit", "not_sure", "not_a_digit")}
     marked = (
@@ -270,13 +272,18 @@ def predictions(
         )
 
 
-def path_column_width(paths: list[str], terminal_width: int) -> int:
-    """Predict's file column: the longest path if it fits beside a whole top 3, else what the
-    terminal leaves, but at least `…/name` while the top 3 keeps 12 cells to wrap in."""
+def path_column_width(paths: list[str], terminal_width: int) -> tuple[int, bool]:
+    """Predict's file column, and whether the top 3 has room beside it: the longest path if it
+    fits beside a whole top 3, else what the terminal leaves, but at least `…/name` while the
+    top 3 keeps 12 cells to wrap in. A terminal too narrow for both shows the names and no
+    top 3 (`--json` and `--csv` have it): a table of results no one can match to files is
+    no use."""
     room = terminal_width - 28  # borders, padding, the digit and confidence columns
     longest = max(map(cell_len, paths), default=1)
     names = max((cell_len(Path(path).name) + 2 for path in paths), default=1)
-    return max(1, min(longest, max(names, room - 27), room - 12))
+    if room - 12 < min(names, longest):
+        return max(1, min(longest, room + 3)), False  # the top 3's separator is room too
+    return max(1, min(longest, max(names, room - 27), room - 12)), True
 
 
 def path_tail(path: str, width: int) -> Text:

@@ -16,6 +16,7 @@ none is missing. A record that a kill cut in half only ends its file; readers go
 next one.
 """
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,37 @@ PROFILED_CHUNKS = 3
 HPARAM_METRICS = ("test/accuracy", "test/loss", "test/ece")
 
 
+class Trace:
+    """A `jax.profiler` trace into `folder`, from now until `stop`, which writes it. A trace
+    that cannot be written (a full disk) leaves none of its files and ends in one UserError:
+    JAX's own error would be a traceback, and its half-written file a trace no viewer reads."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.existed = set(folder.rglob("*")) if folder.exists() else None
+        jax.profiler.start_trace(str(folder), create_perfetto_trace=True)
+
+    def stop(self) -> None:
+        try:
+            jax.profiler.stop_trace()
+        except Exception as e:  # jax.errors.JaxRuntimeError: "<status>: <file>; <reason>"
+            self._remove_what_it_wrote()
+            why = reason(e).rsplit("; ", 1)[-1]
+            raise UserError(f"--profile {self.folder}: cannot write the trace: {why}") from None
+
+    def _remove_what_it_wrote(self) -> None:
+        written = set(self.folder.rglob("*")) - (self.existed or set())
+        for path in sorted(written, key=lambda p: len(p.parts), reverse=True):  # files first
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        if self.existed is None:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
 class RunTracker:
     """Writes a run's events into its folder and, into `profile`, a trace of chunks 2 to
     1 + PROFILED_CHUNKS of this session. `close` ends both, on every
@@ -46,7 +78,7 @@ class RunTracker:
         check_writable("--profile", profile, folder=True)
         self.profile = profile
         self.chunks = 0  # ended in this session
-        self.tracing = False
+        self.trace: Trace | None = None  # while tracing
         self.events: EventFile | None = None
         self.setup: TrainingSetup | None = None
         self.learning_rate: Any = None  # the optimizer's schedule, compiled
@@ -90,9 +122,8 @@ class RunTracker:
         runs, so the traced chunks' work is all inside the trace."""
         self.chunks += 1
         if self.profile is not None and self.chunks == 1:
-            jax.profiler.start_trace(str(self.profile), create_perfetto_trace=True)
-            self.tracing = True
-        elif self.tracing and self.chunks == 1 + PROFILED_CHUNKS:
+            self.trace = Trace(self.profile)
+        elif self.trace is not None and self.chunks == 1 + PROFILED_CHUNKS:
             self._stop_trace()
 
     def on_evaluated(self, record: dict, metrics: Metrics) -> None:
@@ -124,14 +155,17 @@ class RunTracker:
             )
 
     def close(self) -> None:
-        if self.tracing:
-            self._stop_trace()
-        if self.events is not None:
-            self.events.close()
+        try:
+            if self.trace is not None:
+                self._stop_trace()
+        finally:
+            if self.events is not None:
+                self.events.close()
 
     def _stop_trace(self) -> None:
-        self.tracing = False
-        jax.profiler.stop_trace()
+        trace, self.trace = self.trace, None
+        if trace is not None:
+            trace.stop()
 
     def _started(self) -> tuple["TrainingSetup", "EventFile"]:
         if self.setup is None or self.events is None:

@@ -55,6 +55,9 @@ def test_benchmark_rejects_bad_values():
     result = runner.invoke(app, ["benchmark", "--batch-sizes", "0"])
     assert result.exit_code == 2
     assert_one_line_error(result.stderr, "'--batch-sizes': takes positive integers")
+    result = runner.invoke(app, ["benchmark", "--batch-sizes", "64,100000"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "--batch-sizes 100000 exceeds the 60000 training images")
 
 
 def test_target_check_stops_only_when_the_target_is_out_of_reach(tiny_mnist):

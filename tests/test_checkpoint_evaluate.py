@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, python_block, run_digitjax
+from helpers import assert_one_line_error, python_block, run_digitjax, write_mnist_subset
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -127,6 +127,20 @@ def test_not_a_digitjax_checkpoint(trained_run: Path, tmp_path: Path):
     shutil.rmtree(step_dir(copy) / "config")
     result = runner.invoke(app, ["evaluate", str(copy)])
     assert_one_line_error(result.stderr, "is not a digitjax checkpoint")
+
+
+def test_evaluate_on_a_folder_names_the_folder(trained_run: Path, tmp_path: Path):
+    """Images from --data-dir are reported as that folder's, not as the run's dataset nor
+    as a --dataset named beside it (which is refused: the folder's images are its own)."""
+    folder = write_mnist_subset(tmp_path / "other", 64, 300)
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--data-dir", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["dataset"], report["num_examples"]) == (str(folder), 300)
+    both = ["evaluate", str(trained_run), "--data-dir", str(folder), "--dataset", "fashion_mnist"]
+    result = runner.invoke(app, both)
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "pass --dataset or --data-dir, not both")
 
 
 def test_evaluate_reports_what_the_non_digit_detector_flags():

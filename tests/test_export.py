@@ -2,6 +2,7 @@
 digitjax or flax, agree with `digitjax evaluate` on every MNIST test image."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from helpers import (
     assert_one_line_error,
     assert_same_outputs,
     python_block,
+    run_digitjax,
     write_mnist_subset,
 )
 from typer.testing import CliRunner
@@ -26,7 +28,7 @@ from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.evaluate import calibrated_softmax, make_logits_fn, pad_to_batches, split_logits
 from digitjax.inference.classifier import BUNDLED_MODEL, CheckpointClassifier
-from digitjax.inference.export import FORMATS
+from digitjax.inference.export import CHECKSUM_KEY, FORMATS, signed
 
 runner = CliRunner()
 MODELS = ("default", "best", "uncalibrated", "bundled")
@@ -273,7 +275,10 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
     with zipfile.ZipFile(tmp_path / "damaged.stablehlo", "w") as archive:
         archive.writestr("metadata.json", zipfile.ZipFile(stablehlo_file).read("metadata.json"))
         archive.writestr("model.jax_exported", b"\x00" * 1000)
+    flipped = bytearray(onnx_file.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x40  # a bit of a weight
     files = {
+        "flipped.onnx": bytes(flipped),
         "truncated.onnx": onnx_file.read_bytes()[:5000],
         "truncated.stablehlo": stablehlo_file.read_bytes()[:5000],
         "foreign.onnx": foreign_onnx.SerializeToString(),
@@ -284,7 +289,8 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
     for name, message in [
         ("truncated.onnx", "is not a digitjax ONNX export"),
         ("truncated.stablehlo", "is not a digitjax StableHLO export"),
-        ("foreign.onnx", "carries no digitjax metadata"),
+        ("flipped.onnx", "is damaged: its contents do not match its checksum"),
+        ("foreign.onnx", "carries no checksum"),
         ("foreign.stablehlo", "no model.jax_exported"),
         ("damaged.stablehlo", "is not a digitjax StableHLO export"),
         ("noise.bin", "is not a digitjax ONNX export"),
@@ -298,10 +304,15 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
 
 
 def forged_onnx(
-    path: Path, input_name: str = "images", batch: str | int = "N", columns: int = 10, **kw: bool
+    path: Path,
+    input_name: str = "images",
+    batch: str | int = "N",
+    columns: int = 10,
+    metadata: dict | None = None,
+    **kw: bool,
 ) -> Path:
-    """An ONNX file carrying digitjax's metadata without being an export: a dense layer, with
-    a softmax unless `softmax=False`."""
+    """An ONNX file carrying digitjax's metadata and checksum without being an export: a dense
+    layer, with a softmax unless `softmax=False`."""
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.random.default_rng(0).normal(scale=10, size=(28 * 28, columns)).astype(np.float32)
@@ -320,12 +331,13 @@ def forged_onnx(
         [numpy_helper.from_array(weight, "weight")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    helper.set_model_props(model, {"digitjax": json.dumps({"dataset": "mnist", "num_classes": 10})})
-    path.write_bytes(model.SerializeToString())
+    metadata = metadata or {"dataset": "mnist", "num_classes": 10}
+    helper.set_model_props(model, {"digitjax": json.dumps(metadata), CHECKSUM_KEY: "0" * 64})
+    path.write_bytes(signed(model.SerializeToString()))
     return path
 
 
-def forged_stablehlo(path: Path, shape: str, columns: int) -> Path:
+def forged_stablehlo(path: Path, shape: str, columns: int, metadata: dict | None = None) -> Path:
     """A StableHLO archive with digitjax's metadata around another function."""
     import jax
 
@@ -335,7 +347,8 @@ def forged_stablehlo(path: Path, shape: str, columns: int) -> Path:
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), np.float32)
     exported = jax.export.export(jax.jit(dense))(spec)
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("metadata.json", json.dumps({"dataset": "mnist", "num_classes": 10}))
+        metadata = metadata or {"dataset": "mnist", "num_classes": 10}
+        archive.writestr("metadata.json", json.dumps(metadata))
         archive.writestr("model.jax_exported", bytes(exported.serialize()))
     return path
 
@@ -361,6 +374,18 @@ def test_files_that_only_carry_the_metadata_are_refused(user_image_files, tmp_pa
         assert result.stdout == ""  # no confidence of 31.33 printed before the error
 
 
+def test_serve_stops_when_the_model_fails_on_its_first_images(tmp_path: Path):
+    """A file that loads but does not return probabilities: `serve` used to stay up, never
+    ready, answering 503 for ever; it stops with the reason, as `predict` does."""
+    path = forged_onnx(tmp_path / "raw.onnx", softmax=False)
+    result = subprocess.run(
+        ["digitjax", "serve", "--port", "0", "--workers", "1", "--model", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert_one_line_error(result.stderr, "raw.onnx returned values that are not probabilities")
+
+
 def test_a_zip_bomb_is_refused_from_its_directory(user_image_files, tmp_path: Path):
     """A .stablehlo archive whose member unpacks to 256 MiB of zeros from 256 kB: refused
     before anything is decompressed."""
@@ -380,24 +405,55 @@ def test_a_zip_bomb_is_refused_from_its_directory(user_image_files, tmp_path: Pa
     assert time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
-def test_a_model_that_is_a_device_is_read_no_further_than_the_limit(
-    user_image_files, tmp_path: Path, device: str
+@pytest.mark.parametrize("kind", ["/dev/zero", "/dev/urandom", "a named pipe"])
+def test_a_model_that_is_no_regular_file_is_refused_unread(
+    user_image_files, tmp_path: Path, kind: str
 ):
-    """A device has no size to check, and no end: read past the limit, it would take all the
-    memory. Here the limit is 1 MiB, the memory 2 GiB: reading on fails in seconds."""
-    (tmp_path / "z.onnx").symlink_to(device)
+    """A device has no end: read, it would take all the memory (bounded here to 2 GiB); a
+    named pipe blocks whoever opens it until something writes to it. Both are refused."""
+    model = tmp_path / "z.onnx"
+    if kind.startswith("/dev/"):
+        model.symlink_to(kind)
+    else:
+        os.mkfifo(model)
     bounded = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31)); "
-        "from digitjax.inference import export; export.MAX_FILE_BYTES = 2**20; "
         "from digitjax.launch import main; main()"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", bounded, "predict", str(user_image_files[0]), "--model", "z.onnx"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert_one_line_error(result.stderr, "z.onnx is too large for a digitjax export")
+    for command in ("predict", "serve") if kind == "a named pipe" else ("predict",):
+        args = [str(user_image_files[0]), "--model", "z.onnx"] if command == "predict" else [
+            "--model", "z.onnx", "--port", "0"]  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", bounded, command, *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1, (command, result.stderr)
+        assert_one_line_error(result.stderr, "z.onnx is not a regular file")
+
+
+def test_exports_with_forged_metadata_are_refused(user_image_files, tmp_path: Path):
+    """Metadata values a forged or damaged file may hold, each refused on loading, in one
+    line naming the field, by `predict` and by `serve` (whose answers show them)."""
+    base = {"dataset": "mnist", "num_classes": 10}
+    cases = [
+        ({"step": "x"}, "its metadata's step is 'x'"),
+        ({"test_accuracy": "abc"}, "its metadata's test_accuracy is 'abc'"),
+        ({"temperature": -0.4}, "its metadata's temperature is -0.4"),
+        ({"num_classes": "10"}, "its metadata's num_classes is '10'"),
+        ({"dataset": None}, "its metadata's dataset is None"),
+    ]
+    for n, (fields, message) in enumerate(cases):
+        for path in (
+            forged_onnx(tmp_path / f"m{n}.onnx", metadata={**base, **fields}),
+            forged_stablehlo(tmp_path / f"m{n}.stablehlo", "N, 28, 28", 10, {**base, **fields}),
+        ):
+            result = runner.invoke(app, ["predict", str(user_image_files[0]), "--model", str(path)])
+            assert result.exit_code == 1, (path.name, result.output)
+            assert_one_line_error(result.stderr, path.name, message)
+            if n == 0:  # the server used to start, then fail on its first answer's schema
+                served = run_digitjax("serve", "--port", "0", "--model", str(path))
+                assert served.returncode == 1, served.stderr
+                assert_one_line_error(served.stderr, path.name, message)
 
 
 def test_the_format_is_told_by_the_content_not_the_name(exports, user_image_files, tmp_path: Path):

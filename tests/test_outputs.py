@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from digitjax.cli import app
 from digitjax.data import read_idx_split
+from digitjax.outputs import write_files
 
 runner = CliRunner()
 
@@ -196,3 +197,22 @@ def test_an_input_image_is_never_an_output_even_with_overwrite(
             assert result.exit_code == 1, result.output
             assert_one_line_error(result.stderr, f"{flag} {shown}: is one of the input images")
             assert (workdir / "seven.png").read_bytes() == image
+
+
+def test_several_files_are_written_all_or_none(tmp_path: Path):
+    """--save-preprocessed's images: one that cannot be written (here its folder is a file;
+    on a full disk, its bytes) leaves none of them, and the file it would replace as it was."""
+    (tmp_path / "a.png").write_bytes(b"an earlier image")
+    (tmp_path / "afile").write_text("mine\n")
+    contents = {
+        tmp_path / "a.png": b"new",
+        tmp_path / "b.png": b"new",
+        tmp_path / "afile" / "c.png": b"new",
+    }
+    with pytest.raises(OSError):
+        write_files(contents)
+    assert everything_under(tmp_path) == [tmp_path / "a.png", tmp_path / "afile"]
+    assert (tmp_path / "a.png").read_bytes() == b"an earlier image"
+    del contents[tmp_path / "afile" / "c.png"]
+    write_files(contents)
+    assert [p.read_bytes() for p in contents] == [b"new", b"new"]

@@ -206,6 +206,21 @@ def test_table_at_80_columns_shows_every_file_name_whole(no_runs):
     assert "non-digit detector" not in result.stdout  # the bundled model has one
 
 
+def test_table_at_40_columns_names_every_file(no_runs):
+    """Too narrow for the top 3 beside the names: the names stay, the top 3 goes (--json
+    has it); it used to be the other way round, a file column of one `…`."""
+    images, labels = read_idx_split(MNIST_DIR, "test")
+    for i in range(3):
+        Image.fromarray(images[i]).save(no_runs / f"{i}.png")
+    files = [f"{i}.png" for i in range(3)]
+    result = run_digitjax("predict", *files, cwd=no_runs, env={**os.environ, "COLUMNS": "40"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 40 and "top 3" not in result.stdout
+    for name, label in zip(files, labels):
+        assert any(line.startswith(f"│ {name} ") and f"│ {label} " in line for line in lines)
+
+
 def test_empty_folder(no_runs):
     (no_runs / "empty").mkdir()
     result = runner.invoke(app, ["predict", str(no_runs / "empty")])

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from digitjax import checkpoint
 from digitjax.benchmark import training_throughput
 from digitjax.cli import app
-from digitjax.config import Config
+from digitjax.config import Config, UserError
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh
-from digitjax.tracking import PROFILED_CHUNKS, EventFile
+from digitjax.tracking import PROFILED_CHUNKS, EventFile, Trace
 from digitjax.train import Schedule, learning_rate_schedule
 
 runner = CliRunner()
@@ -225,3 +225,30 @@ def test_profile_into_a_file_is_one_clean_line_before_any_work(command, tiny_mni
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "--profile", "is a file, not a folder")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_trace_that_cannot_be_written_leaves_none_of_its_files(tmp_path, monkeypatch, existed):
+    """A full disk while JAX writes the trace: one UserError, the half-written trace removed,
+    what was in the folder before kept."""
+    import jax
+
+    folder = tmp_path / "profile"
+    if existed:
+        (folder / "earlier").mkdir(parents=True)
+        (folder / "earlier" / "trace.pb").write_text("an earlier trace")
+    real_stop = jax.profiler.stop_trace
+
+    def stop_on_a_full_disk() -> None:
+        real_stop()  # writes the trace; then, as if the disk had filled midway:
+        written = next(folder.rglob("*.xplane.pb"))
+        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {written}; No space left on device")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk)
+    trace = Trace(folder)
+    with pytest.raises(UserError, match="cannot write the trace: No space left on device$"):
+        trace.stop()
+    if existed:
+        assert sorted(folder.rglob("*")) == [folder / "earlier", folder / "earlier" / "trace.pb"]
+    else:
+        assert not folder.exists()

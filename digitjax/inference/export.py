@@ -16,9 +16,12 @@ digitjax version, the input contract):
 This module imports no JAX at the top: running an ONNX file must not pay for importing it.
 """
 
+import hashlib
 import importlib.util
 import io
 import json
+import math
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,13 @@ MAX_FILE_BYTES = 2**31  # ONNX's protobuf limit; far above any model digitjax tr
 MAX_MEMBER_BYTES = 2**30
 MAX_COMPRESSION_RATIO = 20
 ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(uint8)": "uint8"}
+# An ONNX file carries the SHA-256 of its own bytes, taken with the digest's 64 characters
+# written as zeros, under this key of its properties: a flipped bit in a weight would
+# otherwise change answers silently (a StableHLO archive has its zip's CRCs). In the file the
+# property is the key's protobuf field (1), then the 64-byte value's (2).
+CHECKSUM_KEY = "digitjax_sha256"
+_CHECKSUM_FIELD = b"\x0a" + bytes([len(CHECKSUM_KEY)]) + CHECKSUM_KEY.encode() + b"\x12\x40"
+_UNSIGNED = b"0" * 64
 PREPROCESSING = (
     "(N, 28, 28) float32 in [0, 1]: a white digit on black, its longer side scaled to 20 px and "
     "its centre of mass at the centre, as in MNIST (what digitjax.inference.preprocess produces)"
@@ -241,9 +251,45 @@ def _onnx_file(
             + (f"; {SCORE_NAME}: (N,), positive for a non-digit." if len(outputs) > 1 else ".")
         ),
     )
-    helper.set_model_props(onnx_model, {METADATA_KEY: json.dumps(metadata)})
+    properties = {METADATA_KEY: json.dumps(metadata), CHECKSUM_KEY: _UNSIGNED.decode()}
+    helper.set_model_props(onnx_model, properties)
     onnx.checker.check_model(onnx_model, full_check=True)
-    return onnx_model.SerializeToString()
+    return signed(onnx_model.SerializeToString())
+
+
+def signed(unsigned: bytes) -> bytes:
+    """An ONNX file's bytes with its checksum written in place of the zeros it carries."""
+    at = _checksum_at(unsigned)
+    if at is None:
+        raise ValueError(f"no single {CHECKSUM_KEY} property to write the checksum into")
+    digest = hashlib.sha256(unsigned).hexdigest().encode()
+    return unsigned[:at] + digest + unsigned[at + len(digest) :]
+
+
+def _checksum_at(data: bytes) -> int | None:
+    """Where the checksum's 64 characters start in an ONNX file's bytes (None: it has none,
+    or more than one)."""
+    found = data.find(_CHECKSUM_FIELD)
+    if found < 0 or data.find(_CHECKSUM_FIELD, found + 1) >= 0:
+        return None
+    return found + len(_CHECKSUM_FIELD)
+
+
+def _check_checksum(path: Path, data: bytes) -> None:
+    at = _checksum_at(data)
+    if at is None:
+        raise _not_an_export(
+            path,
+            "ONNX",
+            "it carries no checksum (older digitjax exports did not: export it again)",
+        )
+    claimed = data[at : at + len(_UNSIGNED)]
+    unsigned = data[:at] + _UNSIGNED + data[at + len(_UNSIGNED) :]
+    if hashlib.sha256(unsigned).hexdigest().encode() != claimed:
+        raise UserError(
+            f"{path} is damaged: its contents do not match its checksum (a flipped bit, a cut "
+            "or edited copy); export it again"
+        )
 
 
 class ExportedModel:
@@ -266,8 +312,8 @@ class ExportedModel:
             step=self.metadata.get("step"),
             test_accuracy=self.metadata.get("test_accuracy"),
             temperature=self.metadata.get("temperature"),
-            dataset=str(self.metadata.get("dataset")),
-            num_classes=self.metadata.get("num_classes", 0),
+            dataset=self.metadata["dataset"],
+            num_classes=self.metadata["num_classes"],
             detects_non_digits=_has_detector(self.metadata),
         )
 
@@ -313,14 +359,17 @@ def _are_probabilities(rows: np.ndarray) -> bool:
 
 
 def _read_limited(path: Path) -> bytes:
-    """The file's bytes, refused past MAX_FILE_BYTES: told by its size where it has one, by
-    reading one byte more where it has none (a device such as /dev/zero, a pipe)."""
+    """The file's bytes, refused past MAX_FILE_BYTES. Regular files only: a pipe would block
+    until something wrote to it, and a device such as /dev/zero never ends."""
     too_large = UserError(f"{path} is too large for a digitjax export")
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise UserError(f"{path} is not a regular file: not a digitjax export")
+        if status.st_size > MAX_FILE_BYTES:
             raise too_large
         with path.open("rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)
+            data = file.read(MAX_FILE_BYTES + 1)  # bounded: it may have grown since
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > MAX_FILE_BYTES:
@@ -344,7 +393,7 @@ def _check_signature(
     scores where the metadata says it has a non-digit detector; N free, named as an export
     names them (ONNX names its tensors; StableHLO does not)."""
     named = fmt == "ONNX"
-    num_classes = metadata.get("num_classes", 0)
+    num_classes = metadata["num_classes"]
     want_in = (INPUT_NAME if named else None, "float32", (None, IMAGE_SIDE, IMAGE_SIDE))
     want_out: list[Signature] = [(OUTPUT_NAME if named else None, "float32", (None, num_classes))]
     if _has_detector(metadata):
@@ -365,6 +414,7 @@ def _describe(tensor: Signature) -> str:
 
 
 def _load_onnx(path: Path, data: bytes) -> tuple[dict, Any]:
+    _check_checksum(path, data)
     try:
         import onnxruntime
     except ImportError:
@@ -464,4 +514,29 @@ def _parse_metadata(path: Path, fmt: str, raw: str | None) -> dict:
         raise _not_an_export(path, fmt, f"unreadable metadata ({e})") from None
     if not isinstance(metadata, dict):
         raise _not_an_export(path, fmt, "unreadable metadata")
+    for name, valid in METADATA_FIELDS.items():
+        if not valid(metadata.get(name)):
+            shown = repr(metadata.get(name))[:40]
+            raise _not_an_export(path, fmt, f"its metadata's {name} is {shown}")
     return metadata
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# The metadata fields a loaded export is described and judged by (ModelInfo), and what each
+# must hold: a forged or damaged document is refused here rather than failing later, where
+# its values are used (the server's answers, the default confidence threshold).
+METADATA_FIELDS = {
+    "num_classes": lambda v: _is_int(v) and 2 <= v <= 100_000,
+    "dataset": lambda v: isinstance(v, str),
+    "step": lambda v: v is None or (_is_int(v) and v >= 0),
+    "test_accuracy": lambda v: v is None or (_is_number(v) and 0 <= v <= 1),
+    "temperature": lambda v: v is None or (_is_number(v) and v > 0),
+    "non_digit_score": lambda v: v is None or isinstance(v, dict),
+}

@@ -19,7 +19,7 @@ from digitjax.inference.classifier import (
 )
 from digitjax.inference.parallel import preprocess_many, preprocess_previewed
 from digitjax.inference.preprocess import png_bytes
-from digitjax.outputs import write_file
+from digitjax.outputs import write_file, write_files
 
 # What a folder search takes: the names of preprocess.FORMATS' files.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif"}
@@ -173,5 +173,4 @@ def save_seen(folder: Path, files: list[Path], seen: dict[Path, Seen]) -> None:
     """The 28x28 image the model saw for each of the `files` it saw, into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     names = preprocessed_names(folder, files)
-    for path, image in seen.items():
-        write_file(names[path], png_bytes(image.digit))
+    write_files({names[path]: png_bytes(image.digit) for path, image in seen.items()})

@@ -11,7 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from digitjax import interrupts
-from digitjax.config import Interrupted, UserError
+from digitjax.config import Interrupted, UserError, reason
 from digitjax.inference.predict import load_classifier
 from digitjax.serving.app import create_app
 from digitjax.serving.guard import guarded_protocol
@@ -45,10 +45,20 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
             timeout_keep_alive=30,
         )
         _stop_if(signalled())
-        _Uvicorn(config, signalled).run(sockets=[listener])
+        runner = _Uvicorn(config, signalled)
+        server.stop_serving = runner.exit_soon
+        runner.run(sockets=[listener])
         if not server.ready:
             _stop_if(signalled())
+        if server.failure is not None:
+            raise _as_user_error(server.failure)
     report("Stopped.")
+
+
+def _as_user_error(failure: Exception) -> UserError:
+    if isinstance(failure, UserError):
+        return failure
+    return UserError(f"the model failed on its first images: {reason(failure)}")
 
 
 class _Uvicorn(uvicorn.Server):
@@ -58,6 +68,10 @@ class _Uvicorn(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, signalled: Callable[[], int | None]):
         super().__init__(config)
         self.signalled = signalled
+
+    def exit_soon(self) -> None:
+        """Ends serving as a signal would (uvicorn checks it every 0.1 s)."""
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -103,6 +103,10 @@ class Server:
         largest = min(MAX_BATCH, largest * len(ONE_PIXEL_SHIFTS))
         self.batch_sizes = batch_sizes(largest)
         self.ready = False
+        # What stopped the warm-up (the model failing on its first images), and how to stop
+        # serving then: set by whoever runs the server (`process.serve`).
+        self.failure: Exception | None = None
+        self.stop_serving: Callable[[], None] = lambda: None
         self.model_info = ModelInfoOut.of(classifier.info)
         self.default_min_confidence = default_min_confidence(classifier.info)
         self.decoder: Decoder
@@ -142,10 +146,15 @@ class Server:
                 self.classifier.outputs(np.zeros((size, 28, 28), np.float32))
 
         sample = Upload(None, png_bytes(np.pad(np.ones((8, 8), np.float32), 10)))
-        await asyncio.gather(
-            self.batcher.run_in_thread(compile_all),
-            self.decoder.preprocess([sample] * 2 * self.options.workers, "warm-up"),
-        )
+        try:
+            await asyncio.gather(
+                self.batcher.run_in_thread(compile_all),
+                self.decoder.preprocess([sample] * 2 * self.options.workers, "warm-up"),
+            )
+        except Exception as e:  # the model cannot serve: a server that never gets ready is worse
+            self.failure = e
+            self.stop_serving()
+            return
         # The cyclic collector would otherwise keep rescanning the ~10^5 objects that JAX and
         # Flax left behind, for every request's few new ones.
         gc.freeze()
