@@ -41,6 +41,7 @@ from digitjax.runs import (
     usable_steps,
 )
 from digitjax.weights import (
+    DETECTOR_FILE,
     NonDigitDetector,
     check_shapes,
     check_summary,
@@ -85,6 +86,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume and not usable_steps(run_dir / LATEST):
         if usable_steps(run_dir / BEST):
             raise UserError(f"cannot resume {run_dir}: its latest/ checkpoint is missing")
+        if unreadable := _not_restartable(run_dir):
+            raise UserError(f"cannot resume {run_dir}: it holds {unreadable}")
         raise UserError(
             f"nothing to resume: {run_dir} holds no checkpoint (a run stops without one if it "
             "ends in its first epoch); run the same command without --resume to start it"
@@ -94,6 +97,31 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir} already holds a run: pass --resume to continue it "
             "or --overwrite to replace it"
         )
+    if not resume and not overwrite and (unreadable := _not_restartable(run_dir)):
+        raise UserError(
+            f"{run_dir} holds {unreadable}: pass --overwrite to replace it, or choose another --out"
+        )
+
+
+def _not_restartable(run_dir: Path) -> str | None:
+    """What keeps a folder without a checkpoint from being started again in place (its run's
+    items removed), described; None where latest/ and best/ hold no more than a run that ended
+    in its first epoch leaves there: Orbax's temporary folders. Anything else in them is a
+    damaged run's (a step folder missing a file, which evaluate may still read) or the user's
+    own, not to be removed unasked. (metrics.jsonl is a diverged first epoch's too.)"""
+    for folder in [run_dir, *seed_run_dirs(run_dir)]:
+        for kind in (LATEST, BEST):
+            if not (folder / kind).is_dir() or (folder / kind).is_symlink():
+                if (folder / kind).exists() or (folder / kind).is_symlink():
+                    return f"{(folder / kind).relative_to(run_dir)}, which is not a folder"
+                continue
+            for path in sorted((folder / kind).iterdir()):
+                if ocp.utils.TMP_DIR_SUFFIX not in path.name:
+                    name = path.relative_to(run_dir)
+                    if path.name.isdigit():
+                        return f"{name}, a checkpoint that is incomplete or damaged"
+                    return f"{name}, which no digitjax run wrote"
+    return None
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -102,18 +130,25 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if not resume:
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The run's own files are replaced by writing a new file and renaming it over the old
+    # one, through a link: a link at one of their names would have a file elsewhere replaced.
+    for name in (METRICS_FILE, CURVES_FILE, SEEDS_FILE, DETECTOR_FILE):
+        if (run_dir / name).is_symlink():
+            (run_dir / name).unlink()
 
 
 def clear_run(run_dir: Path) -> None:
     """Removes a previous run's items (with a `--seeds` run's runs), and nothing else the
-    folder may hold."""
-    for path in seed_run_dirs(run_dir) + [run_dir / item for item in RUN_ITEMS]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for path in run_dir.glob(EVENT_FILES):
-        path.unlink()
+    folder may hold: a link among them is removed, not what it links to."""
+    items = seed_run_dirs(run_dir) + [run_dir / item for item in RUN_ITEMS]
+    for path in items + sorted(run_dir.glob(EVENT_FILES)):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        except OSError as e:
+            raise UserError(f"cannot remove {path} to replace the run: {e.strerror or e}") from None
 
 
 def discard_steps_after(run_dir: Path, step: int) -> None:
@@ -133,6 +168,13 @@ def discard_steps_after(run_dir: Path, step: int) -> None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Holds the run folder for this process (`filelocks`: released by the operating system
     when the process dies, however it dies, so a stale lock never blocks a later run)."""
+    if "[" in str(run_dir.absolute()) or "]" in str(run_dir.absolute()):
+        # Orbax merges each checkpoint's files by a pattern made of the path: under such a
+        # path it finds none, and writes checkpoints that no one can read.
+        raise UserError(
+            f"--out {run_dir}: digitjax cannot write checkpoints under a path holding [ or ] "
+            "(Orbax reads them as a pattern); choose another folder"
+        )
     created = not run_dir.exists()
     lock = contextlib.ExitStack()
     try:

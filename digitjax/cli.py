@@ -60,17 +60,22 @@ class OneLineErrors(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         with interrupts.stop_on_signals():
             try:
-                result = super().main(*args, standalone_mode=False, **kwargs)
-            except CLICK_ERROR as e:
-                hint = f"; see '{e.ctx.command_path} --help'" if getattr(e, "ctx", None) else ""
-                render.error_line(f"{e.format_message().rstrip('.')}{hint}")
-                result = e.exit_code
-            except typer.Abort:
+                try:
+                    result = super().main(*args, standalone_mode=False, **kwargs)
+                except CLICK_ERROR as e:
+                    ctx = getattr(e, "ctx", None)
+                    hint = f"; see '{ctx.command_path} --help'" if ctx else ""
+                    render.error_line(f"{e.format_message().rstrip('.')}{hint}")
+                    result = e.exit_code
+                except typer.Abort:
+                    result = 130
+            except interrupts.Stopped:  # one more, while the outcome above was being shown
                 result = 130
-            signum = interrupts.received()
-            if signum is not None:  # Typer turns the interrupt into exit status 130, silently
-                render.err.print("[yellow]interrupted[/yellow]")
-                result = 128 + signum
+            with interrupts.recorded_only():
+                signum = interrupts.received()
+                if signum is not None:  # Typer makes the interrupt exit status 130, silently
+                    render.err.print("[yellow]interrupted[/yellow]")
+                    result = 128 + signum
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)

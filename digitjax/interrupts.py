@@ -79,7 +79,11 @@ def deferred() -> Iterator[Callable[[], int | None]]:
     def note(signum: int, frame: FrameType | None) -> None:
         noted.append(signum)
         if len(noted) > 1:
-            _raise_stopped(signum, frame)
+            # Recorded as `stop_on_signals` records: should the exception be swallowed on its
+            # way (inside Orbax's threads, a garbage-collector callback), the command still
+            # ends as the first signal asked, in one line.
+            _received.append(noted[0])
+            _raise_stopped(noted[0], frame)
 
     with _handling(note):
         yield lambda: noted[0] if noted else None
@@ -94,10 +98,19 @@ def at_once() -> Iterator[Callable[[], int | None]]:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         noted.append(signum)
+        _received.append(signum)
         _raise_stopped(signum, frame)
 
     with _handling(stop):
         yield lambda: noted[0] if noted else None
+
+
+@contextlib.contextmanager
+def recorded_only() -> Iterator[None]:
+    """For a command's last words (its `interrupted` line): a stop signal is recorded, not
+    raised, so that a storm of them cannot cut the line short with a traceback."""
+    with _handling(lambda signum, frame: _received.append(signum)):
+        yield
 
 
 def exit_at_once(signum: int) -> None:

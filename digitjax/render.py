@@ -282,7 +282,8 @@ def path_column_width(paths: list[str], terminal_width: int) -> tuple[int, bool]
     longest = max(map(cell_len, paths), default=1)
     names = max((cell_len(Path(path).name) + 2 for path in paths), default=1)
     if room - 12 < min(names, longest):
-        return max(1, min(longest, room + 3)), False  # the top 3's separator is room too
+        # Its three cells of border are room too, but "not a digit" takes six more than "digit".
+        return max(1, min(longest, room - 3)), False
     return max(1, min(longest, max(names, room - 27), room - 12)), True
 
 

@@ -203,9 +203,8 @@ def _prepare_folders(
         checkpoint.prepare_run_dir(run_dir, resume=False)
         write_file(run_dir / SEEDS_FILE, (json.dumps({"seeds": list(seeds)}) + "\n").encode())
     for folder in folders:
-        if restart_step is None:
-            checkpoint.prepare_run_dir(folder, resume=False)
-        else:
+        checkpoint.prepare_run_dir(folder, resume=restart_step is not None)
+        if restart_step is not None:
             checkpoint.discard_steps_after(folder, restart_step)
 
 

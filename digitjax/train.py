@@ -416,8 +416,11 @@ class TrainingSetup:
         return orders[0] if self.seeds is None else np.stack(orders)
 
     def restore_target(self) -> Any:
-        """One run's state's shapes, dtypes and placements, for restoring a checkpoint onto."""
-        abstract = jax.eval_shape(lambda: init_state(self.config, self.tx, self.num_classes))
+        """One run's state's shapes, dtypes and placements, for restoring a checkpoint onto.
+        Not read from --init-from's run (its shapes are this run's): a resumed run needs only
+        its own checkpoint, and that run may be gone."""
+        fresh = dataclasses.replace(self.config, init_from=None)
+        abstract = jax.eval_shape(lambda: init_state(fresh, self.tx, self.num_classes))
         return abstract_on(abstract, replicated(self.mesh))
 
     def eval_params(self, state: TrainState) -> dict[str, Any]:
@@ -766,7 +769,14 @@ def _run(
 
         for run in runs:
             if run.log.history:
-                plot_curves(run.log.history, run.log.curve, run.run_dir / checkpoint.CURVES_FILE)
+                curves = run.run_dir / checkpoint.CURVES_FILE
+                try:
+                    plot_curves(run.log.history, run.log.curve, curves)
+                except OSError as e:  # a full disk: the training itself is safe, say so
+                    raise UserError(
+                        f"cannot write {curves}: {e.strerror or e}; the run's checkpoints are "
+                        "complete (--resume draws the curves)"
+                    ) from None
         for run in runs:
             if run.config.non_digit_detector:
                 _fit_detector(run.run_dir, callbacks, received_signal)

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -210,20 +210,43 @@ def verify_checksums(
 
 
 def check_summary(summary: Any, step_dir: Path) -> None:
+    """The summary's fields that evaluating, predicting and resuming read, each of the type and
+    range that training writes: a forged or damaged one is refused here, in one line, rather
+    than failing (or answering NaN) where a value is used."""
     records = summary.get("history") if isinstance(summary, dict) else None
     if not isinstance(records, list) or not all(
         isinstance(r, dict) and {"epoch", "step", "test_accuracy"} <= set(r) for r in records
     ):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (its summary has no history)")
-    if not isinstance(summary.get("num_classes"), int):
-        raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
-    temperature = summary.get("temperature")
-    if temperature is not None and not (
-        isinstance(temperature, int | float)
-        and not isinstance(temperature, bool)
-        and 0 < temperature < math.inf
+    if not all(
+        _is_int(r["epoch"]) and _is_int(r["step"]) and _is_number(r["test_accuracy"], 0, 1)
+        for r in records
     ):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (its history is not numbers)")
+    num_classes = summary.get("num_classes")
+    if not (_is_int(num_classes) and 2 <= num_classes <= 100_000):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
+    checksums = summary.get("checksums", {})
+    if not (isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (its checksums are not text)")
+    curve = summary.get("curve", [])
+    if not (isinstance(curve, list) and all(isinstance(point, dict) for point in curve)):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (its curve is not a list)")
+    if not _is_number(summary.get("wall_seconds", 0.0), 0, math.inf):
+        raise UserError(f"{step_dir} is not a digitjax checkpoint (its wall time is no number)")
+    temperature = summary.get("temperature")
+    # Fitted temperatures lie in evaluate.TEMPERATURE_BRACKET (1/20 to 20); far outside it the
+    # logits divided by it overflow, and the probabilities are NaN.
+    if temperature is not None and not _is_number(temperature, 1e-3, 1e3):
         raise UserError(f"{step_dir} has an invalid temperature {temperature!r} in its summary")
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any, low: float, high: float) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and low <= value <= high
 
 
 def config_of(raw: Any, step_dir: Path) -> Config:

@@ -3,6 +3,7 @@ nothing partial on disk, wherever they land: in the installed command's own proc
 several moments, and inside a garbage-collector callback, where Python swallows the exception
 (as it did inside JAX's `_xla_gc_callback`). Training's own handling is in test_reliability."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from helpers import MNIST_DIR, run_digitjax
 from PIL import Image
 
+from digitjax import interrupts
 from digitjax.data import read_idx_split
 from digitjax.inference.classifier import BUNDLED_MODEL
 
@@ -247,3 +249,17 @@ def test_a_signal_while_serve_starts_stops_it_in_one_line(signum, tmp_path):
     # serve says what it stopped: the page is not served yet.
     said = f"Stopped by {signum.name} before it was ready."
     assert_stopped_in_one_line(process.returncode, rest, signum, said)
+
+
+def test_a_second_signal_in_deferred_code_is_recorded_as_the_first():
+    """Training defers a first SIGTERM; a second one raises at once, and is recorded too: if
+    its exception is swallowed on the way (inside Orbax's threads), the command still ends
+    with the first signal's status (143) and its line, not as a Ctrl-C or silently."""
+    with interrupts.stop_on_signals():
+        with interrupts.deferred() as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received() == signal.SIGTERM and interrupts.received() is None
+            with pytest.raises(interrupts.Stopped) as stopped:
+                os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.signum == signal.SIGTERM
+        assert interrupts.received() == signal.SIGTERM

@@ -14,17 +14,20 @@ import jax
 import numpy as np
 import pytest
 from helpers import (
+    MNIST_DIR,
     assert_one_line_error,
     history,
     run_digitjax,
     signal_until_each_lands,
     tiny_train,
 )
+from PIL import Image
 from typer.testing import CliRunner
 
 from digitjax import checkpoint
 from digitjax.cli import app
 from digitjax.config import Config, Interrupted
+from digitjax.data import read_idx_split
 from digitjax.train import Callbacks, train
 
 runner = CliRunner()
@@ -350,3 +353,110 @@ def test_chaos_kills_and_signals_never_lose_the_run(reference, tiny_mnist, tmp_p
     saved, expected = checkpoint.restore_model(run_dir), checkpoint.restore_model(reference)
     for got, want in zip(jax.tree.leaves(saved.params), jax.tree.leaves(expected.params)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("checksums", 5, "its checksums are not text"),
+        ("num_classes", 0, "no class count"),
+        ("curve", 5, "its curve is not a list"),
+        ("wall_seconds", "x", "its wall time is no number"),
+        ("temperature", 1e-300, "invalid temperature 1e-300"),
+        ("history", [{"epoch": 1, "step": 30, "test_accuracy": "x"}], "history is not numbers"),
+    ],
+)
+def test_a_forged_summary_is_refused_in_one_line(reference, tmp_path, field, value, message):
+    """Each field that evaluating, predicting or resuming reads, forged: one line each, where
+    they used to be tracebacks (a TypeError, a ZeroDivisionError deep in Flax) or a NaN
+    confidence printed as an answer."""
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run"))
+    for metadata in run_dir.glob("*/*/summary/metadata"):
+        summary = json.loads(metadata.read_text())
+        metadata.write_text(json.dumps({**summary, field: value}))
+    image = tmp_path / "seven.png"
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(image)
+    for args in (
+        ["predict", str(image), "--checkpoint", str(run_dir)],
+        ["evaluate", str(run_dir)],
+        ["train", "--out", str(run_dir), "--resume"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert_one_line_error(result.stderr, message)
+
+
+def test_a_folder_without_a_checkpoint_is_restarted_only_when_nothing_would_be_lost(
+    reference, tiny_mnist, tmp_path
+):
+    """Started again in place without --overwrite only where all a run left is what one that
+    ended in its first epoch leaves. The user's own files under a run's names, and a run whose
+    checkpoint lacks a file (which evaluate may still read), are refused and left as they
+    are."""
+    mine = tmp_path / "mine"
+    (mine / "latest").mkdir(parents=True)
+    (mine / "latest" / "notes.txt").write_text("mine")
+    damaged = Path(shutil.copytree(reference, tmp_path / "damaged"))
+    for marker in damaged.glob("*/*/_CHECKPOINT_METADATA"):
+        marker.unlink()
+    for run_dir, message in [
+        (mine, "latest/notes.txt, which no digitjax run wrote"),
+        (damaged, "a checkpoint that is incomplete or damaged"),
+    ]:
+        before = contents(run_dir)
+        result = runner.invoke(app, flags(tiny_mnist, run_dir, epochs=1))
+        assert result.exit_code == 1, result.output
+        assert_one_line_error(result.stderr, message, "pass --overwrite")
+        assert contents(run_dir) == before
+    result = runner.invoke(app, ["train", "--out", str(damaged), "--resume"])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, f"cannot resume {damaged}: it holds", "damaged")
+
+
+def contents(folder: Path) -> dict[Path, bytes]:
+    """Every file's bytes but the lock's (which names the last process that held it)."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name != checkpoint.LOCK_FILE]
+    return {p: p.read_bytes() for p in files}
+
+
+def test_links_in_a_run_folder_are_replaced_not_followed(reference, tiny_mnist, tmp_path):
+    """A link at a run's file name, or at its best/ folder: resuming writes the run's own
+    file in the link's place, --overwrite removes the link; what they link to is untouched."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "folder").mkdir(parents=True)
+    (elsewhere / "important.txt").write_text("precious")
+    (elsewhere / "folder" / "kept.txt").write_text("kept")
+    run_dir = tmp_path / "run"
+
+    def stop_after_the_first_epoch(step: int) -> None:
+        if step == STEPS_PER_EPOCH:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(
+            tiny_config(tiny_mnist),
+            run_dir,
+            callbacks=Callbacks(on_chunk=stop_after_the_first_epoch),
+        )
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").symlink_to(elsewhere / "important.txt")
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "important.txt").read_text() == "precious"
+    assert not (run_dir / "metrics.jsonl").is_symlink() and history(run_dir) == history(reference)
+    shutil.rmtree(run_dir / "best")
+    (run_dir / "best").symlink_to(elsewhere / "folder")
+    result = runner.invoke(app, [*flags(tiny_mnist, run_dir, epochs=1), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "folder" / "kept.txt").read_text() == "kept"
+    assert (run_dir / "best").is_dir() and not (run_dir / "best").is_symlink()
+
+
+def test_a_run_folder_under_brackets_is_refused_before_any_work(tiny_mnist, tmp_path):
+    """Orbax wrote checkpoints under `runs/a[1]` that it could not read back (its files are
+    merged by a pattern made of the path): such a folder is refused, and nothing is made."""
+    run_dir = tmp_path / "runs" / "a[1]"
+    result = runner.invoke(app, flags(tiny_mnist, run_dir, epochs=1))
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, "cannot write checkpoints under a path holding [ or ]")
+    assert not (tmp_path / "runs").exists()

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,11 +18,12 @@ from typer.testing import CliRunner
 
 from digitjax import checkpoint
 from digitjax.cli import app
-from digitjax.config import Config
+from digitjax.config import Config, Interrupted
 from digitjax.data import load_dataset, read_idx_split
 from digitjax.distributed import make_mesh
 from digitjax.model import abstract_model, apply, normalize
 from digitjax.train import (
+    Callbacks,
     Schedule,
     chunk_lengths,
     epoch_order,
@@ -29,6 +32,7 @@ from digitjax.train import (
     make_optimizer,
     make_train_step,
     prepare_training,
+    train,
 )
 
 runner = CliRunner()
@@ -280,6 +284,30 @@ def test_init_from_starts_where_the_checkpoint_ended(tiny_run: Path, tiny_mnist:
     for path, value in checkpoint.leaves_by_path(tuned.params).items():
         np.testing.assert_allclose(value, checkpoint.leaves_by_path(start.params)[path], atol=1e-6)
     assert history(run_dir)[0]["test_accuracy"] == start.summary["best"]["test_accuracy"]
+
+
+def test_a_fine_tune_resumes_from_its_own_checkpoint_alone(
+    tiny_run: Path, tiny_mnist: Path, tmp_path: Path
+):
+    """An --init-from run stopped in its second epoch resumes exactly, even with the run it
+    started from gone (resuming used to read that run again, and failed)."""
+    source = Path(shutil.copytree(tiny_run, tmp_path / "source"))
+    reference = tmp_path / "reference"
+    flags = tiny_train(tiny_mnist, reference, "--init-from", str(source), epochs=2)
+    assert runner.invoke(app, flags).exit_code == 0
+    config = checkpoint.read_config(reference, checkpoint.LATEST)[0]
+    run_dir = tmp_path / "run"
+
+    def interrupt(step: int) -> None:
+        if step >= 40:  # in the second epoch (30 steps each)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(config, run_dir, callbacks=Callbacks(on_chunk=interrupt))
+    shutil.rmtree(source)
+    result = runner.invoke(app, ["train", "--out", str(run_dir), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert history(run_dir) == history(reference)
 
 
 def test_init_from_refuses_another_model_before_touching_the_run(
