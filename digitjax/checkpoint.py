@@ -175,6 +175,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             f"--out {run_dir}: digitjax cannot write checkpoints under a path holding [ or ] "
             "(Orbax reads them as a pattern); choose another folder"
         )
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise UserError(f"--out {run_dir} is a link to nothing, not a folder")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder")
     created = not run_dir.exists()
     lock = contextlib.ExitStack()
     try:
@@ -186,7 +190,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             "wait for it to end or stop it"
         ) from None
     except OSError as e:
-        raise UserError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+        what = "create run folder" if created else "write in run folder"
+        raise UserError(f"cannot {what} {run_dir}: {e.strerror}") from None
     try:
         yield
     finally:

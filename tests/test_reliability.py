@@ -460,3 +460,19 @@ def test_a_run_folder_under_brackets_is_refused_before_any_work(tiny_mnist, tmp_
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "cannot write checkpoints under a path holding [ or ]")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("file", "is a file, not a folder"), ("dangling link", "is a link to nothing, not a folder")],
+)
+def test_an_out_that_is_no_folder_is_named_as_such(tiny_mnist, tmp_path, kind, message):
+    """Not `cannot create run folder X: File exists`, which the check behind it never said."""
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    result = runner.invoke(app, flags(tiny_mnist, out, epochs=1))
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, f"--out {out} {message}")
