@@ -219,12 +219,11 @@ def check_summary(summary: Any, step_dir: Path) -> None:
     ):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (its summary has no history)")
     if not all(
-        _is_int(r["epoch"]) and _is_int(r["step"]) and _is_number(r["test_accuracy"], 0, 1)
+        is_int(r["epoch"]) and is_int(r["step"]) and is_number(r["test_accuracy"], 0, 1)
         for r in records
     ):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (its history is not numbers)")
-    num_classes = summary.get("num_classes")
-    if not (_is_int(num_classes) and 2 <= num_classes <= 100_000):
+    if not is_class_count(summary.get("num_classes")):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (no class count)")
     checksums = summary.get("checksums", {})
     if not (isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())):
@@ -232,21 +231,31 @@ def check_summary(summary: Any, step_dir: Path) -> None:
     curve = summary.get("curve", [])
     if not (isinstance(curve, list) and all(isinstance(point, dict) for point in curve)):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (its curve is not a list)")
-    if not _is_number(summary.get("wall_seconds", 0.0), 0, math.inf):
+    if not is_number(summary.get("wall_seconds", 0.0), 0, math.inf):
         raise UserError(f"{step_dir} is not a digitjax checkpoint (its wall time is no number)")
     temperature = summary.get("temperature")
-    # Fitted temperatures lie in evaluate.TEMPERATURE_BRACKET (1/20 to 20); far outside it the
-    # logits divided by it overflow, and the probabilities are NaN.
-    if temperature is not None and not _is_number(temperature, 1e-3, 1e3):
+    if temperature is not None and not is_temperature(temperature):
         raise UserError(f"{step_dir} has an invalid temperature {temperature!r} in its summary")
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
+def is_int(value: Any) -> TypeGuard[int]:
+    """A whole number as JSON gives it (not a bool, which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any, low: float, high: float) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and low <= value <= high
+def is_number(value: Any, low: float, high: float) -> bool:
+    """A number in [low, high] (so not NaN) as JSON gives it."""
+    return (is_int(value) or isinstance(value, float)) and low <= value <= high
+
+
+def is_class_count(value: Any) -> bool:
+    return is_int(value) and 2 <= value <= 100_000
+
+
+def is_temperature(value: Any) -> bool:
+    """Fitted temperatures lie in evaluate.TEMPERATURE_BRACKET (1/20 to 20); far outside it
+    the logits divided by one overflow, and the probabilities are NaN."""
+    return is_number(value, 1e-3, 1e3)
 
 
 def config_of(raw: Any, step_dir: Path) -> Config:

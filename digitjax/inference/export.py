@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import math
 import stat
 import zipfile
 from pathlib import Path
@@ -38,6 +37,7 @@ from digitjax.inference.classifier import (
     step_record,
 )
 from digitjax.outputs import check_output, write_file, writing
+from digitjax.weights import is_class_count, is_int, is_number, is_temperature
 
 FORMATS = ("stablehlo", "onnx")
 SUFFIXES = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
@@ -521,22 +521,14 @@ def _parse_metadata(path: Path, fmt: str, raw: str | None) -> dict:
     return metadata
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
 # The metadata fields a loaded export is described and judged by (ModelInfo), and what each
 # must hold: a forged or damaged document is refused here rather than failing later, where
 # its values are used (the server's answers, the default confidence threshold).
 METADATA_FIELDS = {
-    "num_classes": lambda v: _is_int(v) and 2 <= v <= 100_000,
+    "num_classes": is_class_count,
     "dataset": lambda v: isinstance(v, str),
-    "step": lambda v: v is None or (_is_int(v) and v >= 0),
-    "test_accuracy": lambda v: v is None or (_is_number(v) and 0 <= v <= 1),
-    "temperature": lambda v: v is None or (_is_number(v) and v > 0),
+    "step": lambda v: v is None or (is_int(v) and v >= 0),
+    "test_accuracy": lambda v: v is None or is_number(v, 0, 1),
+    "temperature": lambda v: v is None or is_temperature(v),
     "non_digit_score": lambda v: v is None or isinstance(v, dict),
 }
