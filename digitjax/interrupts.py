@@ -98,7 +98,6 @@ def at_once() -> Iterator[Callable[[], int | None]]:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         noted.append(signum)
-        _received.append(signum)
         _raise_stopped(signum, frame)
 
     with _handling(stop):
