@@ -111,11 +111,12 @@ def _not_restartable(run_dir: Path) -> str | None:
     own, not to be removed unasked. (metrics.jsonl is a diverged first epoch's too.)"""
     for folder in [run_dir, *seed_run_dirs(run_dir)]:
         for kind in (LATEST, BEST):
-            if not (folder / kind).is_dir() or (folder / kind).is_symlink():
-                if (folder / kind).exists() or (folder / kind).is_symlink():
-                    return f"{(folder / kind).relative_to(run_dir)}, which is not a folder"
+            checkpoints = folder / kind
+            if checkpoints.is_symlink() or (checkpoints.exists() and not checkpoints.is_dir()):
+                return f"{checkpoints.relative_to(run_dir)}, a link or a file, not a folder"
+            if not checkpoints.is_dir():
                 continue
-            for path in sorted((folder / kind).iterdir()):
+            for path in sorted(checkpoints.iterdir()):
                 if ocp.utils.TMP_DIR_SUFFIX not in path.name:
                     name = path.relative_to(run_dir)
                     if path.name.isdigit():

@@ -123,7 +123,7 @@ class RunTracker:
         self.chunks += 1
         if self.profile is not None and self.chunks == 1:
             self.trace = Trace(self.profile)
-        elif self.trace is not None and self.chunks == 1 + PROFILED_CHUNKS:
+        elif self.chunks == 1 + PROFILED_CHUNKS:
             self._stop_trace()
 
     def on_evaluated(self, record: dict, metrics: Metrics) -> None:
@@ -156,13 +156,13 @@ class RunTracker:
 
     def close(self) -> None:
         try:
-            if self.trace is not None:
-                self._stop_trace()
+            self._stop_trace()
         finally:
             if self.events is not None:
                 self.events.close()
 
     def _stop_trace(self) -> None:
+        """Writes the trace, if one is running."""
         trace, self.trace = self.trace, None
         if trace is not None:
             trace.stop()
