@@ -1,14 +1,17 @@
 """The run and data-cache locks: cross-platform (nothing imports fcntl, which Windows lacks),
 naming their holder, and released by the operating system when the holder dies."""
 
+import os
 import pkgutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+from filelock import lock_descriptor
 
 import digitjax
 from digitjax import filelocks
@@ -60,3 +63,28 @@ def test_every_module_imports_without_fcntl():
         [sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_process_refused_the_lock_waits_for_the_holder_to_write_its_name(tmp_path: Path):
+    """Two processes starting at once: the second, refused between the first's lock and its
+    name, named the holder "unknown"; it now waits for the name."""
+    lock_file = tmp_path / "lock"
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+    try:
+        assert lock_descriptor(fd, blocking=False)  # locked, no name written yet
+        naming = threading.Timer(0.2, filelocks._write_holder, (fd, "4242 on elsewhere\n"))
+        naming.start()
+        with pytest.raises(filelocks.Held) as held:
+            with filelocks.locked(lock_file, wait=False):
+                pass
+        naming.join()
+        assert held.value.holder == "4242 on elsewhere"
+    finally:
+        os.close(fd)
+
+
+def test_a_holder_that_ends_leaves_no_name_behind(tmp_path: Path):
+    lock_file = tmp_path / "lock"
+    with filelocks.locked(lock_file):
+        assert str(os.getpid()) in lock_file.read_bytes()[filelocks.HOLDER_OFFSET :].decode()
+    assert lock_file.read_bytes()[filelocks.HOLDER_OFFSET :] == b""

@@ -4,6 +4,7 @@ decides from the probabilities, and the bundled model's refusals."""
 import json
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from digitjax.inference.classifier import (
     DEFAULT_MIN_CONFIDENCE,
     NON_DIGIT_SCORE,
     NOT_A_DIGIT_BELOW,
+    Prediction,
     judge,
 )
 from digitjax.inference.predict import load_classifier, predict_files
@@ -163,6 +165,34 @@ def test_the_flag_report_splits_digits_flags_by_whether_they_caught_a_misreading
     }
     # Images of no digit have no reading to be right about.
     assert "at_the_default" not in rates([(0.99, 1.0, None)], [DEFAULT_MIN_CONFIDENCE])
+
+
+def test_the_flag_causes_on_users_digits_are_told_apart():
+    """benchmarks/user_digit_flags.py's columns (README figures): each flag has one cause."""
+    from user_digit_flags import causes
+
+    def digit(confidence: float, score: float, top: int) -> Prediction:
+        probabilities = tuple(confidence if d == top else 0.0 for d in range(10))
+        return Prediction("x.png", top, confidence, "digit", probabilities, score)
+
+    rows = [
+        causes(digit(0.99, -1.0, 3), 3),  # sure, read right: not flagged
+        causes(digit(0.99, 2.0, 3), 3),  # the detector alone, read right
+        causes(digit(0.50, -1.0, 5), 3),  # "not sure" alone, misread
+        causes(digit(0.50, 2.0, 3), 3),  # both, read right
+        causes(Prediction("x.png", error="no digit found"), 3),
+    ]
+    total = sum(rows, Counter())
+    assert {k: total[k] for k in total if total[k]} == {
+        "images": 5,
+        "flagged": 4,
+        "detector": 1,
+        "not_sure": 1,
+        "both": 1,
+        "none_found": 1,
+        "flagged_read_right": 2,
+        "misread": 2,
+    }
 
 
 def test_the_bundled_model_refuses_non_digit_kinds_it_never_saw(tmp_path):
