@@ -71,14 +71,15 @@ class Trace:
 
 class RunTracker:
     """Writes a run's events into its folder and, into `profile`, a trace of chunks 2 to
-    1 + PROFILED_CHUNKS of this session. `close` ends both, on every
-    way out of the run."""
+    1 + PROFILED_CHUNKS of this session. `close` ends both, on every way out of the run;
+    `check_trace` then tells of a trace that could not be written, once the run has ended."""
 
     def __init__(self, profile: Path | None = None):
         check_writable("--profile", profile, folder=True)
         self.profile = profile
         self.chunks = 0  # ended in this session
         self.trace: Trace | None = None  # while tracing
+        self.trace_failure: str | None = None  # why the trace could not be written
         self.events: EventFile | None = None
         self.setup: TrainingSetup | None = None
         self.learning_rate: Any = None  # the optimizer's schedule, compiled
@@ -161,11 +162,21 @@ class RunTracker:
             if self.events is not None:
                 self.events.close()
 
+    def check_trace(self) -> None:
+        """After a run that ended whole (and `close`): the trace's failure, if it had one. It
+        is told then, not when it happened, so that a trace that cannot be written (a full
+        disk under --profile) costs the run nothing."""
+        if self.trace_failure is not None:
+            raise UserError(f"{self.trace_failure}; the run itself is complete")
+
     def _stop_trace(self) -> None:
-        """Writes the trace, if one is running."""
+        """Writes the trace, if one is running; a failure is kept for `check_trace`."""
         trace, self.trace = self.trace, None
         if trace is not None:
-            trace.stop()
+            try:
+                trace.stop()
+            except UserError as e:
+                self.trace_failure = str(e)
 
     def _started(self) -> tuple["TrainingSetup", "EventFile"]:
         if self.setup is None or self.events is None:

@@ -720,7 +720,10 @@ def train_runs(
             stack.callback(checkpointer.close)
             stack.callback(tracker.close)
         state, runs = _start(setup, folders, fresh_state, checkpointers)
-        return _run(setup, run_dir, state, runs, callbacks or Callbacks(), received_signal)
+        results = _run(setup, run_dir, state, runs, callbacks or Callbacks(), received_signal)
+    for _, tracker in folders:
+        tracker.check_trace()
+    return results
 
 
 def _run(

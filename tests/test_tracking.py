@@ -227,6 +227,34 @@ def test_profile_into_a_file_is_one_clean_line_before_any_work(command, tiny_mni
     assert not (tmp_path / "run").exists()
 
 
+def test_a_trace_that_cannot_be_written_costs_the_run_nothing(
+    tiny_run, tiny_mnist, tmp_path, monkeypatch
+):
+    """--profile on a full disk: the training goes on to its end, every epoch checkpointed
+    as without --profile, and only then the one error line; no half-written trace is left."""
+    import jax
+
+    run_dir, profile = tmp_path / "run", tmp_path / "profile"
+    real_stop = jax.profiler.stop_trace
+
+    def stop_on_a_full_disk() -> None:
+        real_stop()
+        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {profile}; No space left on device")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk)
+    result = runner.invoke(
+        app, [*tiny_train(tiny_mnist, run_dir, epochs=3), "--profile", str(profile)]
+    )
+    assert result.exit_code == 1
+    assert_one_line_error(
+        result.stderr, "--profile", "cannot write the trace: No space left on device",
+        "the run itself is complete",
+    )  # fmt: skip
+    assert history(run_dir) == history(tiny_run)
+    assert checkpoint.usable_steps(run_dir / checkpoint.LATEST)
+    assert not profile.exists()
+
+
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_trace_that_cannot_be_written_leaves_none_of_its_files(tmp_path, monkeypatch, existed):
     """A full disk while JAX writes the trace: one UserError, the half-written trace removed,
