@@ -16,7 +16,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, Prediction
+from digitjax.inference.classifier import DEFAULT_MIN_CONFIDENCE, Prediction, judge
 from digitjax.inference.predict import load_classifier, predict_files
 from digitjax.synthetic import user_digits
 
@@ -29,10 +29,12 @@ def causes(prediction: Prediction, label: int) -> Counter:
     row = Counter(images=1)
     if prediction.confidence is None:  # preprocessing found no digit
         return row + Counter(flagged=1, none_found=1, misread=1)
-    detected = prediction.non_digit_score is not None and prediction.non_digit_score > 0
-    not_sure = prediction.confidence < DEFAULT_MIN_CONFIDENCE
+    score, confidence = prediction.non_digit_score, prediction.confidence
     read_right = prediction.top(1)[0][0] == label
-    if detected or not_sure:
+    # Flagged as `predict` flags it (the policy, `judge`); then by which of its two tests.
+    if judge(confidence, DEFAULT_MIN_CONFIDENCE, score) != "digit":
+        detected = score is not None and score > 0
+        not_sure = confidence < DEFAULT_MIN_CONFIDENCE
         row["flagged"] += 1
         row["both" if detected and not_sure else "detector" if detected else "not_sure"] += 1
         row["flagged_read_right"] += read_right
