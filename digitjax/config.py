@@ -4,7 +4,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 
 def reason(error: BaseException) -> str:
@@ -174,12 +174,17 @@ def chosen_settings(flags: dict[str, Any], preset: str | None) -> dict[str, Any]
 def check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
     """The seeds of `train --seeds`: at least one, each a valid --seed, no two alike."""
     shown = ",".join(map(str, seeds))
-    valid = (isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds)
+    valid = (is_int(s) and 0 <= s <= MAX_SEED for s in seeds)
     if not seeds or not all(valid):
         raise UserError(f"--seeds takes seeds in [0, {MAX_SEED}], got '{shown}'")
     if len(set(seeds)) < len(seeds):
         raise UserError(f"--seeds takes distinct seeds, got '{shown}'")
     return seeds
+
+
+def is_int(value: Any) -> TypeGuard[int]:
+    """A whole number as JSON gives it (not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def uses_ema(config: Config) -> bool:

@@ -45,7 +45,10 @@ class Trace:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.existed = set(folder.rglob("*")) if folder.exists() else None
+        self.existed = set(folder.rglob("*")) if folder.exists() else set()
+        # The folders JAX will create (benchmark's --profile and its batch folder inside):
+        # removed with a failed trace, deepest first.
+        self.new_folders = [p for p in (folder, *folder.parents) if not p.exists()]
         jax.profiler.start_trace(str(folder), create_perfetto_trace=True)
 
     def stop(self) -> None:
@@ -57,16 +60,16 @@ class Trace:
             raise UserError(f"--profile {self.folder}: cannot write the trace: {why}") from None
 
     def _remove_what_it_wrote(self) -> None:
-        written = set(self.folder.rglob("*")) - (self.existed or set())
+        written = set(self.folder.rglob("*")) - self.existed
         for path in sorted(written, key=lambda p: len(p.parts), reverse=True):  # files first
             with contextlib.suppress(OSError):
                 if path.is_dir() and not path.is_symlink():
                     path.rmdir()
                 else:
                     path.unlink()
-        if self.existed is None:
+        for folder in self.new_folders:
             with contextlib.suppress(OSError):
-                self.folder.rmdir()
+                folder.rmdir()
 
 
 class RunTracker:

@@ -714,13 +714,20 @@ def train_runs(
     or (None) each from its latest checkpoint, all of which must be at one step. A `--seeds`
     run keeps two of each kind: see digitjax/seeds.py."""
     keep = 1 if setup.seeds is None else 2
-    with contextlib.ExitStack() as stack:
-        checkpointers = [checkpoint.RunCheckpointer(folder, keep) for folder, _ in folders]
-        for checkpointer, (_, tracker) in zip(checkpointers, folders, strict=True):
-            stack.callback(checkpointer.close)
-            stack.callback(tracker.close)
-        state, runs = _start(setup, folders, fresh_state, checkpointers)
-        results = _run(setup, run_dir, state, runs, callbacks or Callbacks(), received_signal)
+    try:
+        with contextlib.ExitStack() as stack:
+            checkpointers = [checkpoint.RunCheckpointer(folder, keep) for folder, _ in folders]
+            for checkpointer, (_, tracker) in zip(checkpointers, folders, strict=True):
+                stack.callback(checkpointer.close)
+                stack.callback(tracker.close)
+            state, runs = _start(setup, folders, fresh_state, checkpointers)
+            results = _run(setup, run_dir, state, runs, callbacks or Callbacks(), received_signal)
+    except Interrupted as e:
+        # The interrupt's line is the command's last: a trace that failed is told in it.
+        failures = [tracker.trace_failure for _, tracker in folders if tracker.trace_failure]
+        if not failures:
+            raise
+        raise Interrupted("; ".join([str(e), *failures]), e.exit_code) from None
     for _, tracker in folders:
         tracker.check_trace()
     return results

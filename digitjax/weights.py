@@ -14,11 +14,11 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 
-from digitjax.config import Config, UserError, uses_ema
+from digitjax.config import Config, UserError, is_int, uses_ema
 
 IMAGE_SIZE = 28
 NUM_POOLS = 2  # 28 -> 14 -> 7; deeper layers keep 7x7
@@ -236,11 +236,6 @@ def check_summary(summary: Any, step_dir: Path) -> None:
     temperature = summary.get("temperature")
     if temperature is not None and not is_temperature(temperature):
         raise UserError(f"{step_dir} has an invalid temperature {temperature!r} in its summary")
-
-
-def is_int(value: Any) -> TypeGuard[int]:
-    """A whole number as JSON gives it (not a bool, which Python counts as one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: Any, low: float, high: float) -> bool:

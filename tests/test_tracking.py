@@ -255,13 +255,47 @@ def test_a_trace_that_cannot_be_written_costs_the_run_nothing(
     assert not profile.exists()
 
 
+def test_a_trace_that_cannot_be_written_is_told_in_the_interrupt_line(
+    tiny_mnist, tmp_path, monkeypatch
+):
+    """Ctrl-C after the trace failed: the run stops and saves as any interrupted run, and its
+    one last line tells of the trace too, which the run could no longer report after it."""
+    import os
+
+    import jax
+
+    run_dir, profile = tmp_path / "run", tmp_path / "profile"
+    real_stop = jax.profiler.stop_trace
+
+    def stop_on_a_full_disk_then_ctrl_c() -> None:
+        real_stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {profile}; No space left on device")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk_then_ctrl_c)
+    result = runner.invoke(
+        app, [*tiny_train(tiny_mnist, run_dir, epochs=3), "--profile", str(profile)]
+    )
+    stopped_at = CHUNK * (1 + PROFILED_CHUNKS)  # the chunk whose end stops the trace
+    assert result.exit_code == 128 + signal.SIGINT, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "SIGINT" in line]
+    assert line.startswith(f"SIGINT at step {stopped_at}: saved to"), result.stderr
+    assert line.endswith(
+        "; --profile " + str(profile) + ": cannot write the trace: No space left on device"
+    )
+    assert "Traceback" not in result.stderr and "error:" not in result.stderr
+    assert latest_step(run_dir) == stopped_at
+    assert not profile.exists()
+
+
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_trace_that_cannot_be_written_leaves_none_of_its_files(tmp_path, monkeypatch, existed):
     """A full disk while JAX writes the trace: one UserError, the half-written trace removed,
-    what was in the folder before kept."""
+    what was in the folder before kept, and no folder made for it left (benchmark traces
+    into a folder inside --profile)."""
     import jax
 
-    folder = tmp_path / "profile"
+    folder = tmp_path / "profile" / "batch-64"
     if existed:
         (folder / "earlier").mkdir(parents=True)
         (folder / "earlier" / "trace.pb").write_text("an earlier trace")
@@ -279,4 +313,4 @@ def test_a_trace_that_cannot_be_written_leaves_none_of_its_files(tmp_path, monke
     if existed:
         assert sorted(folder.rglob("*")) == [folder / "earlier", folder / "earlier" / "trace.pb"]
     else:
-        assert not folder.exists()
+        assert not (tmp_path / "profile").exists()

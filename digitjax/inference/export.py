@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from digitjax import __version__
-from digitjax.config import UserError, reason
+from digitjax.config import UserError, is_int, reason
 from digitjax.inference.classifier import (
     ModelInfo,
     checkpoint_info,
@@ -37,7 +37,7 @@ from digitjax.inference.classifier import (
     step_record,
 )
 from digitjax.outputs import check_output, write_file, writing
-from digitjax.weights import is_class_count, is_int, is_number, is_temperature
+from digitjax.weights import is_class_count, is_number, is_temperature
 
 FORMATS = ("stablehlo", "onnx")
 SUFFIXES = {"stablehlo": ".stablehlo", "onnx": ".onnx"}
