@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from json import JSONDecodeError
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from digitjax import filelocks
-from digitjax.config import Config, UserError, reason
+from digitjax.config import Config, UserError, reason, root_cause
 from digitjax.runs import (
     BEST,
     DEFAULT_ROOT,
@@ -108,7 +109,8 @@ def _not_restartable(run_dir: Path) -> str | None:
     items removed), described; None where latest/ and best/ hold no more than a run that ended
     in its first epoch leaves there: Orbax's temporary folders. Anything else in them is a
     damaged run's (a step folder missing a file, which evaluate may still read) or the user's
-    own, not to be removed unasked. (metrics.jsonl is a diverged first epoch's too.)"""
+    own, not to be removed unasked. So are curves and a metrics file with records: such a run
+    writes its metrics file empty (a diverged first epoch too), and no curves."""
     for folder in [run_dir, *seed_run_dirs(run_dir)]:
         for kind in (LATEST, BEST):
             checkpoints = folder / kind
@@ -122,6 +124,11 @@ def _not_restartable(run_dir: Path) -> str | None:
                     if path.name.isdigit():
                         return f"{name}, a checkpoint that is incomplete or damaged"
                     return f"{name}, which no digitjax run wrote"
+        metrics, curves = folder / METRICS_FILE, folder / CURVES_FILE
+        empty_metrics = metrics.is_file() and metrics.stat().st_size == 0
+        for path in (metrics, curves):
+            if (path.is_symlink() or path.exists()) and not (path == metrics and empty_metrics):
+                return f"{path.relative_to(run_dir)}, which a run with no checkpoint never leaves"
     return None
 
 
@@ -363,15 +370,21 @@ def _read_items(
 def _saved_state_metadata(step_dir: Path) -> Any:
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.metadata((step_dir / "state").absolute()).item_metadata.tree
+            metadata = checkpointer.metadata((step_dir / "state").absolute()).item_metadata
     except Exception as e:
         raise _read_error(step_dir, e) from None
+    if metadata is None:  # what Orbax returns for a damaged _METADATA or manifest
+        raise UserError(f"corrupt checkpoint {step_dir}: its state's metadata is damaged")
+    return metadata.tree
 
 
 def _read_error(step_dir: Path, error: Exception) -> UserError:
     cause = reason(error)
     if "ermission denied" in cause:
         return UserError(f"cannot read checkpoint {step_dir}: permission denied")
+    if isinstance(root_cause(error), LookupError | AttributeError | TypeError | JSONDecodeError):
+        # Orbax parsing a damaged file; its own words ('key_type') would tell the user nothing.
+        cause = f"a file of it is damaged ({type(root_cause(error)).__name__}: {cause})"
     return UserError(f"corrupt checkpoint {step_dir}: {cause}")
 
 

@@ -7,10 +7,16 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 
-def reason(error: BaseException) -> str:
-    """The root cause of an exception chain, in one short line for an `error:` message."""
+def root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain (what the others were raised while handling)."""
     while (cause := error.__cause__ or error.__context__) is not None:
         error = cause
+    return error
+
+
+def reason(error: BaseException) -> str:
+    """The root cause of an exception chain, in one short line for an `error:` message."""
+    error = root_cause(error)
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     text = str(error).strip()

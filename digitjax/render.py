@@ -72,11 +72,13 @@ class TrainingProgress:
         self.started = time.perf_counter()
 
     def __enter__(self) -> "TrainingProgress":
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        # Started only with the training: a bar stopped unstarted would leave a blank line
+        # before an input error's line.
+        if self.task is not None:
+            self.progress.stop()
 
     def callbacks(self) -> Any:
         from digitjax.train import Callbacks
@@ -106,6 +108,7 @@ class TrainingProgress:
                 highlight=False,
             )
         total = setup.schedule.total_steps
+        self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done_steps)
 
     def on_chunk(self, done_steps: int) -> None:

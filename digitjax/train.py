@@ -750,6 +750,8 @@ def _run(
         callbacks.on_start(setup, run_dir, start_step)
     schedule = setup.schedule
     for state, step in run_chunks(setup, initial_state, start_step):
+        if main:  # first: a bar left where the run diverged shows where that was
+            callbacks.on_chunk(step)
         for index, run in enumerate(runs):
             try:
                 run.log.add_chunk(step, setup.run_state(state, index))
@@ -760,7 +762,6 @@ def _run(
             for run in runs:
                 run.tracker.on_curve(run.log.curve[-1])
                 run.tracker.on_chunk(step)
-            callbacks.on_chunk(step)
         if step % schedule.steps_per_epoch == 0:
             for index, run in enumerate(runs):
                 _end_epoch(setup, run, setup.run_state(state, index), callbacks)

@@ -102,8 +102,10 @@ def run_digitjax(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.Co
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
-    """The failure is explained in exactly one `error:` line, with no traceback."""
+    """The failure is explained in exactly one `error:` line, with no traceback and no blank
+    line."""
     assert "Traceback" not in stderr, stderr
+    assert "" not in stderr.splitlines(), stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     for fragment in fragments:

@@ -251,6 +251,28 @@ def test_damaged_data_files_are_one_clean_line(damage, reference, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("name", "position"),
+    [("manifest.ocdbt", 0), ("_METADATA", 0), ("_METADATA", 5), ("array_metadatas", 0.5)],
+)
+def test_damaged_state_metadata_is_named_in_one_line(name, position, reference, tmp_path):
+    """A flipped byte in the files that say what the state holds, not in its arrays: one line
+    that says the checkpoint is damaged, not Orbax's words for it ('key_type', 'NoneType')."""
+    run_dir = copy_of(reference, tmp_path)
+    step_dir = next((run_dir / "best").iterdir())
+    [damaged] = [p for p in (step_dir / "state").glob(f"{name}*") if p.is_file()] or [
+        p for p in (step_dir / "state" / name).iterdir()
+    ]
+    raw = bytearray(damaged.read_bytes())
+    raw[position if isinstance(position, int) else int(position * len(raw))] ^= 0x10
+    damaged.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["evaluate", str(run_dir)])
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, f"corrupt checkpoint {step_dir}: ")
+    assert any(words in result.stderr for words in ("metadata is damaged", "file of it is damaged"))
+    assert "NoneType" not in result.stderr
+
+
+@pytest.mark.parametrize(
     ("item", "edit", "message"),
     [
         ("config", lambda c: {**c, "epochs": "5"}, "config field epochs = '5' has the wrong type"),
@@ -390,18 +412,26 @@ def test_a_folder_without_a_checkpoint_is_restarted_only_when_nothing_would_be_l
     reference, tiny_mnist, tmp_path
 ):
     """Started again in place without --overwrite only where all a run left is what one that
-    ended in its first epoch leaves. The user's own files under a run's names, and a run whose
-    checkpoint lacks a file (which evaluate may still read), are refused and left as they
-    are."""
+    ended in its first epoch leaves (an empty metrics file among them). The user's own files
+    under a run's names, a run whose checkpoint lacks a file (which evaluate may still read)
+    and one whose records outlived its checkpoints are refused and left as they are."""
     mine = tmp_path / "mine"
     (mine / "latest").mkdir(parents=True)
     (mine / "latest" / "notes.txt").write_text("mine")
     damaged = Path(shutil.copytree(reference, tmp_path / "damaged"))
     for marker in damaged.glob("*/*/_CHECKPOINT_METADATA"):
         marker.unlink()
+    records = tmp_path / "records"  # a run's records, its checkpoints deleted
+    records.mkdir()
+    shutil.copy(reference / checkpoint.METRICS_FILE, records)
+    plotted = tmp_path / "plotted"
+    plotted.mkdir()
+    (plotted / checkpoint.CURVES_FILE).write_bytes(b"my own plot")
     for run_dir, message in [
         (mine, "latest/notes.txt, which no digitjax run wrote"),
         (damaged, "a checkpoint that is incomplete or damaged"),
+        (records, "metrics.jsonl, which a run with no checkpoint never leaves"),
+        (plotted, "curves.png, which a run with no checkpoint never leaves"),
     ]:
         before = contents(run_dir)
         result = runner.invoke(app, flags(tiny_mnist, run_dir, epochs=1))

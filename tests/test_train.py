@@ -220,6 +220,8 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_mnist: Path, tmp_path: Pat
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "loss became NaN/inf", "No checkpoint had been written")
     assert not list(run_dir.glob("*/[0-9]*")), "a diverged state must never be saved"
+    step = int(result.stderr.split("NaN/inf at step ")[1].split(";")[0])
+    assert f" {step}/60 steps" in result.stderr  # the bar stops where the run did
 
 
 def test_quick_compile_compiles_otherwise_and_trains_to_the_same_numbers(
