@@ -261,10 +261,14 @@ def predictions(
         else f"[yellow]{counts['not_a_digit']} not a digit[/yellow], none marked not sure "
         "(the model has no temperature; see --min-confidence)"
     )
-    errors = sum(p.error is not None for p in results)
+    from digitjax.inference.preprocess import NO_DIGIT_FOUND
+
+    no_digit = sum(p.error == NO_DIGIT_FOUND for p in results)
+    unreadable = sum(p.error not in (None, NO_DIGIT_FOUND) for p in results)
     out.print(
         f"{len(results)} image{'s' if len(results) != 1 else ''}: {counts['digit']} "
-        f"recognized, {marked}, {errors} without a digit found",
+        f"recognized, {marked}, {no_digit} without a digit found"
+        + (f", [red]{unreadable} unreadable[/red]" if unreadable else ""),
         highlight=False,
     )
     if not detects_non_digits:

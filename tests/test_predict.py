@@ -130,6 +130,11 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
         any(name in line for line in errors)
         for name in ("notes.png", "truncated.png", "missing.png", "blank.png")
     )
+    # The table's count tells the files it could not read from those holding no digit.
+    args = [str(no_runs / name) for name in results]
+    summary = " ".join(runner.invoke(app, ["predict", *args]).stdout.split())
+    assert "5 images: 1 recognized," in summary
+    assert "not a digit, 1 without a digit found, 3 unreadable" in summary
 
 
 def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predicted(

@@ -184,6 +184,12 @@ def test_float_images_with_nan_and_infinities(tmp_path, recwarn):
     assert not recwarn.list  # numpy's "invalid value" warnings went to stderr
 
 
+def test_an_empty_file_is_called_empty(tmp_path):
+    (tmp_path / "empty.png").touch()
+    with pytest.raises(ImageError, match="^the file is empty$"):
+        load_grayscale(tmp_path / "empty.png")
+
+
 @pytest.mark.parametrize("suffix", [".eps", ".ico"])
 def test_formats_pil_would_hand_elsewhere_are_refused(tmp_path, suffix):
     # EPS: PIL runs Ghostscript on the file's PostScript; ICO: PIL decodes the PNG inside

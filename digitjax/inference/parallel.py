@@ -18,7 +18,13 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from digitjax.inference.preprocess import MAX_PIXELS, ImageError, load_grayscale, to_mnist
+from digitjax.inference.preprocess import (
+    MAX_PIXELS,
+    NO_DIGIT_FOUND,
+    ImageError,
+    load_grayscale,
+    to_mnist,
+)
 
 # The 28x28 digit, or None and why there is none.
 Outcome = tuple[np.ndarray | None, str | None]
@@ -47,7 +53,7 @@ def preprocess_previewed(
     except Exception as e:  # a decoder's or our own defect on an odd file: its error, not the run's
         return (None, f"unreadable image: {type(e).__name__}: {e}"[:300]), None
     if digit is None:
-        return (None, "no digit found"), None
+        return (None, NO_DIGIT_FOUND), None
     if not preview_side:
         return (digit, None), None
     preview = Image.fromarray((gray * 255).round().astype(np.uint8))

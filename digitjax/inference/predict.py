@@ -18,7 +18,7 @@ from digitjax.inference.classifier import (
     failed,
 )
 from digitjax.inference.parallel import preprocess_many, preprocess_previewed
-from digitjax.inference.preprocess import png_bytes
+from digitjax.inference.preprocess import NO_DIGIT_FOUND, png_bytes
 from digitjax.outputs import write_file, write_files
 
 # What a folder search takes: the names of preprocess.FORMATS' files.
@@ -132,7 +132,7 @@ def predict_files(
     return [
         answer(str(path), outputs[path], min_confidence)
         if path in seen
-        else failed(str(path), outcomes[path][0][1] or "no digit found")
+        else failed(str(path), outcomes[path][0][1] or NO_DIGIT_FOUND)
         for path in files
     ], seen
 

@@ -59,6 +59,7 @@ MAX_PIXELS = 80_000_000
 # header is read. Not the others it opens: EPS runs Ghostscript on the file (PostScript from
 # anyone who uploads one), and ICO decodes the PNG inside it before its size can be checked.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM")
+NO_DIGIT_FOUND = "no digit found"  # the answer for an image in which `to_mnist` finds none
 
 
 class ImageError(Exception):
@@ -86,6 +87,8 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
             f"limit {max_pixels:,}"
         ) from None
     except UnidentifiedImageError:
+        if isinstance(path, Path) and path.stat().st_size == 0:
+            raise ImageError("the file is empty") from None
         raise ImageError(f"not an image in a known format ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"unreadable image: {e}") from None

@@ -27,7 +27,7 @@ from digitjax.inference.classifier import (
     failed,
 )
 from digitjax.inference.parallel import available_cores
-from digitjax.inference.preprocess import png_bytes
+from digitjax.inference.preprocess import NO_DIGIT_FOUND, png_bytes
 from digitjax.serving.batcher import Batcher
 from digitjax.serving.decoding import Decoder
 from digitjax.serving.schemas import InfoResponse, ModelInfoOut, PredictionOut, PredictResponse
@@ -180,7 +180,7 @@ class Server:
         for upload, (image, error) in zip(uploads, outcomes, strict=True):
             if image is None:
                 predictions.append(
-                    PredictionOut.of(failed(upload.filename, error or "no digit found"))
+                    PredictionOut.of(failed(upload.filename, error or NO_DIGIT_FOUND))
                 )
                 continue
             extra = {"image": _data_url(png_bytes(image))} if with_images else {}
