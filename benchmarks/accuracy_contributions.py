@@ -20,7 +20,9 @@ from digitjax.weights import shifted
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--kind", default="best", choices=("best", "latest"))
     args = parser.parse_args()

@@ -21,7 +21,9 @@ from digitjax.model import calibrated_outputs, conv_impls_for
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     images = load_dataset("mnist").split("test")[0][:256].astype(np.float32) / 255

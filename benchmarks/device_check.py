@@ -238,7 +238,9 @@ def failed(results: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="the small version, for a CPU")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-check")))
     parser.add_argument("--data-dir", help="train on this MNIST-format folder instead")

@@ -19,7 +19,9 @@ from digitjax.synthetic import drawn_digits
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args()
     mnist = load_dataset("mnist")

@@ -90,7 +90,9 @@ def measure(checkpoint: Path, folder: Path, image: Path, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoints", nargs="*", type=Path, default=[BUNDLED_MODEL])
     parser.add_argument("--repeats", type=int, default=5, help="cold predict runs per model")
     args = parser.parse_args()

@@ -181,7 +181,9 @@ def preprocessed(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, default=Path("digitjax/assets/model"))
     parser.add_argument("--hidden", type=int, default=0, help="0: logistic regression")
     parser.add_argument("--per-kind", type=int, default=100)

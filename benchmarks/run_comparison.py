@@ -26,7 +26,9 @@ def run(devices: int, batch_sizes: str, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", default="1,2,4", help="CPU device counts to compare")
     parser.add_argument("--batch-sizes", default="128,256")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))

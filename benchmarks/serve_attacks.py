@@ -415,7 +415,9 @@ def settle(url: str, limit_s: float = 120) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10, help="Per attack.")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="Comma-separated names.")
     parser.add_argument("--label", default="", help="A name for this server in the table.")

@@ -246,7 +246,9 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=200, help="Distinct canvas PNGs.")
     parser.add_argument("--requests", type=int, default=2000, help="Per closed-loop phase.")
     parser.add_argument("--c32-requests", type=int, default=20000)

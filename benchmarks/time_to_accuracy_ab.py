@@ -45,7 +45,9 @@ def run_once(name: str, source: Path | None, target: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("versions", nargs="+", help="NAME=SOURCE_TREE")
     parser.add_argument("--peer", action="store_true", help="also run peer_trainer.py")
     parser.add_argument("--rounds", type=int, default=3)

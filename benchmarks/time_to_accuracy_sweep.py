@@ -52,7 +52,9 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--seeds", default="0", help="comma-separated, each run per variant")

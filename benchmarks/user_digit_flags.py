@@ -43,7 +43,9 @@ def causes(prediction: Prediction, label: int) -> Counter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--per-kind", type=int, default=100)
