@@ -8,10 +8,15 @@ from typing import Any, TypeGuard
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The first exception of a chain (what the others were raised while handling)."""
-    while (cause := error.__cause__ or error.__context__) is not None:
+    """The first exception of a chain (what the others were raised while handling), short of
+    a context its raiser chose to hide (`raise ... from None`: json's parse errors hide the
+    StopIteration they came from)."""
+    while True:
+        hidden = error.__suppress_context__
+        cause = error.__cause__ or (None if hidden else error.__context__)
+        if cause is None:
+            return error
         error = cause
-    return error
 
 
 def reason(error: BaseException) -> str:
