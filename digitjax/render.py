@@ -69,7 +69,7 @@ class TrainingProgress:
             disable=quiet,
         )
         self.task: TaskID | None = None  # added when training starts
-        self.started = time.perf_counter()
+        self.started = 0.0  # when training started: the epoch lines' clock, as the run's
 
     def __enter__(self) -> "TrainingProgress":
         return self
@@ -108,6 +108,7 @@ class TrainingProgress:
                 highlight=False,
             )
         total = setup.schedule.total_steps
+        self.started = time.perf_counter()
         self.progress.start()
         self.task = self.progress.add_task("train", total=total, completed=done_steps)
 

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,23 @@ def test_existing_run_is_never_overwritten_unasked(reference_run: Path, tiny_mni
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "already holds a run", "--overwrite")
     assert history(reference_run) == before
+
+
+def test_epoch_lines_and_the_done_line_keep_one_clock(tiny_mnist, tmp_path, monkeypatch):
+    """The seconds of an epoch's line and of the Done line both count from the training's
+    start (an epoch line once counted the data's loading too, and read later than Done)."""
+    import digitjax.train
+
+    def slow_load(*args):  # a slow disk
+        time.sleep(1)
+        return load_dataset(*args)
+
+    monkeypatch.setattr(digitjax.train, "load_dataset", slow_load)
+    result = runner.invoke(app, tiny_train(tiny_mnist, tmp_path / "run", epochs=1))
+    assert result.exit_code == 0, result.output
+    epoch_seconds = float(re.search(r"^epoch +1 .* ([\d.]+)s$", result.stderr, re.M)[1])
+    done_seconds = float(re.search(r"^Done: .*\(([\d.]+)s\)$", result.stderr, re.M)[1])
+    assert epoch_seconds <= done_seconds
 
 
 def test_overwrite_replaces_only_the_run(tiny_mnist: Path, tmp_path: Path):
