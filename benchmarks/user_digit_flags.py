@@ -31,10 +31,10 @@ def causes(prediction: Prediction, label: int) -> Counter:
         return row + Counter(flagged=1, none_found=1, misread=1)
     score, confidence = prediction.non_digit_score, prediction.confidence
     read_right = prediction.top(1)[0][0] == label
-    # Flagged as `predict` flags it (the policy, `judge`); then by which of its two tests.
-    if judge(confidence, DEFAULT_MIN_CONFIDENCE, score) != "digit":
-        detected = score is not None and score > 0
-        not_sure = confidence < DEFAULT_MIN_CONFIDENCE
+    # Each of the policy's (`judge`'s) two tests alone; `predict` flags what either flags.
+    detected = judge(confidence, None, score) != "digit"
+    not_sure = judge(confidence, DEFAULT_MIN_CONFIDENCE) != "digit"
+    if detected or not_sure:
         row["flagged"] += 1
         row["both" if detected and not_sure else "detector" if detected else "not_sure"] += 1
         row["flagged_read_right"] += read_right
