@@ -124,10 +124,9 @@ def _not_restartable(run_dir: Path) -> str | None:
                     if path.name.isdigit():
                         return f"{name}, a checkpoint that is incomplete or damaged"
                     return f"{name}, which no digitjax run wrote"
-        metrics, curves = folder / METRICS_FILE, folder / CURVES_FILE
-        empty_metrics = metrics.is_file() and metrics.stat().st_size == 0
-        for path in (metrics, curves):
-            if (path.is_symlink() or path.exists()) and not (path == metrics and empty_metrics):
+        for path in (folder / METRICS_FILE, folder / CURVES_FILE):
+            empty_metrics = path.name == METRICS_FILE and path.is_file() and not path.stat().st_size
+            if (path.is_symlink() or path.exists()) and not empty_metrics:
                 return f"{path.relative_to(run_dir)}, which a run with no checkpoint never leaves"
     return None
 
@@ -379,12 +378,12 @@ def _saved_state_metadata(step_dir: Path) -> Any:
 
 
 def _read_error(step_dir: Path, error: Exception) -> UserError:
-    cause = reason(error)
+    cause, root = reason(error), root_cause(error)
     if "ermission denied" in cause:
         return UserError(f"cannot read checkpoint {step_dir}: permission denied")
-    if isinstance(root_cause(error), LookupError | AttributeError | TypeError | JSONDecodeError):
+    if isinstance(root, LookupError | AttributeError | TypeError | JSONDecodeError):
         # Orbax parsing a damaged file; its own words ('key_type') would tell the user nothing.
-        cause = f"a file of it is damaged ({type(root_cause(error)).__name__}: {cause})"
+        cause = f"a file of it is damaged ({type(root).__name__}: {cause})"
     return UserError(f"corrupt checkpoint {step_dir}: {cause}")
 
 
