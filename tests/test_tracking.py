@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -227,21 +228,30 @@ def test_profile_into_a_file_is_one_clean_line_before_any_work(command, tiny_mni
     assert not (tmp_path / "run").exists()
 
 
+def fill_the_disk_as_the_trace_is_written(
+    monkeypatch, named: Callable[[], Path], then: Callable[[], None] = lambda: None
+) -> None:
+    """jax.profiler.stop_trace writes the trace, then (after `then`) fails as JAX does when
+    the disk fills, naming the file `named()`."""
+    import jax
+
+    real_stop = jax.profiler.stop_trace
+
+    def stop_on_a_full_disk() -> None:
+        real_stop()
+        then()
+        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {named()}; No space left on device")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk)
+
+
 def test_a_trace_that_cannot_be_written_costs_the_run_nothing(
     tiny_run, tiny_mnist, tmp_path, monkeypatch
 ):
     """--profile on a full disk: the training goes on to its end, every epoch checkpointed
     as without --profile, and only then the one error line; no half-written trace is left."""
-    import jax
-
     run_dir, profile = tmp_path / "run", tmp_path / "profile"
-    real_stop = jax.profiler.stop_trace
-
-    def stop_on_a_full_disk() -> None:
-        real_stop()
-        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {profile}; No space left on device")
-
-    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk)
+    fill_the_disk_as_the_trace_is_written(monkeypatch, lambda: profile)
     result = runner.invoke(
         app, [*tiny_train(tiny_mnist, run_dir, epochs=3), "--profile", str(profile)]
     )
@@ -262,17 +272,12 @@ def test_a_trace_that_cannot_be_written_is_told_in_the_interrupt_line(
     one last line tells of the trace too, which the run could no longer report after it."""
     import os
 
-    import jax
-
     run_dir, profile = tmp_path / "run", tmp_path / "profile"
-    real_stop = jax.profiler.stop_trace
 
-    def stop_on_a_full_disk_then_ctrl_c() -> None:
-        real_stop()
+    def ctrl_c() -> None:
         os.kill(os.getpid(), signal.SIGINT)
-        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {profile}; No space left on device")
 
-    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk_then_ctrl_c)
+    fill_the_disk_as_the_trace_is_written(monkeypatch, lambda: profile, then=ctrl_c)
     result = runner.invoke(
         app, [*tiny_train(tiny_mnist, run_dir, epochs=3), "--profile", str(profile)]
     )
@@ -293,20 +298,12 @@ def test_a_trace_that_cannot_be_written_leaves_none_of_its_files(tmp_path, monke
     """A full disk while JAX writes the trace: one UserError, the half-written trace removed,
     what was in the folder before kept, and no folder made for it left (benchmark traces
     into a folder inside --profile)."""
-    import jax
-
     folder = tmp_path / "profile" / "batch-64"
     if existed:
         (folder / "earlier").mkdir(parents=True)
         (folder / "earlier" / "trace.pb").write_text("an earlier trace")
-    real_stop = jax.profiler.stop_trace
-
-    def stop_on_a_full_disk() -> None:
-        real_stop()  # writes the trace; then, as if the disk had filled midway:
-        written = next(folder.rglob("*.xplane.pb"))
-        raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {written}; No space left on device")
-
-    monkeypatch.setattr(jax.profiler, "stop_trace", stop_on_a_full_disk)
+    # As if the disk had filled midway through the trace's file.
+    fill_the_disk_as_the_trace_is_written(monkeypatch, lambda: next(folder.rglob("*.xplane.pb")))
     trace = Trace(folder)
     with pytest.raises(UserError, match="cannot write the trace: No space left on device$"):
         trace.stop()
