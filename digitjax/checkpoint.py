@@ -13,6 +13,7 @@ checksums catch what renaming cannot (flipped bits). Plain orbax restores one wi
 
 import contextlib
 import dataclasses
+import inspect
 import shutil
 import sys
 import time
@@ -297,15 +298,22 @@ LATE_WRITE_SWEEPS, LATE_WRITE_PAUSE_S = 20, 0.05
 
 
 def _quiet_late_callbacks() -> None:
-    """When a read or write fails (a damaged file, a full disk), TensorStore's other reads or
-    writes of that checkpoint finish on their own threads and call back into Orbax's event
-    loop, already closed; TensorStore reports each RuntimeError as unraisable. They change
-    nothing: the one-line error says it all."""
+    """When a read or write fails (a damaged file, a full disk), Orbax abandons its other reads
+    or writes of that checkpoint. Some finish on TensorStore's threads and call back into
+    Orbax's event loop, already closed; others are coroutines that raise when collected. Python
+    reports each as unraisable, long after the one-line error has said it all (a server or a
+    notebook that goes on would print TensorStore's spec of every array), so they are dropped
+    here and nothing else is."""
     previous = sys.unraisablehook
+    orbax_source = Path(ocp.__file__).parent
 
     def hook(unraisable: Any) -> None:
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        value, source = unraisable.exc_value, unraisable.object
+        loop_closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        abandoned = (
+            inspect.iscoroutine(source) and orbax_source in Path(source.cr_code.co_filename).parents
+        )
+        if not (loop_closed or abandoned):
             previous(unraisable)
 
     sys.unraisablehook = hook

@@ -1,7 +1,6 @@
 """Nothing lost, ever: signals at any moment, crashes between checkpoint writes, two runs on
 one folder, damaged checkpoints and full disks, each against real runs and checkpoints."""
 
-import gc
 import json
 import os
 import random
@@ -252,9 +251,6 @@ def test_damaged_data_files_are_one_clean_line(damage, reference, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-# Orbax's reads of the other arrays, cancelled by the failure, end as unraisable exceptions
-# when collected (in a CLI process, at its exit, unprinted): collected inside the test.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     ("name", "position"),
     [("manifest.ocdbt", 0), ("_METADATA", 0), ("_METADATA", 5), ("array_metadatas", 0)],
@@ -277,9 +273,35 @@ def test_damaged_state_metadata_is_named_in_one_line(name, position, reference, 
         r"its state's metadata is damaged|a file of it is damaged \(\w+: .+\)", said
     )
     assert "NoneType" not in said
-    for _ in range(10):  # the reads end on TensorStore's threads
-        time.sleep(0.05)
+
+
+def test_a_process_that_goes_on_after_a_damaged_checkpoint_prints_nothing_more(reference, tmp_path):
+    """Orbax's reads of the other arrays, abandoned after the failure, raise when they are
+    collected: Python would print each, with TensorStore's spec of its array, to the stderr of
+    a process that goes on (a server, a notebook; 12 to 49 of them in four runs of this test
+    before they were dropped)."""
+    run_dir = copy_of(reference, tmp_path)
+    [metadata] = (next((run_dir / "best").iterdir()) / "state" / "array_metadatas").iterdir()
+    metadata.write_bytes(b"}" + metadata.read_bytes()[1:])  # it starts with "{"
+    goes_on = f"""
+import gc, time
+from digitjax import checkpoint
+from digitjax.config import UserError
+for _ in range(8):  # how many of the reads are left to collect varies from one to the next
+    try:
+        checkpoint.restore_model({str(run_dir)!r})
+    except UserError as error:
+        said = str(error)
+    for _ in range(3):  # the reads end on TensorStore's threads
+        time.sleep(0.03)
         gc.collect()
+print(said)
+print("went on")
+"""
+    result = subprocess.run(["python", "-c", goes_on], capture_output=True, text=True, timeout=300)
+    assert "a file of it is damaged (JSONDecodeError" in result.stdout
+    assert result.stdout.endswith("went on\n"), result.stdout
+    assert "Exception ignored" not in result.stderr, result.stderr[:2000]
 
 
 @pytest.mark.parametrize(
