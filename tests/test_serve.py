@@ -224,6 +224,22 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
     assert image.size == (28, 28) and np.asarray(image).max() > 200
 
 
+def test_images_whose_size_comes_late_in_the_file_are_charged_their_own_pixels(
+    server, digits, tmp_path
+):
+    """A JPEG whose size follows a 100 KB colour profile, a compressed TIFF whose directory
+    comes last (after 169 KB): they hold 78,400 and 640,000 pixels, not the 50,000,000 that an
+    image of unknown size is charged (three of which made a request of 150,000,000: 413)."""
+    images, labels = digits
+    digit = Image.fromarray(255 - images[0]).resize((280, 280)).convert("RGB")
+    profiled, scan = tmp_path / "profiled.jpg", tmp_path / "scan.tif"
+    digit.save(profiled, icc_profile=bytes(100_000))
+    digit.resize((800, 800)).save(scan, compression="tiff_lzw")
+    response = post_files(server.url, profiled, profiled, scan)
+    assert response.status_code == 200, response.text
+    assert [p["digit"] for p in response.json()["predictions"]] == [labels[0]] * 3
+
+
 @pytest.mark.parametrize(
     ("kind", "status", "fragment"),
     [

@@ -24,23 +24,26 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from digitjax.inference.parallel import Outcome, preprocess_one, start_pool
+from digitjax.inference.preprocess import FORMATS
 from digitjax.serving.uploads import Limits, Rejected, Upload, png_pixels, too_many_pixels
 
 LARGE_PIXELS = 4_000_000  # a large image: seconds of decoding rather than milliseconds
-HEADER_BYTES = 64 << 10  # where any image's size is told: JPEG's EXIF comes first, 64 KiB at most
 T = TypeVar("T")
 
 
-def header_pixels(head: bytes, whole: bool, max_pixels: int) -> int:
-    """The pixels an image will decode to, from the first bytes of its file (`whole`: all of
-    it). Files the decoder refuses before decoding (not an image, or over `max_pixels`) cost 0;
-    a header PIL cannot find in `head` costs `max_pixels`, the most any image may. Runs in a
-    worker: some formats' headers take PIL milliseconds to walk."""
+def header_pixels(data: bytes, max_pixels: int) -> int:
+    """The pixels an image will decode to, from its header, wherever its format puts it (a
+    TIFF's directory may come last, a JPEG's size after an ICC profile of hundreds of KiB).
+    Files the decoder refuses before decoding (not an image, or over `max_pixels`) cost 0. Runs
+    in a worker: some formats' headers take PIL milliseconds to walk."""
     try:
-        with warnings.catch_warnings(action="ignore"), Image.open(io.BytesIO(head)) as image:
+        with (
+            warnings.catch_warnings(action="ignore"),
+            Image.open(io.BytesIO(data), formats=FORMATS) as image,
+        ):
             pixels = image.size[0] * image.size[1]
-    except Exception:  # every failure means "size unknown from this head"
-        return 0 if whole else max_pixels
+    except Exception:  # every failure is the decoder's too: it decodes nothing
+        return 0
     return 0 if pixels > max_pixels else pixels
 
 
@@ -175,11 +178,10 @@ class Decoder:
         pixels = png_pixels(data, self.limits.max_pixels)
         if pixels is not None:
             return pixels
-        head = data[:HEADER_BYTES]
-        whole = len(head) == len(data)
         try:
-            max_pixels = self.limits.max_pixels
-            return await self.ordinary.run(header_pixels, head, whole, max_pixels, client=client)
+            return await self.ordinary.run(
+                header_pixels, data, self.limits.max_pixels, client=client
+            )
         except BrokenProcessPool:
             return self.limits.max_pixels
 
