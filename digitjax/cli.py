@@ -419,7 +419,11 @@ def serve(
         float, typer.Option(min=0, help="How long a batch waits for more images.")
     ] = 0.0,
     max_queue: Annotated[
-        int, typer.Option(min=1, help="Images in flight before requests get 503.")
+        int,
+        typer.Option(
+            min=1,
+            help="Images in flight before requests get 503; also the most files per request.",
+        ),
     ] = 1024,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds per request.")] = 10.0,
     workers: Annotated[
@@ -441,7 +445,9 @@ def serve(
     from digitjax.inference.parallel import available_cores
     from digitjax.serving.uploads import Limits
 
-    limits = Limits(max_in_flight=max_queue, timeout_s=timeout)
+    # A request of more images than the queue holds could never get in: 413, not 503 forever.
+    files = min(Limits.max_files, max_queue)
+    limits = Limits(max_files=files, max_in_flight=max_queue, timeout_s=timeout)
     options = Options(host, port, max_batch, max_wait_ms, workers or available_cores(), limits)
     serve(chosen_model(checkpoint_path, model), options, report=render.note)
 

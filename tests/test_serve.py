@@ -509,6 +509,9 @@ def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files)
         assert server.metric('digitjax_rejections_total{reason="queue_full"}') == 1
         assert server.metric('digitjax_rejections_total{reason="timeout"}') == 2
         assert server.metric("digitjax_queue_depth") == 0
+        # More images than the queue holds could never get in: refused as too many.
+        crowd = post_files(server.url, files["canvas"], files["canvas"], files["canvas"])
+        assert crowd.status_code == 413 and "At most 2 files" in crowd.json()["detail"]
         # A body that stops arriving is answered too, not waited for forever.
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as client:
