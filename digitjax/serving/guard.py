@@ -19,7 +19,8 @@ protocol, uvicorn's h11 one with three rules added, bounds them:
   closed after the answer it waits for.
 
 h11 rather than httptools (uvicorn's faster parser): h11 refuses a head or trailer over 16 KiB
-(httptools took 1.5 GB of headers on one connection, and held it), and parses a pipelined
+while it arrives (httptools took 1.5 GB of headers on one connection, and held it; a head that
+comes whole in one read h11 takes, so that is refused here), and parses a pipelined
 request only once the one before it is answered, reading nothing more meanwhile (httptools
 parsed all it was sent into a queue: 2 MiB of pipelined requests cost ~200 MB). The body has
 its own deadline and size limits in the application (`Limits`).
@@ -27,6 +28,7 @@ its own deadline and size limits in the application (`Limits`).
 
 import asyncio
 import json
+import re
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_remote_addr
@@ -48,6 +50,8 @@ MAX_PIPELINED = 32
 TOO_MANY = _closing_response(
     "503 Service Unavailable", "The server has too many connections.", retry=True
 )
+MAX_HEAD = 16 << 10  # a request's line and headers; also h11's limit while they arrive
+HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after the headers, as h11 finds it
 NOT_HTTP = _closing_response(
     "400 Bad Request", "The request is not valid HTTP/1.1, or its head is over 16 KiB."
 )
@@ -79,6 +83,9 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
         def data_received(self, data: bytes) -> None:
             if self in waiting and waiting[self] is None:  # the next request on a kept-alive one
                 self.await_head()
+            if self in waiting and self.head_too_long(data):
+                self.close_with(NOT_HTTP)
+                return
             request = self.cycle
             super().data_received(data)
             if self.cycle is not request:  # its head arrived
@@ -109,7 +116,17 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
 
         def await_head(self) -> None:
             self.stop_waiting()
+            self.head_bytes, self.head_tail = 0, b""
             waiting[self] = self.loop.call_later(head_timeout_s, self.close_with, too_slow)
+
+        def head_too_long(self, data: bytes) -> bool:
+            """Counts the bytes of the head awaited, up to its end if `data` holds it (the blank
+            line may begin in the last read: its last two bytes are searched again)."""
+            seen = self.head_tail + data
+            end = HEAD_END.search(seen)
+            self.head_bytes += (end.end() if end else len(seen)) - len(self.head_tail)
+            self.head_tail = seen[-2:]
+            return self.head_bytes > MAX_HEAD
 
         def stop_waiting(self) -> None:
             deadline = waiting.pop(self, None)

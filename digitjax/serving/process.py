@@ -14,7 +14,7 @@ from digitjax import interrupts
 from digitjax.config import Interrupted, UserError, reason
 from digitjax.inference.predict import load_classifier
 from digitjax.serving.app import create_app
-from digitjax.serving.guard import guarded_protocol
+from digitjax.serving.guard import MAX_HEAD, guarded_protocol
 from digitjax.serving.server import Options, Server
 from digitjax.serving.uploads import Limits
 
@@ -40,6 +40,7 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
         config = uvicorn.Config(
             create_app(server),
             http=guarded_protocol(_connection_cap(limits), limits.head_timeout_s),
+            h11_max_incomplete_event_size=MAX_HEAD,
             log_level="warning",
             access_log=False,
             timeout_keep_alive=30,
