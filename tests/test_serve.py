@@ -218,6 +218,7 @@ def test_several_files_in_order_with_bad_ones_and_the_model_input(server, files)
     assert by_name["huge_bomb"]["error"].startswith("image too large: over")
     for name in ("notes", "blank", "truncated", "bomb", "huge_bomb"):
         assert by_name[name]["digit"] is None and by_name[name]["probabilities"] is None
+        assert by_name[name]["image"] is None  # asked for: every answer has one, null here
     seen = by_name["canvas"]["image"]
     assert seen.startswith("data:image/png;base64,")
     image = Image.open(io.BytesIO(base64.b64decode(seen.split(",", 1)[1])))

@@ -178,13 +178,13 @@ class Server:
             min_confidence = self.default_min_confidence
         predictions = []
         for upload, (image, error) in zip(uploads, outcomes, strict=True):
+            extra = {}
+            if with_images:  # null for an image that has no 28x28 input: every answer has it
+                extra["image"] = None if image is None else _data_url(png_bytes(image))
             if image is None:
-                predictions.append(
-                    PredictionOut.of(failed(upload.filename, error or NO_DIGIT_FOUND))
-                )
-                continue
-            extra = {"image": _data_url(png_bytes(image))} if with_images else {}
-            prediction = answer(upload.filename, next(outputs), min_confidence)
+                prediction = failed(upload.filename, error or NO_DIGIT_FOUND)
+            else:
+                prediction = answer(upload.filename, next(outputs), min_confidence)
             predictions.append(PredictionOut.of(prediction, **extra))
         return PredictResponse(predictions=predictions, model=self.model_info)
 
