@@ -370,6 +370,26 @@ def test_openapi_describes_answers_and_docs_work_offline(server):
     assert httpx.get(f"{server.url}/static/favicon.svg").status_code == 200
 
 
+def test_every_answer_says_how_browsers_and_caches_may_use_it(server, files):
+    answers = {
+        "page": httpx.get(f"{server.url}/"),
+        "script": httpx.get(f"{server.url}/static/app.js"),
+        "info": httpx.get(f"{server.url}/api/info"),
+        "prediction": post_raw(server.url, files["canvas"].read_bytes()),
+        "refusal": post_raw(server.url, b""),
+        "unknown": httpx.get(f"{server.url}/nowhere"),
+    }
+    for name, answer in answers.items():
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'", name
+        api = name in ("info", "prediction", "refusal")
+        assert answer.headers["cache-control"] == ("no-store" if api else "no-cache"), name
+    # The script revalidates by its ETag: unchanged, it is not sent again.
+    etag = answers["script"].headers["etag"]
+    again = httpx.get(f"{server.url}/static/app.js", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+
+
 def test_head_is_answered_as_get_without_a_body(server):
     # A health check made with HEAD: FastAPI's GET routes alone answer it 405.
     for path in ("/", "/livez", "/readyz", "/metrics", "/api/info", "/static/favicon.svg"):

@@ -3,8 +3,8 @@
 Routes reach the `Server` through dependencies (`ReadyServer` refuses while the model compiles,
 `Uploads` reads the request's images within the limits); refusals are exceptions (`Rejected`,
 the batcher's `QueueFull`, a `TimeoutError`) turned into one-sentence JSON answers by the
-exception handlers; `PredictMetrics` counts and times every prediction request, and
-`HeadAsGet` answers HEAD on the GET routes.
+exception handlers; `PredictMetrics` counts and times every prediction request, `HeadAsGet`
+answers HEAD on the GET routes, and `Safeguards` adds the headers every answer carries.
 """
 
 import asyncio
@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from digitjax.serving.batcher import QueueFull
@@ -71,6 +72,7 @@ def create_app(server: Server) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(PredictMetrics, metrics=server.metrics)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(Safeguards)
     return app
 
 
@@ -253,3 +255,34 @@ class HeadAsGet:
         if scope["type"] == "http" and scope["method"] == "HEAD":
             scope = {**scope, "method": "GET"}
         await self.app(scope, receive, send)
+
+
+class Safeguards:
+    """Headers on every answer: browsers take no content type from the bytes (an upload's
+    name echoed in JSON is never run as a page), the page is shown in no other site's frame
+    (where strokes could be stolen or faked), and caches ask again before reusing anything:
+    the page and its script revalidate by ETag, so an upgraded server is never half-cached,
+    and predictions are not kept at all."""
+
+    SAFE = {
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "frame-ancestors 'none'",
+        "Referrer-Policy": "same-origin",
+    }
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cache = "no-store" if scope["path"].startswith("/api/") else "no-cache"
+
+        async def guarded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in {**self.SAFE, "Cache-Control": cache}.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, guarded)
