@@ -2,6 +2,7 @@
 stdout for results and stderr for progress and messages)."""
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -226,6 +227,13 @@ def evaluation_line(step_dir: Path, dataset: str, split: str, metrics: Any) -> N
     )
 
 
+def percent(probability: float) -> str:
+    """To one decimal, rounded down: 99.97% reads 99.9%, not 100.0%, which would claim a
+    certainty the model does not have (and read oddly beside "not sure"). The page does the
+    same (static/app.js)."""
+    return f"{math.floor(round(1000 * probability, 6)) / 10:.1f}%"
+
+
 def predictions(
     source: Path, results: list, min_confidence: float | None, detects_non_digits: bool
 ) -> None:
@@ -245,8 +253,8 @@ def predictions(
             error = f"[red]{escape(printable(p.error))}[/red]"
             table.add_row(path, "[red]—[/red]", "", *[error] if with_top else [])
             continue
-        top = "  ".join(f"{d}: {100 * prob:.1f}%" for d, prob in p.top())
-        confidence = f"{100 * p.confidence:.1f}%"
+        top = "  ".join(f"{d}: {percent(prob)}" for d, prob in p.top())
+        confidence = percent(p.confidence)
         digit = {
             "digit": f"[bold]{p.digit}[/bold]",
             "not_sure": f"[yellow]{p.digit}?[/yellow]",

@@ -11,6 +11,7 @@ from helpers import MNIST_DIR, assert_one_line_error, huge_png, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
+from digitjax import render
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference import predict as predict_module
@@ -209,6 +210,16 @@ def test_table_at_80_columns_shows_every_file_name_whole(no_runs):
         row = next(line for line in lines if name in line)
         assert row.startswith("│ …/") and f"│ {label}  " in row
     assert "non-digit detector" not in result.stdout  # the bundled model has one
+
+
+@pytest.mark.parametrize(
+    ("probability", "shown"),
+    [(0.99972, "99.9%"), (0.999, "99.9%"), (0.9989999, "99.8%"), (1.0, "100.0%"), (0.5, "50.0%")],
+)
+def test_confidence_is_shown_rounded_down(probability, shown):
+    """99.97% is no certainty: it never reads 100.0% (beside "not sure", with a higher
+    --min-confidence, that read as a contradiction)."""
+    assert render.percent(probability) == shown
 
 
 def test_table_at_40_columns_names_every_file(no_runs):

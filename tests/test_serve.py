@@ -23,6 +23,7 @@ from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
 from PIL import Image
 from typer.testing import CliRunner
 
+from digitjax import render
 from digitjax.cli import app
 from digitjax.data import read_idx_split
 from digitjax.inference.classifier import BUNDLED_MODEL, DEFAULT_MIN_CONFIDENCE, judge
@@ -750,7 +751,7 @@ def shown(element) -> dict:
 
 def expected_words(prediction: dict) -> str:
     """The words the page must show for the API's answer."""
-    percent = f"{100 * prediction['confidence']:.1f}%"
+    percent = render.percent(prediction["confidence"])  # as the command line writes it
     if prediction["verdict"] == "not_a_digit":
         return "That does not look like a digit"
     if prediction["verdict"] == "not_sure":

@@ -40,17 +40,19 @@ function makeBars(list) {
   }
 }
 
+// A probability to one decimal, rounded down as the command line does (render.percent):
+// 99.97% reads 99.9%, never 100.0%, which would claim a certainty the model does not have.
+const percent = (p) => `${(Math.floor(Math.round(p * 1e9) / 1e6) / 10).toFixed(1)}%`;
+
 function setBars(list, probabilities, top) {
   list.querySelectorAll("li").forEach((li, d) => {
-    const percent = probabilities ? 100 * probabilities[d] : 0;
-    li.querySelector(".fill").style.setProperty("--p", `${percent}%`);
-    li.querySelector(".pct").textContent = `${percent.toFixed(1)}%`;
+    const p = probabilities ? probabilities[d] : 0;
+    li.querySelector(".fill").style.setProperty("--p", `${100 * p}%`);
+    li.querySelector(".pct").textContent = percent(p);
     li.classList.toggle("top", d === top);
-    li.setAttribute("aria-label", `${d}: ${percent.toFixed(1)} percent`);
+    li.setAttribute("aria-label", `${d}: ${percent(p).slice(0, -1)} percent`);
   });
 }
-
-const percent = (p) => `${(100 * p).toFixed(1)}%`;
 
 // How an answer reads, from the server's verdict (never from thresholds of the page's own):
 // the digit to show big, one line of words, and whether to show both muted.
