@@ -142,6 +142,13 @@ def write_output(flag: str, path: Path, what: str, write: Callable[..., Any], *a
     render.note(f"{what} written to {path}")
 
 
+def check_plot_format(plot: Path | None) -> None:
+    if plot is not None:
+        from digitjax.plots import check_format  # matplotlib: only when a figure is asked for
+
+        check_format("--plot", plot)
+
+
 def chosen_model(checkpoint_path: Path | None, model: Path | None) -> Path | None:
     """The model of --checkpoint or --model (None: the default one)."""
     if model is not None and checkpoint_path is not None:
@@ -240,7 +247,11 @@ def evaluate(
     ] = None,
     latest: Annotated[bool, typer.Option(help="Use the latest step, not the best.")] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG: confusion matrix and misclassified digits.")
+        Path | None,
+        typer.Option(
+            help="Write a figure (PNG, or the format its suffix names: PDF, SVG...): "
+            "confusion matrix and misclassified digits."
+        ),
     ] = None,
     overwrite: ReplaceOutputsFlag = False,
     as_json: JsonFlag = False,
@@ -251,6 +262,7 @@ def evaluate(
     from digitjax.seeds import evaluate_run
 
     check_output("--plot", plot, overwrite)
+    check_plot_format(plot)
     enable_compilation_cache()
     if checkpoint_path is None:
         checkpoint_path = default_checkpoint(ensemble=True)
@@ -282,7 +294,11 @@ def predict(
         typer.Option(help="Write the 28x28 image the model saw for each input into this folder."),
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG grid: input, what the model saw, prediction.")
+        Path | None,
+        typer.Option(
+            help="Write a figure (PNG, or the format its suffix names: PDF, SVG...): "
+            "input, what the model saw, prediction."
+        ),
     ] = None,
     model: ExportedModelFlag = None,
     min_confidence: MinConfidenceFlag = None,
@@ -309,6 +325,7 @@ def predict(
             check_replaceable("--save-preprocessed", name, overwrite, files)
     check_output("--plot", plot, overwrite, files)
     check_distinct({"--csv": csv, "--plot": plot})
+    check_plot_format(plot)
     quick_start = len(files) <= NUMPY_UP_TO
     classifier = load_classifier(chosen_model(checkpoint_path, model), quick_start=quick_start)
     if min_confidence is None:

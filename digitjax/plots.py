@@ -11,10 +11,13 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from digitjax.config import UserError  # noqa: E402
 from digitjax.evaluate import Metrics  # noqa: E402
 from digitjax.outputs import write_file  # noqa: E402
+from digitjax.render import percent  # noqa: E402
 
 
 def plot_curves(history: list[dict], curve: list[dict], path: Path) -> None:
@@ -197,13 +200,30 @@ def plot_predictions(predictions: list, seen: dict, path: Path, max_images: int 
         digit_ax.imshow(image.digit, cmap="gray", vmin=0, vmax=1)
         answer = {"digit": "", "not_sure": "?", "not_a_digit": " not a digit"}[prediction.verdict]
         answer = answer if prediction.digit is None else f"{prediction.digit}{answer}"
-        digit_ax.set_title(f"{answer.strip()} ({100 * prediction.confidence:.0f}%)", fontsize=8)
+        # A non-digit's confidence is its top digit's, which would read as sure it is none.
+        sure = "" if prediction.verdict == "not_a_digit" else f" ({percent(prediction.confidence)})"
+        digit_ax.set_title(f"{answer.strip()}{sure}", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
 
+def check_format(flag: str, path: Path) -> None:
+    """Raises UserError unless matplotlib writes the format that `path`'s suffix names (PNG
+    without one): checked before the work, which the figure comes after."""
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if _format(path) not in formats:
+        raise UserError(
+            f"{flag} {path}: cannot write .{_format(path)} figures; "
+            f"name a .png file (or .{', .'.join(sorted(set(formats) - {'png'}))})"
+        )
+
+
+def _format(path: Path) -> str:
+    return path.suffix[1:].lower() or "png"
+
+
 def _save(fig: Figure, path: Path) -> None:
     image = io.BytesIO()
-    fig.savefig(image, format=path.suffix[1:].lower() or "png", dpi=110)
+    fig.savefig(image, format=_format(path), dpi=110)
     plt.close(fig)
     write_file(path, image.getvalue())

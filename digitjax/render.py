@@ -254,7 +254,9 @@ def predictions(
             table.add_row(path, "[red]—[/red]", "", *[error] if with_top else [])
             continue
         top = "  ".join(f"{d}: {percent(prob)}" for d, prob in p.top())
-        confidence = percent(p.confidence)
+        # A non-digit's confidence is its top digit's: beside "not a digit", it would read as
+        # how sure the model is that it is none.
+        confidence = "" if p.verdict == "not_a_digit" else percent(p.confidence)
         digit = {
             "digit": f"[bold]{p.digit}[/bold]",
             "not_sure": f"[yellow]{p.digit}?[/yellow]",

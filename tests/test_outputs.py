@@ -64,6 +64,21 @@ def test_unwritable_file_outputs_fail_first(workdir, monkeypatch, command, where
     assert result.stdout == "" and everything_under(workdir) == before
 
 
+@pytest.mark.parametrize("command", [c for c in FILE_OUTPUTS if c[-1] == "--plot"])
+def test_a_figure_in_a_format_matplotlib_cannot_write_fails_first(workdir, monkeypatch, command):
+    """Before, a traceback (matplotlib's ValueError) once the work was done."""
+    missing = ["--checkpoint", "nothing"] if command[0] == "predict" else ["nothing"]
+    monkeypatch.chdir(workdir)
+    before = everything_under(workdir)
+    result = runner.invoke(app, [*command, "figure.txt", *missing])
+    assert result.exit_code == 1, result.output
+    assert_one_line_error(result.stderr, "--plot figure.txt: cannot write .txt figures; name a")
+    assert everything_under(workdir) == before
+    for suffix in ("svg", "PDF"):  # formats it does write pass the check
+        result = runner.invoke(app, [*command, f"figure.{suffix}", *missing])
+        assert "--plot" not in result.stderr and "nothing" in result.stderr
+
+
 @pytest.mark.parametrize("where", ["under a file", "in /proc", "an existing file"])
 def test_unwritable_preprocessed_folder_fails_first(workdir, monkeypatch, where):
     path, message = UNWRITABLE.get(where, ("afile", "is a file, not a folder"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import MNIST_DIR, assert_one_line_error, huge_png, run_digitjax
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from digitjax import render
@@ -136,6 +136,22 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
     summary = " ".join(runner.invoke(app, ["predict", *args]).stdout.split())
     assert "5 images: 1 recognized," in summary
     assert "not a digit, 1 without a digit found, 3 unreadable" in summary
+
+
+def test_a_non_digit_shows_no_confidence(no_runs):
+    """The confidence is the top digit's: beside "not a digit" it read as how sure the model
+    is that the image is none (99.9% for a photo). The top 3 still show the digits' odds."""
+    box = Image.new("L", (280, 280), 0)
+    pen = ImageDraw.Draw(box)
+    pen.rectangle((60, 60, 220, 220), outline=255, width=18)
+    pen.line((60, 60, 220, 220), fill=255, width=18)
+    pen.line((220, 60, 60, 220), fill=255, width=18)
+    box.save(no_runs / "box.png")
+    result = run_digitjax("predict", "box.png", cwd=no_runs, env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    [row] = [line for line in result.stdout.splitlines() if "box.png" in line]
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells[1:3] == ["not a digit", ""] and cells[3].startswith("0: "), row
 
 
 def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predicted(
