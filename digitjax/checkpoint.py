@@ -90,10 +90,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             raise UserError(f"cannot resume {run_dir}: its latest/ checkpoint is missing")
         if unreadable := _not_restartable(run_dir):
             raise UserError(f"cannot resume {run_dir}: it holds {unreadable}")
-        raise UserError(
-            f"nothing to resume: {run_dir} holds no checkpoint (a run stops without one if it "
-            "ends in its first epoch); run the same command without --resume to start it"
-        )
+        raise nothing_to_resume(run_dir)
     if not resume and not overwrite and has_checkpoint(run_dir):
         raise UserError(
             f"{run_dir} already holds a run: pass --resume to continue it "
@@ -103,6 +100,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(
             f"{run_dir} holds {unreadable}: pass --overwrite to replace it, or choose another --out"
         )
+
+
+def nothing_to_resume(run_dir: Path) -> UserError:
+    # Ctrl-C and SIGTERM save one at once: without one, the run never began or did not end well.
+    return UserError(
+        f"nothing to resume: no checkpoint in {run_dir} (a run killed or diverged before its "
+        "first one leaves none); run the same command without --resume to start it"
+    )
 
 
 def _not_restartable(run_dir: Path) -> str | None:

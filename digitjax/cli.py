@@ -65,7 +65,9 @@ class OneLineErrors(TyperGroup):
                 except CLICK_ERROR as e:
                     ctx = getattr(e, "ctx", None)
                     hint = f"; see '{ctx.command_path} --help'" if ctx else ""
-                    render.error_line(f"{e.format_message().rstrip('.')}{hint}")
+                    message = e.format_message().rstrip(".")
+                    if message:  # none after `digitjax` alone: the help it printed says it all
+                        render.error_line(f"{message}{hint}")
                     result = e.exit_code
                 except typer.Abort:
                     result = 130

@@ -178,10 +178,7 @@ def _check_run_dir(
         raise UserError(f"cannot resume with different --seeds: the run has {list(saved)}")
     steps = [[int(p.name) for p in usable_steps(seed_run_dir(run_dir, s) / LATEST)] for s in saved]
     if not any(steps):
-        raise UserError(
-            f"nothing to resume: {run_dir} holds no checkpoint (a run stops without one if it "
-            "ends in its first epoch); run the same command without --resume to start it"
-        )
+        raise checkpoint.nothing_to_resume(run_dir)
     if not all(steps):
         return saved, None  # killed while the first checkpoints were written: start again
     common = min(max(each) for each in steps)

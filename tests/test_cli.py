@@ -84,9 +84,18 @@ def test_flag_errors_read_like_every_other_error(args, message):
     assert "╭" not in result.stderr and "Usage:" not in result.stderr
 
 
+def test_no_command_shows_the_help_and_no_empty_error():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2
+    assert "Usage:" in result.stdout and "train" in result.stdout
+    assert result.stderr == ""  # was "error: ; see 'digitjax --help'"
+
+
 def test_resume_with_nothing_to_resume(tmp_path):
     result = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "none")])
-    assert_one_line_error(result.stderr, "nothing to resume")
+    assert_one_line_error(
+        result.stderr, "nothing to resume: no checkpoint in", "killed or diverged"
+    )
 
 
 def test_installed_console_script_reports_errors_without_traceback(tmp_path):
