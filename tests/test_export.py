@@ -275,6 +275,10 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
     with zipfile.ZipFile(tmp_path / "damaged.stablehlo", "w") as archive:
         archive.writestr("metadata.json", zipfile.ZipFile(stablehlo_file).read("metadata.json"))
         archive.writestr("model.jax_exported", b"\x00" * 1000)
+    older = onnx.load_model_from_string(onnx_file.read_bytes())  # as exports were before
+    kept = [prop for prop in older.metadata_props if prop.key != "digitjax_sha256"]
+    del older.metadata_props[:]
+    older.metadata_props.extend(kept)
     flipped = bytearray(onnx_file.read_bytes())
     flipped[len(flipped) // 2] ^= 0x40  # a bit of a weight
     files = {
@@ -282,18 +286,20 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
         "truncated.onnx": onnx_file.read_bytes()[:5000],
         "truncated.stablehlo": stablehlo_file.read_bytes()[:5000],
         "foreign.onnx": foreign_onnx.SerializeToString(),
+        "older.onnx": older.SerializeToString(),
         "noise.bin": bytes(range(256)) * 10,
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     for name, message in [
-        ("truncated.onnx", "is not a digitjax ONNX export"),
-        ("truncated.stablehlo", "is not a digitjax StableHLO export"),
+        ("truncated.onnx", "not a digitjax ONNX export: it carries no digitjax metadata"),
+        ("truncated.stablehlo", "not a digitjax StableHLO export: not a whole zip archive"),
         ("flipped.onnx", "is damaged: its contents do not match its checksum"),
-        ("foreign.onnx", "carries no checksum"),
+        ("foreign.onnx", "it carries no digitjax metadata (another file, or an export cut"),
+        ("older.onnx", "carries no checksum (older digitjax exports did not: export it again)"),
         ("foreign.stablehlo", "no model.jax_exported"),
         ("damaged.stablehlo", "is not a digitjax StableHLO export"),
-        ("noise.bin", "is not a digitjax ONNX export"),
+        ("noise.bin", "is not a digitjax ONNX export: it carries no digitjax metadata"),
         ("missing.onnx", "cannot read"),
     ]:
         result = runner.invoke(

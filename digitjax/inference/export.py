@@ -59,6 +59,7 @@ ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(
 # property is the key's protobuf field (1), then the 64-byte value's (2).
 CHECKSUM_KEY = "digitjax_sha256"
 _CHECKSUM_FIELD = b"\x0a" + bytes([len(CHECKSUM_KEY)]) + CHECKSUM_KEY.encode() + b"\x12\x40"
+_METADATA_FIELD = b"\x0a" + bytes([len(METADATA_KEY)]) + METADATA_KEY.encode() + b"\x12"
 _UNSIGNED = b"0" * 64
 PREPROCESSING = (
     "(N, 28, 28) float32 in [0, 1]: a white digit on black, its longer side scaled to 20 px and "
@@ -277,11 +278,15 @@ def _checksum_at(data: bytes) -> int | None:
 
 def _check_checksum(path: Path, data: bytes) -> None:
     at = _checksum_at(data)
-    if at is None:
+    if at is None and _METADATA_FIELD in data:
         raise _not_an_export(
             path,
             "ONNX",
             "it carries no checksum (older digitjax exports did not: export it again)",
+        )
+    if at is None:  # the metadata and checksum come last: a cut copy loses both
+        raise _not_an_export(
+            path, "ONNX", "it carries no digitjax metadata (another file, or an export cut short)"
         )
     claimed = data[at : at + len(_UNSIGNED)]
     unsigned = data[:at] + _UNSIGNED + data[at + len(_UNSIGNED) :]
@@ -498,7 +503,9 @@ def _read_archive(path: Path, data: bytes) -> tuple[str, bytes]:
                 raw_metadata = member.read(MAX_MEMBER_BYTES + 1).decode("utf-8", "replace")
             with archive.open(EXPORTED_MEMBER) as member:
                 serialized = member.read(MAX_MEMBER_BYTES + 1)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
+    except zipfile.BadZipFile:  # its directory comes last: a cut copy loses it
+        raise _not_an_export(path, fmt, "not a whole zip archive (cut short?)") from None
+    except (zipfile.LargeZipFile, EOFError, ValueError, OSError) as e:
         raise _not_an_export(path, fmt, reason(e)) from None
     if max(len(raw_metadata), len(serialized)) > MAX_MEMBER_BYTES:
         raise _not_an_export(path, fmt, "its contents are larger than its zip directory says")
