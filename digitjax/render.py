@@ -36,7 +36,11 @@ err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any 
 
 
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    try:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # its reader left (`| head`): end quietly, as rich ends a table
+        out.on_broken_pipe()
 
 
 def printable(text: str) -> str:

@@ -314,6 +314,19 @@ def test_a_closed_output_is_no_failure(no_runs, closed):
         assert json.loads(result.stdout)[0]["digit"] == 7
 
 
+@pytest.mark.parametrize("output", [[], ["--json"]])
+def test_a_reader_that_leaves_ends_the_command_quietly(no_runs, output):
+    """`digitjax predict ... | head`: the table and JSON alike end with status 1 and no message
+    (JSON said "error: [Errno 32] Broken pipe")."""
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(no_runs / "seven.png")
+    command = ["digitjax", "predict", "seven.png", *output]
+    process = subprocess.Popen(command, cwd=no_runs, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader left before the results
+    assert process.wait(timeout=600) == 1
+    assert process.stderr.read() == b""
+
+
 def test_a_model_of_another_dataset_is_refused(no_runs):
     run = no_runs / "fashion"
     shutil.copytree(BUNDLED_MODEL, run)
