@@ -338,14 +338,16 @@ def predict(
         render.print_json([p.to_dict() for p in predictions])
     else:
         info = classifier.info
-        render.predictions(classifier.source, predictions, min_confidence, info.detects_non_digits)
+        render.predictions(
+            classifier.source, predictions, min_confidence, info.detects_non_digits, len(missing)
+        )
     for p in predictions:
         if p.error:
             render.error_line(f"{p.name}: {p.error}")
     if csv is not None:
         write_output("--csv", csv, "CSV", write_csv, csv, predictions)
     if save_preprocessed is not None:
-        what = f"{len(seen)} preprocessed 28x28 images"
+        what = f"{len(seen)} preprocessed 28x28 image{'s' if len(seen) != 1 else ''}"
         write_output("--save-preprocessed", save_preprocessed, what, save_seen,
                      save_preprocessed, files, seen)  # fmt: skip
     if plot is not None:

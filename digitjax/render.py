@@ -239,10 +239,15 @@ def percent(probability: float) -> str:
 
 
 def predictions(
-    source: Path, results: list, min_confidence: float | None, detects_non_digits: bool
+    source: Path,
+    results: list,
+    min_confidence: float | None,
+    detects_non_digits: bool,
+    missing: int = 0,
 ) -> None:
     """The table, then a line counting the digits, the flagged ones and the failures, and
-    what the model cannot flag."""
+    what the model cannot flag. The last `missing` results are paths that named no image (no
+    such file, a folder without images): counted apart from the images."""
     names = [printable(p.name) for p in results]
     width, with_top = path_column_width(names, out.width)
     table = Table(title=escape(printable(str(source))))
@@ -278,12 +283,18 @@ def predictions(
     )
     from digitjax.inference.preprocess import NO_DIGIT_FOUND
 
+    images = len(results) - missing
     no_digit = sum(p.error == NO_DIGIT_FOUND for p in results)
-    unreadable = sum(p.error not in (None, NO_DIGIT_FOUND) for p in results)
+    unreadable = sum(p.error not in (None, NO_DIGIT_FOUND) for p in results) - missing
     out.print(
-        f"{len(results)} image{'s' if len(results) != 1 else ''}: {counts['digit']} "
+        f"{images} image{'s' if images != 1 else ''}: {counts['digit']} "
         f"recognized, {marked}, {no_digit} without a digit found"
-        + (f", [red]{unreadable} unreadable[/red]" if unreadable else ""),
+        + (f", [red]{unreadable} unreadable[/red]" if unreadable else "")
+        + (
+            f"; [red]{missing} path{'s' if missing != 1 else ''} naming no image[/red]"
+            if missing
+            else ""
+        ),
         highlight=False,
     )
     if not detects_non_digits:

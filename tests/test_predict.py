@@ -134,8 +134,8 @@ def test_bad_files_are_reported_one_line_each_and_others_still_predicted(no_runs
     # The table's count tells the files it could not read from those holding no digit.
     args = [str(no_runs / name) for name in results]
     summary = " ".join(runner.invoke(app, ["predict", *args]).stdout.split())
-    assert "5 images: 1 recognized," in summary
-    assert "not a digit, 1 without a digit found, 3 unreadable" in summary
+    assert "4 images: 1 recognized," in summary
+    assert "not a digit, 1 without a digit found, 2 unreadable; 1 path naming no image" in summary
 
 
 def test_a_non_digit_shows_no_confidence(no_runs):
@@ -258,6 +258,25 @@ def test_empty_folder(no_runs):
     result = runner.invoke(app, ["predict", str(no_runs / "empty")])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "folder holds no images")
+    assert "0 images: " in result.stdout and "1 path naming no image" in result.stdout
+
+
+def test_each_path_that_names_no_image_says_why(no_runs):
+    (no_runs / "loop").symlink_to("loop")
+    (no_runs / "empty.png").write_bytes(b"")
+    said = {
+        "loop": "a link that leads to no file",
+        "nothing*.png": "no file matches",
+        "missing.png": "no such file",
+        "empty.png": "the file is empty",
+        "/dev/zero": "not an image in a known format (PNG",  # it has no size, but bytes
+    }
+    result = runner.invoke(app, ["predict", *said])
+    assert result.exit_code == 1
+    errors = sorted(line for line in result.stderr.splitlines() if line)
+    expected = sorted(f"error: {path}: {why}" for path, why in said.items())
+    assert len(errors) == len(expected)
+    assert [e[: len(start)] for e, start in zip(errors, expected)] == expected
 
 
 def test_control_characters_in_names_do_not_reach_the_terminal(no_runs):

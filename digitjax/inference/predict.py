@@ -3,6 +3,7 @@ MNIST, and run one compiled forward pass over all of them."""
 
 import functools
 import glob
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,11 +106,14 @@ def collect_images(patterns: list[str]) -> tuple[list[Path], list[Prediction]]:
             files.extend(found)
         elif path.exists():
             files.append(path)
+        elif path.is_symlink():
+            errors.append(failed(pattern, "a link that leads to no file"))
         else:
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
             matches = [p for p in matches if p.is_file()]
             if not matches:
-                errors.append(failed(pattern, "no such file"))
+                is_glob = re.search(r"[*?]|\[.+\]", pattern) is not None
+                errors.append(failed(pattern, "no file matches" if is_glob else "no such file"))
             files.extend(matches)
     return list(dict.fromkeys(files)), errors
 

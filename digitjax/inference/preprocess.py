@@ -87,7 +87,7 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
             f"limit {max_pixels:,}"
         ) from None
     except UnidentifiedImageError:
-        if isinstance(path, Path) and path.stat().st_size == 0:
+        if isinstance(path, Path) and _is_empty(path):
             raise ImageError("the file is empty") from None
         raise ImageError(f"not an image in a known format ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -112,6 +112,16 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
         low, high = float(values.min()), float(values.max())
         return (values - low) / (high - low) if high > low else np.zeros_like(values)
     return np.asarray(image.convert("L"), np.float32) / 255
+
+
+def _is_empty(path: Path) -> bool:
+    """Whether reading `path` gives nothing: a device (/dev/zero) or a file of /proc has size
+    0 but gives bytes."""
+    try:
+        with path.open("rb") as file:
+            return file.read(1) == b""
+    except OSError:
+        return False
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray | None:
