@@ -269,7 +269,10 @@ def evaluate(
     if checkpoint_path is None:
         checkpoint_path = default_checkpoint(ensemble=True)
         if checkpoint_path == BUNDLED_MODEL:
-            render.note("no runs in checkpoints/: evaluating the model bundled with digitjax")
+            render.note(
+                "no run in checkpoints/ has finished an epoch: evaluating the model bundled "
+                "with digitjax"
+            )
     report = evaluate_run(checkpoint_path, split, dataset, data_dir, latest)
     if as_json:
         render.print_json(report.to_dict())

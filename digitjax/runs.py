@@ -28,11 +28,12 @@ def usable_steps(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether the folder holds a run with a checkpoint (a `--seeds` run: any of its runs)."""
-    if any(usable_steps(run_dir / kind) for kind in (LATEST, BEST)):
+def has_checkpoint(run_dir: Path, kinds: tuple[str, ...] = (LATEST, BEST)) -> bool:
+    """Whether the folder holds a run with a checkpoint of one of `kinds` (a `--seeds` run: any
+    of its runs)."""
+    if any(usable_steps(run_dir / kind) for kind in kinds):
         return True
-    return any(has_checkpoint(folder) for folder in seed_run_dirs(run_dir))
+    return any(has_checkpoint(folder, kinds) for folder in seed_run_dirs(run_dir))
 
 
 def seed_run_dirs(run_dir: Path) -> list[Path]:
@@ -44,9 +45,10 @@ def seed_run_dirs(run_dir: Path) -> list[Path]:
     return sorted(folders, key=lambda p: int(p.name[len(SEED_PREFIX) :]))
 
 
-def newest_run(root: Path = DEFAULT_ROOT) -> Path | None:
-    """The most recently written run in `root` that holds a complete checkpoint."""
-    runs = [p for p in root.glob("*") if p.is_dir() and has_checkpoint(p)]
+def newest_run(root: Path = DEFAULT_ROOT, kinds: tuple[str, ...] = (LATEST, BEST)) -> Path | None:
+    """The most recently written run in `root` that holds a complete checkpoint of one of
+    `kinds`."""
+    runs = [p for p in root.glob("*") if p.is_dir() and has_checkpoint(p, kinds)]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 

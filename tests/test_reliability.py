@@ -206,6 +206,14 @@ def test_default_checkpoint_is_the_newest_usable_run(reference, tmp_path, monkey
     assert checkpoint.newest_run() == Path("checkpoints/good")
     result = runner.invoke(app, ["evaluate", "--json"])
     assert result.exit_code == 0, result.output
+    # Newer still: stopped in its first epoch, so it has its unfinished weights only. `train
+    # --resume` takes it up; the commands that answer with a model keep to finished epochs.
+    unfinished = Path(shutil.copytree(reference, tmp_path / "checkpoints" / "unfinished"))
+    shutil.rmtree(unfinished / "best")
+    assert checkpoint.choose_run_dir(None, True, "mnist") == Path("checkpoints/unfinished")
+    result = runner.invoke(app, ["evaluate", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoints/good/best/" in json.loads(result.stdout)["checkpoint"]
 
 
 def copy_of(run_dir: Path, tmp_path: Path) -> Path:

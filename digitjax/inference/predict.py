@@ -42,14 +42,15 @@ class Seen(NamedTuple):
 
 
 def default_checkpoint(ensemble: bool = False) -> Path:
-    """The newest run's best checkpoint, else the model shipped with the package. Of a
-    `--seeds` run, its first seed's run, or with `ensemble` the whole run (which `evaluate`
-    reports as the ensemble of its seeds)."""
-    from digitjax.runs import has_checkpoint, newest_run, seed_run_dirs
+    """The best checkpoint of the newest run that has one, else the model shipped with the
+    package: a run stopped in its first epoch holds only its unfinished weights (`latest/`),
+    no answer anyone asked for. Of a `--seeds` run, its first seed's run, or with `ensemble`
+    the whole run (which `evaluate` reports as the ensemble of its seeds)."""
+    from digitjax.runs import BEST, has_checkpoint, newest_run, seed_run_dirs
 
-    newest = newest_run()
+    newest = newest_run(kinds=(BEST,))
     if newest is not None and not ensemble and seed_run_dirs(newest):
-        return next(run for run in seed_run_dirs(newest) if has_checkpoint(run))
+        return next(run for run in seed_run_dirs(newest) if has_checkpoint(run, (BEST,)))
     return newest or BUNDLED_MODEL
 
 
