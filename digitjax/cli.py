@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from digitjax import __version__, interrupts, render
 from digitjax.compilation import enable_compilation_cache
@@ -52,6 +52,19 @@ from digitjax.outputs import (
 CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    """Typer shows a `<bool>` beside a flag (--json, --help), which takes no value: none."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class PlainFlags(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
 class OneLineErrors(TyperGroup):
     """Flag errors (`--epochs abc`, a typo) read like every other error: one `error:` line
     and exit status 2, instead of a boxed usage panel. Ctrl-C and SIGTERM, wherever they land
@@ -82,6 +95,9 @@ class OneLineErrors(TyperGroup):
             return result
         sys.exit(result if isinstance(result, int) else 0)
 
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -107,7 +123,6 @@ def _options(
             callback=_show_version,
             is_eager=True,
             help="Print the version.",
-            metavar="",  # a flag: Typer would show a meaningless <bool>
         ),
     ] = False,
 ) -> None:
@@ -158,7 +173,7 @@ def chosen_model(checkpoint_path: Path | None, model: Path | None) -> Path | Non
     return model or checkpoint_path
 
 
-@app.command()
+@app.command(cls=PlainFlags)
 @user_errors
 def train(
     dataset: Annotated[str | None, setting("dataset")] = None,
@@ -225,13 +240,13 @@ def train(
         render.training_done(summary, run_dir)
 
 
-@app.command()
+@app.command(cls=PlainFlags)
 @user_errors
 def evaluate(
     checkpoint_path: Annotated[
         Path | None,
         typer.Argument(
-            metavar="[CHECKPOINT]",
+            metavar="CHECKPOINT",
             help="Run folder (its best step) or a step folder. "
             "\\[default: the newest run in checkpoints/, else the model bundled with digitjax]",
             show_default=False,
@@ -285,12 +300,14 @@ def evaluate(
                      report.labels, plot)  # fmt: skip
 
 
-@app.command()
+@app.command(cls=PlainFlags)
 @user_errors
 def predict(
     paths: Annotated[
         list[str],
-        typer.Argument(help="Image files, folders (searched recursively) or glob patterns."),
+        typer.Argument(
+            metavar="PATHS", help="Image files, folders (searched recursively) or glob patterns."
+        ),
     ],
     checkpoint_path: ModelCheckpointFlag = None,
     csv: Annotated[Path | None, typer.Option(help="Also write the results as CSV.")] = None,
@@ -361,7 +378,7 @@ def predict(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=PlainFlags)
 @user_errors
 def benchmark(
     batch_sizes: BatchSizesFlag = "128",
@@ -396,14 +413,14 @@ def benchmark(
         write_output("--out", out_file, "results", write_file, out_file, data)
 
 
-@app.command()
+@app.command(cls=PlainFlags)
 @user_errors
 def export(
     out_file: Annotated[Path, typer.Option("--out", help="The file to write.")],
     checkpoint_path: Annotated[
         Path | None,
         typer.Argument(
-            metavar="[RUN_OR_CHECKPOINT]",
+            metavar="RUN_OR_CHECKPOINT",
             help="Run or checkpoint folder. \\[default: the newest run in checkpoints/, else the "
             "model bundled with digitjax]",
             show_default=False,
@@ -431,7 +448,7 @@ def export(
         render.exported(written, out_file)
 
 
-@app.command()
+@app.command(cls=PlainFlags)
 @user_errors
 def serve(
     checkpoint_path: ModelCheckpointFlag = None,

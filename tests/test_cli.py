@@ -16,6 +16,8 @@ def test_every_command_exists_with_help_and_json(command):
     help_text = runner.invoke(app, [command, "--help"])
     assert help_text.exit_code == 0
     assert ("--json" in help_text.stdout) == (command != "serve")  # a server prints no document
+    # Flags (--json, --help) take no value: Typer's <bool> beside them read as if they did.
+    assert "<bool>" not in listed.stdout + help_text.stdout and "[[" not in help_text.stdout
 
 
 def test_train_help_groups_flags_and_reads_help_from_the_config():
