@@ -180,9 +180,17 @@ def evaluation(report: "Evaluation") -> None:
     if report.seeds:
         accuracies = [each.metrics.accuracy for each in report.seeds]
         std = f" ± {100 * statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
+        calibrated = [each.metrics.temperature is not None for each in report.seeds]
+        probabilities = (
+            "calibrated probabilities"
+            if all(calibrated)
+            else "probabilities: plain softmax, they have no temperature"
+            if not any(calibrated)
+            else "probabilities, calibrated where a seed has a temperature"
+        )
         out.print(
             f"{len(accuracies)} seeds: accuracy {100 * statistics.fmean(accuracies):.2f}%{std} "
-            "(mean ± std); their ensemble (the mean of their calibrated probabilities):",
+            f"(mean ± std); their ensemble (the mean of their {probabilities}):",
             highlight=False,
         )
     metrics = report.metrics

@@ -154,7 +154,16 @@ def test_evaluate_reports_each_seed_and_the_ensemble(seeds_run: Path, tiny_mnist
     nll = -np.log(mean[np.arange(len(labels)), labels]).mean()
     assert report["loss"] == pytest.approx(nll, rel=1e-4)
     text = runner.invoke(app, ["evaluate", str(seeds_run)])
-    assert text.exit_code == 0 and "their ensemble" in text.stdout
+    assert text.exit_code == 0
+    said = " ".join(text.stdout.split())  # as wrapped at 80 columns
+    assert "their ensemble (the mean of their calibrated probabilities)" in said
+
+
+def test_an_ensemble_without_temperatures_is_not_called_calibrated(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "run"
+    train_ok(seeds_train(tiny_mnist, run_dir, "--calibration-fraction", "0", epochs=1))
+    said = " ".join(runner.invoke(app, ["evaluate", str(run_dir)]).stdout.split())
+    assert "the mean of their probabilities: plain softmax, they have no temperature" in said
 
 
 def test_each_seed_is_an_ordinary_run(seeds_run: Path, tmp_path: Path, user_image_files):
