@@ -682,9 +682,18 @@ def resolve_config(run_dir: Path, requested: Config, resume: bool, given: frozen
     saved, _ = checkpoint.read_config(run_dir, checkpoint.LATEST)
     clashes = [name for name in sorted(given) if getattr(saved, name) != getattr(requested, name)]
     if clashes:
+
+        def shown(value: object) -> str:  # as the flag takes it
+            return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+        differ = ", ".join(
+            f"--{name.replace('_', '-')} {shown(getattr(requested, name))} "
+            f"(the run's: {shown(getattr(saved, name))})"
+            for name in clashes
+        )
         raise UserError(
-            f"cannot resume with different settings ({', '.join(clashes)}); "
-            "the run's saved config is used on resume"
+            f"cannot resume with other settings than the run's: {differ}; a run resumes with "
+            "its own: drop these flags"
         )
     return saved
 

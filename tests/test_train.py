@@ -192,9 +192,14 @@ def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(reference_run, tiny_
 
 
 def test_resume_refuses_different_settings(reference_run: Path):
-    result = runner.invoke(app, ["train", "--out", str(reference_run), "--resume", "--epochs", "3"])
+    flags = ["--epochs", "3", "--channels", "8,16"]
+    result = runner.invoke(app, ["train", "--out", str(reference_run), "--resume", *flags])
     assert result.exit_code == 1
-    assert_one_line_error(result.stderr, "cannot resume with different settings (epochs)")
+    assert_one_line_error(
+        result.stderr,
+        "cannot resume with other settings than the run's: --channels 8,16 (the run's: 4,8), "
+        f"--epochs 3 (the run's: {EPOCHS}); a run resumes with its own: drop these flags",
+    )
 
 
 def test_existing_run_is_never_overwritten_unasked(reference_run: Path, tiny_mnist: Path):
