@@ -154,8 +154,19 @@ def test_a_non_digit_shows_no_confidence(no_runs):
     assert cells[1:3] == ["not a digit", ""] and cells[3].startswith("0: "), row
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            IndexError("index -1 is out of bounds for axis 0 with size 0"),
+            "unreadable image: IndexError: index -1 is out of bounds for axis 0 with size 0",
+        ),
+        # PIL holds no row of 79,000,000 pixels: it raised MemoryError with no message.
+        (MemoryError(), "too large to preprocess in the memory available"),
+    ],
+)
 def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predicted(
-    no_runs, monkeypatch
+    no_runs, monkeypatch, error, said
 ):
     # A defect on an odd file (a pixel-high image once raised IndexError) must cost that
     # file, not the run: the same per-image error the server gives.
@@ -163,7 +174,7 @@ def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predi
 
     def fails_on_odd(file, max_pixels):
         if "odd" in str(file):
-            raise IndexError("index -1 is out of bounds for axis 0 with size 0")
+            raise error
         return load_grayscale(file, max_pixels)
 
     images, _ = read_idx_split(MNIST_DIR, "test")
@@ -174,10 +185,8 @@ def test_a_file_preprocessing_fails_on_gets_its_error_and_others_are_still_predi
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     results = {r["name"]: r for r in json.loads(result.stdout)}
     assert results["seven.png"]["digit"] == 7
-    assert results["odd.png"]["error"] == (
-        "unreadable image: IndexError: index -1 is out of bounds for axis 0 with size 0"
-    )
-    assert_one_line_error(result.stderr, "odd.png", "IndexError")
+    assert results["odd.png"]["error"] == said
+    assert_one_line_error(result.stderr, f"odd.png: {said}")
 
 
 def test_huge_images_and_bombs_get_an_error_each_and_others_are_still_predicted(no_runs):

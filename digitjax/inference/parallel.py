@@ -50,6 +50,8 @@ def preprocess_previewed(
         digit = to_mnist(gray)
     except ImageError as e:
         return (None, str(e)), None
+    except MemoryError:  # a shape PIL cannot hold a row of (79,000,000 x 1 pixels: 1.9 GB, 14 s)
+        return (None, "too large to preprocess in the memory available"), None
     except Exception as e:  # a decoder's or our own defect on an odd file: its error, not the run's
         return (None, f"unreadable image: {type(e).__name__}: {e}"[:300]), None
     if digit is None:
