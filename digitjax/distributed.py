@@ -38,12 +38,23 @@ def initialize(
     asked = distributed or any(v is not None for v in (coordinator, num_processes, process_id))
     if not (asked or launched or "JAX_COORDINATOR_ADDRESS" in os.environ):
         return
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise UserError(
+            f"--process-id {process_id} is out of range: a job of {num_processes} processes "
+            f"numbers them 0 to {num_processes - 1}"
+        )
     # XLA:CPU needs a collectives backend to talk across processes (GPUs and TPUs have theirs).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"cannot join the distributed job: {str(e).splitlines()[0]}") from None
+        said = str(e).splitlines()[0]
+        if "coordinator_address should be defined" in said:  # JAX's words for it
+            said = (
+                "no coordinator: pass --coordinator HOST:PORT of process 0 (JAX finds it itself "
+                "only under SLURM, Open MPI and on TPU VMs)"
+            )
+        raise UserError(f"cannot join the distributed job: {said}") from None
     global _joined
     _joined = True
 

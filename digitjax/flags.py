@@ -78,10 +78,10 @@ CoordinatorFlag = Annotated[
     typer.Option(help="host:port of process 0, for --distributed.", rich_help_panel=HOSTS),
 ]
 NumProcessesFlag = Annotated[
-    int | None, typer.Option(help="Processes in the job.", rich_help_panel=HOSTS)
+    int | None, typer.Option(min=1, help="Processes in the job.", rich_help_panel=HOSTS)
 ]
 ProcessIdFlag = Annotated[
-    int | None, typer.Option(help="This process's index.", rich_help_panel=HOSTS)
+    int | None, typer.Option(min=0, help="This process's index.", rich_help_panel=HOSTS)
 ]
 ProfileFlag = Annotated[
     Path | None,

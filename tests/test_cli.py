@@ -77,6 +77,7 @@ def test_bad_train_input_is_one_line_and_non_zero(flags, message, tmp_path):
         (["train", "--epoch", "3"], "No such option: --epoch"),
         (["trian"], "No such command 'trian'"),
         (["predict"], "Missing argument"),
+        (["train", "--num-processes", "0"], "'--num-processes': Input should be greater than or"),
     ],
 )
 def test_flag_errors_read_like_every_other_error(args, message):

@@ -164,8 +164,10 @@ def test_failing_to_join_is_a_user_error(monkeypatch):
 
     monkeypatch.setattr(jax.distributed, "initialize", no_coordinator)
     monkeypatch.setattr(jax.config, "update", lambda *a: None)
-    with pytest.raises(UserError, match="cannot join the distributed job: coordinator_address"):
+    with pytest.raises(UserError, match="cannot join the distributed job: no coordinator: pass"):
         distributed.initialize(True)
+    with pytest.raises(UserError, match="--process-id 2 is out of range: a job of 2 processes"):
+        distributed.initialize(True, "localhost:1234", 2, 2)
 
 
 def test_runtime_info_needs_no_installed_metadata(monkeypatch):
