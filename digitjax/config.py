@@ -171,7 +171,15 @@ class Config:
         for name in ("data_dir", "init_from"):
             if settings.get(name) is not None:
                 settings[name] = str(Path(settings[name]).expanduser().resolve())
-        return cls(**settings)
+        config = cls(**settings)
+        # Checked for new runs only: a saved config stays readable whatever it holds.
+        if config.warmup_epochs > config.epochs:
+            raise UserError(
+                f"--warmup-epochs {config.warmup_epochs:g} is longer than the run's "
+                f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}: its learning rate "
+                "would never reach --learning-rate"
+            )
+        return config
 
 
 def chosen_settings(flags: dict[str, Any], preset: str | None) -> dict[str, Any]:

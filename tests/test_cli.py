@@ -46,6 +46,7 @@ def test_version():
         (["--weight-decay", "nan"], "--weight-decay must be in"),
         (["--warmup-epochs", "nan"], "--warmup-epochs must be in [0.0, 100000.0], got nan"),
         (["--warmup-epochs", "inf"], "--warmup-epochs must be in [0.0, 100000.0], got inf"),
+        (["--warmup-epochs", "100", "--epochs", "1"], "--warmup-epochs 100 is longer than the"),
         (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
         (["--seed", "99999999999999999999999"], "--seed must be in [0, 2147483647]"),
         (["--augment-shift", "1000"], "--augment-shift must be in [0, 13]"),
