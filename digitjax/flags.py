@@ -121,6 +121,13 @@ def positive_ints(text: str | None) -> tuple[int, ...] | None:
     return values
 
 
+def distinct_positive_ints(text: str | None) -> tuple[int, ...] | None:
+    values = positive_ints(text)
+    if values is not None and len(set(values)) < len(values):
+        raise typer.BadParameter(f"takes distinct values, got '{text}'")
+    return values
+
+
 def seed_list(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -169,7 +176,9 @@ MinConfidenceFlag = Annotated[
 # `digitjax benchmark`'s.
 BatchSizesFlag = Annotated[
     str,
-    typer.Option(help="Training batch sizes to measure, comma-separated.", callback=positive_ints),
+    typer.Option(
+        help="Training batch sizes to measure, comma-separated.", callback=distinct_positive_ints
+    ),
 ]
 TargetFlag = Annotated[
     float | None,

@@ -79,6 +79,7 @@ def test_bad_train_input_is_one_line_and_non_zero(flags, message, tmp_path):
         (["trian"], "No such command 'trian'"),
         (["predict"], "Missing argument"),
         (["train", "--num-processes", "0"], "'--num-processes': Input should be greater than or"),
+        (["benchmark", "--batch-sizes", "64,64"], "takes distinct values, got '64,64'"),
     ],
 )
 def test_flag_errors_read_like_every_other_error(args, message):

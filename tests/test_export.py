@@ -249,6 +249,7 @@ def test_export_errors(
         (["--out", "a_file/m.onnx"], "--out a_file/m.onnx: a_file is a file, not a folder"),
         (["--format", "onnx", "--out", "."], "is a folder"),
         (["--format", "onnx", "--out", "m.stablehlo"], "--format onnx contradicts --out"),
+        (["--format", "ONNX", "--out", "m.stablehlo"], "--format onnx contradicts --out"),
         (["--format", "stablehlo", "--out", "m.ONNX"], "name the file .stablehlo"),
         ([str(tmp_path / "empty"), "--out", "m.onnx"], "no digitjax checkpoint"),
         ([str(no_config), "--out", "m.onnx"], "is not a digitjax checkpoint"),

@@ -92,7 +92,7 @@ def export_format(fmt: str | None, out: Path) -> str:
         raise UserError(
             f"give --format {' or '.join(FORMATS)} (or an --out ending in .stablehlo or .onnx)"
         )
-    fmt = fmt or by_suffix
+    fmt = fmt.lower() if fmt is not None else by_suffix  # --format ONNX, as suffixes are read
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}': choose {' or '.join(FORMATS)}")
     if by_suffix is not None and by_suffix != fmt:
