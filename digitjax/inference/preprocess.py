@@ -8,6 +8,7 @@ A classifier trained on MNIST fails on raw photos mostly because they break thos
 """
 
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -81,11 +82,11 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
                     )
                 image.load()  # decode now: truncated files fail here, not later
                 image = ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError:
-        raise ImageError(
-            f"image too large: over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, "
-            f"limit {max_pixels:,}"
-        ) from None
+    except Image.DecompressionBombError as e:
+        # PIL refuses before telling the size; its message holds the pixel count.
+        told = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(told.group(1)):,}" if told else f"over {2 * (Image.MAX_IMAGE_PIXELS or 0):,}"
+        raise ImageError(f"image too large: {size} pixels, limit {max_pixels:,}") from None
     except UnidentifiedImageError:
         if isinstance(path, Path) and _is_empty(path):
             raise ImageError("the file is empty") from None
