@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -818,11 +819,22 @@ def test_page_draw_predict_clear_and_upload(server, browser, digits, files, scre
     assert len(entries[0].find_elements(By.CSS_SELECTOR, ".bars.mini li")) == 10
     save_screenshots(driver, screenshots, "digit")
 
-    # A refused upload is reported on the upload, naming the file, not under the drawing.
+    # A refused upload is reported on the upload, naming the file, not under the drawing;
+    # and one upload of more files than a request holds (64) is sent as several, in order.
     big = files["canvas"].parent / "big.png"
     big.write_bytes(b"\x89PNG" + b"\0" * (5 << 20))
-    [refused] = upload(driver, big)
+    copies = []
+    for index in range(70):
+        copies.append(files["canvas"].parent / f"copy_{index}.png")
+        shutil.copy(files["canvas"], copies[-1])
+    picked = [copies[0], big, *copies[1:]]
+    entries = upload(driver, *picked)
+    assert [e.find_element(By.CLASS_NAME, "name").text for e in entries] == [p.name for p in picked]
+    [refused] = [e for e in entries if "big.png" in e.text]
     assert "big.png is larger than 4 MiB." in refused.text
+    assert [e.find_element(By.CLASS_NAME, "file-digit").text for e in entries if e != refused] == [
+        "7"
+    ] * 70
     assert driver.find_element(By.ID, "status").text == ""
 
     def ink() -> int:

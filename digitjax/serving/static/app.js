@@ -244,20 +244,59 @@ drop.addEventListener("drop", (event) => {
   uploadFiles([...event.dataTransfer.files]);
 });
 
+// What one request may carry (/api/info's limits; these are the server's defaults until it
+// says): more files are sent in several requests, one after another, rather than refused, and
+// a file over the limit alone, so that its refusal names it and costs no other file.
+let uploadLimits = { max_files: 64, max_body: 8 << 20, max_file: 4 << 20 };
+const PART_OVERHEAD = 1024; // a form part's own headers, with room for a long file name
+
+function inBatches(files) {
+  const batches = [];
+  let batch = [];
+  let bytes = 0;
+  for (const file of files) {
+    const cost = file.size + PART_OVERHEAD;
+    const alone = file.size > uploadLimits.max_file;
+    const full = batch.length === uploadLimits.max_files || bytes + cost > uploadLimits.max_body;
+    if (batch.length && (alone || full)) {
+      batches.push(batch);
+      batch = [];
+      bytes = 0;
+    }
+    batch.push(file);
+    bytes += cost;
+    if (alone) {
+      batches.push(batch);
+      batch = [];
+      bytes = 0;
+    }
+  }
+  if (batch.length) batches.push(batch);
+  return batches;
+}
+
 async function uploadFiles(files) {
   if (!files.length) return;
+  const items = [];
+  for (const batch of inBatches(files)) items.push(...(await uploadBatch(batch)));
+  fileResults.prepend(...items); // the newest upload first, its files in the order given
+}
+
+async function uploadBatch(files) {
   const form = new FormData();
   for (const file of files) form.append("file", file, file.name);
-  let items;
+  let response;
   try {
-    const response = await fetch(API_QUERY, { method: "POST", body: form });
-    const answer = await response.json();
-    if (response.ok) items = answer.predictions.map((p, i) => fileResult(files[i], p));
-    else items = [failedUpload(files, answer.detail || `HTTP ${response.status}`)];
+    response = await fetch(API_QUERY, { method: "POST", body: form });
   } catch (error) {
-    items = [failedUpload(files, `Cannot reach the server: ${error.message}`)];
+    return [failedUpload(files, `Cannot reach the server: ${error.message}`)];
   }
-  fileResults.prepend(...items); // the newest upload first, its files in the order given
+  // A proxy's error page is not JSON: its status still says what happened.
+  const answer = await response.json().catch(() => ({}));
+  if (response.ok && answer.predictions) {
+    return answer.predictions.map((p, i) => fileResult(files[i], p));
+  }
+  return [failedUpload(files, answer.detail || `HTTP ${response.status} ${response.statusText}`.trim())];
 }
 
 // An upload the server refused as a whole (too large, too many files...): one entry that names
@@ -323,6 +362,7 @@ async function showModel() {
   const out = document.getElementById("model");
   try {
     const info = await (await fetch("/api/info")).json();
+    uploadLimits = info.limits;
     const { name, step, test_accuracy: accuracy } = info.model;
     out.textContent =
       `${name}` +
