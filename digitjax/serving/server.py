@@ -161,7 +161,8 @@ class Server:
         self.ready = True
         self.report(
             f"Ready: compiled batch sizes {self.batch_sizes[0]}-{self.batch_sizes[-1]} in "
-            f"{time.perf_counter() - started:.1f} s; {self.options.workers} preprocessing workers"
+            f"{time.perf_counter() - started:.1f} s; {self.options.workers} preprocessing "
+            f"worker{'s' if self.options.workers != 1 else ''}"
         )
 
     async def predict(
