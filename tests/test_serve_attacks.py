@@ -1,7 +1,8 @@
 """`digitjax serve` under attack: a real server on a free loopback port, an attacker process
 (from 127.0.0.2) running one of `benchmarks/serve_attacks.py`'s attacks, and meanwhile a normal
 client (127.0.0.1, one ~1 kB PNG per request, closed loop) that must see no error and a p99
-latency of at most 250 ms. Every attack ends by itself within seconds."""
+latency of at most 250 ms (400 ms against the idle floods). Every attack ends by itself
+within seconds."""
 
 import os
 import signal
@@ -14,6 +15,11 @@ from serve_attacks import under_attack
 from serve_load import ServerProcess
 
 MAX_P99_MS = 250
+# Against the idle floods the normal client waits in the accept queue behind the attacker's
+# reconnections (p50 ~80 ms on the AMD EPYC): on a host running ~3x slower (this Xeon's slow
+# spells, matmul at 123 GFLOP/s against 377), p50 ~130 ms and p99 160-260 ms, servers before
+# and after the last change alike (benchmarks/README.md, *Serving under attack*).
+IDLE_FLOOD_MAX_P99_MS = 400
 HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
 
 
@@ -26,10 +32,10 @@ def server():
         assert server.stop() == 0
 
 
-def assert_unharmed(normal: dict) -> None:
+def assert_unharmed(normal: dict, max_p99_ms: float = MAX_P99_MS) -> None:
     assert normal["requests"] > 10, normal
     assert not normal["errors"], normal
-    assert normal["p99_ms"] <= MAX_P99_MS, normal
+    assert normal["p99_ms"] <= max_p99_ms, normal
 
 
 def assert_refused(answers: dict) -> None:
@@ -92,7 +98,7 @@ def test_connections_held_with_a_whole_head_make_room_for_others(server, attack)
     # Idle connections make room first; else the oldest ones of the address that holds the
     # most.
     seen = under_attack(attack, server.url, seconds=6, keep_alive=False)
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], IDLE_FLOOD_MAX_P99_MS if "idle" in attack else MAX_P99_MS)
     assert seen["attacker"]["outcome"].get("503", 0) > 0, seen["attacker"]
 
 

@@ -28,22 +28,22 @@ from digitjax.inference.preprocess import FORMATS
 from digitjax.serving.uploads import Limits, Rejected, Upload, png_pixels, too_many_pixels
 
 LARGE_PIXELS = 4_000_000  # a large image: seconds of decoding rather than milliseconds
+HEADER_BYTES = 64 << 10  # where most images tell their size (a JPEG's EXIF comes first)
 T = TypeVar("T")
 
 
-def header_pixels(data: bytes, max_pixels: int) -> int:
-    """The pixels an image will decode to, from its header, wherever its format puts it (a
-    TIFF's directory may come last, a JPEG's size after an ICC profile of hundreds of KiB).
-    Files the decoder refuses before decoding (not an image, or over `max_pixels`) cost 0. Runs
-    in a worker: some formats' headers take PIL milliseconds to walk."""
+def header_pixels(data: bytes, max_pixels: int) -> int | None:
+    """The pixels an image will decode to, from its header in `data` (None: PIL finds none
+    there). One over `max_pixels`, which the decoder refuses before decoding, costs 0. Runs in
+    a worker: some formats' headers take PIL milliseconds to walk."""
     try:
         with (
             warnings.catch_warnings(action="ignore"),
             Image.open(io.BytesIO(data), formats=FORMATS) as image,
         ):
             pixels = image.size[0] * image.size[1]
-    except Exception:  # every failure is the decoder's too: it decodes nothing
-        return 0
+    except Exception:  # every failure means "no header in these bytes"
+        return None
     return 0 if pixels > max_pixels else pixels
 
 
@@ -178,12 +178,20 @@ class Decoder:
         pixels = png_pixels(data, self.limits.max_pixels)
         if pixels is not None:
             return pixels
+        # Most formats tell their size in their first bytes, and only those are sent to the
+        # worker (0.5 ms against 2.7 ms for a 2.6 MB JPEG); a TIFF's directory may come last,
+        # a JPEG's size after a colour profile of hundreds of KiB: then the whole file.
+        parts = (data[:HEADER_BYTES], data) if len(data) > HEADER_BYTES else (data,)
         try:
-            return await self.ordinary.run(
-                header_pixels, data, self.limits.max_pixels, client=client
-            )
+            for part in parts:
+                found = await self.ordinary.run(
+                    header_pixels, part, self.limits.max_pixels, client=client
+                )
+                if found is not None:
+                    return found
         except BrokenProcessPool:
             return self.limits.max_pixels
+        return 0  # not an image: the decoder refuses it, decoding nothing
 
     async def preprocess_one(self, data: bytes, pixels: int, client: str) -> Outcome:
         lane = self.large if pixels > LARGE_PIXELS else self.ordinary
