@@ -61,6 +61,8 @@ def _flags_take_no_value(params: list[Any]) -> list[Any]:
 
 
 class PlainFlags(TyperCommand):
+    """Every command's class: its --help shows flags without a type."""
+
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_take_no_value(super().get_params(ctx))
 
