@@ -16,9 +16,9 @@ from serve_load import ServerProcess
 
 MAX_P99_MS = 250
 # Against the idle floods the normal client waits in the accept queue behind the attacker's
-# reconnections (p50 ~80 ms on the AMD EPYC): on a host running ~3x slower (this Xeon's slow
-# spells, matmul at 123 GFLOP/s against 377), p50 ~130 ms and p99 160-260 ms, servers before
-# and after the last change alike (benchmarks/README.md, *Serving under attack*).
+# reconnections (p50 ~80 ms on the AMD EPYC): on the same host in a slow spell (its matmul
+# peak at 123 GFLOP/s against 208-213), p50 ~130 ms and p99 143-258 ms, servers before and
+# after the last change alike (benchmarks/README.md, *Serving under attack*).
 IDLE_FLOOD_MAX_P99_MS = 400
 HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
 
