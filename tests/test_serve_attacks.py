@@ -1,7 +1,7 @@
 """`digitjax serve` under attack: a real server on a free loopback port, an attacker process
 (from 127.0.0.2) running one of `benchmarks/serve_attacks.py`'s attacks, and meanwhile a normal
 client (127.0.0.1, one ~1 kB PNG per request, closed loop) that must see no error and a p99
-latency of at most 250 ms (400 ms against the idle floods). Every attack ends by itself
+latency of at most 250 ms (400 ms where it must wait its turn). Every attack ends by itself
 within seconds."""
 
 import os
@@ -15,11 +15,13 @@ from serve_attacks import under_attack
 from serve_load import ServerProcess
 
 MAX_P99_MS = 250
-# Against the idle floods the normal client waits in the accept queue behind the attacker's
-# reconnections (p50 ~80 ms on the AMD EPYC): on the same host in a slow spell (its matmul
-# peak at 123 GFLOP/s against 208-213), p50 ~130 ms and p99 143-258 ms, servers before and
-# after the last change alike (benchmarks/README.md, *Serving under attack*).
-IDLE_FLOOD_MAX_P99_MS = 400
+# Where the normal client must wait its turn behind the attack (in the accept queue behind
+# the idle floods' reconnections, or for a worker behind images that take ~0.1 s each), the
+# same host in a slow spell (its matmul peak at 123 GFLOP/s against 208-213) gave p99 143-258
+# ms against the idle floods and 190-265 ms against `images_mid`, servers before and after the
+# last change alike (benchmarks/README.md, *Serving under attack*). What these tests catch is
+# far above: every request failing, or p99 ~1 s without turns.
+WAITING_MAX_P99_MS = 400
 HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
 
 
@@ -79,7 +81,7 @@ def test_images_just_under_the_large_mark_from_several_clients_take_turns(server
     # so the normal client's image waits behind a few at most (in one queue, first come first
     # served, eight a worker in the pool: p50 0.66 s, p99 0.99 s).
     seen = under_attack("images_mid", server.url, seconds=6)
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], WAITING_MAX_P99_MS)
     assert "200" in seen["attacker"]["answers"], seen["attacker"]
 
 
@@ -98,7 +100,7 @@ def test_connections_held_with_a_whole_head_make_room_for_others(server, attack)
     # Idle connections make room first; else the oldest ones of the address that holds the
     # most.
     seen = under_attack(attack, server.url, seconds=6, keep_alive=False)
-    assert_unharmed(seen["normal"], IDLE_FLOOD_MAX_P99_MS if "idle" in attack else MAX_P99_MS)
+    assert_unharmed(seen["normal"], WAITING_MAX_P99_MS if "idle" in attack else MAX_P99_MS)
     assert seen["attacker"]["outcome"].get("503", 0) > 0, seen["attacker"]
 
 
