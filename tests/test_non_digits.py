@@ -167,6 +167,35 @@ def test_the_flag_report_splits_digits_flags_by_whether_they_caught_a_misreading
     assert "at_the_default" not in rates([(0.99, 1.0, None)], [DEFAULT_MIN_CONFIDENCE])
 
 
+def test_real_sets_count_each_icon_once_and_leave_out_those_that_may_show_a_digit(tmp_path):
+    """benchmarks/real_non_digits.py's choice of icons (README figures): the first file of
+    each name, a link to a file already taken counted once, no name hinting at a digit."""
+    from real_non_digits import one_per_name
+
+    def icon(relative: str) -> Path:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(relative.encode())
+        return path
+
+    folder, printer = icon("actions/folder.png"), icon("devices/printer.png")
+    (tmp_path / "places").mkdir()
+    (tmp_path / "places/folder-blue.png").symlink_to(folder)  # another name, the same icon
+    (tmp_path / "places/dangling.png").symlink_to(tmp_path / "nowhere.png")
+    paths = [
+        folder,
+        icon("places/folder.png"),  # the name again, another size or context
+        tmp_path / "places/folder-blue.png",
+        tmp_path / "places/dangling.png",
+        icon("status/battery-100.png"),
+        icon("apps/accessories-calculator-dialpad.png"),
+        icon("apps/alarm-clock.png"),
+        icon("actions/go-next-rtl.png"),
+        printer,
+    ]
+    assert one_per_name(paths) == [folder, printer]
+
+
 def test_the_flag_causes_on_users_digits_are_told_apart():
     """benchmarks/user_digit_flags.py's columns (README figures): each flag has one cause."""
     from user_digit_flags import causes
