@@ -42,13 +42,14 @@ from digitjax.weights import (
     steady_scores,
 )
 
-# Of held-out augmented MNIST training digits. 2.5% and not 2% because Fashion-MNIST fell
-# below 96% at 2%: a real image set was used to choose it, against the rule that only what the
-# project generates tunes rejection (found 2026-12-05). It stays, since choosing again would
-# again follow real images; a new threshold is chosen on generated images only, and real
-# images (Fashion-MNIST, Adwaita's icons) are only reported: benchmarks/README.md,
-# "Non-digit rejection".
-FALSE_ALARMS = 0.025
+# Of held-out augmented MNIST training digits (`threshold_digits`). 1.84% since 2026-12-06:
+# the bundled detector's threshold was raised, its kernel kept, until users' digits
+# (`synthetic.user_digits`, seeds 0-7) were flagged at most 2.85%, chosen on generated images
+# only and confirmed on fresh seeds (8-11: 2.80%). Before, 2.5%, which Fashion-MNIST had
+# decided (a real set, against the rule that only what the project generates tunes
+# rejection; found 2026-12-05). Real images (Fashion-MNIST, icon themes, emoji) are only
+# reported: benchmarks/README.md, "Non-digit rejection".
+FALSE_ALARMS = 0.0184
 FIT_DIGITS = 50_000  # of MNIST's 60,000 training digits; the rest set the threshold
 DRAWN_DIGITS = 10_000  # of the fitting digits, also drawn as users' images
 PRINTED_DIGITS = 2_000  # digits printed as the non-digits' letters are, with the drawn ones
@@ -87,23 +88,34 @@ def fitting_images(
     are also drawn as users' images (DRAWN_DIGITS if None; 0 for none, as before
     2026-12-05); `printed_count`: how many printed digits join them (PRINTED_DIGITS if
     None; 0 for none, as before 2026-12-05's evening)."""
-    digits = load_dataset("mnist").split("train")[0]
-    order = np.random.default_rng(seed).permutation(len(digits))
+    digits, order, keys = _mnist_in_fitting_order(seed)
     drawn_count = DRAWN_DIGITS if drawn_count is None else drawn_count
     printed_count = PRINTED_DIGITS if printed_count is None else printed_count
     as_users_give = [drawn_digits.training_set(digits[order[:drawn_count]])] if drawn_count else []
     as_users_give += [drawn_digits.printed_set(printed_count)] if printed_count else []
-    digits = normalized(digits)
-    fit_digits, threshold_digits = digits[order[:FIT_DIGITS]], digits[order[FIT_DIGITS:]]
+    fit_digits = normalized(digits[order[:FIT_DIGITS]])
     others = normalized(non_digits.training_set(NON_DIGITS))
-    keys = jax.random.split(jax.random.key(seed), 2 + AUGMENTED_NON_DIGIT_COPIES)
     return (
         np.concatenate(
             [fit_digits, augmented(fit_digits, keys[0]), *map(normalized, as_users_give)]
         ),
         np.concatenate([others] + [augmented(others, key) for key in keys[2:]]),
-        augmented(threshold_digits, keys[1]),
+        threshold_digits(seed),
     )
+
+
+def threshold_digits(seed: int = 0) -> np.ndarray:
+    """The held-out digits a detector's threshold is set on (`fitting_images`' third): MNIST
+    training digits it is not fitted on, augmented."""
+    digits, order, keys = _mnist_in_fitting_order(seed)
+    return augmented(normalized(digits[order[FIT_DIGITS:]]), keys[1])
+
+
+def _mnist_in_fitting_order(seed: int) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+    """MNIST's training digits (uint8), the fit's order of them, and its augmentation keys."""
+    digits = load_dataset("mnist").split("train")[0]
+    order = np.random.default_rng(seed).permutation(len(digits))
+    return digits, order, jax.random.split(jax.random.key(seed), 2 + AUGMENTED_NON_DIGIT_COPIES)
 
 
 def fit_for_run(run_dir: Path) -> NonDigitDetector:

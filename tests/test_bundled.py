@@ -65,6 +65,17 @@ def test_the_bundled_checkpoint_holds_only_what_inference_needs():
         restore_model(BUNDLED_MODEL, average=False)
 
 
+def test_the_bundled_detector_flags_the_share_of_threshold_digits_it_records():
+    """Its `false_alarms` is what its threshold flags of the held-out digits thresholds are
+    set on, as classifiers score them: the record stays true of a threshold moved by hand
+    (benchmarks/README.md, "Non-digit rejection")."""
+    classifier = bundled_classifier(BUNDLED_MODEL)
+    assert classifier is not None and classifier.detector is not None
+    threshold_digits = detector.threshold_digits()
+    flagged = (classifier.outputs(threshold_digits)[:, 10] > 0).sum()
+    assert abs(flagged - classifier.detector.false_alarms * len(threshold_digits)) <= 1
+
+
 def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images, monkeypatch):
     """The lead's step after training a new bundled model, on a tiny run, its non-digit
     detector fitted on fewer images in fewer steps."""
@@ -84,7 +95,7 @@ def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images, monkey
     )
     assert (on_jax.outputs(images)[:, 10] > 0).mean() < 0.1
     # Its threshold flags FALSE_ALARMS of the held-out digits as classifiers score them.
-    threshold_digits = detector.fitting_images()[2]
+    threshold_digits = detector.threshold_digits()
     flagged = (on_jax.outputs(threshold_digits)[:, 10] > 0).sum()
     assert abs(flagged - detector.FALSE_ALARMS * len(threshold_digits)) <= 1
     saved = json.loads((step_dir / "summary" / "metadata").read_text())
