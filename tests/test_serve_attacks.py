@@ -1,8 +1,8 @@
 """`digitjax serve` under attack: a real server on a free loopback port, an attacker process
 (from 127.0.0.2) running one of `benchmarks/serve_attacks.py`'s attacks, and meanwhile a normal
 client (127.0.0.1, one ~1 kB PNG per request, closed loop) that must see no error and a p99
-latency of at most 250 ms (400 ms where it must wait its turn). Every attack ends by itself
-within seconds."""
+latency within a bound that grows with the host's slowness (`max_p99_ms`). Every attack ends
+by itself within seconds."""
 
 import os
 import signal
@@ -14,14 +14,15 @@ import pytest
 from serve_attacks import under_attack
 from serve_load import ServerProcess
 
-MAX_P99_MS = 250
-# Where the normal client must wait its turn behind the attack (in the accept queue behind
-# the idle floods' reconnections, or for a worker behind images that take ~0.1 s each), the
-# same host in a slow spell (its matmul peak at 123 GFLOP/s against 208-213) gave p99 143-258
-# ms against the idle floods and 190-265 ms against `images_mid`, servers before and after the
-# last change alike (benchmarks/README.md, *Serving under attack*). What these tests catch is
-# far above: every request failing, or p99 ~1 s without turns.
-WAITING_MAX_P99_MS = 400
+# The normal client's p99 under attack, in times its p50 with no attack on the same server
+# just before. The worst seen is 25 (the idle floods: it waits in the accept queue behind the
+# attacker's reconnections; `images_mid`: for a worker, behind images of ~0.1 s each), on
+# this 2-core host in its usual state (6.5 ms with no attack) and in a slow spell (14-18 ms)
+# alike, where a fixed bound failed now and then (benchmarks/README.md, *the attack tests'
+# bound on a slow host*). What these tests catch is far above: every request failing, or ~100
+# times (p50 ~0.66 s on the usual host: endless heads, images without turns; pipelines 7.9 s).
+MAX_SLOWDOWN = 40
+MIN_MAX_P99_MS = 250
 HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
 
 
@@ -34,10 +35,16 @@ def server():
         assert server.stop() == 0
 
 
-def assert_unharmed(normal: dict, max_p99_ms: float = MAX_P99_MS) -> None:
+@pytest.fixture(scope="module")
+def max_p99_ms(server) -> float:
+    unloaded = under_attack(None, server.url, seconds=2)["normal"]
+    return max(MIN_MAX_P99_MS, MAX_SLOWDOWN * unloaded["p50_ms"])
+
+
+def assert_unharmed(normal: dict, max_p99_ms: float) -> None:
     assert normal["requests"] > 10, normal
     assert not normal["errors"], normal
-    assert normal["p99_ms"] <= max_p99_ms, normal
+    assert normal["p99_ms"] <= max_p99_ms, (normal, max_p99_ms)
 
 
 def assert_refused(answers: dict) -> None:
@@ -47,27 +54,27 @@ def assert_refused(answers: dict) -> None:
     assert set(answers) <= {"413", "ReadError", "WriteError", "RemoteProtocolError"}, answers
 
 
-def test_slowloris_connections_are_capped_and_timed_out(server):
+def test_slowloris_connections_are_capped_and_timed_out(server, max_p99_ms):
     # 2,500 connections sending half a head, against a cap of 1,000: the oldest waiting ones
     # make room for newer ones (503), the rest get 408 at the head deadline; a normal client
     # opening a new connection for every request gets in all along.
     seen = under_attack("slowloris", server.url, seconds=HEAD_TIMEOUT_S + 3, keep_alive=False)
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], max_p99_ms)
     outcome = seen["attacker"]["outcome"]
     assert set(outcome) <= {"408", "503"}, outcome
     assert outcome.get("408", 0) > 0 and outcome.get("503", 0) >= 1500 - 50, outcome
     assert seen["attacker"]["max_s_to_close"] <= HEAD_TIMEOUT_S + 2
 
 
-def test_slow_images_are_budgeted(server):
+def test_slow_images_are_budgeted(server, max_p99_ms):
     # 64 images of 1 x 49,999,000 pixels per request: refused from their headers (413).
     seen = under_attack("images64", server.url, seconds=5)
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], max_p99_ms)
     assert_refused(seen["attacker"]["answers"])
     # Two per request, eight requests at once: the client's budget admits one request at a
     # time (429 for the others), and large images never take every worker.
     seen = under_attack("images2", server.url, seconds=8)
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], max_p99_ms)
     assert "429" in seen["attacker"]["answers"] and set(seen["attacker"]["answers"]) <= {
         "200",
         "429",
@@ -75,49 +82,50 @@ def test_slow_images_are_budgeted(server):
     }
 
 
-def test_images_just_under_the_large_mark_from_several_clients_take_turns(server):
+def test_images_just_under_the_large_mark_from_several_clients_take_turns(server, max_p99_ms):
     # 25 PNGs of 1990x1990 per request from three addresses, each within its budgets: the
     # workers' places go to the clients in turn, a job each, and few wait in the pool itself,
     # so the normal client's image waits behind a few at most (in one queue, first come first
     # served, eight a worker in the pool: p50 0.66 s, p99 0.99 s).
     seen = under_attack("images_mid", server.url, seconds=6)
-    assert_unharmed(seen["normal"], WAITING_MAX_P99_MS)
+    assert_unharmed(seen["normal"], max_p99_ms)
     assert "200" in seen["attacker"]["answers"], seen["attacker"]
 
 
-def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server):
+def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server, max_p99_ms):
     seen = under_attack("multipart", server.url, seconds=5)
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], max_p99_ms)
     assert_refused(seen["attacker"]["answers"])
     assert seen["attacker"]["p99_ms"] < 1000  # refused as soon as the 65th part begins
 
 
 @pytest.mark.parametrize("attack", ["idle", "idle_many", "bodiless"])
-def test_connections_held_with_a_whole_head_make_room_for_others(server, attack):
+def test_connections_held_with_a_whole_head_make_room_for_others(server, attack, max_p99_ms):
     # 1,200 connections against a cap of 1,000, idle after a request (from one address, or
     # each from its own), or with their body unsent (its deadline is 10 s): a normal client
     # from another address, opening a new connection for every request, gets in all along.
     # Idle connections make room first; else the oldest ones of the address that holds the
     # most.
     seen = under_attack(attack, server.url, seconds=6, keep_alive=False)
-    assert_unharmed(seen["normal"], WAITING_MAX_P99_MS if "idle" in attack else MAX_P99_MS)
+    assert_unharmed(seen["normal"], max_p99_ms)
     assert seen["attacker"]["outcome"].get("503", 0) > 0, seen["attacker"]
 
 
 @pytest.mark.parametrize("attack", ["heads", "pipeline"])
-def test_endless_heads_and_pipelines_cost_little(server, attack):
+def test_endless_heads_and_pipelines_cost_little(server, attack, max_p99_ms):
     # Header lines without end are refused past 16 KiB; pipelined requests are read one at
     # a time, as they are answered, and a connection that sends over 32 of them ahead is
     # closed. uvicorn's httptools parser held 1.5 GB of headers, and ~100 MB per MiB of
     # pipelined requests, for a single connection; answering a pipelined flood as fast as it
-    # came kept the normal client waiting 7 s.
+    # came kept the normal client waiting 7 s (and, capped, ~20 times its unloaded p50 in a
+    # slow spell, where the event loop held the GIL 5 ms at a time: `GIL_SWITCH_INTERVAL_S`).
     status = Path(f"/proc/{server.process.pid}/status")
     Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # peak memory := now
     before = int(status.read_text().split("VmRSS:")[1].split()[0])
     seen = under_attack(attack, server.url, seconds=4)
     peak = int(status.read_text().split("VmHWM:")[1].split()[0])
     assert (peak - before) / 1024 < 64, (peak - before, seen["attacker"])
-    assert_unharmed(seen["normal"])
+    assert_unharmed(seen["normal"], max_p99_ms)
 
 
 def wait_until(condition, timeout_s: float = 120) -> None:

@@ -5,6 +5,7 @@ import contextlib
 import resource
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from digitjax.serving.server import Options, Server
 from digitjax.serving.uploads import Limits
 
 SPARE_FILES = 256  # file descriptors kept for the workers' pipes, the model's files, logs
+# How long the event loop may hold the GIL while the inference thread waits for it. Python's
+# 5 ms let a flood of cheap requests (pipelined `GET /livez`) keep a prediction waiting 5 ms
+# at each of its many hand-overs: p50 156-210 ms against 65-83 ms at 1 ms on a slow host;
+# ordinary load is the same within noise (benchmarks/README.md, *The GIL's switch interval*).
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def serve(model: Path | None, options: Options, report: Callable[[str], None]) -> None:
@@ -48,6 +54,7 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
         _stop_if(signalled())
         runner = _Uvicorn(config, signalled)
         server.stop_serving = runner.exit_soon
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         runner.run(sockets=[listener])
         if not server.ready:
             _stop_if(signalled())
