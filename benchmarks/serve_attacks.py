@@ -280,7 +280,8 @@ def slow_images(
 ) -> Any:
     """`per_request` copies of `png` (default: `slow_png()`) per request, `concurrency`
     requests at once, each from an address of its own if `png` is given."""
-    parts = [("file", (f"slow{n}.png", png or slow_png())) for n in range(per_request)]
+    image = png or slow_png()  # ~0.5 s each: made once
+    parts = [("file", (f"slow{n}.png", image)) for n in range(per_request)]
     request = httpx.Request("POST", url, files=parts)
     body, content_type = request.read(), request.headers["content-type"]
     addresses = concurrency if png else 1
@@ -333,9 +334,11 @@ ATTACKS = {
 }
 
 
-def _attacker(name: str, url: str, seconds: float, results: Any) -> None:
+def _attacker(name: str, url: str, seconds: float, results: Any, ready: Any) -> None:
     raise_file_limit()
-    results.put(asyncio.run(ATTACKS[name][1](url, seconds)))
+    attack = ATTACKS[name][1](url, seconds)  # its requests made (slow PNGs take ~0.5 s)
+    ready.set()
+    results.put(asyncio.run(attack))
 
 
 def raise_file_limit() -> None:
@@ -346,15 +349,17 @@ def raise_file_limit() -> None:
 def under_attack(
     name: str | None, url: str, seconds: float, keep_alive: bool = True
 ) -> dict[str, Any]:
-    """The normal client's view while attack `name` runs in another process (after it has
-    had a second to start), and the attacker's; `name` None: no attack."""
+    """The normal client's view while attack `name` runs in another process (from 1.5 s
+    after the attacker has made its requests), and the attacker's; `name` None: no attack."""
     if name is None:
         return {"normal": asyncio.run(normal_client(url, seconds, keep_alive))}
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    attacker = context.Process(target=_attacker, args=(name, url, seconds + 2, results))
+    results, ready = context.Queue(), context.Event()
+    attacker = context.Process(target=_attacker, args=(name, url, seconds + 2, results, ready))
     attacker.start()
-    time.sleep(1.5)  # the attacker's process starts and its connections open
+    if not ready.wait(60):
+        raise RuntimeError(f"the attacker did not start (exit code {attacker.exitcode})")
+    time.sleep(1.5)  # its connections open
     normal = asyncio.run(normal_client(url, seconds, keep_alive))
     return {"normal": normal, "attacker": _result(attacker, results)}
 
