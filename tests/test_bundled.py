@@ -18,7 +18,6 @@ from helpers import (
     assert_same_outputs,
     fit_small_detectors,
     tiny_train,
-    trained_tiny_run,
 )
 from PIL import Image
 from typer.testing import CliRunner
@@ -76,11 +75,11 @@ def test_the_bundled_detector_flags_the_share_of_threshold_digits_it_records():
     assert abs(flagged - classifier.detector.false_alarms * len(threshold_digits)) <= 1
 
 
-def test_write_bundle_from_a_run(tiny_mnist, tmp_path, mnist_test_images, monkeypatch):
-    """The lead's step after training a new bundled model, on a tiny run, its non-digit
-    detector fitted on fewer images in fewer steps."""
+def test_write_bundle_from_a_run(tiny_run, tiny_mnist, tmp_path, mnist_test_images, monkeypatch):
+    """The lead's step after training a new bundled model, on a tiny run (read, not changed),
+    its non-digit detector fitted on fewer images in fewer steps."""
     fit_small_detectors(monkeypatch, tiny_mnist)
-    run = trained_tiny_run(tiny_mnist, tmp_path, epochs=1)
+    run = tiny_run
     folder = tmp_path / "model"
     step_dir = write_bundle(run, folder)
     on_numpy, on_jax = bundled_classifier(folder), CheckpointClassifier(step_dir)
