@@ -60,16 +60,43 @@ def flops_of(compiled: Any) -> float:
     return float(analysis.get("flops", 0.0))
 
 
-def machine_info(mesh: Mesh) -> dict[str, Any]:
-    cpu = platform.processor()
+# The CPU flags that change how XLA:CPU vectorizes, hence both speed and float rounding.
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's name and what tells apart two hosts of one name: its family, model and
+    vector extensions. Two "AMD EPYC" hosts, one with AVX-512 and one without, run the same
+    benchmark at different speeds and round differently (benchmarks/README.md)."""
+    fields: dict[str, str] = {}
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor(),
+        "cpu_model": " ".join(
+            f"{name} {fields[key]}"
+            for name, key in [
+                ("family", "cpu family"),
+                ("model", "model"),
+                ("stepping", "stepping"),
+            ]
+            if key in fields
+        ),
+        "cpu_vector_flags": [flag for flag in VECTOR_FLAGS if flag in flags],
+    }
+
+
+def machine_info(mesh: Mesh) -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "hostname": platform.node(),
-        "cpu": cpu,
+        **cpu_info(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         **runtime_info(mesh),

@@ -340,12 +340,17 @@ def path_tail(path: str, width: int) -> Text:
     return Text("…" + path[start:])
 
 
+def cpu_details(machine: dict) -> str:
+    """ "family 25 model 1 stepping 1; avx2, fma": what tells a CPU from its namesakes."""
+    return "; ".join(filter(None, [machine["cpu_model"], ", ".join(machine["cpu_vector_flags"])]))
+
+
 def benchmark(results: "BenchmarkResults") -> None:
     machine = results["machine"]
     table = Table(
         "measurement",
         "value",
-        title=f"digitjax benchmark: {machine['cpu']}, "
+        title=f"digitjax benchmark: {machine['cpu']} ({cpu_details(machine)}), "
         f"{results['devices_used']} of {len(machine['all_devices'])} {machine['backend']} "
         f"device(s), jax {machine['versions']['jax']}",
     )

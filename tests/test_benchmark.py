@@ -1,11 +1,18 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from digitjax.benchmark import BenchmarkPlan, allowed_errors, make_target_check, run_benchmark
+from digitjax.benchmark import (
+    VECTOR_FLAGS,
+    BenchmarkPlan,
+    allowed_errors,
+    make_target_check,
+    run_benchmark,
+)
 from digitjax.cli import app
 from digitjax.config import Config
 from digitjax.data import load_dataset
@@ -34,7 +41,13 @@ def test_benchmark_measures_everything_it_reports(tiny_mnist):
     assert results["inference"]["images_per_s"] > 0
     reached = results["time_to_accuracy"]
     assert reached["reached"] and reached["evaluations"][-1]["test_accuracy"] >= 0.5
-    assert results["machine"]["devices"] == 1 and results["machine"]["versions"]["jax"]
+    machine = results["machine"]
+    assert machine["devices"] == 1 and machine["versions"]["jax"]
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "cpu family" in cpuinfo:  # x86 Linux, as here and in CI: the CPU told from its namesakes
+        assert machine["cpu_model"].startswith("family ") and machine["cpu"] in cpuinfo
+        flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags"))
+        assert set(machine["cpu_vector_flags"]) == set(flags.split()) & set(VECTOR_FLAGS)
     json.dumps(results)  # JSON-ready
 
 
