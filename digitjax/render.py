@@ -341,7 +341,7 @@ def path_tail(path: str, width: int) -> Text:
 
 
 def cpu_details(machine: dict) -> str:
-    """ "family 25 model 1 stepping 1; avx2, fma": what tells a CPU from its namesakes."""
+    """What tells a CPU from its namesakes, as "family 25 model 1 stepping 1; avx2, fma"."""
     return "; ".join(filter(None, [machine["cpu_model"], ", ".join(machine["cpu_vector_flags"])]))
 
 
