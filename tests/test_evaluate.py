@@ -28,3 +28,21 @@ def test_compute_metrics_on_a_hand_worked_example():
     report = metrics.to_dict()
     assert report["per_class"]["c"] == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}
     assert report["num_examples"] == 4
+
+
+def test_the_misclassified_figure_shows_the_first_errors_captioned():
+    """The grid of misclassified digits: each wrong image once, in order, under its
+    true→predicted caption, and none of the right ones."""
+    from digitjax.plots import misclassified_figure
+
+    labels = np.array([0, 1, 2, 2, 1])
+    logits = np.eye(3)[[0, 0, 2, 1, 0]]  # images 1, 3 and 4 wrong
+    metrics = compute_metrics(logits, labels, ("a", "b", "c"))
+    images = np.stack([np.full((28, 28), 10 * (i + 1), np.uint8) for i in range(5)])
+    figure = misclassified_figure(metrics, images, labels, max_errors=2)
+    [ax] = figure.axes
+    assert [text.get_text() for text in ax.texts] == ["b→a", "c→b"]
+    assert figure.get_suptitle() == "3 misclassified; first 2 shown as true→predicted"
+    shown = np.ma.masked_invalid(ax.get_images()[0].get_array())
+    assert sorted(np.unique(shown.compressed())) == [20, 40]  # images 1 and 3, nothing else
+    assert (shown == 20).sum() == (shown == 40).sum() == 28 * 28
