@@ -136,7 +136,10 @@ def check(quick: bool, out: Path, data_dir: str | None) -> dict:
     if not quick:
         results["tests"] = run_step(
             "tests",
-            [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *DEVICE_TESTS],
+            # One process (`-o addopts=`: no xdist workers, which the wheels here lack, nor
+            # two of them on one accelerator).
+            [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-m", "not slow"]
+            + DEVICE_TESTS,
             log,
             limits["tests"],
         )
