@@ -66,8 +66,8 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def cpu_info() -> dict[str, Any]:
     """The CPU's name and what tells apart two hosts of one name: its family, model and
-    vector extensions. Two "AMD EPYC" hosts, one with AVX-512 and one without, run the same
-    benchmark at different speeds and round differently (benchmarks/README.md)."""
+    vector extensions. Two "AMD EPYC" hosts ran the same benchmark at half and at full speed,
+    and a CPU with other vector units rounds differently (benchmarks/README.md)."""
     fields: dict[str, str] = {}
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
