@@ -86,6 +86,9 @@ class OneLineErrors(TyperGroup):
                     result = e.exit_code
                 except typer.Abort:
                     result = 130
+                except UserError as e:  # outside a command: --help or --version not written
+                    render.error_line(str(e))
+                    result = 1
             except interrupts.Stopped:  # one more, while the outcome above was being shown
                 result = 130
             with interrupts.recorded_only():
@@ -496,6 +499,7 @@ def serve(
 
 
 def main() -> None:
+    sys.stdout = render.GuardedStdout(sys.stdout)
     try:
         app()
     except SystemExit as e:
@@ -505,7 +509,11 @@ def main() -> None:
     # The command has ended and its exit status is decided: a signal now changes nothing.
     for number in interrupts.STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except UserError as e:  # the output's last bytes could not be written
+        render.error_line(str(e))
+        code = code or 1
     sys.stderr.flush()
     distributed = sys.modules.get("digitjax.distributed")
     if distributed is not None and distributed.joined():

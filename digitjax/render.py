@@ -25,14 +25,47 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from digitjax.config import UserError
+
 if TYPE_CHECKING:  # train imports JAX: not at start-up
     from digitjax.benchmark import BenchmarkResults
     from digitjax.evaluate import Evaluation
     from digitjax.seeds import SeedsResult
     from digitjax.train import RunSummary
 
-out = Console()
+out = Console()  # writes to sys.stdout as it is at each call: `GuardedStdout` in a command
 err = Console(stderr=True, soft_wrap=True)  # messages stay whole lines, at any width
+
+
+class GuardedStdout:
+    """The command's sys.stdout: a write that fails (a full disk, a file size limit) ends the
+    command with one `error:` line that names standard output, which the OSError alone does
+    not ("[Errno 28] No space left on device"), and the rest of the output is dropped, so
+    that the bytes left in the buffer do not fail again at the last flush. A reader that
+    left (`| head`) still raises BrokenPipeError, which ends the command quietly."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._failed = False
+
+    def write(self, text: str) -> int:
+        return len(text) if self._failed else self._guarded(self._stream.write, text)
+
+    def flush(self) -> None:
+        if not self._failed:
+            self._guarded(self._stream.flush)
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the stream's
+        return getattr(self._stream, name)
+
+    def _guarded(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self._failed = True
+            raise UserError(f"cannot write to standard output: {e.strerror or e}") from None
 
 
 def print_json(document: Any) -> None:

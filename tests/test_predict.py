@@ -355,6 +355,21 @@ def test_a_reader_that_leaves_ends_the_command_quietly(no_runs, output):
     assert process.stderr.read() == b""
 
 
+@pytest.mark.parametrize(
+    "args", [["predict", "seven.png"], ["predict", "seven.png", "--json"], ["predict", "--help"],
+             ["--version"]],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(no_runs, args):
+    """Output into a full disk (/dev/full): the results said "error: [Errno 28] No space
+    left on device", naming nothing; --help and --version ended in a traceback."""
+    Image.fromarray(read_idx_split(MNIST_DIR, "test")[0][0]).save(no_runs / "seven.png")
+    with open("/dev/full", "w") as full_disk:
+        result = subprocess.run(["digitjax", *args], cwd=no_runs, stdout=full_disk,
+                                stderr=subprocess.PIPE, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "cannot write to standard output: No space left on device")
+
+
 def test_a_model_of_another_dataset_is_refused(no_runs):
     run = no_runs / "fashion"
     shutil.copytree(BUNDLED_MODEL, run)
