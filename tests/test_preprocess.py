@@ -7,7 +7,13 @@ from helpers import MNIST_DIR, huge_png
 from PIL import Image, ImageDraw, ImageFilter
 
 from digitjax.data import read_idx_split
-from digitjax.inference.preprocess import ImageError, load_grayscale, preprocess_file, to_mnist
+from digitjax.inference.preprocess import (
+    MAX_JPEG_SCANS,
+    ImageError,
+    load_grayscale,
+    preprocess_file,
+    to_mnist,
+)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +187,34 @@ def test_float_images_with_nan_and_infinities(tmp_path, recwarn):
     assert gray[50, 50] == 1 and gray[0, 0] == gray[5, 5] == 0
     Image.fromarray(np.full((9, 9), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
     assert not load_grayscale(tmp_path / "nan.tif").any()
+    # float32's whole range (ink at its largest value on paper at its lowest, or the two
+    # infinities): the differences overflowed, and the server answered "unreadable image:
+    # IndexError..." for a valid image.
+    largest = np.finfo(np.float32).max
+    for paper, ink in [(-largest, largest), (-np.inf, np.inf)]:
+        bar = np.full((100, 100), paper, np.float32)
+        bar[20:80, 45:55] = ink
+        Image.fromarray(bar, mode="F").save(tmp_path / "extremes.tif")
+        gray = load_grayscale(tmp_path / "extremes.tif")
+        assert gray[50, 50] == 1 and gray[5, 5] == 0
+        assert preprocess_file(tmp_path / "extremes.tif") is not None
     assert not recwarn.list  # numpy's "invalid value" warnings went to stderr
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path):
+    """A JPEG is decoded once per scan: one small scan repeated 12,000 times in 4 MB kept a
+    server's decoder busy 8 s. Progressive JPEGs, of 6-10 scans, are read."""
+    stroke = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(stroke).line((100, 40, 100, 160), fill=0, width=14)
+    progressive = save(stroke, tmp_path / "progressive.jpg", progressive=True)
+    data = progressive.read_bytes()
+    assert 6 <= data.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    assert preprocess_file(progressive) is not None
+    last_scan, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    repeated = data[:end] + data[last_scan:end] * MAX_JPEG_SCANS + data[end:]
+    (tmp_path / "scans.jpg").write_bytes(repeated)
+    with pytest.raises(ImageError, match=r"^image too costly to decode: a JPEG of 1\d\d scans"):
+        load_grayscale(tmp_path / "scans.jpg")
 
 
 def test_an_empty_file_is_called_empty(tmp_path):

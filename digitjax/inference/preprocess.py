@@ -11,7 +11,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -60,6 +60,10 @@ MAX_PIXELS = 80_000_000
 # header is read. Not the others it opens: EPS runs Ghostscript on the file (PostScript from
 # anyone who uploads one), and ICO decodes the PNG inside it before its size can be checked.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM")
+# A JPEG is decoded once per scan, and a file may repeat one small scan thousands of times: 4 MB
+# of them kept a decoder busy 8 s on a 4-megapixel image. Encoders write 1 scan, or 6-10 for a
+# progressive JPEG; more than this many is refused before decoding.
+MAX_JPEG_SCANS = 100
 NO_DIGIT_FOUND = "no digit found"  # the answer for an image in which `to_mnist` finds none
 
 
@@ -79,6 +83,11 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
                 if width * height > max_pixels:
                     raise ImageError(
                         f"image too large: {width}x{height} pixels, limit {max_pixels:,}"
+                    )
+                if image.format == "JPEG" and (scans := _jpeg_scans(image)) > MAX_JPEG_SCANS:
+                    raise ImageError(
+                        f"image too costly to decode: a JPEG of {scans:,} scans, "
+                        f"limit {MAX_JPEG_SCANS}"
                     )
                 image.load()  # decode now: truncated files fail here, not later
                 image = ImageOps.exif_transpose(image)
@@ -104,15 +113,27 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, np.float32)
         finite = values[np.isfinite(values)]  # a float TIFF may hold NaN and infinities
-        if not finite.size:
-            return np.zeros_like(values)
-        low, high = float(finite.min()), float(finite.max())
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        # Into [-1, 1] first: between float32's own extremes (+-3.4e38) a difference overflows.
+        scale = max(abs(low), abs(high), 1.0)
+        values, low, high = values / np.float32(scale), low / scale, high / scale
         # NaN as the lowest level, an infinity one past the finite levels on its side.
-        beyond = max(high - low, 1)
+        beyond = max(high - low, 1.0)
         values = np.nan_to_num(values, nan=low, posinf=high + beyond, neginf=low - beyond)
         low, high = float(values.min()), float(values.max())
         return (values - low) / (high - low) if high > low else np.zeros_like(values)
     return np.asarray(image.convert("L"), np.float32) / 255
+
+
+def _jpeg_scans(image: Image.Image) -> int:
+    """The scans in a JPEG file, counted by their start marker, which the format never lets
+    appear inside a scan's data (a thumbnail in its EXIF adds its own)."""
+    file = cast(BinaryIO, image.fp)
+    position = file.tell()
+    file.seek(0)
+    scans = file.read().count(b"\xff\xda")
+    file.seek(position)
+    return scans
 
 
 def _is_empty(path: Path) -> bool:
