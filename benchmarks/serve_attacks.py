@@ -288,6 +288,14 @@ def slow_images(
     return post_loop(url, seconds, concurrency, body, content_type, addresses)
 
 
+def full_requests(url: str, seconds: float, concurrency: int = 16) -> Any:
+    """`concurrency` requests at once of 64 small digits each (the most a request may hold),
+    from one address: 1,024 images, every place in flight were it not for a client's share."""
+    png, _ = normal_png()
+    request = httpx.Request("POST", url, files=[("file", (f"{n}.png", png)) for n in range(64)])
+    return post_loop(url, seconds, concurrency, request.read(), request.headers["content-type"])
+
+
 def many_parts(url: str, seconds: float, concurrency: int = 2) -> Any:
     body, content_type = many_parts_body()
     return post_loop(url, seconds, concurrency, body, content_type)
@@ -307,6 +315,10 @@ ATTACKS = {
     "multipart": (
         "150,000 tiny parts per request, 2 requests at once",
         lambda u, s: many_parts(u, s),
+    ),
+    "full_requests": (
+        "64 small digits per request, 16 requests at once, from one address",
+        lambda u, s: full_requests(u, s),
     ),
     "images_mid": (
         "25 PNGs of 1990x1990 per request (each under the large mark), from 3 addresses",

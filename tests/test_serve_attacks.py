@@ -93,6 +93,16 @@ def test_images_just_under_the_large_mark_from_several_clients_take_turns(server
     assert "200" in seen["attacker"]["answers"], seen["attacker"]
 
 
+def test_a_client_with_many_full_requests_holds_only_its_share_of_the_queue(server, max_p99_ms):
+    # 16 requests of 64 images at once from one address: they held all 1,024 places in flight,
+    # and the normal client got 503 for nearly every request. The attacker's beyond its share
+    # (256) get 429.
+    seen = under_attack("full_requests", server.url, seconds=5)
+    assert_unharmed(seen["normal"], max_p99_ms)
+    answers = seen["attacker"]["answers"]
+    assert "200" in answers and "429" in answers and set(answers) <= {"200", "429"}, answers
+
+
 def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server, max_p99_ms):
     seen = under_attack("multipart", server.url, seconds=5)
     assert_unharmed(seen["normal"], max_p99_ms)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 MNIST_SIZE, DIGIT_BOX = 28, 20
 WORK_SIZE = 128  # images are reduced to this before cleaning: enough detail, little work
@@ -125,7 +125,7 @@ def load_grayscale(path: Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> np.nd
     return np.asarray(image.convert("L"), np.float32) / 255
 
 
-def _jpeg_scans(image: Image.Image) -> int:
+def _jpeg_scans(image: ImageFile.ImageFile) -> int:
     """The scans in a JPEG file, counted by their start marker, which the format never lets
     appear inside a scan's data (a thumbnail in its EXIF adds its own)."""
     file = cast(BinaryIO, image.fp)

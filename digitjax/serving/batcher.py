@@ -6,11 +6,14 @@ the load by itself; `max_wait_s` can hold a batch open a little longer to gather
 """
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from digitjax.serving.uploads import Rejected
 
 Item = tuple[np.ndarray, asyncio.Future]
 
@@ -29,11 +32,14 @@ class Batcher:
         max_batch: int,
         max_wait_s: float,
         max_in_flight: int,
+        max_client_in_flight: int,
         on_batch: Callable[[int, float], None],
         on_depth: Callable[[int], None],
     ):
         self.forward, self.max_batch, self.max_wait_s = forward, max_batch, max_wait_s
         self.max_in_flight, self.in_flight = max_in_flight, 0
+        self.max_client_in_flight = max_client_in_flight
+        self.client_in_flight: collections.Counter[str] = collections.Counter()
         self.on_batch, self.on_depth = on_batch, on_depth
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -56,17 +62,31 @@ class Batcher:
         return asyncio.get_running_loop().run_in_executor(self.thread, function)
 
     @contextlib.contextmanager
-    def admit(self, images: int) -> Iterator[None]:
+    def admit(self, images: int, client: str) -> Iterator[None]:
         """Holds `images` places from a request's arrival to its answer; raises QueueFull
-        rather than letting the backlog grow without end."""
+        rather than letting the backlog grow without end, and Rejected (429) when `client`
+        already holds its share, so that the places left go to the other clients."""
         if self.in_flight + images > self.max_in_flight:
             raise QueueFull
+        if self.client_in_flight[client] + images > self.max_client_in_flight:
+            raise Rejected(
+                429,
+                "client_in_flight",
+                f"Your requests in progress already hold {self.client_in_flight[client]} of "
+                f"the {self.max_client_in_flight} images one client may have in flight; "
+                "send more when they are answered.",
+                retry=True,
+            )
         self.in_flight += images
+        self.client_in_flight[client] += images
         self.on_depth(self.in_flight)
         try:
             yield
         finally:
             self.in_flight -= images
+            self.client_in_flight[client] -= images
+            if not self.client_in_flight[client]:
+                del self.client_in_flight[client]
             self.on_depth(self.in_flight)
 
     async def outputs(self, images: np.ndarray) -> np.ndarray:

@@ -88,6 +88,6 @@ REFUSALS = {
     413: "Too large: the body, a file, the number of files, or the pixels of the images.",
     415: "Neither multipart/form-data nor an image/* body.",
     422: "An invalid query parameter.",
-    429: "This client's requests in progress already hold too many pixels; retry later.",
+    429: "This client's requests in progress already hold too many pixels or images; retry later.",
     503: "Still compiling, too busy, or too slow; retry after Retry-After seconds.",
 }

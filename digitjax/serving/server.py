@@ -121,6 +121,7 @@ class Server:
             self.options.max_batch,
             self.options.max_wait_ms / 1000,
             self.limits.max_in_flight,
+            self.limits.max_client_in_flight,
             metrics.on_batch,
             metrics.queue_depth.set,
         )
@@ -170,7 +171,7 @@ class Server:
     ) -> PredictResponse:
         """The answers for `uploads`; raises Rejected, QueueFull or TimeoutError."""
         self.metrics.images.inc(len(uploads))
-        with self.batcher.admit(len(uploads)):
+        with self.batcher.admit(len(uploads), client):
             async with asyncio.timeout(self.limits.timeout_s):
                 outcomes = await self.decoder.preprocess(uploads, client)
                 found = [image for image, _ in outcomes if image is not None]
@@ -201,7 +202,10 @@ class Server:
             max_batch=self.options.max_batch,
             max_wait_ms=self.options.max_wait_ms,
             workers=self.options.workers,
-            limits=dataclasses.asdict(self.limits),
+            limits={
+                **dataclasses.asdict(self.limits),
+                "max_client_in_flight": self.limits.max_client_in_flight,
+            },
             ready=self.ready,
         )
 

@@ -39,6 +39,13 @@ class Limits:
     head_timeout_s: float = 5.0  # to send a request's line and headers
     timeout_s: float = 10.0  # to send the body; then again to be answered
 
+    @property
+    def max_client_in_flight(self) -> int:
+        """The images one client (address) may have in flight: a quarter of `max_in_flight`,
+        and at least one whole request. Without it, one client's 16 connections of 64 images
+        each held every place, and every other client got 503."""
+        return max(self.max_files, self.max_in_flight // 4)
+
 
 class Rejected(Exception):
     """A request refused: the HTTP status, a metric label, one sentence for the client."""
