@@ -1,7 +1,7 @@
 """`digitjax serve` under attack: a real server on a free loopback port, an attacker process
 (from 127.0.0.2) running one of `benchmarks/serve_attacks.py`'s attacks, and meanwhile a normal
 client (127.0.0.1, one ~1 kB PNG per request, closed loop) that must see no error and a p99
-latency within a bound that grows with the host's slowness (`max_p99_ms`). Every attack ends
+latency within a bound that grows with the host's slowness (`attacked`). Every attack ends
 by itself within seconds."""
 
 import os
@@ -20,7 +20,7 @@ from serve_load import ServerProcess
 # this 2-core host in its usual state (6.5 ms with no attack) and in a slow spell (14-18 ms)
 # alike, where a fixed bound failed now and then (benchmarks/README.md, *the attack tests'
 # bound on a slow host*), and 30 with training tests running beside it, as the suite's other
-# worker does. What these tests catch is far above: every request failing, or ~100 times
+# worker does; beside the page tests, 57-69 once in a while (`attacked` then measures again). What these tests catch is far above: every request failing, or ~100 times
 # (p50 ~0.66 s on the usual host: endless heads, images without turns; pipelines 7.9 s).
 MAX_SLOWDOWN = 50
 MIN_MAX_P99_MS = 250
@@ -36,16 +36,22 @@ def server():
         assert server.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def max_p99_ms(server) -> float:
-    unloaded = under_attack(None, server.url, seconds=2)["normal"]
-    return max(MIN_MAX_P99_MS, MAX_SLOWDOWN * unloaded["p50_ms"])
-
-
-def assert_unharmed(normal: dict, max_p99_ms: float) -> None:
-    assert normal["requests"] > 10, normal
-    assert not normal["errors"], normal
-    assert normal["p99_ms"] <= max_p99_ms, (normal, max_p99_ms)
+def attacked(server, attack: str, seconds: float, keep_alive: bool = True) -> dict:
+    """What `under_attack` saw, once the normal client is found unharmed: no error, and a
+    p99 within MAX_SLOWDOWN times its p50 with no attack, measured just before. Over that
+    bound, both are measured again: the suite's other worker loads the host more at some
+    moments than at others (a browser test beside `images_mid` took its p99 from ~130 ms
+    to 430-513 ms), and what these tests catch (~100 times) is over it twice."""
+    for _ in range(2):
+        unloaded = under_attack(None, server.url, seconds=2)["normal"]
+        max_p99_ms = max(MIN_MAX_P99_MS, MAX_SLOWDOWN * unloaded["p50_ms"])
+        seen = under_attack(attack, server.url, seconds, keep_alive)
+        normal = seen["normal"]
+        assert normal["requests"] > 10, normal
+        assert not normal["errors"], normal
+        if normal["p99_ms"] <= max_p99_ms:
+            return seen
+    raise AssertionError(f"p99 {normal['p99_ms']:.0f} ms > {max_p99_ms:.0f} ms twice: {normal}")
 
 
 def assert_refused(answers: dict) -> None:
@@ -55,27 +61,24 @@ def assert_refused(answers: dict) -> None:
     assert set(answers) <= {"413", "ReadError", "WriteError", "RemoteProtocolError"}, answers
 
 
-def test_slowloris_connections_are_capped_and_timed_out(server, max_p99_ms):
+def test_slowloris_connections_are_capped_and_timed_out(server):
     # 2,500 connections sending half a head, against a cap of 1,000: the oldest waiting ones
     # make room for newer ones (503), the rest get 408 at the head deadline; a normal client
     # opening a new connection for every request gets in all along.
-    seen = under_attack("slowloris", server.url, seconds=HEAD_TIMEOUT_S + 3, keep_alive=False)
-    assert_unharmed(seen["normal"], max_p99_ms)
+    seen = attacked(server, "slowloris", HEAD_TIMEOUT_S + 3, keep_alive=False)
     outcome = seen["attacker"]["outcome"]
     assert set(outcome) <= {"408", "503"}, outcome
     assert outcome.get("408", 0) > 0 and outcome.get("503", 0) >= 1500 - 50, outcome
     assert seen["attacker"]["max_s_to_close"] <= HEAD_TIMEOUT_S + 2
 
 
-def test_slow_images_are_budgeted(server, max_p99_ms):
+def test_slow_images_are_budgeted(server):
     # 64 images of 1 x 49,999,000 pixels per request: refused from their headers (413).
-    seen = under_attack("images64", server.url, seconds=5)
-    assert_unharmed(seen["normal"], max_p99_ms)
+    seen = attacked(server, "images64", 5)
     assert_refused(seen["attacker"]["answers"])
     # Two per request, eight requests at once: the client's budget admits one request at a
     # time (429 for the others), and large images never take every worker.
-    seen = under_attack("images2", server.url, seconds=8)
-    assert_unharmed(seen["normal"], max_p99_ms)
+    seen = attacked(server, "images2", 8)
     assert "429" in seen["attacker"]["answers"] and set(seen["attacker"]["answers"]) <= {
         "200",
         "429",
@@ -83,47 +86,43 @@ def test_slow_images_are_budgeted(server, max_p99_ms):
     }
 
 
-def test_images_just_under_the_large_mark_from_several_clients_take_turns(server, max_p99_ms):
+def test_images_just_under_the_large_mark_from_several_clients_take_turns(server):
     # 25 PNGs of 1990x1990 per request from three addresses, each within its budgets: the
     # workers' places go to the clients in turn, a job each, and few wait in the pool itself,
     # so the normal client's image waits behind a few at most (in one queue, first come first
     # served, eight a worker in the pool: p50 0.66 s, p99 0.99 s).
-    seen = under_attack("images_mid", server.url, seconds=6)
-    assert_unharmed(seen["normal"], max_p99_ms)
+    seen = attacked(server, "images_mid", 6)
     assert "200" in seen["attacker"]["answers"], seen["attacker"]
 
 
-def test_a_client_with_many_full_requests_holds_only_its_share_of_the_queue(server, max_p99_ms):
+def test_a_client_with_many_full_requests_holds_only_its_share_of_the_queue(server):
     # 16 requests of 64 images at once from one address: they held all 1,024 places in flight,
     # and the normal client got 503 for nearly every request. The attacker's beyond its share
     # (256) get 429.
-    seen = under_attack("full_requests", server.url, seconds=5)
-    assert_unharmed(seen["normal"], max_p99_ms)
+    seen = attacked(server, "full_requests", 5)
     answers = seen["attacker"]["answers"]
     assert "200" in answers and "429" in answers and set(answers) <= {"200", "429"}, answers
 
 
-def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server, max_p99_ms):
-    seen = under_attack("multipart", server.url, seconds=5)
-    assert_unharmed(seen["normal"], max_p99_ms)
+def test_multipart_floods_are_refused_at_the_first_part_over_the_limit(server):
+    seen = attacked(server, "multipart", 5)
     assert_refused(seen["attacker"]["answers"])
     assert seen["attacker"]["p99_ms"] < 1000  # refused as soon as the 65th part begins
 
 
 @pytest.mark.parametrize("attack", ["idle", "idle_many", "bodiless"])
-def test_connections_held_with_a_whole_head_make_room_for_others(server, attack, max_p99_ms):
+def test_connections_held_with_a_whole_head_make_room_for_others(server, attack):
     # 1,200 connections against a cap of 1,000, idle after a request (from one address, or
     # each from its own), or with their body unsent (its deadline is 10 s): a normal client
     # from another address, opening a new connection for every request, gets in all along.
     # Idle connections make room first; else the oldest ones of the address that holds the
     # most.
-    seen = under_attack(attack, server.url, seconds=6, keep_alive=False)
-    assert_unharmed(seen["normal"], max_p99_ms)
+    seen = attacked(server, attack, 6, keep_alive=False)
     assert seen["attacker"]["outcome"].get("503", 0) > 0, seen["attacker"]
 
 
 @pytest.mark.parametrize("attack", ["heads", "pipeline"])
-def test_endless_heads_and_pipelines_cost_little(server, attack, max_p99_ms):
+def test_endless_heads_and_pipelines_cost_little(server, attack):
     # Header lines without end are refused past 16 KiB; pipelined requests are read one at
     # a time, as they are answered, and a connection that sends over 32 of them ahead is
     # closed. uvicorn's httptools parser held 1.5 GB of headers, and ~100 MB per MiB of
@@ -133,10 +132,9 @@ def test_endless_heads_and_pipelines_cost_little(server, attack, max_p99_ms):
     status = Path(f"/proc/{server.process.pid}/status")
     Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # peak memory := now
     before = int(status.read_text().split("VmRSS:")[1].split()[0])
-    seen = under_attack(attack, server.url, seconds=4)
+    seen = attacked(server, attack, 4)
     peak = int(status.read_text().split("VmHWM:")[1].split()[0])
     assert (peak - before) / 1024 < 64, (peak - before, seen["attacker"])
-    assert_unharmed(seen["normal"], max_p99_ms)
 
 
 def wait_until(condition, timeout_s: float = 120) -> None:
