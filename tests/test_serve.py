@@ -595,6 +595,33 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(tmp_path, files):
         server.kill()
 
 
+def test_a_second_signal_answers_requests_in_flight_503_at_once(tmp_path, files):
+    """Ctrl-C twice: uvicorn's forced exit cancelled the requests in flight, which got 500, and
+    the log got tracebacks."""
+    server = started(tmp_path, "--max-wait-ms", "5000")  # its batch waits 5 s for more images
+    try:
+        answers = []
+        request = threading.Thread(
+            target=lambda: answers.append(post_raw(server.url, files["canvas"].read_bytes()))
+        )
+        request.start()
+        while server.metric("digitjax_queue_depth") < 1:
+            time.sleep(0.01)
+        started_at = time.perf_counter()
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGINT)
+        request.join()
+        assert server.process.wait(30) == 0
+        assert time.perf_counter() - started_at < 4  # not waiting for the batch
+        assert answers[0].status_code == 503 and answers[0].headers["retry-after"] == "1"
+        assert answers[0].json()["detail"] == "The server is stopping."
+        log = server.log()
+        assert "Stopped." in log and "Traceback" not in log and "ERROR" not in log, log
+    finally:
+        server.kill()
+
+
 def test_taken_port_and_bad_checkpoint_are_one_line_errors(server, tmp_path):
     port = server.url.rsplit(":", 1)[1]
     result = run_digitjax("serve", "--port", port, cwd=tmp_path)

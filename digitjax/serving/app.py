@@ -101,7 +101,7 @@ ReadyServer = Annotated[Server, Depends(ready_server)]
 
 
 async def request_uploads(request: Request, server: ReadyServer) -> list[Upload]:
-    return await read_uploads(request, server.limits)
+    return await server.unless_stopped(read_uploads(request, server.limits))
 
 
 Uploads = Annotated[list[Upload], Depends(request_uploads)]
@@ -159,7 +159,9 @@ async def predict(
     """Digits in one or more images: multipart `file` parts, or one raw image body.
     `image=true` adds each 28x28 input the model saw, as a PNG data URL."""
     client = request.client.host if request.client else ""
-    work = asyncio.ensure_future(server.predict(uploads, client, image, min_confidence))
+    work = asyncio.ensure_future(
+        server.unless_stopped(server.predict(uploads, client, image, min_confidence))
+    )
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()

@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -52,7 +53,7 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
             timeout_keep_alive=30,
         )
         _stop_if(signalled())
-        runner = _Uvicorn(config, signalled)
+        runner = _Uvicorn(config, signalled, server.stop_now)
         server.stop_serving = runner.exit_soon
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         runner.run(sockets=[listener])
@@ -71,11 +72,25 @@ def _as_user_error(failure: Exception) -> UserError:
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn, which also exits at once when a signal was noted just before it took the
-    signals over (between the last check and its own handlers)."""
+    signals over (between the last check and its own handlers), and which a second signal
+    stops by answering the requests in flight with 503 (`stop_now`). uvicorn's own forced exit
+    cancelled them mid-way: their clients got 500, the log tracebacks, and the signal that
+    uvicorn raised again on its way out landed inside the event loop."""
 
-    def __init__(self, config: uvicorn.Config, signalled: Callable[[], int | None]):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        signalled: Callable[[], int | None],
+        stop_now: Callable[[], None],
+    ):
         super().__init__(config)
-        self.signalled = signalled
+        self.signalled, self.stop_now = signalled, stop_now
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:  # draining already
+            self.stop_now()
+        else:
+            super().handle_exit(sig, frame)
 
     def exit_soon(self) -> None:
         """Ends serving as a signal would (uvicorn checks it every 0.1 s)."""

@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import gc
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,8 +31,10 @@ from digitjax.inference.preprocess import NO_DIGIT_FOUND, png_bytes
 from digitjax.serving.batcher import Batcher
 from digitjax.serving.decoding import Decoder
 from digitjax.serving.schemas import InfoResponse, ModelInfoOut, PredictionOut, PredictResponse
-from digitjax.serving.uploads import Limits, Upload
+from digitjax.serving.uploads import Limits, Rejected, Upload
 from digitjax.weights import ONE_PIXEL_SHIFTS
+
+T = TypeVar("T")
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = tuple(2**i for i in range(11))
@@ -107,6 +109,8 @@ class Server:
         # serving then: set by whoever runs the server (`process.serve`).
         self.failure: Exception | None = None
         self.stop_serving: Callable[[], None] = lambda: None
+        self.stopping_now = asyncio.Event()  # set by `stop_now`
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop, once serving
         self.model_info = ModelInfoOut.of(classifier.info)
         self.default_min_confidence = default_min_confidence(classifier.info)
         self.decoder: Decoder
@@ -114,6 +118,7 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        self.loop = asyncio.get_running_loop()
         self.decoder = Decoder(self.options.workers, self.limits)
         metrics = self.metrics
         self.batcher = Batcher(
@@ -137,6 +142,27 @@ class Server:
                 await warm_up
             await self.batcher.stop(wait=self.ready)
             self.decoder.close()
+
+    def stop_now(self) -> None:
+        """Ends every request in flight with 503 (a second Ctrl-C or SIGTERM while the server
+        drains them). Safe to call from a signal handler."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.stopping_now.set)
+
+    async def unless_stopped(self, work: Awaitable[T]) -> T:
+        """`work`'s result, or Rejected (503), its work cancelled, if `stop_now` comes first."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stopping_now.wait())
+        try:
+            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the caller is cancelled (its client left)
+            stop.cancel()
+            stopped = not task.done()
+            if stopped:
+                task.cancel()
+        if stopped:
+            raise Rejected(503, "stopping", "The server is stopping.", retry=True)
+        return task.result()
 
     async def warm_up(self) -> None:
         """Compiles every batch size and starts every worker, then declares readiness."""
