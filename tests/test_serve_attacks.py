@@ -20,8 +20,9 @@ from serve_load import ServerProcess
 # this 2-core host in its usual state (6.5 ms with no attack) and in a slow spell (14-18 ms)
 # alike, where a fixed bound failed now and then (benchmarks/README.md, *the attack tests'
 # bound on a slow host*), and 30 with training tests running beside it, as the suite's other
-# worker does; beside the page tests, 57-69 once in a while (`attacked` then measures again). What these tests catch is far above: every request failing, or ~100 times
-# (p50 ~0.66 s on the usual host: endless heads, images without turns; pipelines 7.9 s).
+# worker does; beside the page tests, 57-69 once in a while (`attacked` then measures again).
+# What these tests catch is far above: every request failing, or ~100 times (p50 ~0.66 s on
+# the usual host: endless heads, images without turns; pipelines 7.9 s).
 MAX_SLOWDOWN = 50
 MIN_MAX_P99_MS = 250
 HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
