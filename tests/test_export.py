@@ -289,6 +289,7 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
         "foreign.onnx": foreign_onnx.SerializeToString(),
         "older.onnx": older.SerializeToString(),
         "noise.bin": bytes(range(256)) * 10,
+        "noise.stablehlo": bytes(range(256)) * 10,
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -301,6 +302,7 @@ def test_corrupt_or_foreign_exported_files(exports, user_image_files, tmp_path: 
         ("foreign.stablehlo", "no model.jax_exported"),
         ("damaged.stablehlo", "is not a digitjax StableHLO export"),
         ("noise.bin", "is not a digitjax ONNX export: it carries no digitjax metadata"),
+        ("noise.stablehlo", "is not a digitjax StableHLO export: not a zip archive"),
         ("missing.onnx", "cannot read"),
     ]:
         result = runner.invoke(

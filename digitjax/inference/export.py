@@ -299,7 +299,8 @@ def _check_checksum(path: Path, data: bytes) -> None:
 
 class ExportedModel:
     """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
-    jax.export. The format is told by the content (a zip archive is StableHLO), not the name.
+    jax.export. The format is told by the content (a zip archive is StableHLO), not the name
+    (a file named .stablehlo that is no zip archive is refused as one).
 
     A file is taken for what it shows, not for its metadata alone: its input and output must
     be those of a digitjax export (names, dtypes, shapes with a free batch dimension), and what
@@ -309,6 +310,8 @@ class ExportedModel:
         self.source = path
         data = _read_limited(path)
         self.format = "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
+        if self.format == "onnx" and path.suffix.lower() == SUFFIXES["stablehlo"]:
+            raise _not_an_export(path, "StableHLO", "not a zip archive")  # not "not ONNX"
         load = _load_onnx if self.format == "onnx" else _load_stablehlo
         self.metadata, self._run = load(path, data)
         self.info = ModelInfo(
