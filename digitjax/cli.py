@@ -147,7 +147,7 @@ def user_errors(command: Callable) -> Callable:
             finally:
                 interrupts.check()
         except Interrupted as e:
-            render.err.print(f"[yellow]{render.escape(str(e))}[/yellow]", highlight=False)
+            render.err.print(f"[yellow]{render.as_markup(e)}[/yellow]", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except (UserError, OSError) as e:
             render.error_line(str(e))

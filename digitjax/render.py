@@ -82,13 +82,19 @@ def printable(text: str) -> str:
     return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
+def as_markup(text: object) -> str:
+    """`text` (a path, a message) inside a line of rich markup: its control characters as `?`
+    (`printable`), its brackets not taken for markup."""
+    return escape(printable(str(text)))
+
+
 def note(message: str) -> None:
     err.print(printable(message), highlight=False, markup=False)
 
 
 def error_line(message: str) -> None:
     # The message is plain text: `pip install 'digitjax[onnx]'` must not lose `[onnx]` as markup.
-    err.print(f"[red]error:[/red] {escape(printable(message))}", highlight=False, markup=True)
+    err.print(f"[red]error:[/red] {as_markup(message)}", highlight=False, markup=True)
 
 
 class TrainingProgress:
@@ -134,7 +140,7 @@ class TrainingProgress:
         devices, processes = setup.mesh.size, jax.process_count()
         seeds = f"seeds {','.join(map(str, setup.seeds))} at once, " if setup.seeds else ""
         err.print(
-            f"Training on {setup.config.dataset} → {run_dir} ({seeds}{devices} "
+            f"Training on {setup.config.dataset} → {as_markup(run_dir)} ({seeds}{devices} "
             f"{jax.default_backend()} device{'s' if devices > 1 else ''}, {processes} "
             f"process{'es' if processes > 1 else ''})",
             highlight=False,
@@ -168,7 +174,7 @@ class TrainingProgress:
     def on_detector(self, run_dir: Path) -> None:
         if not self.quiet:
             self.progress.console.print(
-                f"Fitting the non-digit detector of {escape(str(run_dir))} (~1 min; up to "
+                f"Fitting the non-digit detector of {as_markup(run_dir)} (~1 min; up to "
                 "~10 min the first time on a machine, which draws its images and caches them)",
                 highlight=False,
             )
@@ -181,7 +187,7 @@ def training_done(summary: "RunSummary | SeedsResult", run_dir: Path) -> None:
     best = summary["best"] or {"test_accuracy": float("nan"), "epoch": None}
     err.print(
         f"Done: best test accuracy {100 * best['test_accuracy']:.2f}% "
-        f"(epoch {best['epoch']}); checkpoints in {escape(str(run_dir))} "
+        f"(epoch {best['epoch']}); checkpoints in {as_markup(run_dir)} "
         f"[dim]({summary['wall_seconds']:.1f}s)[/dim]",
         highlight=False,
     )
@@ -200,7 +206,7 @@ def seeds_done(summary: "SeedsResult", run_dir: Path) -> None:
     err.print(
         f"Done: best test accuracy {100 * (accuracy['mean'] or float('nan')):.2f}%{std} "
         f"(mean{' ± std' if std else ''} of {len(summary['seeds'])} seeds); checkpoints in "
-        f"{escape(str(run_dir))}, their ensemble: digitjax evaluate {escape(str(run_dir))} "
+        f"{as_markup(run_dir)}, their ensemble: digitjax evaluate {as_markup(run_dir)} "
         f"[dim]({summary['wall_seconds']:.1f}s)[/dim]",
         highlight=False,
     )
@@ -265,7 +271,7 @@ def evaluation(report: "Evaluation") -> None:
 
 def evaluation_line(step_dir: Path, dataset: str, split: str, metrics: Any) -> None:
     out.print(
-        f"[bold]{escape(str(step_dir))}[/bold] on {dataset} {split}: accuracy "
+        f"[bold]{as_markup(step_dir)}[/bold] on {dataset} {split}: accuracy "
         f"[bold]{100 * metrics.accuracy:.2f}%[/bold], loss {metrics.loss:.4f} "
         f"({int(metrics.confusion.sum())} images)",
         highlight=False,
@@ -291,7 +297,7 @@ def predictions(
     such file, a folder without images): counted apart from the images."""
     names = [printable(p.name) for p in results]
     width, with_top = path_column_width(names, out.width)
-    table = Table(title=escape(printable(str(source))))
+    table = Table(title=as_markup(source))
     table.add_column("file", width=width, no_wrap=True)
     table.add_column("digit", no_wrap=True)
     table.add_column("confidence", no_wrap=True)
@@ -300,7 +306,7 @@ def predictions(
     for p, name in zip(results, names, strict=True):
         path = path_tail(name, width)
         if p.error:
-            error = f"[red]{escape(printable(p.error))}[/red]"
+            error = f"[red]{as_markup(p.error)}[/red]"
             table.add_row(path, "[red]—[/red]", "", *[error] if with_top else [])
             continue
         top = "  ".join(f"{d}: {percent(prob)}" for d, prob in p.top())
@@ -433,7 +439,8 @@ def _training_rows(run: dict) -> list[tuple[str, str]]:
 def exported(written: dict, out_file: Path) -> None:
     accuracy = written["metadata"]["test_accuracy"]
     out.print(
-        f"{written['metadata']['checkpoint']} → {out_file} ({written['format']}, "
+        f"{as_markup(written['metadata']['checkpoint'])} → {as_markup(out_file)} "
+        f"({written['format']}, "
         f"{written['bytes']:,} bytes"
         + (f", test accuracy {100 * accuracy:.2f}%)" if accuracy is not None else ")"),
         highlight=False,

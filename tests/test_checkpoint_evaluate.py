@@ -48,6 +48,18 @@ assert int(restored["state"]["step"]) == manager.latest_step()
     assert result.stderr == ""  # no "WARNING:absl:Item ... could not be restored"
 
 
+def test_paths_with_control_characters_are_shown_harmless(trained_run: Path, tmp_path: Path):
+    """A run folder named with a terminal escape (ESC c resets the terminal), a line break and
+    markup: evaluate and export wrote it raw, the line cut in two."""
+    odd = shutil.copytree(trained_run, tmp_path / "r\x1bc\n[bold]x")
+    evaluated = runner.invoke(app, ["evaluate", str(odd)])
+    exported = runner.invoke(app, ["export", str(odd), "--out", f"{odd}.stablehlo"])
+    for result in (evaluated, exported):
+        assert result.exit_code == 0, result.output
+        output = result.stdout + result.stderr
+        assert "\x1b" not in output and "r?c?[bold]x" in output, output
+
+
 def test_evaluate_json_matches_training_figures(trained_run: Path):
     result = runner.invoke(app, ["evaluate", str(trained_run), "--json"])
     assert result.exit_code == 0, result.output
