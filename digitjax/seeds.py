@@ -45,7 +45,7 @@ from digitjax.tracking import RunTracker
 from digitjax.train import (
     Callbacks,
     TrainResult,
-    prepare_training,
+    prepare_stoppable,
     resolve_config,
     run_session,
     train_runs,
@@ -138,7 +138,7 @@ def train_seeds(
         config = resolve_config(saved or run_dir, requested, saved is not None, given)
         config = dataclasses.replace(config, seed=seeds[0])
         data = dataset or load_dataset(config.dataset, config.data_dir)
-        setup = prepare_training(config, data, mesh, seeds)
+        setup = prepare_stoppable(config, data, mesh, seeds)
         # Read before the folders are touched: a bad --init-from is an input error.
         fresh_state = setup.init_state() if restart_step is None else None
         # Only now, with every input checked, may the folders change.

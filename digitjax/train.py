@@ -506,6 +506,25 @@ def prepare_training(
     )
 
 
+def prepare_stoppable(
+    config: Config, dataset: Dataset, mesh: Mesh, seeds: tuple[int, ...] | None = None
+) -> TrainingSetup:
+    """`prepare_training` in a run, whose stop signals wait for a chunk's end: its work has
+    no point to stop at and leaves nothing half-written (making the non-digit images takes
+    minutes the first time, on worker processes), so a signal ends it at once instead."""
+    setup = None
+    with interrupts.at_once() as received, contextlib.suppress(interrupts.Stopped):
+        setup = prepare_training(config, dataset, mesh, seeds)
+    signum = received()  # also one whose exception was swallowed (a GC callback)
+    if signum is not None:
+        raise Interrupted(
+            f"{signal.Signals(signum).name} before training began: nothing was written",
+            exit_code=128 + signum,
+        )
+    assert setup is not None  # a stop signal is the only way out without one
+    return setup
+
+
 def run_chunks(
     setup: TrainingSetup, state: TrainState, step: int
 ) -> Iterator[tuple[TrainState, int]]:
@@ -649,7 +668,7 @@ def train(
     with run_session(run_dir) as received_signal:
         checkpoint.check_run_dir(run_dir, resume, overwrite)
         config = resolve_config(run_dir, requested, resume, given)
-        setup = prepare_training(
+        setup = prepare_stoppable(
             config, dataset or load_dataset(config.dataset, config.data_dir), mesh
         )
         # Read before the run folder is touched: a bad --init-from is an input error.

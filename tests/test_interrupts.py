@@ -230,6 +230,41 @@ def test_sigterm_stops_a_benchmark_without_its_results_file(tmp_path):
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_the_non_digit_images_are_made_stops_the_run_at_once(signum, tmp_path):
+    """The first run with non-digits makes their images on worker processes (minutes). The
+    run noted a Ctrl-C and went on making them; SIGTERM to the process group (systemd, a
+    closed terminal) killed the workers, and the run ended in a BrokenProcessPool traceback."""
+    data_dir = tmp_path / "data"  # no cached non-digit images: they are made
+    command = ["digitjax", "train", "--out", "run", "--epochs", "1", "--channels", "4,8"]
+    process = subprocess.Popen(
+        [*command, "--dense", "16", "--non-digit-fraction", "0.5"],
+        cwd=tmp_path,
+        env={**os.environ, "DIGITJAX_DATA_DIR": str(data_dir)},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job has
+    )
+    try:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        deadline = time.monotonic() + 300
+        while not children.read_text().split():  # the worker processes have started
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2)  # well inside their work
+        signalled = time.monotonic()
+        os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - signalled < 10, stderr  # the tasks begun end; no others start
+    line = f"{signum.name} before training began: nothing was written"
+    assert_stopped_in_one_line(process.returncode, stderr, signum, line)
+    assert not (tmp_path / "run").exists()
+    assert not list(data_dir.glob("non_digits*")), list(data_dir.iterdir())
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
 def test_a_signal_while_serve_starts_stops_it_in_one_line(signum, tmp_path):
     """While it compiles, before uvicorn takes the signals over (then they drain the server
     and end it with 0: test_serve)."""
