@@ -547,11 +547,22 @@ def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files)
             thread.start()
         while server.metric("digitjax_queue_depth") < 2:
             time.sleep(0.01)
-        refused = post_raw(server.url, png)
+        # The same client holds its share (all of a queue this small): 429, its body unread.
+        over_share = post_raw(server.url, png)
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+            refused = other.post(
+                f"{server.url}/api/predict",
+                content=png,
+                headers={"Content-Type": "image/png"},
+                timeout=30,
+            )
         for thread in waiting:
             thread.join()
+        assert over_share.status_code == 429 and over_share.headers["connection"] == "close"
+        assert "already hold 2 of the 2 images" in over_share.json()["detail"]
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["detail"] == "The server is busy."
+        assert server.metric('digitjax_rejections_total{reason="client_in_flight"}') == 1
         assert [a.status_code for a in answers] == [503, 503]
         assert answers[0].json()["detail"] == "The request took longer than 1 s."
         assert all(a.headers["retry-after"] for a in answers)

@@ -35,7 +35,7 @@ from digitjax.serving.uploads import Rejected, Upload, read_uploads
 STATIC_DIR = Path(__file__).parent / "static"
 RETRY_AFTER = {"Retry-After": "1"}
 # Refused while the body may be arriving still: closing the connection spares receiving the rest.
-CLOSE_AFTER = {400, 408, 413, 415}
+CLOSE_AFTER = {400, 408, 413, 415, 429}
 PREDICT_BODY = {
     "required": True,
     "content": {
@@ -100,7 +100,12 @@ AnyServer = Annotated[Server, Depends(any_server)]  # ready or still compiling
 ReadyServer = Annotated[Server, Depends(ready_server)]
 
 
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
 async def request_uploads(request: Request, server: ReadyServer) -> list[Upload]:
+    server.batcher.check_share(client_of(request))
     return await server.unless_stopped(read_uploads(request, server.limits))
 
 
@@ -158,7 +163,7 @@ async def predict(
 ) -> PredictResponse:
     """Digits in one or more images: multipart `file` parts, or one raw image body.
     `image=true` adds each 28x28 input the model saw, as a PNG data URL."""
-    client = request.client.host if request.client else ""
+    client = client_of(request)
     work = asyncio.ensure_future(
         server.unless_stopped(server.predict(uploads, client, image, min_confidence))
     )

@@ -68,15 +68,7 @@ class Batcher:
         already holds its share, so that the places left go to the other clients."""
         if self.in_flight + images > self.max_in_flight:
             raise QueueFull
-        if self.client_in_flight[client] + images > self.max_client_in_flight:
-            raise Rejected(
-                429,
-                "client_in_flight",
-                f"Your requests in progress already hold {self.client_in_flight[client]} of "
-                f"the {self.max_client_in_flight} images one client may have in flight; "
-                "send more when they are answered.",
-                retry=True,
-            )
+        self.check_share(client, images)
         self.in_flight += images
         self.client_in_flight[client] += images
         self.on_depth(self.in_flight)
@@ -88,6 +80,20 @@ class Batcher:
             if not self.client_in_flight[client]:
                 del self.client_in_flight[client]
             self.on_depth(self.in_flight)
+
+    def check_share(self, client: str, images: int = 1) -> None:
+        """Rejected (429) if `images` more would take `client` past its share. Also called
+        before a request's body is read (with 1: any request holds one): refused requests then
+        cost no parsing, where 2,000 bodies of 64 parts in 6 s slowed the other clients."""
+        if self.client_in_flight[client] + images > self.max_client_in_flight:
+            raise Rejected(
+                429,
+                "client_in_flight",
+                f"Your requests in progress already hold {self.client_in_flight[client]} of "
+                f"the {self.max_client_in_flight} images one client may have in flight; "
+                "send more when they are answered.",
+                retry=True,
+            )
 
     async def outputs(self, images: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
