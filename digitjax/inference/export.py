@@ -284,6 +284,8 @@ def _check_checksum(path: Path, data: bytes) -> None:
             "ONNX",
             "it carries no checksum (older digitjax exports did not: export it again)",
         )
+    if at is None and path.suffix.lower() == SUFFIXES["stablehlo"]:  # named for what it is not
+        raise _not_an_export(path, "StableHLO", "not a zip archive")
     if at is None:  # the metadata and checksum come last: a cut copy loses both
         raise _not_an_export(
             path, "ONNX", "it carries no digitjax metadata (another file, or an export cut short)"
@@ -299,8 +301,7 @@ def _check_checksum(path: Path, data: bytes) -> None:
 
 class ExportedModel:
     """An exported file as a `Classifier`: run with onnxruntime (no JAX imported) or with
-    jax.export. The format is told by the content (a zip archive is StableHLO), not the name
-    (a file named .stablehlo that is no zip archive is refused as one).
+    jax.export. The format is told by the content (a zip archive is StableHLO), not the name.
 
     A file is taken for what it shows, not for its metadata alone: its input and output must
     be those of a digitjax export (names, dtypes, shapes with a free batch dimension), and what
@@ -310,8 +311,6 @@ class ExportedModel:
         self.source = path
         data = _read_limited(path)
         self.format = "stablehlo" if data.startswith(b"PK\x03\x04") else "onnx"
-        if self.format == "onnx" and path.suffix.lower() == SUFFIXES["stablehlo"]:
-            raise _not_an_export(path, "StableHLO", "not a zip archive")  # not "not ONNX"
         load = _load_onnx if self.format == "onnx" else _load_stablehlo
         self.metadata, self._run = load(path, data)
         self.info = ModelInfo(
