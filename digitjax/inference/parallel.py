@@ -80,11 +80,9 @@ def start_pool(workers: int, niceness: int = 0) -> ProcessPoolExecutor:
 
 
 def _worker_init(niceness: int) -> None:
-    # Ctrl-C reaches the whole process group, and so may SIGTERM (systemd, a closed terminal);
-    # the parent decides what stops, and when. Killed by SIGTERM, the workers broke the pool,
-    # and the parent ended in a BrokenProcessPool traceback before its own handler ran.
+    # Ctrl-C reaches the whole process group; the parent decides what stops, and when. Not
+    # SIGTERM: it is how the pool itself ends workers that outlive a broken pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if niceness:
         os.nice(niceness)
 

@@ -5,6 +5,7 @@ blink."""
 import io
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ def cached_images(
         pool = start_pool(workers)
         try:
             results = list(pool.map(make_block, blocks))
+        except BrokenProcessPool:  # a worker killed (the OOM killer, a signal to it alone)
+            raise UserError(f"a process making the {what} images died; run again") from None
         finally:  # stopped (Ctrl-C): the blocks not begun are dropped, not waited for
             pool.shutdown(wait=True, cancel_futures=True)
     images = np.stack([image for block in results for image in block if image is not None])
