@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -83,11 +84,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_and_evaluate_in_one(
-    tiny_mnist, tmp_path, single_device_history
-):
-    run_dir, port = tmp_path / "run", free_port()
+def two_processes_train(
+    tiny_mnist: Path, run_dir: Path, port: int
+) -> tuple[list[tuple[str, str]], list[int]]:
+    """Both processes' (stdout, stderr) and exit statuses; process 1 is stopped if process 0,
+    its coordinator, fails."""
     processes = [
         subprocess.Popen(
             [
@@ -106,8 +107,32 @@ def test_two_processes_train_checkpoint_and_evaluate_in_one(
         )
         for rank in (0, 1)
     ]
-    outputs = [p.communicate(timeout=300) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
+    try:
+        outputs = [processes[0].communicate(timeout=300)]
+        if processes[0].returncode != 0:
+            processes[1].kill()
+        outputs.append(processes[1].communicate(timeout=300))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return outputs, [process.returncode for process in processes]
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_evaluate_in_one(
+    tiny_mnist, tmp_path, single_device_history
+):
+    run_dir = tmp_path / "run"
+    for _ in range(2):
+        # Process 0, the coordinator, once ended early in CI beside the suite's other worker
+        # (its output was lost: process 1 waited 300 s for it). A port taken between being
+        # chosen and bound is the likely cause; a failing process 0 is tried once more.
+        outputs, codes = two_processes_train(tiny_mnist, run_dir, free_port())
+        if codes[0] == 0:
+            break
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert codes == [0, 0], outputs
     summary = json.loads(outputs[0][0])  # process 0 reports; its stdout is pure JSON
     assert outputs[1][0] == ""
     assert "[Gloo]" not in outputs[1][1], outputs[1][1]  # process 0 speaks for the job
