@@ -530,6 +530,23 @@ def test_a_head_over_16_kib_is_refused_however_it_arrives(server, files):
             assert reply.startswith("HTTP/1.1 200"), reply
 
 
+def requests_in_flight(
+    server: Server, png: bytes, count: int = 1
+) -> tuple[list[threading.Thread], list[httpx.Response]]:
+    """`count` requests posting `png`, each on a thread of its own, returned once they are all
+    in the server's queue; their answers arrive in the list as they end."""
+    answers: list[httpx.Response] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(post_raw(server.url, png)))
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    while server.metric("digitjax_queue_depth") < count:
+        time.sleep(0.01)
+    return threads, answers
+
+
 def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files):
     # Batches wait 3 s for more images, so the first two requests sit in the queue until the
     # 1 s timeout answers them; the queue holds 2 images, so a third is refused at once.
@@ -538,15 +555,7 @@ def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files)
     )
     try:
         png = files["canvas"].read_bytes()
-        answers = []
-        waiting = [
-            threading.Thread(target=lambda: answers.append(post_raw(server.url, png)))
-            for _ in range(2)
-        ]
-        for thread in waiting:
-            thread.start()
-        while server.metric("digitjax_queue_depth") < 2:
-            time.sleep(0.01)
+        waiting, answers = requests_in_flight(server, png, count=2)
         # The same client holds its share (all of a queue this small): 429, its body unread.
         over_share = post_raw(server.url, png)
         with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
@@ -589,13 +598,7 @@ def test_full_queue_slow_requests_and_slow_uploads_are_answered(tmp_path, files)
 def test_sigterm_lets_requests_in_flight_finish_and_exits_0(tmp_path, files):
     server = started(tmp_path, "--max-wait-ms", "1500")
     try:
-        answers = []
-        request = threading.Thread(
-            target=lambda: answers.append(post_raw(server.url, files["canvas"].read_bytes()))
-        )
-        request.start()
-        while server.metric("digitjax_queue_depth") < 1:
-            time.sleep(0.01)
+        [request], answers = requests_in_flight(server, files["canvas"].read_bytes())
         server.process.send_signal(signal.SIGTERM)
         request.join()
         assert server.process.wait(30) == 0
@@ -611,13 +614,7 @@ def test_a_second_signal_answers_requests_in_flight_503_at_once(tmp_path, files)
     the log got tracebacks."""
     server = started(tmp_path, "--max-wait-ms", "5000")  # its batch waits 5 s for more images
     try:
-        answers = []
-        request = threading.Thread(
-            target=lambda: answers.append(post_raw(server.url, files["canvas"].read_bytes()))
-        )
-        request.start()
-        while server.metric("digitjax_queue_depth") < 1:
-            time.sleep(0.01)
+        [request], answers = requests_in_flight(server, files["canvas"].read_bytes())
         started_at = time.perf_counter()
         server.process.send_signal(signal.SIGINT)
         time.sleep(0.3)
