@@ -203,7 +203,7 @@ def table(results: dict) -> str:
             rows.append(
                 (
                     f"time to {100 * reached['target']:.0f}% (cold)",
-                    f"{reached['seconds']:.2f} s, epoch {reached['epochs']:.1f}"
+                    f"{reached['seconds']:.2f} s, epoch {reached['epochs']:.2f}"
                     if reached["reached"]
                     else f"not reached in {reached['seconds']:.1f} s",
                 )

@@ -14,17 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-# What `digitjax benchmark --target` times, with the CPU seconds measured from outside, so
-# that versions from before `cpu_seconds` existed report it too.
+# What `digitjax benchmark --target` times, each version its own recipe, with the CPU seconds
+# measured from outside, so that versions from before `cpu_seconds` existed report it too.
 TIME_TO_ACCURACY = """
 import json, time
 from digitjax.benchmark import time_to_accuracy
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh
+config = Config.from_flags({}, "fast")
+try:
+    from digitjax.benchmark import time_to_accuracy_recipe
+    config = time_to_accuracy_recipe(config)
+except ImportError:  # versions before 2026-12-07 timed `--preset fast` itself
+    pass
 dataset, mesh = load_dataset("mnist"), make_mesh()
 cpu_start = time.process_time()
-result = time_to_accuracy(Config.from_flags({}, "fast"), dataset, TARGET, mesh)
+result = time_to_accuracy(config, dataset, TARGET, mesh)
 print(json.dumps({"seconds": result["seconds"], "cpu_seconds": time.process_time() - cpu_start,
                   "epochs": result.get("epochs")}))
 """

@@ -320,6 +320,19 @@ CHECK_MARGIN = 0.01
 CHECKS_PER_EPOCH = 20
 
 
+# What `digitjax benchmark --target` times: `--preset fast` with its learning rate decayed
+# over one epoch instead of two (`--epochs 1`). It crosses 99% sooner (at 0.65 of an epoch
+# against 0.71 on average over seeds 0-19) but ends lower (99.00-99.24% over seeds 0-11,
+# against 99.14-99.31% for seeds 0-2 of the preset's two epochs), so the preset keeps its two
+# epochs for what it ends at (benchmarks/README.md).
+TIME_TO_ACCURACY_EPOCHS = 1
+
+
+def time_to_accuracy_recipe(config: Config) -> Config:
+    """`config` as `digitjax benchmark --target` trains it (TIME_TO_ACCURACY_EPOCHS)."""
+    return dataclasses.replace(config, epochs=TIME_TO_ACCURACY_EPOCHS)
+
+
 def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh) -> dict:
     """Wall seconds from nothing (compilation and evaluations included) until the full test
     set first reaches `target`, evaluated after every chunk (CHECKS_PER_EPOCH) that ends
@@ -363,6 +376,7 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
         if evaluated == count and errors <= allowed:
             return {
                 "target": target,
+                "config": setup.config.to_dict(),
                 "reached": True,
                 "seconds": seconds,
                 "step": step,
@@ -374,6 +388,7 @@ def time_to_accuracy(config: Config, dataset: Dataset, target: float, mesh: Mesh
             }
     return {
         "target": target,
+        "config": setup.config.to_dict(),
         "reached": False,
         "seconds": time.perf_counter() - start,
         "final_accuracy": setup.test_metrics(state).accuracy,
@@ -418,7 +433,8 @@ def run_benchmark(
     dataset: Dataset | None = None,
 ) -> BenchmarkResults:
     """Every measurement of `plan`, as one JSON-ready dict: of `--preset fast` (the quickest
-    to 99%) on MNIST unless told otherwise."""
+    to 99%) on MNIST unless told otherwise; the time to a target, of its schedule over one
+    epoch (`time_to_accuracy_recipe`)."""
     check_writable("--profile", plan.profile, folder=True)
     config = config or Config.from_flags({}, "fast")
     dataset = dataset or load_dataset(config.dataset, config.data_dir)
@@ -455,5 +471,6 @@ def run_benchmark(
     }
     if plan.target is not None:
         report(f"time to {100 * plan.target:.1f}% test accuracy")
-        results["time_to_accuracy"] = time_to_accuracy(config, dataset, plan.target, mesh)
+        recipe = time_to_accuracy_recipe(config)
+        results["time_to_accuracy"] = time_to_accuracy(recipe, dataset, plan.target, mesh)
     return results

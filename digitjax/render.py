@@ -404,11 +404,12 @@ def benchmark(results: "BenchmarkResults") -> None:
     )
     if "time_to_accuracy" in results:
         reached = results["time_to_accuracy"]
+        epochs = reached["config"]["epochs"]  # its recipe's, not the preset's (benchmark.py)
         table.add_row(
             f"time to {100 * reached['target']:.1f}% test accuracy",
-            f"{reached['seconds']:.1f} s (epoch {reached['epochs']:.1f})"
+            f"{reached['seconds']:.1f} s (epoch {reached['epochs']:.2f} of {epochs})"
             if reached["reached"]
-            else f"not reached in {reached['seconds']:.0f} s "
+            else f"not reached in {reached['seconds']:.0f} s, {epochs} epoch(s) "
             f"(final {100 * reached['final_accuracy']:.2f}%)",
         )
     out.print(table)

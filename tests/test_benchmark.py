@@ -7,6 +7,8 @@ from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from digitjax.benchmark import (
+    CHECKS_PER_EPOCH,
+    TIME_TO_ACCURACY_EPOCHS,
     VECTOR_FLAGS,
     BenchmarkPlan,
     allowed_errors,
@@ -25,7 +27,8 @@ runner = CliRunner()
 
 def test_benchmark_measures_everything_it_reports(tiny_mnist):
     dataset = load_dataset("mnist", tiny_mnist)
-    config = Config(channels=(4, 8), dense=16, batch_size=64, epochs=2)
+    # A high rate and a short warmup: the time to the target is timed over one epoch.
+    config = Config(channels=(4, 8), dense=16, epochs=2, learning_rate=1e-2, warmup_epochs=0.1)
     plan = BenchmarkPlan((32, 64), steps=4, repeats=2, target=0.5, baseline=True)
     results = run_benchmark(plan, config=config, dataset=dataset)
     assert results["matmul_peak"]["gflops"] > 1
@@ -41,6 +44,12 @@ def test_benchmark_measures_everything_it_reports(tiny_mnist):
     assert results["inference"]["images_per_s"] > 0
     reached = results["time_to_accuracy"]
     assert reached["reached"] and reached["evaluations"][-1]["test_accuracy"] >= 0.5
+    # The recipe timed is the one given, its schedule over TIME_TO_ACCURACY_EPOCHS, and says so.
+    assert results["config"]["epochs"] == 2
+    timed = {**reached["config"], "epochs": 2, "chunks_per_epoch": config.chunks_per_epoch}
+    assert timed == results["config"]
+    assert reached["config"]["epochs"] == TIME_TO_ACCURACY_EPOCHS
+    assert reached["config"]["chunks_per_epoch"] == CHECKS_PER_EPOCH
     machine = results["machine"]
     assert machine["devices"] == 1 and machine["versions"]["jax"]
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
