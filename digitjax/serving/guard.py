@@ -18,6 +18,10 @@ protocol, uvicorn's h11 one with three rules added, bounds them:
 - a connection that sends over MAX_PIPELINED requests in a row ahead of their answers is
   closed after the answer it waits for.
 
+A connection refused with an answer is closed only once its client has read it (`linger`):
+closed at once with the client's request unread, it is reset, and a reset discards the answer
+on the client's side before the client reads it.
+
 h11 rather than httptools (uvicorn's faster parser): h11 refuses a head or trailer over 16 KiB
 while it arrives (httptools took 1.5 GB of headers on one connection, and held it; a head that
 comes whole in one read h11 takes, so that is refused here), and parses a pipelined
@@ -55,6 +59,15 @@ HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after the headers, as h11 f
 NOT_HTTP = _closing_response(
     "400 Bad Request", "The request is not valid HTTP/1.1, or its head is over 16 KiB."
 )
+# How long a refused connection stays open after its answer and the end of what the server
+# sends, dropping what its client still sends, for the client to read the answer and close
+# (on loopback, a fraction of a millisecond); how much it may send meanwhile (a request sent
+# whole before its answer came: a head, at most 16 KiB, and a small body); and how many may
+# linger at once. Past any of them (a flood), it is closed at once: reading floods of
+# header lines for a second after their refusals took the normal client's p99 from 18 to 95 ms.
+LINGER_S = 1.0
+MAX_DROPPED = 64 << 10
+MAX_LINGERING = 256
 
 
 def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Protocol]:
@@ -71,8 +84,7 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
                 room = _room_for(self.address)
                 if room is None:
                     self.transport = transport  # connection_lost closes it
-                    transport.write(TOO_MANY)
-                    transport.close()
+                    self.linger(TOO_MANY)
                     return
                 room.close_with(TOO_MANY)
             super().connection_made(transport)
@@ -81,6 +93,11 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
             self.await_head()
 
         def data_received(self, data: bytes) -> None:
+            if self in lingering:  # what the client sent before it read its refusal
+                self.dropped += len(data)
+                if self.dropped > MAX_DROPPED:
+                    self.transport.close()
+                return
             if self in waiting and waiting[self] is None:  # the next request on a kept-alive one
                 self.await_head()
             if self in waiting and self.head_too_long(data):
@@ -104,12 +121,20 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
                 waiting[self] = None
 
         def connection_lost(self, exc: Exception | None) -> None:
+            deadline = lingering.pop(self, None)
+            if deadline is not None:
+                deadline.cancel()
+            self.forget()
+            super().connection_lost(exc)
+
+        def forget(self) -> None:
+            """No longer counts as a connection that holds the server."""
             self.stop_waiting()
+            self.connections.discard(self)
             if self in by_address.get(self.address, {}):
                 del by_address[self.address][self]
                 if not by_address[self.address]:
                     del by_address[self.address]
-            super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
             self.close_with(NOT_HTTP)  # as JSON, like every other refusal
@@ -135,13 +160,28 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
 
         def close_with(self, response: bytes) -> None:
             self.stop_waiting()
-            if self.transport.is_closing():
+            if self.transport.is_closing() or self in lingering:
                 return
             if self.cycle is not None and self.cycle.response_started:
                 self.transport.abort()  # an answer half sent: the refusal cannot follow it
                 return
+            if self.cycle is not None:  # a request under way (its body): it ends here
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
+            self.forget()
+            self.linger(response)
+
+        def linger(self, response: bytes) -> None:
+            """Sends `response` and the end of the stream, then drops what the client sends
+            until it closes, for at most LINGER_S (see the module's docstring)."""
             self.transport.write(response)
-            self.transport.close()
+            if len(lingering) >= MAX_LINGERING or not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            self.transport.write_eof()
+            self.transport.resume_reading()  # paused while a pipelined request waited
+            self.dropped = 0
+            lingering[self] = self.loop.call_later(LINGER_S, self.transport.close)
 
     def _room_for(address: str) -> GuardedProtocol | None:
         """The connection a new one from `address` takes the place of, if any (see above)."""
@@ -157,4 +197,6 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
     # and every connection by client address, oldest first.
     waiting: dict[GuardedProtocol, asyncio.TimerHandle | None] = {}
     by_address: dict[str, dict[GuardedProtocol, None]] = {}
+    # The refused connections still open, with the deadlines that close them.
+    lingering: dict[GuardedProtocol, asyncio.TimerHandle] = {}
     return GuardedProtocol
