@@ -510,6 +510,8 @@ def test_a_head_over_16_kib_is_refused_however_it_arrives(server, files):
     it, is not counted with its body."""
     host, port = server.url.removeprefix("http://").split(":")
     png = files["canvas"].read_bytes()
+    refused = 'digitjax_rejections_total{reason="invalid_http"}'
+    refused_before = server.metric(refused)
 
     def head(pad: int) -> bytes:
         return (
@@ -528,6 +530,7 @@ def test_a_head_over_16_kib_is_refused_however_it_arrives(server, files):
             assert "its head is over 16 KiB" in reply
         else:
             assert reply.startswith("HTTP/1.1 200"), reply
+    assert server.metric(refused) == refused_before + 1  # counted as requests' refusals are
 
 
 def requests_in_flight(

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from serve_attacks import under_attack
 from serve_load import ServerProcess
@@ -26,6 +27,8 @@ from serve_load import ServerProcess
 MAX_SLOWDOWN = 50
 MIN_MAX_P99_MS = 250
 HEAD_TIMEOUT_S = 5.0  # Limits.head_timeout_s
+# The reasons the server's metrics give for the connections it refuses, and their answers.
+REFUSED_CONNECTIONS = {"head_timeout": "408", "too_many_connections": "503"}
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +65,29 @@ def assert_refused(answers: dict) -> None:
     assert set(answers) <= {"413", "ReadError", "WriteError", "RemoteProtocolError"}, answers
 
 
+def rejections(server, reason: str) -> float:
+    """The server's count of refusals for `reason` so far (its /metrics)."""
+    prefix = f'digitjax_rejections_total{{reason="{reason}"}} '
+    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+    return sum(float(line.removeprefix(prefix)) for line in lines if line.startswith(prefix))
+
+
 def test_slowloris_connections_are_capped_and_timed_out(server):
     # 2,500 connections sending half a head, against a cap of 1,000: the oldest waiting ones
     # make room for newer ones (503), the rest get 408 at the head deadline; a normal client
-    # opening a new connection for every request gets in all along.
+    # opening a new connection for every request gets in all along. The server counts each
+    # refusal in its metrics (it counted only requests' refusals before).
+    before = {reason: rejections(server, reason) for reason in REFUSED_CONNECTIONS}
     seen = attacked(server, "slowloris", HEAD_TIMEOUT_S + 3, keep_alive=False)
     outcome = seen["attacker"]["outcome"]
     assert set(outcome) <= {"408", "503"}, outcome
     assert outcome.get("408", 0) > 0 and outcome.get("503", 0) >= 1500 - 50, outcome
     assert seen["attacker"]["max_s_to_close"] <= HEAD_TIMEOUT_S + 2
+    counted = {
+        status: rejections(server, reason) - before[reason]
+        for reason, status in REFUSED_CONNECTIONS.items()
+    }
+    assert counted == {"408": outcome.get("408", 0), "503": outcome.get("503", 0)}, counted
 
 
 def test_slow_images_are_budgeted(server):

@@ -33,17 +33,24 @@ its own deadline and size limits in the application (`Limits`).
 import asyncio
 import json
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_remote_addr
 
 
-def _closing_response(status: str, detail: str, retry: bool = False) -> bytes:
+class Refusal(NamedTuple):
+    answer: bytes  # a whole HTTP response, which closes the connection
+    reason: str  # as the rejections metric counts it
+
+
+def _refusal(reason: str, status: str, detail: str, retry: bool = False) -> Refusal:
     body = json.dumps({"detail": detail}).encode()
     lines = [f"HTTP/1.1 {status}", "content-type: application/json", "connection: close"]
     lines += ["retry-after: 1"] if retry else []
     lines += [f"content-length: {len(body)}", "", ""]  # the head ends with an empty line
-    return "\r\n".join(lines).encode() + body
+    return Refusal("\r\n".join(lines).encode() + body, reason)
 
 
 # Requests in a row a connection may send before the answer to the one before (pipelining,
@@ -51,13 +58,18 @@ def _closing_response(status: str, detail: str, retry: bool = False) -> bytes:
 # it kept the event loop at 100% CPU answering them, holding the GIL from the threads that
 # answer predictions (4-7 s for one, meanwhile). Such a connection is closed after an answer.
 MAX_PIPELINED = 32
-TOO_MANY = _closing_response(
-    "503 Service Unavailable", "The server has too many connections.", retry=True
+TOO_MANY = _refusal(
+    "too_many_connections",
+    "503 Service Unavailable",
+    "The server has too many connections.",
+    retry=True,
 )
 MAX_HEAD = 16 << 10  # a request's line and headers; also h11's limit while they arrive
 HEAD_END = re.compile(rb"\n\r?\n")  # the blank line after the headers, as h11 finds it
-NOT_HTTP = _closing_response(
-    "400 Bad Request", "The request is not valid HTTP/1.1, or its head is over 16 KiB."
+NOT_HTTP = _refusal(
+    "invalid_http",
+    "400 Bad Request",
+    "The request is not valid HTTP/1.1, or its head is over 16 KiB.",
 )
 # How long a refused connection stays open after its answer and the end of what the server
 # sends, dropping what its client still sends, for the client to read the answer and close
@@ -70,10 +82,15 @@ MAX_DROPPED = 64 << 10
 MAX_LINGERING = 256
 
 
-def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a cap on open connections and a deadline per head."""
-    too_slow = _closing_response(
-        "408 Request Timeout", f"The request head took longer than {head_timeout_s:g} s to arrive."
+def guarded_protocol(
+    max_connections: int, head_timeout_s: float, refused: Callable[[str], None]
+) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a cap on open connections and a deadline per head; it
+    calls `refused` with the reason of each connection it refuses."""
+    too_slow = _refusal(
+        "head_timeout",
+        "408 Request Timeout",
+        f"The request head took longer than {head_timeout_s:g} s to arrive.",
     )
 
     class GuardedProtocol(H11Protocol):
@@ -158,7 +175,7 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
             if deadline is not None:
                 deadline.cancel()
 
-        def close_with(self, response: bytes) -> None:
+        def close_with(self, refusal: Refusal) -> None:
             self.stop_waiting()
             if self.transport.is_closing() or self in lingering:
                 return
@@ -169,12 +186,13 @@ def guarded_protocol(max_connections: int, head_timeout_s: float) -> type[H11Pro
                 self.cycle.disconnected = True
                 self.cycle.message_event.set()
             self.forget()
-            self.linger(response)
+            self.linger(refusal)
 
-        def linger(self, response: bytes) -> None:
-            """Sends `response` and the end of the stream, then drops what the client sends
-            until it closes, for at most LINGER_S (see the module's docstring)."""
-            self.transport.write(response)
+        def linger(self, refusal: Refusal) -> None:
+            """Sends the refusal's answer and the end of the stream, then drops what the
+            client sends until it closes, for at most LINGER_S (see the module's docstring)."""
+            refused(refusal.reason)
+            self.transport.write(refusal.answer)
             if len(lingering) >= MAX_LINGERING or not self.transport.can_write_eof():
                 self.transport.close()
                 return

@@ -46,7 +46,11 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
         limits = options.limits
         config = uvicorn.Config(
             create_app(server),
-            http=guarded_protocol(_connection_cap(limits), limits.head_timeout_s),
+            http=guarded_protocol(
+                _connection_cap(limits),
+                limits.head_timeout_s,
+                lambda reason: server.metrics.rejections.labels(reason).inc(),
+            ),
             h11_max_incomplete_event_size=MAX_HEAD,
             log_level="warning",
             access_log=False,

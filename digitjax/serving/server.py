@@ -82,7 +82,10 @@ class ServerMetrics:
             "digitjax_queue_depth", "Images admitted and not yet answered.", registry=registry
         )
         self.rejections = Counter(
-            "digitjax_rejections", "Requests refused, by reason.", ["reason"], registry=registry
+            "digitjax_rejections",
+            "Requests and connections refused, by reason.",
+            ["reason"],
+            registry=registry,
         )
 
     def on_batch(self, images: int, seconds: float) -> None:
