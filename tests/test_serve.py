@@ -3,6 +3,7 @@ the bundled model, MNIST test digits; and the page in a real headless Chromium."
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import os
@@ -247,6 +248,7 @@ def test_images_whose_size_comes_late_in_the_file_are_charged_their_own_pixels(
     ("kind", "status", "fragment"),
     [
         ("text", 415, "Content-Type text/plain is not accepted"),
+        ("gzipped", 415, "Content-Encoding gzip is not accepted"),
         ("empty raw body", 400, "empty"),
         ("no file part", 400, "no image"),
         ("no boundary", 400, "no boundary"),
@@ -266,6 +268,9 @@ def test_bad_requests_get_a_4xx_with_one_sentence(server, files, kind, status, f
     multipart = "multipart/form-data; boundary=xyz"
     if kind == "text":
         response = httpx.post(url, content=b"hello", headers={"Content-Type": "text/plain"})
+    elif kind == "gzipped":  # was answered 200, "not an image"
+        headers = {"Content-Type": "image/png", "Content-Encoding": "gzip"}
+        response = httpx.post(url, content=gzip.compress(png), headers=headers)
     elif kind == "empty raw body":
         response = post_raw(server.url, b"")
     elif kind == "no file part":

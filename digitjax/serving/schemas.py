@@ -86,7 +86,7 @@ REFUSALS = {
     400: "Malformed multipart, an empty file, or no file part.",
     408: "The request body arrived too slowly.",
     413: "Too large: the body, a file, the number of files, or the pixels of the images.",
-    415: "Neither multipart/form-data nor an image/* body.",
+    415: "Neither multipart/form-data nor an image/* body, or a compressed one (Content-Encoding).",
     422: "An invalid query parameter.",
     429: "This client's requests in progress already hold too many pixels or images; retry later.",
     503: "Still compiling, too busy, or too slow; retry after Retry-After seconds.",

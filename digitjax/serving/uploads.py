@@ -96,6 +96,15 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
             f"Content-Type {media_type or 'missing'} is not accepted; send multipart/form-data "
             "with parts named file, or one image with an image/* Content-Type.",
         )
+    # A compressed body would be read as image bytes, and answered "not an image".
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Rejected(
+            415,
+            "content_encoding",
+            f"Content-Encoding {encoding} is not accepted; send the body as it is (image "
+            "formats are compressed already).",
+        )
     try:
         async with asyncio.timeout(limits.timeout_s):
             if media_type == "multipart/form-data":
