@@ -75,8 +75,11 @@ NOT_HTTP = _refusal(
 # sends, dropping what its client still sends, for the client to read the answer and close
 # (on loopback, a fraction of a millisecond); how much it may send meanwhile (a request sent
 # whole before its answer came: a head, at most 16 KiB, and a small body); and how many may
-# linger at once. Past any of them (a flood), it is closed at once: reading floods of
-# header lines for a second after their refusals took the normal client's p99 from 18 to 95 ms.
+# linger at once, beside the connections' cap (the server keeps file descriptors for them:
+# `process._connection_cap`; 64 were too few for the `bodiless` flood, whose client closes
+# each refused connection tens of milliseconds after its answer). Past any of them, it is
+# closed at once: reading floods of header lines for a second after their refusals took the
+# normal client's p99 from 18 to 95 ms.
 LINGER_S = 1.0
 MAX_DROPPED = 64 << 10
 MAX_LINGERING = 256

@@ -16,7 +16,7 @@ from digitjax import interrupts
 from digitjax.config import Interrupted, UserError, reason
 from digitjax.inference.predict import load_classifier
 from digitjax.serving.app import create_app
-from digitjax.serving.guard import MAX_HEAD, guarded_protocol
+from digitjax.serving.guard import MAX_HEAD, MAX_LINGERING, guarded_protocol
 from digitjax.serving.server import Options, Server
 from digitjax.serving.uploads import Limits
 
@@ -115,7 +115,8 @@ def _stop_if(signum: int | None) -> None:
 
 
 def _connection_cap(limits: Limits) -> int:
-    """`limits.max_connections`, raising the open-files limit to allow them if it can."""
+    """`limits.max_connections`, raising the open-files limit to allow them (and the refused
+    connections that linger, and SPARE_FILES) if it can."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         with contextlib.suppress(ValueError, OSError):
@@ -123,7 +124,7 @@ def _connection_cap(limits: Limits) -> int:
             soft = hard
     if soft == resource.RLIM_INFINITY:
         return limits.max_connections
-    return max(1, min(limits.max_connections, soft - SPARE_FILES))
+    return max(1, min(limits.max_connections, soft - SPARE_FILES - MAX_LINGERING))
 
 
 def _listen(host: str, port: int) -> socket.socket:
