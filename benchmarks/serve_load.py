@@ -109,6 +109,12 @@ class ServerProcess:
         return self.process.wait(30)
 
 
+def metric(url: str, line_start: str) -> float:
+    """The sum of the server's /metrics values on the lines that start with `line_start`."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(line_start))
+
+
 def batch_histogram(metrics: str) -> dict[int, float]:
     """Cumulative counts of the batch-size histogram, by upper bound."""
     found = re.findall(r'digitjax_batch_size_bucket\{le="([\d.]+)"\} ([\d.e+]+)', metrics)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from helpers import MNIST_DIR, assert_one_line_error, run_digitjax
 from PIL import Image
+from serve_load import metric
 from typer.testing import CliRunner
 
 from digitjax import render
@@ -76,13 +77,7 @@ class Server:
                 self.process.wait()
 
     def metric(self, line_start: str) -> float:
-        text = httpx.get(f"{self.url}/metrics").text
-        values = [
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(line_start)
-        ]
-        return sum(values)
+        return metric(self.url, line_start)
 
 
 def started(folder: Path, *flags: str) -> Server:

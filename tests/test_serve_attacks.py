@@ -10,10 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from serve_attacks import under_attack
-from serve_load import ServerProcess
+from serve_load import ServerProcess, metric
 
 # The normal client's p99 under attack, in times its p50 with no attack on the same server
 # just before. The worst seen is 25 (the idle floods: it waits in the accept queue behind the
@@ -66,10 +65,8 @@ def assert_refused(answers: dict) -> None:
 
 
 def rejections(server, reason: str) -> float:
-    """The server's count of refusals for `reason` so far (its /metrics)."""
-    prefix = f'digitjax_rejections_total{{reason="{reason}"}} '
-    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
-    return sum(float(line.removeprefix(prefix)) for line in lines if line.startswith(prefix))
+    """The server's count of refusals for `reason` so far."""
+    return metric(server.url, f'digitjax_rejections_total{{reason="{reason}"}}')
 
 
 def test_slowloris_connections_are_capped_and_timed_out(server):
