@@ -24,6 +24,17 @@ def test_read_idx_parses_real_mnist():
     assert labels[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test digits
 
 
+def test_holding_out_images_keeps_the_others_and_nothing_copies_nothing():
+    dataset = data.load_dataset("mnist")
+    kept, images, labels = dataset.hold_out(0.05)
+    assert len(kept.train_images) == 57000 and images.shape == (3000, 28, 28)
+    assert labels.shape == (3000,) and np.bincount(labels).min() > 200  # not one class's end
+    # `--preset fast` holds out nothing, inside the benchmark's clock: no copy of the images.
+    kept, images, labels = dataset.hold_out(0.0)
+    assert kept is dataset
+    assert images.shape == (0, 28, 28) and images.dtype == np.uint8 and labels.shape == (0,)
+
+
 def test_embedded_copy_is_real_mnist():
     # The MD5 sums published for the original, uncompressed MNIST files.
     published = {

@@ -2,11 +2,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import MNIST_DIR
 
 from digitjax.config import Config
 from digitjax.data import read_idx_split
-from digitjax.model import apply, create_model, max_over, max_pool_2x2, normalize
+from digitjax.model import (
+    CNN,
+    abstract_model,
+    apply,
+    create_model,
+    max_over,
+    max_pool_2x2,
+    normalize,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +54,19 @@ def test_model_shape_follows_config():
     assert logits.shape == (3, 7)
     assert params["convs"][0]["kernel"].shape == (3, 3, 1, 4)
     assert params["hidden"]["kernel"].shape == (14 * 14 * 4, 8)
+
+
+def test_abstract_model_is_the_model_flax_initializes():
+    """`abstract_model` traces zero kernels, which is quicker: its graph and shapes must be
+    those of the model as Flax's own initializers make it."""
+    config = Config(channels=(4, 8), dense=16)
+    graphdef, shapes = abstract_model(config, num_classes=7)
+    flax_graphdef, flax_params = nnx.split(CNN((4, 8), 16, 7, nnx.Rngs(0)), nnx.Param)
+    assert graphdef == flax_graphdef
+    flax_shapes = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), nnx.to_pure_dict(flax_params)
+    )
+    assert shapes == flax_shapes
 
 
 def test_max_over_sends_the_gradient_to_the_first_maximum_only():
