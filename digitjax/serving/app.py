@@ -192,7 +192,7 @@ async def info(server: AnyServer) -> InfoResponse:
 
 
 async def refused(request: Request, exc: Rejected) -> JSONResponse:
-    _server(request).metrics.rejections.labels(exc.reason).inc()
+    _server(request).metrics.on_refusal(exc.reason)
     headers = dict(RETRY_AFTER) if exc.retry else {}
     if exc.status in CLOSE_AFTER:
         headers["Connection"] = "close"

@@ -47,9 +47,7 @@ def serve(model: Path | None, options: Options, report: Callable[[str], None]) -
         config = uvicorn.Config(
             create_app(server),
             http=guarded_protocol(
-                _connection_cap(limits),
-                limits.head_timeout_s,
-                lambda reason: server.metrics.rejections.labels(reason).inc(),
+                _connection_cap(limits), limits.head_timeout_s, server.metrics.on_refusal
             ),
             h11_max_incomplete_event_size=MAX_HEAD,
             log_level="warning",

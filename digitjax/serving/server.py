@@ -92,6 +92,10 @@ class ServerMetrics:
         self.batch_size.observe(images)
         self.inference.observe(seconds)
 
+    def on_refusal(self, reason: str) -> None:
+        """A request or a connection refused (`Rejected.reason`, `guard.Refusal.reason`)."""
+        self.rejections.labels(reason).inc()
+
 
 class Server:
     """The loaded model and what serves it. `lifespan` starts the workers and the batcher and
