@@ -40,13 +40,26 @@ PEER = Path(__file__).resolve().parent / "peer_trainer.py"
 def run_once(name: str, source: Path | None, target: float) -> dict:
     """One cold run: of the digitjax in `source`, or of the peer (no source)."""
     if source is None:
-        args, cwd = [sys.executable, str(PEER), "--target", str(target), "--json"], None
-    else:
-        # Run from the source tree: `python -c` imports from the current folder first.
-        args = [sys.executable, "-c", TIME_TO_ACCURACY.replace("TARGET", str(target))]
-        cwd = source.resolve()
-    env = {**os.environ, "PYTHONPATH": str(cwd or "")}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=True)
+        args = [sys.executable, str(PEER), "--target", str(target), "--json"]
+        env = {**os.environ, "PYTHONPATH": ""}
+        return last_json_line(
+            subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+        )
+    return run_in_tree(TIME_TO_ACCURACY.replace("TARGET", str(target)), source)
+
+
+def run_in_tree(code: str, source: Path) -> dict:
+    """What Python `code` prints last, as JSON, run in a fresh process on the digitjax of the
+    source tree `source`."""
+    source = source.resolve()
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    args = [sys.executable, "-c", code]
+    return last_json_line(
+        subprocess.run(args, cwd=source, env=env, capture_output=True, text=True, check=True)
+    )
+
+
+def last_json_line(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -11,12 +11,10 @@ Versions from 2026-12-07 on (`time_to_accuracy_recipe`).
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from time_to_accuracy_ab import run_in_tree
 
 PHASES = """
 import dataclasses, json, time
@@ -52,18 +50,6 @@ print(json.dumps({**phases, "total": times[-1] - times[0], "cpu": time.process_t
 """
 
 
-def run_once(source: Path) -> dict[str, float]:
-    done = subprocess.run(
-        [sys.executable, "-c", PHASES],
-        cwd=source,
-        env={**os.environ, "PYTHONPATH": str(source)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,13 +57,11 @@ def main() -> None:
     parser.add_argument("versions", nargs="+", help="NAME=SOURCE_TREE")
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    versions = [
-        (name, Path(tree).resolve()) for name, tree in (v.split("=", 1) for v in args.versions)
-    ]
+    versions = [(name, Path(tree)) for name, tree in (v.split("=", 1) for v in args.versions)]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in versions}
     for round_number in range(args.rounds):
         for name, source in versions if round_number % 2 == 0 else versions[::-1]:
-            runs[name].append(run_once(source))
+            runs[name].append(run_in_tree(PHASES, source))
     for name, measured in runs.items():
         cells = []
         for phase in measured[0]:
