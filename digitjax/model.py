@@ -192,13 +192,17 @@ class CNN(nnx.Module):
 
 
 def create_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, dict[str, Any]]:
-    """The model's static structure and freshly initialized parameters, as a plain nested
-    dict of numpy arrays: Flax's defaults for `Conv` and `Linear` (LeCun-normal kernels
-    truncated at two standard deviations, zero biases), drawn on the host from `config.seed`.
-    Drawing them with `jax.random` meant compiling a program for it at the start of
-    every run."""
+    """The model's static structure and freshly initialized parameters (`initial_params`)."""
     graphdef, shapes = abstract_model(config, num_classes)
-    rng = np.random.default_rng(config.seed)
+    return graphdef, initial_params(shapes, config.seed)
+
+
+def initial_params(shapes: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Parameters of the shapes `abstract_model` gives, as a plain nested dict of numpy
+    arrays: Flax's defaults for `Conv` and `Linear` (LeCun-normal kernels truncated at two
+    standard deviations, zero biases), drawn on the host from `seed`. Drawing them with
+    `jax.random` meant compiling a program for it at the start of every run."""
+    rng = np.random.default_rng(seed)
 
     def initial_value(path: tuple, shape: jax.ShapeDtypeStruct) -> np.ndarray:
         if path[-1].key == "bias":
@@ -210,7 +214,7 @@ def create_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, d
         # 0.8796...: the standard deviation of a unit normal truncated at +-2.
         return (values * math.sqrt(1 / fan_in) / 0.87962566103423978).astype(shape.dtype)
 
-    return graphdef, jax.tree_util.tree_map_with_path(initial_value, shapes)
+    return jax.tree_util.tree_map_with_path(initial_value, shapes)
 
 
 def abstract_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef, dict[str, Any]]:

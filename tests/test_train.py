@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from digitjax import checkpoint
 from digitjax.cli import app
-from digitjax.config import Config, Interrupted
+from digitjax.config import Config, Interrupted, uses_ema
 from digitjax.data import load_dataset, read_idx_split
 from digitjax.distributed import make_mesh
-from digitjax.model import abstract_model, apply, normalize
+from digitjax.model import abstract_model, apply, initial_params, normalize
 from digitjax.train import (
     Callbacks,
     Schedule,
@@ -63,8 +63,8 @@ def test_one_train_step_matches_a_reference_written_out_by_hand():
     config = Config(channels=(4, 8), dense=16, ema_decay=0.9, label_smoothing=0.1)
     schedule = Schedule(num_train=640, batch_size=64, epochs=1)
     tx = make_optimizer(config, schedule)
-    state = init_state(config, tx, num_classes=10)
-    graphdef, _ = abstract_model(config)
+    graphdef, param_shapes = abstract_model(config)
+    state = init_state(config, tx, param_shapes)
     images, labels = read_idx_split(MNIST_DIR, "train")
     images, labels = normalize(jnp.asarray(images[:64])), jnp.asarray(labels[:64])
     # Past the warmup, so that the learning rate is not zero.
@@ -92,6 +92,30 @@ def test_one_train_step_matches_a_reference_written_out_by_hand():
     np.testing.assert_allclose(new["epoch_totals"]["loss"], 64 * loss, rtol=1e-5)
     assert int(new["epoch_totals"]["correct"]) == int((logits.argmax(-1) == labels).sum())
     assert int(new["epoch_totals"]["count"]) == 64
+
+
+@pytest.mark.parametrize("preset", [None, "fast", "best"])
+def test_a_fresh_state_is_the_one_the_optimizer_makes(tiny_mnist: Path, preset: str | None):
+    """`init_state` makes the state on the host, its optimizer's as zeros: exactly what
+    `tx.init` makes, leaf for leaf, and shaped as the chunk's own output, so that the
+    second chunk runs the program the first compiled."""
+    config = dataclasses.replace(Config.from_flags({}, preset), channels=(4, 8), dense=16)
+    setup = prepare_training(config, load_dataset("mnist", str(tiny_mnist)), make_mesh(1))
+    fresh = setup.init_state()
+    want = jax.jit(setup.tx.init)(fresh["params"])
+    assert jax.tree.structure(fresh["opt_state"]) == jax.tree.structure(want)
+    for got, wanted in zip(jax.tree.leaves(fresh["opt_state"]), jax.tree.leaves(want)):
+        assert jax.typeof(got).weak_type == jax.typeof(wanted).weak_type
+        np.testing.assert_array_equal(got, wanted, strict=True)  # shapes and dtypes too
+    params = initial_params(setup.param_shapes, config.seed)
+    jax.tree.map(np.testing.assert_array_equal, fresh["params"], params)
+    assert ("ema_params" in fresh) == uses_ema(config)
+    # As every checkpoint written so far holds them.
+    assert fresh["step"].dtype == np.int32
+    assert {t.dtype for t in fresh["epoch_totals"].values()} == {np.dtype(np.float32)}
+    order = epoch_order(0, 0, setup.schedule.num_train)
+    trained = setup.train_chunk(fresh, setup.train_images, setup.train_labels, order, 2)
+    assert jax.tree.map(jax.typeof, trained) == jax.tree.map(jax.typeof, setup.init_state())
 
 
 def test_adam_beta2_is_the_optimizers():
