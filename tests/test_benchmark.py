@@ -1,11 +1,14 @@
+import gc
 import json
 import math
 from pathlib import Path
 
+import jax
 import pytest
 from helpers import assert_one_line_error
 from typer.testing import CliRunner
 
+from digitjax import benchmark
 from digitjax.benchmark import (
     CHECKS_PER_EPOCH,
     TIME_TO_ACCURACY_EPOCHS,
@@ -25,12 +28,37 @@ from digitjax.train import prepare_training, run_chunks
 runner = CliRunner()
 
 
-def test_benchmark_measures_everything_it_reports(tiny_mnist):
+def test_benchmark_measures_everything_it_reports(tiny_mnist, monkeypatch):
     dataset = load_dataset("mnist", tiny_mnist)
     # A high rate and a short warmup: the time to the target is timed over one epoch.
     config = Config(channels=(4, 8), dense=16, epochs=2, learning_rate=1e-2, warmup_epochs=0.1)
     plan = BenchmarkPlan((32, 64), steps=4, repeats=2, target=0.5, baseline=True)
-    results = run_benchmark(plan, config=config, dataset=dataset)
+    events: list[str] = []  # full garbage collections, compile caches cleared, set-ups
+
+    def on_collection(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            events.append("full collection")
+
+    def prepare_training_seen(*args, **kwargs):
+        events.append("set-up")
+        return prepare_training(*args, **kwargs)
+
+    clear_caches = jax.clear_caches
+
+    def clear_caches_seen() -> None:
+        events.append("caches cleared")
+        clear_caches()
+
+    monkeypatch.setattr(benchmark, "prepare_training", prepare_training_seen)
+    monkeypatch.setattr(jax, "clear_caches", clear_caches_seen)
+    gc.callbacks.append(on_collection)
+    try:
+        results = run_benchmark(plan, config=config, dataset=dataset)
+    finally:
+        gc.callbacks.remove(on_collection)
+    # The time to the target, measured last from a cold start, pays for no collection of the
+    # earlier measurements' garbage: it is collected before its clock starts.
+    assert events[-3:] == ["caches cleared", "full collection", "set-up"]
     assert results["matmul_peak"]["gflops"] > 1
     assert [r["batch_size"] for r in results["training"]] == [32, 64]
     for run in results["training"]:
