@@ -1,6 +1,7 @@
 """Interleaved cold time to 99% of several versions of digitjax, and of the hand-written peer:
-each round runs every version once, in a fresh process, so that the shared machine's drift
-falls on all of them alike. Reports wall and process CPU seconds (steadier under load).
+each round runs every version once, in a fresh process, in the order of the round before
+reversed (ABBA), so that the shared machine's drift falls on all of them alike. Reports wall
+and process CPU seconds (steadier under load).
 
     git worktree add /tmp/before <commit>    # or: git archive <commit> | tar -x -C /tmp/before
     python benchmarks/time_to_accuracy_ab.py before=/tmp/before now=. --peer --rounds 3
@@ -101,8 +102,11 @@ def main() -> None:
     if args.peer:
         versions["peer"] = None
     runs: dict[str, list[dict]] = {name: [] for name in versions}
+    order = list(versions.items())
     for round_number in range(args.rounds):
-        for name, source in versions.items():
+        # ABBA: a version's place in the round (the host slows over a round of runs) falls
+        # on every version alike.
+        for name, source in order if round_number % 2 == 0 else order[::-1]:
             run = run_once(name, source, args.target, args.whole_benchmark)
             runs[name].append(run)
             print(

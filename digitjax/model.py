@@ -62,9 +62,10 @@ def _matmul_fwd(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, tuple]:
 
 def _matmul_bwd(residuals: tuple, grad: jax.Array) -> tuple:
     x, weights = residuals
-    # The weight gradient as (N, M) @ (M, K), transposed after: XLA:CPU hands autodiff's
-    # (K, M) @ (M, N) to Eigen, this form to its faster YNNPACK path, and the barrier stops it
-    # from folding the transpose back into the product.
+    # The weight gradient as (N, M) @ (M, K), transposed after, not autodiff's (K, M) @ (M, N):
+    # a 5% faster training step with jax 0.10.2, where XLA:CPU runs both as Eigen products
+    # (earlier versions sent this form to YNNPACK). The barrier stops XLA from folding the
+    # transpose back into the product.
     weights_grad = jax.lax.optimization_barrier(grad.T @ x).T
     return grad @ weights.T, weights_grad
 
