@@ -23,7 +23,7 @@ from digitjax.benchmark import CHECKS_PER_EPOCH, make_target_check, time_to_accu
 from digitjax.config import Config
 from digitjax.data import load_dataset
 from digitjax.distributed import make_mesh, put_replicated
-from digitjax.train import epoch_order, prepare_training
+from digitjax.train import chunk_lengths, epoch_order, prepare_training
 config = time_to_accuracy_recipe(Config.from_flags({}, "fast"))
 dataset, mesh = load_dataset("mnist"), make_mesh()
 config = dataclasses.replace(config, chunks_per_epoch=CHECKS_PER_EPOCH)
@@ -33,7 +33,7 @@ state = setup.init_state()
 make_target_check(setup, dataset, 0.99, setup.eval_params(state))
 times.append(time.perf_counter())
 order = put_replicated(epoch_order(config.seed, 0, setup.schedule.num_train), mesh)
-steps = setup.schedule.steps_per_epoch // CHECKS_PER_EPOCH
+steps = chunk_lengths(0, setup.schedule, CHECKS_PER_EPOCH)[0]  # as run_chunks runs it
 inputs = (setup.train_images, setup.train_labels, order, steps, None)
 traced = setup.train_chunk.trace(state, *inputs)
 times.append(time.perf_counter())

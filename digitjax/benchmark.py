@@ -30,7 +30,7 @@ from digitjax.config import Config, UserError
 from digitjax.data import Dataset, load_dataset
 from digitjax.distributed import make_mesh, put_replicated, runtime_info, to_host
 from digitjax.evaluate import EVAL_BATCH, make_batch_logits, make_logits_fn, pad_to_batches
-from digitjax.model import abstract_model, create_model, normalize
+from digitjax.model import create_model, normalize
 from digitjax.outputs import check_writable
 from digitjax.tracking import PROFILED_CHUNKS, Trace
 from digitjax.train import (
@@ -207,8 +207,7 @@ def host_fed_throughput(config: Config, dataset: Dataset, steps: int, repeats: i
 
 def inference_throughput(config: Config, dataset: Dataset, repeats: int) -> dict:
     """Evaluation of the whole test set in one compiled program (the `evaluate` path)."""
-    graphdef, _ = abstract_model(config)
-    _, params = create_model(config)
+    graphdef, params = create_model(config)
     images = jnp.asarray(pad_to_batches(dataset.test_images))
     logits_fn = make_logits_fn(graphdef)
     start = time.perf_counter()

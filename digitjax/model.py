@@ -222,7 +222,7 @@ def abstract_model(config: Config, num_classes: int = 10) -> tuple[nnx.GraphDef,
     """As `create_model`, with shapes in place of parameters."""
     # Zero kernels: only the shapes are kept, and these trace in a sixth of the time of
     # Flax's random ones (0.02 against 0.13 s at a process's start, inside the benchmark's
-    # clock); `create_model` draws the values.
+    # clock); `initial_params` draws the values.
     zeros = nnx.initializers.zeros_init()
     model = nnx.eval_shape(
         lambda: CNN(config.channels, config.dense, num_classes, nnx.Rngs(0), zeros)
