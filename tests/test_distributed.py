@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -78,10 +79,24 @@ def test_devices_flag_and_indivisible_batch(tiny_mnist, tmp_path, single_device_
     assert_one_line_error(result.stderr, "--devices 9: this job has 4 device(s)")
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, below the range the kernel hands out to client sockets:
+    the suite's other worker opens tens of thousands of those (the attack tests), and one took
+    a port chosen in that range before the coordinator could bind it, twice in a row."""
+    lowest_ephemeral = (
+        int(EPHEMERAL_PORTS.read_text().split()[0]) if EPHEMERAL_PORTS.exists() else 32768
+    )
+    for port in random.Random().sample(range(10000, lowest_ephemeral), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # every IPv4 address, as the coordinator binds
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000..{lowest_ephemeral}")
 
 
 def two_processes_train(
