@@ -139,6 +139,21 @@ def random_low_res(key: jax.Array, images: jax.Array, probability: float) -> jax
     return jnp.where(chosen, round_trip, images)
 
 
+def is_random(config: Config) -> bool:
+    """Whether `augment` changes anything, so draws random numbers, with these settings."""
+    return any(
+        (
+            config.augment_shift,
+            config.augment_rotate,
+            config.augment_scale,
+            config.augment_elastic,
+            config.augment_thickness,
+            config.augment_blur,
+            config.augment_low_res,
+        )
+    )
+
+
 def augment(key: jax.Array, images: jax.Array, config: Config) -> jax.Array:
     """One batch's augmentation, as `config` asks (`key` differs per batch). Settings that
     earlier versions had draw the same random numbers as they did."""

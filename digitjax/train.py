@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from digitjax import checkpoint, interrupts
-from digitjax.augment import augment
+from digitjax.augment import augment, is_random
 from digitjax.compilation import xla_options
 from digitjax.config import Config, Interrupted, UserError, uses_ema
 from digitjax.data import Dataset, load_dataset
@@ -283,7 +283,12 @@ def make_train_chunk(
         non_digits: jax.Array | None,
         seed: jax.Array | np.ndarray | int,
     ) -> TrainState:
-        epoch_key = jax.random.fold_in(jax.random.key(seed), state["step"] // steps_per_epoch)
+        # Without augmentation or non-digits nothing is random: no keys, 0.04 s less lowering
+        # (each key's hash is lowered, if never computed) and fewer equations to trace.
+        epoch_key = None
+        if non_digits is not None or is_random(config):
+            epoch = state["step"] // steps_per_epoch
+            epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
         starts_epoch = state["step"] % steps_per_epoch == 0
         totals = jax.tree.map(lambda t: jnp.where(starts_epoch, 0, t), state["epoch_totals"])
 
@@ -295,8 +300,11 @@ def make_train_chunk(
                 batch_images, batch_labels = jax.lax.with_sharding_constraint(
                     (batch_images, batch_labels), batch_sharded(mesh)
                 )
+            batch_images = normalize(batch_images)
+            if epoch_key is None:
+                return train_step(state, batch_images, batch_labels)
             key = jax.random.fold_in(epoch_key, position)
-            batch_images = augment(key, normalize(batch_images), config)
+            batch_images = augment(key, batch_images, config)
             if non_digits is None:
                 return train_step(state, batch_images, batch_labels)
             # A key stream of their own: the digits' augmentation draws what it draws without.

@@ -118,6 +118,19 @@ def test_a_fresh_state_is_the_one_the_optimizer_makes(tiny_mnist: Path, preset: 
     assert jax.tree.map(jax.typeof, trained) == jax.tree.map(jax.typeof, setup.init_state())
 
 
+@pytest.mark.parametrize("preset", [None, "fast", "robust"])
+def test_a_chunk_draws_random_keys_only_when_it_uses_them(tiny_mnist: Path, preset: str | None):
+    """Nothing random (`--preset fast`: no augmentation, no non-digits): the chunk traces no
+    key, whose hashes cost lowering time at every cold start; the default (random shifts) and
+    `robust` (non-digits too) draw theirs."""
+    config = dataclasses.replace(Config.from_flags({}, preset), channels=(4, 8), dense=16)
+    setup = prepare_training(config, load_dataset("mnist", str(tiny_mnist)), make_mesh(1))
+    order = epoch_order(0, 0, setup.schedule.num_train)
+    args = (setup.train_images, setup.train_labels, order, 2, setup.non_digit_images)
+    jaxpr = str(setup.train_chunk.trace(setup.init_state(), *args).jaxpr)
+    assert ("random_fold_in" in jaxpr) == (preset != "fast")
+
+
 def test_adam_beta2_is_the_optimizers():
     """`--adam-beta2` is AdamW's b2: two updates (the first does not depend on it) equal
     optax's own with that b2, and differ from the default's."""
