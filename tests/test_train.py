@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from digitjax import checkpoint
 from digitjax.cli import app
+from digitjax.compilation import xla_options
 from digitjax.config import Config, Interrupted, uses_ema
 from digitjax.data import load_dataset, read_idx_split
 from digitjax.distributed import make_mesh
@@ -301,6 +302,22 @@ def test_quick_compile_compiles_otherwise_and_trains_to_the_same_numbers(
         return setup.train_chunk.lower(*args).compile().as_text()
 
     assert compiled_chunk(True) != compiled_chunk(False)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_codegen_split_by_cores_trains_to_the_numbers_of_xlas_own(tiny_mnist: Path, quick: bool):
+    """`xla_options` splits LLVM's code generation into a part per core, not XLA's 32 parts:
+    the chunk it compiles takes the same steps as with one part or 32, bit for bit."""
+    config = Config(channels=(4, 8), dense=16, quick_compile=quick)
+    setup = prepare_training(config, load_dataset("mnist", str(tiny_mnist)), make_mesh(1))
+    order = epoch_order(0, 0, setup.schedule.num_train)
+    inputs = (setup.train_images, setup.train_labels, order, 3)
+    lowered = setup.train_chunk.lower(setup.init_state(), *inputs)
+    ours = lowered.compile()(setup.init_state(), *inputs)
+    for parts in (1, 32):  # one part, and XLA's default
+        options = {**xla_options(quick), "xla_cpu_parallel_codegen_split_count": parts}
+        theirs = lowered.compile(options)(setup.init_state(), *inputs)
+        jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
 @pytest.mark.slow
