@@ -142,9 +142,15 @@ def test_is_random_says_whether_augment_changes_the_images():
     nothing = Config(**NO_AUGMENTATION)
     assert not is_random(nothing)
     np.testing.assert_array_equal(augment(key, images, nothing), images)
-    some = {"augment_shift": 2, "augment_rotate": 15.0, "augment_scale": 0.1}
-    some |= {"augment_elastic": 2.0, "augment_thickness": 0.5, "augment_blur": 1.0}
-    some |= {"augment_low_res": 1.0}
+    some = {
+        "augment_shift": 2,
+        "augment_rotate": 15.0,
+        "augment_scale": 0.1,
+        "augment_elastic": 2.0,
+        "augment_thickness": 0.5,
+        "augment_blur": 1.0,
+        "augment_low_res": 1.0,
+    }
     assert set(some) == set(NO_AUGMENTATION)
     for name, value in some.items():
         config = dataclasses.replace(nothing, **{name: value})
