@@ -121,38 +121,30 @@ def test_augment_keeps_the_random_numbers_of_earlier_settings():
     np.testing.assert_array_equal(augment(key, images, unchanged), images)
 
 
-NO_AUGMENTATION = {
-    "augment_shift": 0,
-    "augment_rotate": 0.0,
-    "augment_scale": 0.0,
-    "augment_elastic": 0.0,
-    "augment_thickness": 0.0,
-    "augment_blur": 0.0,
-    "augment_low_res": 0.0,
+# One value that changes the images for each augmentation setting.
+SOME_AUGMENTATION = {
+    "augment_shift": 2,
+    "augment_rotate": 15.0,
+    "augment_scale": 0.1,
+    "augment_elastic": 2.0,
+    "augment_thickness": 0.5,
+    "augment_blur": 1.0,
+    "augment_low_res": 1.0,
 }
 
 
 def test_is_random_says_whether_augment_changes_the_images():
     """The training chunk draws no random keys where `is_random` is False: each setting
     (every Config field of the augmentation) must make it True."""
-    assert set(NO_AUGMENTATION) == {
+    assert set(SOME_AUGMENTATION) == {
         field.name for field in dataclasses.fields(Config) if field.name.startswith("augment_")
     }
     images, key = digits(16), jax.random.key(3)
-    nothing = Config(**NO_AUGMENTATION)
+    # Each setting at its type's zero: 0 for the shift, 0.0 for the others.
+    nothing = Config(**{name: type(value)() for name, value in SOME_AUGMENTATION.items()})
     assert not is_random(nothing)
     np.testing.assert_array_equal(augment(key, images, nothing), images)
-    some = {
-        "augment_shift": 2,
-        "augment_rotate": 15.0,
-        "augment_scale": 0.1,
-        "augment_elastic": 2.0,
-        "augment_thickness": 0.5,
-        "augment_blur": 1.0,
-        "augment_low_res": 1.0,
-    }
-    assert set(some) == set(NO_AUGMENTATION)
-    for name, value in some.items():
+    for name, value in SOME_AUGMENTATION.items():
         config = dataclasses.replace(nothing, **{name: value})
         assert is_random(config), name
         assert not np.array_equal(augment(key, images, config), images), name
