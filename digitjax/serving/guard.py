@@ -18,9 +18,11 @@ protocol, uvicorn's h11 one with three rules added, bounds them:
 - a connection that sends over MAX_PIPELINED requests in a row ahead of their answers is
   closed after the answer it waits for.
 
-A connection refused with an answer is closed only once its client has read it (`linger`):
-closed at once with the client's request unread, it is reset, and a reset discards the answer
-on the client's side before the client reads it.
+A connection refused with an answer is closed only after the end of its stream, once its
+client has read them (`linger`): closed at once with the client's request unread, the kernel
+sends a reset in place of the end of the stream, and a reset that comes before the end of the
+stream discards the answer on the client's side before the client reads it (one that comes
+after it does not).
 
 h11 rather than httptools (uvicorn's faster parser): h11 refuses a head or trailer over 16 KiB
 while it arrives (httptools took 1.5 GB of headers on one connection, and held it; a head that
@@ -76,9 +78,10 @@ NOT_HTTP = _refusal(
 # (on loopback, a fraction of a millisecond); how much it may send meanwhile (a request sent
 # whole before its answer came: a head, at most 16 KiB, and a small body); and how many may
 # linger at once, beside the connections' cap (the server keeps file descriptors for them:
-# `process._connection_cap`; 64 were too few for the `bodiless` flood, whose client closes
-# each refused connection tens of milliseconds after its answer). Past any of them, it is
-# closed at once: reading floods of header lines for a second after their refusals took the
+# `process._connection_cap`; the `bodiless` flood's client closes each refused connection
+# tens of milliseconds after its answer, and a loaded host held ~256 at once). Past the first
+# two it is closed; past the third, the one that has lingered longest is: its end of stream
+# went long ago. Reading floods of header lines for a second after their refusals took the
 # normal client's p99 from 18 to 95 ms.
 LINGER_S = 1.0
 MAX_DROPPED = 64 << 10
@@ -196,11 +199,17 @@ def guarded_protocol(
             client sends until it closes, for at most LINGER_S (see the module's docstring)."""
             refused(refusal.reason)
             self.transport.write(refusal.answer)
-            if len(lingering) >= MAX_LINGERING or not self.transport.can_write_eof():
+            if not self.transport.can_write_eof():
                 self.transport.close()
                 return
             self.transport.write_eof()
             self.transport.resume_reading()  # paused while a pipelined request waited
+            if len(lingering) >= MAX_LINGERING:
+                # The oldest makes room: its answer and end of stream went long ago, and a
+                # client that has them reads them whole, even if a reset follows them.
+                oldest = next(iter(lingering))
+                lingering.pop(oldest).cancel()
+                oldest.transport.close()
             self.dropped = 0
             lingering[self] = self.loop.call_later(LINGER_S, self.transport.close)
 
