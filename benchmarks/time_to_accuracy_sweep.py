@@ -49,6 +49,11 @@ VARIANTS = {
     "--learning-rate 5e-3 --adam-beta2 0.999": {"learning_rate": 5e-3, "adam_beta2": 0.999},
     "--adam-beta2 0.9": {"adam_beta2": 0.9},
     "--learning-rate 5e-3": {"learning_rate": 5e-3},
+    # The recipe before Nesterov momentum (2026-12-07, night), and what was swept around it.
+    "plain AdamW (no --adam-nesterov)": {"adam_nesterov": False},
+    "--learning-rate 6e-3": {"learning_rate": 6e-3},
+    "--learning-rate 8e-3": {"learning_rate": 8e-3},
+    "--learning-rate 9e-3": {"learning_rate": 9e-3},
 }
 
 

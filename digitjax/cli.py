@@ -189,6 +189,7 @@ def train(
     warmup_epochs: Annotated[float | None, setting("warmup_epochs")] = None,
     weight_decay: Annotated[float | None, setting("weight_decay")] = None,
     adam_beta2: Annotated[float | None, setting("adam_beta2")] = None,
+    adam_nesterov: Annotated[bool | None, setting("adam_nesterov")] = None,
     label_smoothing: Annotated[float | None, setting("label_smoothing")] = None,
     ema_decay: Annotated[float | None, setting("ema_decay")] = None,
     seed: Annotated[int | None, setting("seed")] = None,

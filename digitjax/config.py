@@ -67,6 +67,9 @@ class Config:
     adam_beta2: float = _field(
         0.999, "AdamW's decay of its average of squared gradients (its beta2).", RECIPE
     )
+    adam_nesterov: bool = _field(
+        False, "AdamW with Nesterov momentum (NAdamW): each step looks ahead along it.", RECIPE
+    )
     label_smoothing: float = _field(0.1, "Label smoothing.", RECIPE)
     augment_shift: int = _field(2, "Random translation in pixels (0: none).", AUGMENT)
     augment_rotate: float = _field(0.0, "Random rotation, up to this many degrees.", AUGMENT)
@@ -264,6 +267,7 @@ ADDED_LATER: dict[str, Any] = {
     "quick_compile": False,
     "non_digit_detector": False,
     "adam_beta2": 0.999,
+    "adam_nesterov": False,
 }
 
 # Named sets of settings for `digitjax train --preset`, each what it changes from the default
@@ -275,11 +279,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the plain softmax's; --calibration-fraction 0.05 calibrates it, crossing 99% later).
     # Its 2 epochs are too short for the slower steps of a quick compile to cost what it saves.
     # A higher rate and AdamW's shorter memory of squared gradients (beta2 0.95) cross 99% at
-    # epoch 0.70 on average over twelve seeds instead of 0.79, and end the same (~99.25%).
+    # epoch 0.70 on average over twelve seeds instead of 0.79, and end the same (~99.25%);
+    # Nesterov momentum, sooner again on 12 of 20 seeds (later on 4), and ends no lower.
     "fast": {
         "epochs": 2,
         "learning_rate": 7e-3,
         "adam_beta2": 0.95,
+        "adam_nesterov": True,
         "warmup_epochs": 0.1,
         "augment_shift": 0,
         "dense": 64,

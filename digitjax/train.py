@@ -126,7 +126,12 @@ def make_optimizer(config: Config, schedule: Schedule) -> optax.GradientTransfor
     # One vector for all parameters: one fused update instead of one per array, which
     # compiles and runs faster on CPU.
     return optax.flatten(
-        optax.adamw(learning_rate, b2=config.adam_beta2, weight_decay=config.weight_decay)
+        optax.adamw(
+            learning_rate,
+            b2=config.adam_beta2,
+            weight_decay=config.weight_decay,
+            nesterov=config.adam_nesterov,
+        )
     )
 
 

@@ -74,12 +74,13 @@ def test_presets_are_the_recipes_benchmarks_measured():
         0.99,
         0.05,
     )
-    assert default.adam_beta2 == 0.999  # optax's
+    assert default.adam_beta2 == 0.999 and not default.adam_nesterov  # optax's
     fast = Config.from_flags({}, "fast")
     assert fast == Config(
         epochs=2,
         learning_rate=7e-3,
         adam_beta2=0.95,
+        adam_nesterov=True,
         warmup_epochs=0.1,
         augment_shift=0,
         dense=64,

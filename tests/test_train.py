@@ -132,9 +132,11 @@ def test_a_chunk_draws_random_keys_only_when_it_uses_them(tiny_mnist: Path, pres
     assert ("random_fold_in" in jaxpr) == (preset != "fast")
 
 
-def test_adam_beta2_is_the_optimizers():
-    """`--adam-beta2` is AdamW's b2: two updates (the first does not depend on it) equal
-    optax's own with that b2, and differ from the default's."""
+@pytest.mark.parametrize("setting", [{"adam_beta2": 0.999}, {"adam_nesterov": False}])
+def test_adam_settings_are_the_optimizers(setting: dict):
+    """`--adam-beta2` is AdamW's b2 and `--adam-nesterov` its Nesterov momentum: two updates
+    (the first does not depend on b2) equal optax's own with those settings, and differ from
+    those with either setting at its default."""
     schedule = Schedule(num_train=640, batch_size=64, epochs=1)
     params = {"w": jnp.ones(3)}
     grads = [{"w": jnp.array([1.0, -2.0, 0.5])}, {"w": jnp.array([-0.5, 1.0, 3.0])}]
@@ -145,11 +147,12 @@ def test_adam_beta2_is_the_optimizers():
             updates, opt_state = tx.update(grad, opt_state, params)
         return np.asarray(updates["w"])
 
-    config = Config(adam_beta2=0.5, warmup_epochs=0)
+    config = Config(adam_beta2=0.5, adam_nesterov=True, warmup_epochs=0)
     rate = learning_rate_schedule(config, schedule)
-    want = second_update(optax.adamw(rate, b2=0.5, weight_decay=config.weight_decay))
+    adamw = optax.adamw(rate, b2=0.5, weight_decay=config.weight_decay, nesterov=True)
+    want = second_update(adamw)
     np.testing.assert_allclose(second_update(make_optimizer(config, schedule)), want, rtol=1e-6)
-    default = make_optimizer(dataclasses.replace(config, adam_beta2=0.999), schedule)
+    default = make_optimizer(dataclasses.replace(config, **setting), schedule)
     assert np.abs(second_update(default) - want).max() > 1e-4
 
 
