@@ -1,7 +1,8 @@
 """Interleaved cold time to 99% of several versions of digitjax, and of the hand-written peer:
 each round runs every version once, in a fresh process, in the order of the round before
 reversed (ABBA), so that the shared machine's drift falls on all of them alike. Reports wall
-and process CPU seconds (steadier under load).
+and process CPU seconds (steadier under load), and each version's wall seconds over the first
+version's, round by round.
 
     git worktree add /tmp/before <commit>    # or: git archive <commit> | tar -x -C /tmp/before
     python benchmarks/time_to_accuracy_ab.py before=/tmp/before now=. --peer --rounds 3
@@ -122,6 +123,20 @@ def main() -> None:
                 f"{name} {key}: median {statistics.median(values):.2f} "
                 f"({min(values):.2f}..{max(values):.2f})"
             )
+    print_ratios(runs)
+
+
+def print_ratios(runs: dict[str, list[dict]]) -> None:
+    """Each version's wall seconds over the first version's, round by round: within a round
+    both met the same spell of the host, so the ratio is steadier than either's median."""
+    first, *others = runs
+    for name in others:
+        ratios = [run["seconds"] / base["seconds"] for run, base in zip(runs[name], runs[first])]
+        print(
+            f"{name}/{first}, round by round: median {statistics.median(ratios):.3f} "
+            f"({min(ratios):.3f}..{max(ratios):.3f}), faster in "
+            f"{sum(ratio < 1 for ratio in ratios)} of {len(ratios)} rounds"
+        )
 
 
 if __name__ == "__main__":
